@@ -1,0 +1,351 @@
+"""Supervised fine-tuning.
+
+    loss = - sum_t m_t log p(x_t | x_<t) / N          (N = kept tokens of the whole optimizer step)
+
+with ``m_t = 1`` on assistant tokens (every assistant turn of a conversation, including its
+end-of-turn token) or on the completion of prompt/completion data. Packing puts several
+examples in one row with position ids restarting at each document, so attention never
+crosses documents and the loss equals the padded loss (tested).
+
+From Python::
+
+    from posttrain.algorithms.sft import SFTConfig, run_sft
+    cfg = SFTConfig()                       # the tiny world's defaults
+    cfg.train.output_dir = "runs/my-sft"
+    result = run_sft(cfg)
+
+From the shell: ``posttrain sft --config cfg.yaml train.lr=1e-4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, TrainConfig, option
+from ..data import (
+    EncodedExample,
+    best_fit_decreasing,
+    check_tokenizer,
+    encode_dataset,
+    load_records,
+    packed_collate,
+    pad_collate,
+    padding_stats,
+)
+from ..errors import ConfigError, DataError
+from ..models.loading import load_causal_lm, load_tokenizer
+from ..models.logprobs import shift_labels, token_log_probs_from_model
+from ..ops import masked_sum, sft_loss
+from ..train.engine import FitResult, fit
+
+BUILTIN_DATA = "builtin:world-sft"
+
+
+@dataclass
+class SFTDataConfig:
+    """Training / evaluation data and how it is tokenized and batched."""
+
+    train: str = option(BUILTIN_DATA, "JSONL/Parquet file of conversational or prompt/completion records, "
+                                      "or builtin:world-sft (tiny-world problems).")
+    eval: str | None = option("builtin:world-sft-heldout", "Held-out file for eval loss (or "
+                              "builtin:world-sft-heldout); null to use eval_fraction of train.")
+    eval_fraction: float = option(0.0, "Fraction of train held out for eval when data.eval is null.",
+                                  min=0.0, max=0.5)
+    format: str = option("auto", "auto, conversational or prompt_completion.",
+                         choices=("auto", "conversational", "prompt_completion"))
+    max_length: int = option(512, "Tokens per example (and per packed row).", min=8)
+    overlong: str = option("truncate", "Over-long examples: truncate the completion side, or drop them "
+                                       "(counts are reported either way).", choices=("truncate", "drop"))
+    loss_on: str = option("response", "response: assistant turns / completion only; all: every token.",
+                          choices=("response", "all"))
+    packing: bool = option(True, "Pack examples into rows of max_length (no cross-document attention).")
+    world_examples: int = option(4000, "Examples generated for builtin:world-sft.", min=1)
+    world_eval_examples: int = option(200, "Examples generated for builtin:world-sft-heldout.", min=1)
+    max_examples: int = option(0, "Use only the first N training records (0: all).", min=0)
+
+
+@dataclass
+class SFTLossConfig:
+    """How the masked NLL is normalized."""
+
+    normalization: str = option("tokens", "tokens: divide by the step's kept tokens; sum: no division; "
+                                          "constant: divide by normalize_constant.",
+                                choices=("tokens", "sum", "constant"))
+    normalize_constant: float | None = option(None, "Divisor for normalization=constant.", min=0.0)
+
+    def validate(self) -> None:
+        if self.normalization == "constant" and not self.normalize_constant:
+            raise ConfigError("loss.normalization is 'constant' but loss.normalize_constant is not set.",
+                              fix="set loss.normalize_constant to a positive number (e.g. the max length).")
+
+
+@dataclass
+class SFTConfig:
+    """posttrain sft: supervised fine-tuning."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    loss: SFTLossConfig = field(default_factory=SFTLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, micro_batch_size=4, epochs=1.0))
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@dataclass
+class SFTAlgorithm:
+    """Masked NLL over the trained tokens; metrics: mean response entropy, NLL."""
+
+    normalization: str = "tokens"
+    normalize_constant: float | None = None
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        return {
+            "tokens": int((batch["labels"][:, 1:] != -100).sum()),
+            "sequences": int(batch["num_sequences"]),
+            "input_tokens": int(batch["num_input_tokens"]),
+        }
+
+    def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = shift_labels(batch["labels"])
+        out = token_log_probs_from_model(
+            model, batch["input_ids"], targets, attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), return_entropy=True,
+        )
+        mask = (targets != -100).float()
+        loss, _ = sft_loss(out["log_probs"], mask, normalization=self.normalization,
+                           normalize_constant=self.normalize_constant, num_tokens=totals["tokens"])
+        n = totals["tokens"].clamp(min=1)
+        metrics = {
+            "nll": masked_sum(-out["log_probs"].detach(), mask) / n,
+            "entropy": masked_sum(out["entropy"].detach(), mask) / n,
+        }
+        return loss, metrics
+
+
+# --------------------------------------------------------------------------- batching plan
+
+
+def _collate(examples: list[EncodedExample] | list[list[EncodedExample]], *, packing: bool,
+             pad_token_id: int, row_length: int) -> dict:
+    if packing:
+        batch = packed_collate(examples, pad_token_id, row_length=row_length)
+        batch["num_sequences"] = sum(len(r) for r in examples)
+        batch["num_input_tokens"] = sum(len(e) for r in examples for e in r)
+    else:
+        batch = pad_collate(examples, pad_token_id)
+        batch["num_sequences"] = len(examples)
+        batch["num_input_tokens"] = sum(len(e) for e in examples)
+    batch.pop("cu_seqlens", None)
+    batch.pop("num_docs", None)
+    return batch
+
+
+class SFTPlan:
+    """Deterministic micro-batches for every optimizer step of the run.
+
+    Per epoch the examples are shuffled with ``seed`` and the epoch number; with packing they
+    are packed best-fit-decreasing into rows of ``row_length`` and the rows shuffled; rows (or
+    examples) form micro-batches of ``micro_batch_size``, and ``grad_accum`` micro-batches
+    form one optimizer step. The whole plan is a list of index lists, so resuming at step
+    ``s`` replays exactly the data an uninterrupted run would see.
+    """
+
+    def __init__(self, examples: list[EncodedExample], *, micro_batch_size: int, grad_accum: int,
+                 epochs: float, max_steps: int, packing: bool, row_length: int, pad_token_id: int,
+                 seed: int):
+        if not examples:
+            raise DataError("No training examples are left after tokenization.",
+                            fix="check the data file and data.max_length / data.overlong.")
+        self.examples = examples
+        self.packing = packing
+        self.row_length = row_length
+        self.pad_token_id = pad_token_id
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        epoch_steps = [self._epoch(e) for e in range(2)]
+        steps_per_epoch = len(epoch_steps[0])
+        total = max_steps or max(1, round(steps_per_epoch * epochs))
+        self.steps: list[list[list]] = []
+        epoch = 0
+        while len(self.steps) < total:
+            self.steps.extend(epoch_steps[epoch] if epoch < 2 else self._epoch(epoch))
+            epoch += 1
+        self.steps = self.steps[:total]
+        self.steps_per_epoch = steps_per_epoch
+
+    def _epoch(self, epoch: int) -> list[list[list]]:
+        rng = random.Random(f"sft-plan-{self.seed}-{epoch}")
+        order = list(range(len(self.examples)))
+        rng.shuffle(order)
+        if self.packing:
+            bins = best_fit_decreasing([len(self.examples[i]) for i in order], self.row_length)
+            units = [[order[j] for j in b] for b in bins]
+            rng.shuffle(units)
+        else:
+            units = order
+        micro = [units[i : i + self.micro_batch_size] for i in range(0, len(units), self.micro_batch_size)]
+        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def batches(self, step: int) -> list[dict]:
+        out = []
+        for mb in self.steps[step]:
+            if self.packing:
+                items = [[self.examples[i] for i in row] for row in mb]
+            else:
+                items = [self.examples[i] for i in mb]
+            out.append(_collate(items, packing=self.packing, pad_token_id=self.pad_token_id,
+                                row_length=self.row_length))
+        return out
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.packing, self.row_length, self.micro_batch_size, self.grad_accum,
+                             self.seed, self.steps]).encode())
+        for e in self.examples:
+            h.update(json.dumps([e.input_ids, e.labels]).encode())
+        return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def eval_loss(model, algorithm: SFTAlgorithm, examples: list[EncodedExample], *, pad_token_id: int,
+              batch_size: int = 16) -> dict[str, float]:
+    """Token-mean NLL and mean response entropy of ``model`` over ``examples`` (padded batches)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll = ent = 0.0
+    n = 0
+    for i in range(0, len(examples), batch_size):
+        batch = _collate(examples[i : i + batch_size], packing=False, pad_token_id=pad_token_id, row_length=0)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        targets = shift_labels(batch["labels"])
+        out = token_log_probs_from_model(model, batch["input_ids"], targets,
+                                         attention_mask=batch["attention_mask"], return_entropy=True)
+        mask = (targets != -100).float()
+        nll += float(masked_sum(-out["log_probs"], mask))
+        ent += float(masked_sum(out["entropy"], mask))
+        n += int(mask.sum())
+    model.train(was_training)
+    return {"loss": nll / max(n, 1), "entropy": ent / max(n, 1), "tokens": n}
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+def world_sft_records(n: int, *, split: str, seed: int) -> list[dict]:
+    from ..world.tasks import generate_problems
+
+    return [{"messages": p.messages()} for p in generate_problems(n, seed=seed, split=split)]
+
+
+def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
+    if spec == BUILTIN_DATA:
+        return load_records(world_sft_records(cfg.world_examples, split="train", seed=seed), "conversational")
+    if spec == BUILTIN_DATA + "-heldout":
+        return load_records(world_sft_records(cfg.world_eval_examples, split="heldout", seed=seed),
+                            "conversational")
+    if spec.startswith("builtin:"):
+        raise ConfigError(f"Unknown built-in dataset '{spec}'; built-in SFT data is {BUILTIN_DATA} and "
+                          f"{BUILTIN_DATA}-heldout.", fix="use one of those or a file path.")
+    return load_records(spec, cfg.format)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class SFTResult:
+    fit: FitResult
+    output_dir: Path
+    final_dir: Path | None
+    encode_summary: str
+    padding_summary: str
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
+            eval_times: int | None = None) -> SFTResult:
+    """Run SFT as configured; ``model`` / ``tokenizer`` may be passed in to skip loading.
+
+    ``extra_eval(model) -> dict`` adds metrics to every evaluation (the quickstart uses it for
+    held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
+    (overriding ``train.eval_every``).
+    """
+    from accelerate import Accelerator
+
+    torch.manual_seed(cfg.train.seed)
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available(),
+                              mixed_precision=cfg.train.mixed_precision)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                   pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)
+    if model is None:
+        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
+                               attn_implementation=cfg.model.attn_implementation)
+    train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
+    check_tokenizer(tokenizer, need_chat_template=train_ds.format == "conversational"
+                    or any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
+    records = train_ds
+    eval_examples: list[EncodedExample] = []
+    encode_kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
+    train_examples, report = encode_dataset(train_ds, tokenizer, **encode_kw)
+    if cfg.data.max_examples:
+        train_examples = train_examples[: cfg.data.max_examples]
+    log(f"train data {train_ds.source}: {report.summary()}")
+    if cfg.data.eval:
+        eval_ds = load_sft_source(cfg.data.eval, cfg.data, cfg.train.seed)
+        eval_examples, eval_report = encode_dataset(eval_ds, tokenizer, **encode_kw)
+        log(f"eval data {eval_ds.source}: {eval_report.summary()}")
+    elif cfg.data.eval_fraction > 0:
+        rng = random.Random(f"sft-eval-split-{cfg.train.seed}")
+        idx = list(range(len(train_examples)))
+        rng.shuffle(idx)
+        k = max(1, int(len(idx) * cfg.data.eval_fraction))
+        held = set(idx[:k])
+        eval_examples = [train_examples[i] for i in sorted(held)]
+        train_examples = [e for i, e in enumerate(train_examples) if i not in held]
+    del records
+    stats = padding_stats([len(e) for e in train_examples], cfg.data.max_length, cfg.train.micro_batch_size)
+    log(f"padding: {stats.summary()}")
+    plan = SFTPlan(train_examples, micro_batch_size=cfg.train.micro_batch_size,
+                   grad_accum=cfg.train.grad_accum, epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
+                   packing=cfg.data.packing, row_length=cfg.data.max_length,
+                   pad_token_id=tokenizer.pad_token_id, seed=cfg.train.seed)
+    log(f"plan: {plan.num_steps()} optimizer steps ({plan.steps_per_epoch} per epoch), "
+        f"{'packed rows' if cfg.data.packing else 'padded batches'} of {cfg.train.micro_batch_size} "
+        f"x {cfg.train.grad_accum} accumulation")
+    algorithm = SFTAlgorithm(cfg.loss.normalization, cfg.loss.normalize_constant)
+
+    def evaluate(m) -> dict:
+        metrics = {}
+        if eval_examples:
+            metrics.update({f"eval_{k}": v for k, v in
+                            eval_loss(m, algorithm, eval_examples, pad_token_id=tokenizer.pad_token_id).items()})
+        if extra_eval is not None:
+            metrics.update(extra_eval(m))
+        return metrics
+
+    has_eval = bool(eval_examples) or extra_eval is not None
+    engine_cfg = cfg.train.engine()
+    if eval_times:
+        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+    result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+                 evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), log=log)
+    return SFTResult(fit=result, output_dir=Path(cfg.train.output_dir), final_dir=result.final_dir,
+                     encode_summary=report.summary(), padding_summary=stats.summary(),
+                     eval_metrics=result.eval_history[-1] if result.eval_history else {})

@@ -1,0 +1,149 @@
+"""The ``posttrain`` command line.
+
+    posttrain quickstart                      # the tiny world: base eval -> SFT -> eval, table + plot
+    posttrain sft --config cfg.yaml k=v ...   # supervised fine-tuning
+    posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
+    posttrain world data --out data/          # write the tiny world's datasets as JSONL
+    posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
+
+Errors caused by input (config, data, tokenizer, checkpoint) are printed as one paragraph that
+says what is wrong and how to fix it, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import describe, load_config
+from .errors import PosttrainError
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _config_help(cls) -> str:
+    return "config keys (set in the YAML file or as key=value):\n" + "\n".join(describe(cls))
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from .algorithms.sft import SFTConfig, run_sft
+
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    result = run_sft(cfg)
+    print(f"done: {result.fit.steps} steps in {result.fit.seconds:.0f}s; final model in {result.final_dir}")
+    if result.eval_metrics:
+        print("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import QuickstartConfig, run_quickstart
+
+    cfg = load_config(QuickstartConfig, args.config, args.overrides)
+    run_quickstart(cfg)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .models.loading import load_causal_lm, load_tokenizer
+    from .world.evaluate import evaluate_problems
+    from .world.tasks import generate_problems
+
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, device=args.device)
+    problems = generate_problems(args.n, seed=args.seed, split="heldout")
+    res = evaluate_problems(model, tok, problems, max_new_tokens=args.max_new_tokens, progress=True)
+    print(json.dumps(res.metrics(), indent=2))
+    if args.samples:
+        for s in res.samples[: args.samples]:
+            print(f"\nQ: {s['question']}\nA: {s['response']!r}  [{'correct' if s['correct'] else 'wrong'}]")
+    return 0
+
+
+def _cmd_world_data(args: argparse.Namespace) -> int:
+    from .world.datasets import write_world_datasets
+
+    paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0
+
+
+def _cmd_world_build(args: argparse.Namespace) -> int:
+    from .world import build
+
+    argv = ["--out", args.out] + args.build_args
+    build.main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .algorithms.sft import SFTConfig
+    from .quickstart import QuickstartConfig
+
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__, formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    p = sub.add_parser("sft", help="supervised fine-tuning", formatter_class=_HelpFormatter,
+                       description="Supervised fine-tuning with assistant-only / completion-only loss. "
+                       "Defaults train the built-in tiny world; for a real model set model.name_or_path and "
+                       "a suitable train.lr (e.g. 2e-5).", epilog=_config_help(SFTConfig))
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("quickstart", help="tiny world: evaluate base, SFT, evaluate again",
+                       formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig))
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("eval", help="held-out accuracy of a model on the tiny world")
+    p.add_argument("--model", required=True, help="model directory (or builtin:tiny-world-base)")
+    p.add_argument("--n", type=int, default=200, help="held-out problems")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--samples", type=int, default=0, help="print this many question/answer samples")
+    p.set_defaults(func=_cmd_eval)
+
+    world = sub.add_parser("world", help="the built-in tiny world")
+    wsub = world.add_subparsers(dest="world_command", metavar="subcommand")
+    p = wsub.add_parser("data", help="write SFT / problem datasets as JSONL")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_world_data)
+    p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch)",
+                        add_help=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("build_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_world_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return args.func(args)
+    except PosttrainError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

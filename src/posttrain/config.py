@@ -1,0 +1,339 @@
+"""Typed configs: dataclasses with help written once, YAML files plus ``key=value`` overrides.
+
+Each option is a dataclass field whose ``metadata`` carries its help text and its valid range
+(``min`` / ``max`` / ``choices``). :func:`load_config` reads a YAML file, applies dotted
+overrides such as ``train.lr=1e-4`` (values parsed as YAML, so ``true``, ``3``, ``[1, 2]``
+work), converts types and validates; any unknown key, wrong type or out-of-range value
+raises :class:`~posttrain.errors.ConfigError` naming the key and value, with the closest
+valid key when it looks like a typo. :func:`describe` renders the help for ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+           max: float | None = None, choices: tuple | None = None, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with help text and validation bounds."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(
+            f"Config key '{key}' has value {value!r}, which is not of type {_type_name(tp)}.",
+            fix=f"give '{key}' a value of type {_type_name(tp)}.",
+        )
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(
+            f"Config key '{key}' has value {value!r}; valid values are "
+            f"{', '.join(repr(a) for a in get_args(tp))}.",
+            fix=f"set '{key}' to one of those.",
+        )
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        items = [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a boolean.",
+                          fix=f"write {key}=true or {key}=false.")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not an integer.",
+                              fix=f"give '{key}' a whole number.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a number.",
+                              fix=f"give '{key}' a number such as 1e-4.")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a string.",
+                              fix=f"give '{key}' a string value.")
+        return value
+    return value
+
+
+def _check_bounds(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"Config key '{key}' has value {value!r}; valid values are {', '.join(map(repr, choices))}.",
+            fix=f"set '{key}' to one of those.",
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and value < lo:
+            raise ConfigError(f"Config key '{key}' has value {value!r}, below its minimum {lo}.",
+                              fix=f"set '{key}' to a value >= {lo}.")
+        if hi is not None and value > hi:
+            raise ConfigError(f"Config key '{key}' has value {value!r}, above its maximum {hi}.",
+                              fix=f"set '{key}' to a value <= {hi}.")
+
+
+def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(
+        f"Config key '{full}' does not exist.{hint} Valid keys here: "
+        f"{', '.join(prefix + v for v in valid)}.",
+        fix="correct or remove the key (`posttrain <command> --help` lists every key).",
+    )
+
+
+def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, validating every key and value."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(prefix, key, list(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            sub = data.get(name, {})
+            if sub is not None and not isinstance(sub, dict):
+                raise ConfigError(f"Config key '{key}' is a section and needs a mapping, got {sub!r}.",
+                                  fix=f"write its options as '{key}.<option>=<value>'.")
+            # a section's defaults may be overridden by the parent (default_factory)
+            base = {}
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                base = dataclasses.asdict(f.default_factory())  # type: ignore[misc]
+            kwargs[name] = from_dict(tp, deep_merge(base, sub or {}), prefix=f"{key}.")
+            continue
+        if name not in data:
+            continue
+        value = _coerce(key, data[name], tp)
+        _check_bounds(key, value, dict(f.metadata))
+        kwargs[name] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required option was not given
+        raise ConfigError(f"Config section '{prefix.rstrip('.') or cls.__name__}' is incomplete: {e}.") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "data.packing=false"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key=value.",
+                              fix="write overrides like train.lr=1e-4.")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value) if _FLOAT_RE.match(value) else value
+            except ValueError:
+                pass
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override '{item}' sets a sub-key of a non-section key.")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> T:
+    """YAML file (optional) + ``key=value`` overrides -> validated ``cls`` instance."""
+    data: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file '{p}' does not exist.", fix="check the path given to --config.")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{p}' is not valid YAML: {e}", fix="correct the YAML syntax.") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file '{p}' must hold a mapping of options at the top level.")
+        data = deep_merge(data, loaded)
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
+
+
+def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
+    """One line per option: ``key (type, default): help``; used by ``--help``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append("")
+            lines.append(f"[{key}]  {(tp.__doc__ or '').strip().splitlines()[0]}")
+            instance = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            lines.extend(describe(tp, prefix=f"{key}.", instance=instance))
+            continue
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "required"
+        lines.append(f"  {key} = {default!r}  ({_type_name(tp)})  {f.metadata.get('help', '')}")
+    return lines
+
+
+# --------------------------------------------------------------------------- shared sections
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The model to train and its tokenizer."""
+
+    name_or_path: str = option("builtin:tiny-world-base",
+                               "Hugging Face model directory or hub id, or builtin:tiny-world-base.")
+    tokenizer: str | None = option(None, "Tokenizer directory/id (default: same as name_or_path).")
+    dtype: str = option("auto", "Weight dtype: auto (= float32, with train.mixed_precision=bf16 for bf16 compute on GPUs), "
+                        "float32, bfloat16, float16.",
+                        choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    attn_implementation: str = option("sdpa", "sdpa, eager or flash_attention_2 (packing works with all three).",
+                                      choices=("sdpa", "eager", "flash_attention_2", "flex_attention"))
+    pad_token: str | None = option(None, "Set the tokenizer's pad token (e.g. its EOS token) when it has none.")
+    chat_template: str | None = option(None, "A Jinja chat template (file path or string) to use instead of "
+                                             "the tokenizer's own.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The optimization loop (AdamW, warmup + cosine schedule, accumulation, checkpoints)."""
+
+    output_dir: str = option("runs/sft", "Run directory: metrics.jsonl, config.yaml, checkpoints/, final/.")
+    seed: int = option(0, "Seed for data order, initialization noise and NEFTune.")
+    epochs: float = option(1.0, "Passes over the training data (fractions allowed).", min=0.0)
+    max_steps: int = option(0, "Optimizer steps; 0 means derive from epochs.", min=0)
+    micro_batch_size: int = option(8, "Rows per forward pass (packed rows of max_length when packing, "
+                                      "examples otherwise).", min=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
+    lr: float = option(2e-5, "Peak learning rate.", min=0.0, max=1.0)
+    min_lr_ratio: float = option(0.1, "Cosine floor as a fraction of the peak.", min=0.0, max=1.0)
+    warmup_ratio: float = option(0.03, "Fraction of steps with linear warmup.", min=0.0, max=1.0)
+    weight_decay: float = option(0.1, "Decoupled weight decay on weight matrices (not biases/norms).", min=0.0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    adam_beta2: float = option(0.95, "AdamW beta2.", min=0.0, max=1.0)
+    adam_eps: float = option(1e-8, "AdamW epsilon.", min=0.0)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (the pre-clip norm is logged).",
+                                  min=0.0)
+    neftune_alpha: float | None = option(None, "NEFTune noise alpha (e.g. 5); null disables it.", min=0.0)
+    max_bad_steps: int = option(10, "Abort after this many steps with a non-finite loss or gradient.", min=0)
+    mixed_precision: str = option("no", "accelerate mixed precision: no, bf16 or fp16 (GPU).",
+                                  choices=("no", "bf16", "fp16"))
+    log_every: int = option(1, "Write a metrics line every N steps.", min=1)
+    eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", min=0)
+    save_every: int = option(0, "Checkpoint every N steps (0: only at the end).", min=0)
+    resume: str | None = option(None, "Resume from a checkpoint directory, or 'auto' for the latest "
+                                      "complete one in output_dir/checkpoints.")
+    progress: bool = option(True, "Show a progress bar.")
+    report_to: list[str] = option(default_factory=list, help="Extra metric sinks: tensorboard, wandb.")
+
+    def validate(self) -> None:
+        for r in self.report_to:
+            if r not in ("tensorboard", "wandb"):
+                raise ConfigError(f"Config key 'train.report_to' has value {r!r}; valid values are "
+                                  "'tensorboard' and 'wandb'.", fix="remove it or pick one of those.")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("train.epochs and train.max_steps are both 0, so there is nothing to train.",
+                              fix="set train.epochs > 0 or train.max_steps > 0.")
+
+    def engine(self):
+        from .train.engine import EngineConfig
+
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        values["report_to"] = tuple(self.report_to)
+        return EngineConfig(**values)

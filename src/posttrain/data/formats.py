@@ -1,0 +1,677 @@
+"""Record schemas, validation and loading.
+
+A data set is a sequence of JSON-like records in one of five formats:
+
+``conversational``
+    ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
+    An optional single system turn first, then user and assistant turns alternating,
+    starting with user; at least one assistant turn (the turns that are trained).
+``prompt_completion``
+    ``{"prompt": ..., "completion": ...}``: both strings, or both lists of messages.
+    As messages, the prompt is the conversation so far (it ends with a user turn) and the
+    completion is the assistant turn(s) that follow (it starts and ends with assistant).
+``preference``
+    ``{"prompt": ..., "chosen": ..., "rejected": ...}``: all strings, or a message-list
+    prompt with message-list answers. Records without ``"prompt"`` whose ``chosen`` and
+    ``rejected`` are whole conversations sharing a prefix are accepted too; the shared
+    prefix becomes the prompt ("implicit prompt").
+``unpaired``
+    ``{"prompt": ..., "completion": ..., "label": true|false}`` (KTO-style data).
+``prompt_answer``
+    ``{"prompt": str | messages, "answer": str | int}`` (RL with verifiable rewards).
+
+:func:`load_records` reads JSON Lines, JSON arrays, Parquet, or any iterable of dicts
+(a Hugging Face ``datasets.Dataset`` included), validates every record, and returns a
+:class:`Dataset` that remembers where each record came from so later stages (tokenization,
+training) can name the offending line in their own error messages.
+
+Records are normalized: message lists contain only ``role`` and ``content`` keys, and an
+implicit preference prompt is made explicit. Other top-level keys (``"id"``, metadata)
+are kept unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import DataError, where
+
+FORMATS: tuple[str, ...] = (
+    "conversational",
+    "prompt_completion",
+    "preference",
+    "unpaired",
+    "prompt_answer",
+)
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+# The keys each format needs; used by auto-detection and by the error messages.
+_FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "conversational": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "prompt_answer": ("prompt", "answer"),
+}
+
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+# --------------------------------------------------------------------------------------
+# The Dataset container
+# --------------------------------------------------------------------------------------
+
+
+class Dataset:
+    """Validated, normalized records plus where each one came from.
+
+    Attributes:
+        records: the normalized records (plain dicts).
+        format: one of :data:`FORMATS`.
+        source: the file path, or a description such as ``"<in-memory list>"``.
+        locations: for each record, its place in the source: ``"line 12"`` (JSON Lines,
+            1-based, blank lines counted), ``"row 3"`` (Parquet, 0-based) or ``"item 3"``
+            (JSON arrays and in-memory iterables, 0-based, i.e. the Python index).
+    """
+
+    def __init__(self, records: list[dict], format: str, source: str, locations: list[str]):
+        if len(records) != len(locations):
+            raise ValueError("records and locations must have the same length")
+        self.records = records
+        self.format = format
+        self.source = source
+        self.locations = locations
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
+
+    def where(self, index: int, field: str | None = None) -> str:
+        """Location text for record ``index`` (and optionally a field), for error messages."""
+        return _where(self.source, self.locations[index], field)
+
+    def __repr__(self) -> str:
+        return f"Dataset(format={self.format!r}, source={self.source!r}, records={len(self)})"
+
+
+def _where(source: str, location: str | None, field: str | None = None) -> str:
+    """Like :func:`posttrain.errors.where`, for locations that are rows or items, not lines."""
+    if location is not None and location.startswith("line "):
+        return where(source, int(location[5:]), field)
+    return where(source if location is None else f"{source}, {location}", None, field)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Validation helpers bound to one record's location."""
+
+    def __init__(self, source: str, location: str | None):
+        self.source = source
+        self.location = location
+
+    def fail(self, field: str | None, problem: str, fix: str) -> DataError:
+        return DataError(f"{_where(self.source, self.location, field)}: {problem}", fix=fix)
+
+    # -- scalars -------------------------------------------------------------------------
+
+    def text(self, value: Any, field: str, *, nonempty: bool, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(
+                field,
+                f"expected {what} as a string, found {_type_name(value)} ({_short(value)}).",
+                f"write '{field}' as a JSON string.",
+            )
+        if nonempty and not value.strip():
+            raise self.fail(
+                field,
+                f"{what} is empty{' (only whitespace)' if value else ''}; there would be nothing to train on.",
+                "fill it in or remove this record from the data set.",
+            )
+        return value
+
+    # -- messages ------------------------------------------------------------------------
+
+    def messages(self, value: Any, field: str) -> list[dict]:
+        """A list of {"role", "content"} dicts with valid roles (order is checked separately)."""
+        if not isinstance(value, (list, tuple)):
+            raise self.fail(
+                field,
+                f"expected a list of messages, found {_type_name(value)} ({_short(value)}).",
+                f'write \'{field}\' as a list such as [{{"role": "user", "content": "..."}}].',
+            )
+        if len(value) == 0:
+            raise self.fail(field, "the list of messages is empty.", "add at least one message.")
+        out = []
+        for i, msg in enumerate(value):
+            path = f"{field}[{i}]"
+            if not isinstance(msg, Mapping):
+                raise self.fail(
+                    path,
+                    f"expected a message object with 'role' and 'content', found {_type_name(msg)} "
+                    f"({_short(msg)}).",
+                    'write each message as {"role": "...", "content": "..."}.',
+                )
+            # Parquet and HF datasets fill absent struct fields with null: treat null as absent.
+            extra = sorted(k for k, v in msg.items() if k not in ("role", "content") and v is not None)
+            if extra:
+                raise self.fail(
+                    path,
+                    f"unsupported message key(s) {extra}; posttrain renders only 'role' and 'content', "
+                    "so these would be dropped without notice.",
+                    "remove the extra keys, or fold their text into 'content'.",
+                )
+            if msg.get("role") is None:
+                raise self.fail(
+                    f"{path}.role",
+                    "the message has no 'role'.",
+                    f"add a role, one of {list(ROLES)}.",
+                )
+            role = msg["role"]
+            if role not in ROLES:
+                raise self.fail(
+                    f"{path}.role",
+                    f"unknown role {_short(role)}; expected one of {list(ROLES)}.",
+                    "rename the role (e.g. 'human' -> 'user', 'gpt'/'bot' -> 'assistant'); tool and "
+                    "function turns are not supported.",
+                )
+            if "content" not in msg or msg["content"] is None:
+                raise self.fail(
+                    f"{path}.content", "the message has no 'content'.", "add the message text as 'content'."
+                )
+            content = self.text(
+                msg["content"], f"{path}.content", nonempty=(role == "assistant"), what=f"the {role} message"
+            )
+            out.append({"role": role, "content": content})
+        return out
+
+    def order(
+        self,
+        messages: list[dict],
+        field: str,
+        *,
+        first: str = "user",
+        last: str | None = None,
+        need_assistant: bool = False,
+        offset: int = 0,
+        allow_system: bool = True,
+    ) -> None:
+        """Check the turn order: [system] then alternating turns starting with ``first``.
+
+        ``offset`` shifts the indices in messages (for a completion that continues a prompt).
+        """
+        expected = first
+        for i, msg in enumerate(messages):
+            role = msg["role"]
+            path = f"{field}[{i + offset}].role"
+            if role == "system":
+                if i == 0 and allow_system:
+                    continue
+                raise self.fail(
+                    path,
+                    "a system message is only allowed as the first message of a conversation.",
+                    "merge this system text into the first system message, or drop it.",
+                )
+            if role != expected:
+                raise self.fail(
+                    path,
+                    f"expected role '{expected}' here, found '{role}'; turns must alternate user, "
+                    "assistant, user, ... after an optional system message.",
+                    "merge consecutive turns of the same role into one message, and start the "
+                    "conversation with a user turn.",
+                )
+            expected = "assistant" if role == "user" else "user"
+        if last is not None:
+            tail = next((m["role"] for m in reversed(messages) if m["role"] != "system"), None)
+            if tail != last:
+                raise self.fail(
+                    field,
+                    f"expected the last message to be a '{last}' turn, found "
+                    f"{repr(tail) if tail else 'no user or assistant turn'}.",
+                    f"end '{field}' with a {last} message.",
+                )
+        if need_assistant and not any(m["role"] == "assistant" for m in messages):
+            raise self.fail(
+                field,
+                "the conversation has no assistant turn, so there is nothing to train on.",
+                "add the assistant's reply, or remove this record.",
+            )
+
+    def finite(self, value: Any, field: str) -> None:
+        """Reject NaN and infinities anywhere in the record (JSON allows them as an extension)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(
+                field,
+                f"found the non-finite number {value!r}.",
+                "replace it with a finite number, or remove the field.",
+            )
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                self.finite(v, f"{field}.{k}" if field else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                self.finite(v, f"{field}[{i}]")
+
+
+def _present(record: Mapping, key: str) -> bool:
+    return key in record and record[key] is not None
+
+
+def detect_format(record: Mapping) -> str | None:
+    """The format a record's keys indicate, or ``None`` when no format matches."""
+    if _present(record, "messages"):
+        return "conversational"
+    if _present(record, "chosen") and _present(record, "rejected"):
+        return "preference"
+    if _present(record, "prompt") and _present(record, "completion") and _present(record, "label"):
+        return "unpaired"
+    if _present(record, "prompt") and _present(record, "answer"):
+        return "prompt_answer"
+    if _present(record, "prompt") and _present(record, "completion"):
+        return "prompt_completion"
+    return None
+
+
+def _require(chk: _Checker, record: Mapping, fmt: str) -> None:
+    for key in _FORMAT_KEYS[fmt]:
+        if fmt == "preference" and key == "prompt":
+            continue  # may be implicit
+        if not _present(record, key):
+            found = sorted(k for k in record if record[k] is not None)
+            raise chk.fail(
+                key,
+                f"the field is missing (or null); format '{fmt}' needs the keys "
+                f"{list(_FORMAT_KEYS[fmt])}, this record has {found}.",
+                f"add '{key}', or pick the format that matches the data (one of {list(FORMATS)}).",
+            )
+
+
+def _prompt(chk: _Checker, value: Any, field: str = "prompt") -> str | list[dict]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        msgs = chk.messages(value, field)
+        chk.order(msgs, field, last="user")
+        return msgs
+    raise chk.fail(
+        field,
+        f"expected a string or a list of messages, found {_type_name(value)} ({_short(value)}).",
+        f"write '{field}' as a string, or as a list of {{role, content}} messages ending with a user turn.",
+    )
+
+
+def _response(chk: _Checker, value: Any, field: str, prompt: str | list[dict]) -> str | list[dict]:
+    """A completion / chosen / rejected answer that must match the prompt's kind."""
+    if isinstance(prompt, str):
+        if isinstance(value, (list, tuple)):
+            raise chk.fail(
+                field,
+                "the prompt is a string but this field is a list of messages; both must be strings "
+                "or both message lists.",
+                "write both as strings, or the prompt as a list of messages.",
+            )
+        return chk.text(value, field, nonempty=True, what=f"'{field}'")
+    if isinstance(value, str):
+        raise chk.fail(
+            field,
+            "the prompt is a list of messages but this field is a string; both must be strings or "
+            "both message lists.",
+            f'write \'{field}\' as [{{"role": "assistant", "content": "..."}}].',
+        )
+    msgs = chk.messages(value, field)
+    chk.order(msgs, field, first="assistant", last="assistant", offset=0, allow_system=False)
+    return msgs
+
+
+def _validate_conversational(chk: _Checker, record: Mapping) -> dict:
+    msgs = chk.messages(record["messages"], "messages")
+    chk.order(msgs, "messages", need_assistant=True)
+    return {**record, "messages": msgs}
+
+
+def _validate_prompt_completion(chk: _Checker, record: Mapping) -> dict:
+    prompt = _prompt(chk, record["prompt"])
+    completion = _response(chk, record["completion"], "completion", prompt)
+    return {**record, "prompt": prompt, "completion": completion}
+
+
+def _split_implicit(chk: _Checker, chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    # The answers start at the first differing message; back up so that they start right
+    # after a user turn (the inferred prompt must end with a user turn).
+    while n > 0 and chosen[n - 1]["role"] != "user":
+        n -= 1
+    if n == 0:
+        raise chk.fail(
+            "chosen",
+            "no 'prompt' was given and 'chosen' and 'rejected' do not share a conversation prefix "
+            "ending with a user turn, so the prompt cannot be inferred.",
+            "add an explicit 'prompt' field (the conversation up to the last user turn), and give "
+            "'chosen' and 'rejected' as only the assistant replies.",
+        )
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _validate_preference(chk: _Checker, record: Mapping) -> dict:
+    out = dict(record)
+    if not _present(record, "prompt"):
+        # Implicit prompt: chosen/rejected are whole conversations sharing a prefix.
+        for key in ("chosen", "rejected"):
+            if not isinstance(record[key], (list, tuple)):
+                raise chk.fail(
+                    "prompt",
+                    "the field is missing; without a prompt, 'chosen' and 'rejected' must be whole "
+                    f"conversations (message lists), but '{key}' is {_type_name(record[key])}.",
+                    "add a 'prompt' field.",
+                )
+        chosen = chk.messages(record["chosen"], "chosen")
+        rejected = chk.messages(record["rejected"], "rejected")
+        chk.order(chosen, "chosen", last="assistant")
+        chk.order(rejected, "rejected", last="assistant")
+        prompt, chosen, rejected = _split_implicit(chk, chosen, rejected)
+        out["prompt"] = prompt
+    else:
+        prompt = _prompt(chk, record["prompt"])
+        chosen = _response(chk, record["chosen"], "chosen", prompt)
+        rejected = _response(chk, record["rejected"], "rejected", prompt)
+        out["prompt"] = prompt
+    if not chosen or not rejected:
+        side = "chosen" if not chosen else "rejected"
+        raise chk.fail(side, f"'{side}' has no reply after the shared prompt.", f"add the {side} assistant reply.")
+    if chosen == rejected:
+        raise chk.fail(
+            "rejected",
+            "'chosen' and 'rejected' are identical, so the pair carries no preference (and the "
+            "loss gradient is zero).",
+            "remove this record, or fix the pair.",
+        )
+    out["chosen"], out["rejected"] = chosen, rejected
+    return out
+
+
+def _validate_unpaired(chk: _Checker, record: Mapping) -> dict:
+    out = _validate_prompt_completion(chk, record)
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise chk.fail(
+            "label",
+            f"expected true or false, found {_type_name(label)} ({_short(label)}).",
+            "write the label as the JSON literal true (desirable) or false (undesirable); numbers "
+            "and strings such as 1 or \"yes\" are not accepted.",
+        )
+    return out
+
+
+def _validate_prompt_answer(chk: _Checker, record: Mapping) -> dict:
+    prompt = _prompt(chk, record["prompt"])
+    answer = record["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        raise chk.fail(
+            "answer",
+            f"expected a string or an integer, found {_type_name(answer)} ({_short(answer)}).",
+            "write the reference answer as a string (e.g. \"3.5\") or an integer.",
+        )
+    if isinstance(answer, str) and not answer.strip():
+        raise chk.fail("answer", "the answer is empty.", "fill in the reference answer or remove this record.")
+    return {**record, "prompt": prompt, "answer": answer}
+
+
+_VALIDATORS = {
+    "conversational": _validate_conversational,
+    "prompt_completion": _validate_prompt_completion,
+    "preference": _validate_preference,
+    "unpaired": _validate_unpaired,
+    "prompt_answer": _validate_prompt_answer,
+}
+
+
+def validate_record(record: Any, format: str, *, source: str = "<in-memory data>", location: str | None = None) -> dict:
+    """Validate one record against ``format`` and return its normalized copy.
+
+    Raises :class:`DataError` naming ``source``, ``location`` and the field path.
+    """
+    _check_format_name(format, allow_auto=False)
+    chk = _Checker(source, location)
+    if not isinstance(record, Mapping):
+        raise chk.fail(
+            None,
+            f"expected a JSON object (a record), found {_type_name(record)} ({_short(record)}).",
+            "write one object per record, e.g. {\"prompt\": \"...\", \"completion\": \"...\"}.",
+        )
+    record = dict(record)
+    chk.finite(record, "")
+    _require(chk, record, format)
+    return _VALIDATORS[format](chk, record)
+
+
+def _check_format_name(format: str, *, allow_auto: bool) -> None:
+    valid = FORMATS + (("auto",) if allow_auto else ())
+    if format not in valid:
+        raise DataError(
+            f"unknown data format {format!r}; valid formats are {list(valid)}.",
+            fix="set the data format to one of these names.",
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------
+
+
+def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where(source, lineno)}: the line is not valid UTF-8 ({exc.reason} at byte {exc.start}).",
+                    fix="re-save the file as UTF-8.",
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{where(source, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}). Each line of a "
+                    "JSON Lines file must hold one complete JSON object.",
+                    fix="fix the line (a common cause is a record pretty-printed across several lines, or "
+                    "a trailing comma), or delete it.",
+                ) from None
+            yield f"line {lineno}", obj
+
+
+def _read_json_array(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source}: the file is not valid UTF-8 ({exc.reason}).", fix="re-save it as UTF-8.") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{where(source, exc.lineno)}: invalid JSON ({exc.msg} at column {exc.colno}).",
+            fix="fix the JSON, or write the data as JSON Lines (one object per line).",
+        ) from None
+    for i, obj in enumerate(data):
+        yield f"item {i}", obj
+
+
+def _read_json_file(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    # A .json file may hold one JSON array, or (like .jsonl) one object per line.
+    with open(path, "rb") as fh:
+        head = fh.read(4096).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        return _read_json_array(path, source)
+    return _iter_jsonl(path, source)
+
+
+def _iter_parquet(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        raise DataError(f"{source}: reading Parquet needs pyarrow.", fix="pip install pyarrow.") from None
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(
+            f"{source}: could not read the file as Parquet ({type(exc).__name__}: {exc}).",
+            fix="check that the file is a complete Parquet file (not truncated), or convert it to JSON Lines.",
+        ) from None
+    row = 0
+    for batch in table.to_batches():
+        for obj in batch.to_pylist():
+            yield f"row {row}", obj
+            row += 1
+
+
+def _open_path(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
+    source = str(path)
+    if not path.exists():
+        raise DataError(f"{source}: no such file.", fix="check the path (it is relative to the working directory).")
+    if path.is_dir():
+        raise DataError(
+            f"{source}: is a directory, not a data file.",
+            fix="point to a .jsonl, .json or .parquet file inside it.",
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return source, _read_json_file(path, source)
+    if suffix in _JSONL_SUFFIXES:
+        return source, _iter_jsonl(path, source)
+    if suffix in _PARQUET_SUFFIXES:
+        return source, _iter_parquet(path, source)
+    raise DataError(
+        f"{source}: unsupported file type {suffix or '(no extension)'!r}; supported are "
+        f"{list(_JSONL_SUFFIXES + _PARQUET_SUFFIXES)}.",
+        fix="convert the data to JSON Lines (one JSON object per line) or Parquet, or rename the file "
+        "if it already is one of these.",
+    )
+
+
+def _open_iterable(source_obj: Iterable) -> tuple[str, Iterator[tuple[str, Any]]]:
+    name = f"<in-memory {type(source_obj).__name__}>"
+    return name, ((f"item {i}", obj) for i, obj in enumerate(source_obj))
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------
+
+
+def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "auto") -> Dataset:
+    """Read, validate and normalize a data set.
+
+    Args:
+        source: a path to a ``.jsonl`` / ``.json`` / ``.parquet`` file, or any iterable of
+            dicts (a list, a generator, a Hugging Face ``datasets.Dataset``, a
+            :class:`Dataset`).
+        format: one of :data:`FORMATS`, or ``"auto"`` to detect it from the first record's
+            keys (all records must then share that format).
+
+    Returns:
+        A :class:`Dataset`.
+
+    Raises:
+        DataError: for an unreadable file, a malformed or invalid record, mixed formats, or an
+            empty data set; the message names the file, the line/row/item and the field.
+    """
+    _check_format_name(format, allow_auto=True)
+    if isinstance(source, Dataset):
+        source_name, items = source.source, zip(source.locations, source.records)
+    elif isinstance(source, (str, os.PathLike)):
+        source_name, items = _open_path(Path(source))
+    elif isinstance(source, Mapping):
+        raise DataError(
+            "load_records got a single dict; it expects a file path or an iterable of records.",
+            fix="wrap the record in a list: load_records([record]).",
+        )
+    elif isinstance(source, Iterable):
+        source_name, items = _open_iterable(source)
+    else:
+        raise DataError(
+            f"load_records cannot read a {type(source).__name__}; it expects a file path or an "
+            "iterable of dicts.",
+            fix="pass a path to a .jsonl/.json/.parquet file, or a list of dicts.",
+        )
+
+    records: list[dict] = []
+    locations: list[str] = []
+    fmt = None if format == "auto" else format
+    first_location = None
+    for location, obj in items:
+        chk = _Checker(source_name, location)
+        if not isinstance(obj, Mapping):
+            raise chk.fail(
+                None,
+                f"expected a JSON object (a record), found {_type_name(obj)} ({_short(obj)}).",
+                "write exactly one JSON object per record.",
+            )
+        if format == "auto":
+            detected = detect_format(obj)
+            if detected is None:
+                found = sorted(k for k in obj if obj[k] is not None)
+                options = "; ".join(f"{name}: {list(keys)}" for name, keys in _FORMAT_KEYS.items())
+                raise chk.fail(
+                    None,
+                    f"cannot tell the data format from the keys {found}. Each format needs these keys: "
+                    f"{options}.",
+                    "rename the keys to one of these sets, or pass the format explicitly.",
+                )
+            if fmt is None:
+                fmt, first_location = detected, location
+            elif detected != fmt:
+                raise chk.fail(
+                    None,
+                    f"this record looks like format '{detected}' but the first record "
+                    f"({first_location}) looked like '{fmt}'; a data set must use one format.",
+                    "make every record use the same keys, split the file, or pass the format explicitly "
+                    "to get an error naming the missing field.",
+                )
+        records.append(validate_record(obj, fmt, source=source_name, location=location))
+        locations.append(location)
+
+    if not records:
+        raise DataError(
+            f"{source_name}: the data set is empty (no records).",
+            fix="check the path and the file contents; blank lines are skipped.",
+        )
+    return Dataset(records, fmt, source_name, locations)

@@ -1,0 +1,107 @@
+"""Generation with Hugging Face ``generate`` (the CPU / default rollout backend).
+
+Prompts are token-id lists (already chat-rendered); they are sorted by length and run in
+left-padded batches with a KV cache. Each result keeps the completion ids *including* the
+stop token when the model stopped by itself (``finished=True``), because later stages score
+and train on that token; ``text`` is the decoded completion without special tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finished: bool
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS plus the model's generation-config EOS."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(extra, int):
+        extra = [extra]
+    for t in extra or []:
+        if int(t) not in ids:
+            ids.append(int(t))
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 64,
+    seed: int | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[Generation]:
+    """Generate one completion per prompt (greedy when ``temperature == 0``)."""
+    if not prompts:
+        return []
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    sampling = temperature > 0
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = [list(prompts[i]) for i in idx]
+        width = max(len(p) for p in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention[row, width - len(p) :] = 1
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+        )
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+        )
+        new = out[:, width:].tolist()
+        for row, i in enumerate(idx):
+            toks = new[row]
+            finished = False
+            for pos, t in enumerate(toks):
+                if t in stops:
+                    toks = toks[: pos + 1]
+                    finished = True
+                    break
+            else:
+                # generate pads finished rows; an unfinished row has no stop token at all
+                toks = toks[:max_new_tokens]
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            results[i] = Generation(list(prompts[i]), toks, text, finished)
+        bar.update(len(idx))
+    bar.close()
+    model.train(was_training)
+    return results  # type: ignore[return-value]

@@ -1,0 +1,265 @@
+"""The training engine: one lean loop shared by every method.
+
+An *algorithm* (SFT today; DPO, RM and the online methods later) supplies two things:
+
+* ``counts(batch) -> dict[str, int]`` — how many loss tokens / sequences a micro-batch holds;
+* ``loss(model, batch, totals) -> (loss, metrics)`` — the micro-batch's share of the step loss,
+  already divided by the step's GLOBAL ``totals`` (summed over every micro-batch of the step
+  and every data-parallel process), plus metrics that are additive over micro-batches the
+  same way (each a sum divided by the global count).
+
+Summing these shares over micro-batches is exactly the one-big-batch loss, so gradient
+accumulation (and data parallelism) reproduces the one-big-batch gradient even when the
+micro-batches hold uneven numbers of tokens. A *plan* supplies the micro-batches of each
+optimizer step deterministically (``plan.batches(step)``), which is what lets a resumed run
+continue exactly.
+
+Per optimizer step the loop: sums counts, runs forward/backward per micro-batch, clips the
+gradient norm (logging the pre-clip norm), skips the update when the loss or the norm is not
+finite (counting it; aborting after ``max_bad_steps``), steps AdamW and the schedule, logs,
+evaluates and checkpoints on schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import TrainingError
+from .checkpoint import (
+    check_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_pretrained_atomic,
+)
+from .logging import MetricsLogger
+from .neftune import neftune
+from .optim import build_optimizer, build_scheduler
+
+
+class Algorithm(Protocol):
+    def counts(self, batch: dict) -> dict[str, int]: ...
+
+    def loss(self, model, batch: dict, totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class Plan(Protocol):
+    """Deterministic micro-batches per optimizer step."""
+
+    def num_steps(self) -> int: ...
+
+    def batches(self, step: int) -> list[dict]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+@dataclass
+class EngineConfig:
+    """What the loop needs; mirrors :class:`posttrain.algorithms.sft.TrainConfig` fields."""
+
+    output_dir: str
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    neftune_alpha: float | None = None
+    max_bad_steps: int = 10
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    resume: str | None = None
+    seed: int = 0
+    progress: bool = True
+    report_to: tuple[str, ...] = ()
+
+
+@dataclass
+class FitResult:
+    steps: int
+    skipped_steps: int
+    history: list[dict] = field(default_factory=list)
+    eval_history: list[dict] = field(default_factory=list)
+    final_dir: Path | None = None
+    seconds: float = 0.0
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _resolve_resume(resume: str | None, ckpt_dir: Path, log: Callable[[str], None]) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        complete, partial = list_checkpoints(ckpt_dir)
+        for p in partial:
+            log(f"warning: ignoring partial checkpoint {p} (it was being written when a run stopped)")
+        return complete[-1] if complete else None
+    return Path(resume)
+
+
+def fit(
+    model,
+    algorithm: Algorithm,
+    plan: Plan,
+    cfg: EngineConfig,
+    *,
+    tokenizer=None,
+    accelerator=None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    run_config: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring."""
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    total_steps = plan.num_steps()
+    if total_steps <= 0:
+        raise TrainingError("The training plan has no optimizer steps (the dataset is empty after "
+                            "filtering, or train.max_steps is 0).", fix="check the data and train.* settings.")
+    warmup_steps = int(round(cfg.warmup_ratio * total_steps))
+    optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                min_lr_ratio=cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    world = accelerator.num_processes
+
+    start_step, skipped = 0, 0
+    resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
+    if resume_from is not None:
+        raw = accelerator.unwrap_model(model)
+        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint())
+        state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
+        start_step, skipped = int(state["step"]), int(state["skipped_steps"])
+        log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
+
+    logger = MetricsLogger(out, report_to=cfg.report_to, run_config=run_config,
+                           resume_step=start_step if resume_from is not None else None,
+                           enabled=accelerator.is_main_process)
+    result = FitResult(steps=start_step, skipped_steps=skipped)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    t_start = time.time()
+    tokens_seen = 0
+    model.train()
+    with neftune(accelerator.unwrap_model(model), cfg.neftune_alpha):
+        for step in range(start_step, total_steps):
+            t0 = time.time()
+            micro = [_to_device(b, device) for b in plan.batches(step)]
+            totals: dict[str, int] = {}
+            for b in micro:
+                for k, v in algorithm.counts(b).items():
+                    totals[k] = totals.get(k, 0) + int(v)
+            keys = sorted(totals)
+            vec = torch.tensor([float(totals[k]) for k in keys], device=device)
+            if world > 1:
+                vec = accelerator.reduce(vec, reduction="sum")
+            totals_t = dict(zip(keys, vec))
+            metrics: dict[str, torch.Tensor] = {}
+            loss_total = torch.zeros((), device=device)
+            for i, b in enumerate(micro):
+                ctx = accelerator.no_sync(model) if i < len(micro) - 1 else _nullcontext()
+                with ctx, accelerator.autocast():
+                    loss, m = algorithm.loss(model, b, totals_t)
+                    # DDP averages gradients over processes; the loss is already a share of the
+                    # global normalizer, so undo the average.
+                    accelerator.backward(loss * world)
+                loss_total += loss.detach()
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0) + v.detach()
+            if world > 1:
+                loss_total = accelerator.reduce(loss_total, reduction="sum")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+            else:
+                skipped += 1
+                log(f"warning: step {step + 1}: non-finite loss ({loss_total.item():.4g}) or gradient norm "
+                    f"({grad_norm.item():.4g}); update skipped ({skipped} so far)")
+                if skipped > cfg.max_bad_steps:
+                    bar.close()
+                    raise TrainingError(
+                        f"{skipped} optimizer steps had a non-finite loss or gradient (limit "
+                        f"train.max_bad_steps={cfg.max_bad_steps}); stopping. No checkpoint with NaN weights "
+                        "was written.",
+                        fix="lower train.lr, check the data for empty or corrupt examples, or use fp32.",
+                    )
+            with warnings.catch_warnings():
+                # a skipped first update makes torch warn that the schedule stepped before the optimizer
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_tok = int(totals.get("tokens", 0))
+            tokens_seen += n_tok
+            dt = time.time() - t0
+            record = {
+                "step": step + 1,
+                "loss": float(loss_total),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "skipped_steps": skipped,
+                "loss_tokens": n_tok,
+                "input_tokens": int(totals.get("input_tokens", 0)),
+                "step_seconds": dt,
+                "elapsed_seconds": time.time() - t_start,
+            }
+            record.update({k: float(v) for k, v in metrics.items()})
+            result.history.append(record)
+            result.steps = step + 1
+            result.skipped_steps = skipped
+            if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
+                logger.log(record, split="train")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{record['grad_norm']:.2f}")
+            bar.update(1)
+            last = step + 1 == total_steps
+            if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                eval_metrics = evaluate(accelerator.unwrap_model(model))
+                model.train()
+                eval_record = {"step": step + 1, **eval_metrics}
+                result.eval_history.append(eval_record)
+                logger.log(eval_record, split="eval")
+            if accelerator.is_main_process and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
+                save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                                optimizer=optimizer, scheduler=scheduler, step=step + 1,
+                                skipped_steps=skipped, fingerprint=plan.fingerprint())
+    bar.close()
+    result.seconds = time.time() - t_start
+    if accelerator.is_main_process:
+        final = out / "final"
+        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, final)
+        result.final_dir = final
+    logger.close()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def steps_for(num_items: int, per_step: int, epochs: float) -> int:
+    return max(1, math.ceil(num_items * epochs / per_step))

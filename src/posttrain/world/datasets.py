@@ -1,0 +1,37 @@
+"""The tiny world's datasets in the standard record formats (see :mod:`posttrain.data.formats`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .tasks import Problem, generate_problems
+
+
+def sft_record(p: Problem) -> dict:
+    """Conversational SFT record: user question, assistant worked solution."""
+    return {"messages": p.messages()}
+
+
+def problem_record(p: Problem) -> dict:
+    """Prompt-with-answer record (for evaluation and RL with verifiable rewards)."""
+    return {"prompt": [{"role": "user", "content": p.question}], "answer": str(p.answer), "level": p.level}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    return path
+
+
+def write_world_datasets(out: Path, *, n_train: int, n_heldout: int, seed: int = 0) -> dict[str, Path]:
+    """Write ``sft_train.jsonl``, ``sft_heldout.jsonl`` and ``problems_heldout.jsonl`` into ``out``."""
+    train = generate_problems(n_train, seed=seed, split="train")
+    heldout = generate_problems(n_heldout, seed=seed, split="heldout")
+    return {
+        "sft_train": write_jsonl(out / "sft_train.jsonl", [sft_record(p) for p in train]),
+        "sft_heldout": write_jsonl(out / "sft_heldout.jsonl", [sft_record(p) for p in heldout]),
+        "problems_heldout": write_jsonl(out / "problems_heldout.jsonl", [problem_record(p) for p in heldout]),
+    }

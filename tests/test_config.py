@@ -1,0 +1,67 @@
+"""Typed configs: YAML + overrides, clear errors naming key and value."""
+
+import pytest
+
+from posttrain.algorithms.sft import SFTConfig
+from posttrain.config import describe, load_config, parse_overrides
+from posttrain.errors import ConfigError
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    assert parse_overrides(["train.lr=1e-4", "data.packing=false", "train.report_to=[tensorboard]"]) == {
+        "train": {"lr": 1e-4, "report_to": ["tensorboard"]},
+        "data": {"packing": False},
+    }
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text("train:\n  lr: 0.001\n  epochs: 2\ndata:\n  max_length: 128\n")
+    cfg = load_config(SFTConfig, p, ["train.lr=5e-4"])
+    assert cfg.train.lr == 5e-4 and cfg.train.epochs == 2.0 and cfg.data.max_length == 128
+    # untouched keys keep the command's defaults (SFT's tiny-world defaults)
+    assert cfg.train.micro_batch_size == SFTConfig().train.micro_batch_size
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, None, ["train.learning_rate=1e-4"])
+    msg = str(e.value)
+    assert "'train.learning_rate' does not exist" in msg
+    with pytest.raises(ConfigError, match="Did you mean 'train.max_steps'"):
+        load_config(SFTConfig, None, ["train.max_step=3"])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lr=-1", "'train.lr' has value -1.0, below its minimum 0.0"),
+        ("train.micro_batch_size=0", "'train.micro_batch_size' has value 0, below its minimum 1"),
+        ("train.micro_batch_size=2.5", "'train.micro_batch_size' has value 2.5, which is not an integer"),
+        ("data.packing=maybe", "'data.packing' has value 'maybe', which is not a boolean"),
+        ("data.overlong=cut", "'data.overlong' has value 'cut'; valid values are 'truncate', 'drop'"),
+        ("train.report_to=[slack]", "'train.report_to' has value 'slack'"),
+        ("loss.normalization=constant", "loss.normalize_constant is not set"),
+    ],
+)
+def test_bad_values_are_named(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, None, [override])
+    assert fragment in str(e.value)
+    assert "Fix:" in str(e.value)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, bad)
+
+
+def test_describe_lists_every_key_with_help():
+    text = "\n".join(describe(SFTConfig))
+    for key in ("model.name_or_path", "data.packing", "train.lr", "train.neftune_alpha", "loss.normalization"):
+        assert key in text
+    assert "Peak learning rate" in text
