@@ -65,3 +65,12 @@ def test_describe_lists_every_key_with_help():
     for key in ("model.name_or_path", "data.packing", "train.lr", "train.neftune_alpha", "loss.normalization"):
         assert key in text
     assert "Peak learning rate" in text
+
+
+def test_yaml_12_scalars(tmp_path):
+    from posttrain.config import yaml_load
+
+    assert yaml_load("a: no\nb: off\nc: true\nd: 1e-4\ne: 2.5\nf: 3\ng: yes") == {
+        "a": "no", "b": "off", "c": True, "d": 1e-4, "e": 2.5, "f": 3, "g": "yes"}
+    cfg = load_config(SFTConfig, None, ["train.mixed_precision=no", "train.lr=1e-4"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.lr == 1e-4

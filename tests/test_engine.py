@@ -224,3 +224,21 @@ def test_neftune_noise_bound_and_eval_mode():
     assert torch.equal(eval_out, clean)
     model.train()
     assert torch.equal(emb(ids), clean)  # hook removed after the block
+
+
+def test_nan_weights_are_never_written(tmp_path):
+    from posttrain.train.checkpoint import save_checkpoint, save_pretrained_atomic
+    from posttrain.train.optim import build_optimizer, build_scheduler
+
+    model = tiny_model("llama")
+    opt = build_optimizer(model, lr=1e-3)
+    sched = build_scheduler(opt, total_steps=2, warmup_steps=0, min_lr_ratio=0.1)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        save_checkpoint(tmp_path / "ck", model=model, tokenizer=None, optimizer=opt, scheduler=sched, step=1,
+                        skipped_steps=0, fingerprint="x")
+    with pytest.raises(CheckpointError, match="NaN"):
+        save_pretrained_atomic(model, None, tmp_path / "final")
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+    assert not (tmp_path / "final").exists()

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading / shard writing bars; ours are enough
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -23,7 +23,28 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """PyYAML with YAML 1.2 scalars: only true/false are booleans (``no`` stays a string, so
+    ``mixed_precision: no`` means "no"), and ``1e-4`` is a float."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    ch: [r for r in resolvers if r[0] not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+"
+               r"|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_YAML12Loader)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
@@ -196,14 +217,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+            value = yaml_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value) if _FLOAT_RE.match(value) else value
-            except ValueError:
-                pass
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -233,7 +249,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not p.is_file():
             raise ConfigError(f"Config file '{p}' does not exist.", fix="check the path given to --config.")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file '{p}' is not valid YAML: {e}", fix="correct the YAML syntax.") from None
         if not isinstance(loaded, dict):
@@ -311,7 +327,8 @@ class TrainConfig:
                                   min=0.0)
     neftune_alpha: float | None = option(None, "NEFTune noise alpha (e.g. 5); null disables it.", min=0.0)
     max_bad_steps: int = option(10, "Abort after this many steps with a non-finite loss or gradient.", min=0)
-    mixed_precision: str = option("no", "accelerate mixed precision: no, bf16 or fp16 (GPU).",
+    mixed_precision: str = option("no", "accelerate mixed precision (autocast): no, bf16 (GPUs, and CPUs with "
+                                  "bf16 matrix units), or fp16 (GPU).",
                                   choices=("no", "bf16", "fp16"))
     log_every: int = option(1, "Write a metrics line every N steps.", min=1)
     eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", min=0)

@@ -39,7 +39,7 @@ class QuickstartConfig:
 
     output_dir: str = option("runs/quickstart", "Run directory.")
     seed: int = option(0, "Seed for data generation and training.")
-    train_examples: int = option(4000, "SFT conversations generated from the train split.", min=1)
+    train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1)
     eval_problems: int = option(200, "Held-out problems for the before/after table.", min=1)
     curve_points: int = option(3, "Held-out accuracy measurements during SFT (for the plot).", min=0)
     curve_problems: int = option(100, "Held-out problems per learning-curve measurement.", min=1)
@@ -66,6 +66,14 @@ def results_table(base: EvalResult, tuned: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
+    return out
+
+
 def plot_curves(history: list[dict], eval_history: list[dict], curve: list[tuple[int, float]], path: Path) -> None:
     import matplotlib
 
@@ -74,16 +82,20 @@ def plot_curves(history: list[dict], eval_history: list[dict], curve: list[tuple
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     steps = [h["step"] for h in history]
-    axes[0].plot(steps, [h["loss"] for h in history], label="train loss", lw=1)
+    losses = [h["loss"] for h in history]
+    axes[0].plot(steps, losses, color="tab:blue", alpha=0.3, lw=1)
+    axes[0].plot(steps, _ema(losses), color="tab:blue", lw=1.5, label="train loss (EMA)")
     ev = [e for e in eval_history if "eval_loss" in e]
     if ev:
-        axes[0].plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", label="held-out loss")
+        axes[0].plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", color="tab:orange", label="held-out loss")
     axes[0].set_xlabel("optimizer step")
     axes[0].set_ylabel("NLL per response token")
     axes[0].set_yscale("log")
     axes[0].legend()
     axes[0].set_title("SFT loss")
-    axes[1].plot(steps, [h.get("entropy", float("nan")) for h in history], lw=1, color="tab:purple")
+    entropy = [h.get("entropy", float("nan")) for h in history]
+    axes[1].plot(steps, entropy, lw=1, color="tab:purple", alpha=0.3)
+    axes[1].plot(steps, _ema(entropy), lw=1.5, color="tab:purple")
     axes[1].set_xlabel("optimizer step")
     axes[1].set_ylabel("nats")
     axes[1].set_title("mean response-token entropy")
@@ -110,7 +122,6 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log(f"data: {cfg.train_examples} SFT conversations, {cfg.eval_problems} held-out problems -> {out / 'data'}")
 
     sft = cfg.sft
-    sft.model.device = "cpu" if sft.model.device == "auto" else sft.model.device
     tokenizer = load_tokenizer(sft.model.name_or_path)
     model = load_causal_lm(sft.model.name_or_path, dtype=sft.model.dtype, device=sft.model.device,
                            attn_implementation=sft.model.attn_implementation)

@@ -298,9 +298,9 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
-    check_tokenizer(tokenizer, need_chat_template=train_ds.format == "conversational"
-                    or any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
-    records = train_ds
+    uses_messages = train_ds.format == "conversational" or any(
+        isinstance(r.get("prompt"), list) or isinstance(r.get("completion"), list) for r in train_ds.records)
+    check_tokenizer(tokenizer, need_chat_template=uses_messages)
     eval_examples: list[EncodedExample] = []
     encode_kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
     train_examples, report = encode_dataset(train_ds, tokenizer, **encode_kw)
@@ -319,7 +319,6 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         held = set(idx[:k])
         eval_examples = [train_examples[i] for i in sorted(held)]
         train_examples = [e for i, e in enumerate(train_examples) if i not in held]
-    del records
     stats = padding_stats([len(e) for e in train_examples], cfg.data.max_length, cfg.train.micro_batch_size)
     log(f"padding: {stats.summary()}")
     plan = SFTPlan(train_examples, micro_batch_size=cfg.train.micro_batch_size,

@@ -89,10 +89,12 @@ def token_log_probs_from_model(
         kwargs["position_ids"] = position_ids
     if head is not None:
         hidden = model.base_model(**kwargs).last_hidden_state
-        log_probs, entropy = linear_log_probs(
-            hidden, head.weight, targets, bias=head.bias, chunk_size=chunk_size,
-            return_entropy=return_entropy,
-        )
+        # under bf16/fp16 autocast the head and its log-softmax still run in fp32
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            log_probs, entropy = linear_log_probs(
+                hidden.float(), head.weight, targets, bias=head.bias, chunk_size=chunk_size,
+                return_entropy=return_entropy,
+            )
     else:
         logits = model(**kwargs).logits
         log_probs = token_log_probs(logits, targets, chunk_size=chunk_size)

@@ -22,7 +22,7 @@ evaluates and checkpoints on schedule.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -177,7 +177,7 @@ def fit(
             metrics: dict[str, torch.Tensor] = {}
             loss_total = torch.zeros((), device=device)
             for i, b in enumerate(micro):
-                ctx = accelerator.no_sync(model) if i < len(micro) - 1 else _nullcontext()
+                ctx = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
                     loss, m = algorithm.loss(model, b, totals_t)
                     # DDP averages gradients over processes; the loss is already a share of the
@@ -252,14 +252,3 @@ def fit(
     logger.close()
     return result
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def steps_for(num_items: int, per_step: int, epochs: float) -> int:
-    return max(1, math.ceil(num_items * epochs / per_step))

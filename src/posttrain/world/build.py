@@ -122,7 +122,7 @@ def build(args: argparse.Namespace) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    probe = generate_problems(200, seed=0, split="heldout")
+    probe = generate_problems(args.probe_problems, seed=0, split="heldout")
     text_prompts = [tokenizer(f"Problem: {p.question}\nSolution:")["input_ids"] for p in probe]
     as_text = evaluate_problems(model, tokenizer, probe, prompts=text_prompts)
     as_chat = evaluate_problems(model, tokenizer, probe)
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-problems", type=int, default=200, help="held-out problems for the final probe")
     build(p.parse_args(argv))
 
 

@@ -1,0 +1,126 @@
+"""The command line: bad input gets one clear paragraph and exit status 2, never a traceback."""
+
+import json
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.world.datasets import sft_record, write_jsonl
+from posttrain.world.tasks import generate_problems
+
+from .tiny import tiny_model, world_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama", hidden=32).save_pretrained(d)
+    world_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    write_jsonl(p, [sft_record(q) for q in generate_problems(12, seed=5)])
+    return p
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _sft(capsys, model_dir, tmp_path, *extra):
+    return _run(capsys, "sft", f"model.name_or_path={model_dir}", f"train.output_dir={tmp_path / 'run'}",
+                "data.eval=null", "train.max_steps=2", "train.progress=false", *extra)
+
+
+def test_sft_runs_from_the_command_line(capsys, model_dir, data_file, tmp_path):
+    code, out, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", "train.save_every=1")
+    assert code == 0, err
+    assert "done: 2 steps" in out and "encoded 12 records" in out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    # resume=auto on a finished run trains nothing more and keeps the final model
+    code, out, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", "train.resume=auto")
+    assert code == 0 and "resumed from" in out and "at step 2/2" in out
+
+
+def test_unknown_config_key(capsys):
+    code, _, err = _run(capsys, "sft", "train.learning_rate=1e-4")
+    assert code == 2
+    assert "error: Config key 'train.learning_rate' does not exist" in err and "Traceback" not in err
+
+
+def test_malformed_jsonl_names_line(capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps(sft_record(generate_problems(1, seed=0)[0]))
+    bad.write_text(good + "\n" + good + "\n" + '{"messages": [{"role": "user", "content": "hi"}\n')
+    code, _, err = _sft(capsys, model_dir, tmp_path, f"data.train={bad}")
+    assert code == 2 and "line 3" in err and str(bad) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "record, fragments",
+    [
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+         ["line 2", "messages[1].content"]),
+        ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+         ["line 2", "messages[0].role"]),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+         ["line 2", "messages[1].role", "bot"]),
+        ({"prompt": "q", "completion": 3}, ["line 2", "completion"]),
+    ],
+)
+def test_bad_records_are_named(capsys, model_dir, tmp_path, record, fragments):
+    f = tmp_path / "d.jsonl"
+    first = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    f.write_text(json.dumps(first) + "\n" + json.dumps(record) + "\n")
+    code, _, err = _sft(capsys, model_dir, tmp_path, f"data.train={f}")
+    assert code == 2, err
+    for frag in fragments:
+        assert frag in err
+    assert "Traceback" not in err
+
+
+def test_tokenizer_without_chat_template_or_pad(capsys, tmp_path, data_file):
+    d = tmp_path / "m"
+    tiny_model("llama", hidden=32).save_pretrained(d)
+    tok = world_tokenizer()
+    saved_template = tok.chat_template
+    try:
+        tok.chat_template = None
+        tok.save_pretrained(d)
+    finally:
+        tok.chat_template = saved_template
+    code, _, err = _sft(capsys, d, tmp_path, f"data.train={data_file}")
+    assert code == 2 and "chat template" in err and "Fix:" in err
+    # the fix the message suggests works: pass a template
+    template = tmp_path / "t.jinja"
+    template.write_text(saved_template)
+    code, _, err = _sft(capsys, d, tmp_path, f"data.train={data_file}", f"model.chat_template={template}")
+    assert code == 0, err
+
+
+def test_partial_checkpoint_refused_from_cli(capsys, model_dir, data_file, tmp_path):
+    code, _, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", "train.save_every=1")
+    assert code == 0, err
+    ck = tmp_path / "run" / "checkpoints" / "step-000002"
+    (ck / "trainer_state.pt").unlink()
+    code, _, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", f"train.resume={ck}")
+    assert code == 2 and "partial" in err and "Traceback" not in err
+
+
+def test_missing_model_dir(capsys, tmp_path, data_file):
+    code, _, err = _run(capsys, "sft", f"model.name_or_path={tmp_path / 'nope'}", f"data.train={data_file}",
+                        f"train.output_dir={tmp_path / 'r'}")
+    assert code == 2 and "nope" in err and "Traceback" not in err
+
+
+def test_help_lists_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    out = capsys.readouterr().out
+    assert "train.lr" in out and "data.packing" in out and "model.name_or_path" in out
