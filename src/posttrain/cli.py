@@ -1,4 +1,4 @@
-"""The ``posttrain`` command line.
+"""The posttrain command line.
 
     posttrain quickstart                      # the tiny world: base eval -> SFT -> eval, table + plot
     posttrain sft --config cfg.yaml k=v ...   # supervised fine-tuning

@@ -327,9 +327,9 @@ class TrainConfig:
                                   min=0.0)
     neftune_alpha: float | None = option(None, "NEFTune noise alpha (e.g. 5); null disables it.", min=0.0)
     max_bad_steps: int = option(10, "Abort after this many steps with a non-finite loss or gradient.", min=0)
-    mixed_precision: str = option("no", "accelerate mixed precision (autocast): no, bf16 (GPUs, and CPUs with "
-                                  "bf16 matrix units), or fp16 (GPU).",
-                                  choices=("no", "bf16", "fp16"))
+    mixed_precision: str = option("no", "no, or bf16: bf16 autocast over fp32 weights and optimizer (GPUs, and "
+                                  "CPUs with bf16 matrix units; the LM head's log-softmax stays fp32).",
+                                  choices=("no", "bf16"))
     log_every: int = option(1, "Write a metrics line every N steps.", min=1)
     eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", min=0)
     save_every: int = option(0, "Checkpoint every N steps (0: only at the end).", min=0)

@@ -289,8 +289,9 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     from accelerate import Accelerator
 
     torch.manual_seed(cfg.train.seed)
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available(),
-                              mixed_precision=cfg.train.mixed_precision)
+    # precision is handled by the engine's own autocast: accelerate's state is process-global and
+    # refuses a second Accelerator with other settings in the same process
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                    pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)

@@ -82,6 +82,7 @@ class EngineConfig:
     save_every: int = 0
     resume: str | None = None
     seed: int = 0
+    mixed_precision: str = "no"
     progress: bool = True
     report_to: tuple[str, ...] = ()
 
@@ -178,7 +179,7 @@ def fit(
             loss_total = torch.zeros((), device=device)
             for i, b in enumerate(micro):
                 ctx = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with ctx, accelerator.autocast():
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
                     loss, m = algorithm.loss(model, b, totals_t)
                     # DDP averages gradients over processes; the loss is already a share of the
                     # global normalizer, so undo the average.
@@ -188,7 +189,7 @@ def fit(
                     metrics[k] = metrics.get(k, 0) + v.detach()
             if world > 1:
                 loss_total = accelerator.reduce(loss_total, reduction="sum")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 grads first
             lr = scheduler.get_last_lr()[0]
             finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
             if finite:
