@@ -124,7 +124,6 @@ def model_flops_per_token(model, mean_doc_len: float) -> float:
 
 def child(variant: str, inputs: dict, args) -> dict:
     _threads()
-    import torch
 
     from posttrain.algorithms.sft import SFTAlgorithm, eval_loss
     from posttrain.data import encode_dataset, load_records

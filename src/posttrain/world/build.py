@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from ..train.optim import build_optimizer, build_scheduler
-from .corpus import DOC_SEPARATOR, corpus_documents
+from .corpus import corpus_documents
 from .evaluate import evaluate_problems
 from .tasks import generate_problems
 from .tokenizer import CHAT_TEMPLATE, ENDOFTEXT, IM_END, train_tokenizer
