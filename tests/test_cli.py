@@ -124,3 +124,55 @@ def test_help_lists_config_keys(capsys):
         main(["sft", "--help"])
     out = capsys.readouterr().out
     assert "train.lr" in out and "data.packing" in out and "model.name_or_path" in out
+
+
+def _pref_file(tmp_path, records):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return f
+
+
+def _pref(capsys, model_dir, tmp_path, command, *extra):
+    return _run(capsys, command, f"model.name_or_path={model_dir}", f"train.output_dir={tmp_path / 'run'}",
+                "data.eval=null", "train.max_steps=1", "train.progress=false", *extra)
+
+
+GOOD_PAIR = {"prompt": "q", "chosen": "1 + 1 = 2", "rejected": "1 + 1 = 3"}
+
+
+@pytest.mark.parametrize(
+    "command, record, extra, fragments",
+    [
+        ("dpo", {"prompt": "q", "chosen": "same", "rejected": "same"}, [], ["line 2", "identical"]),
+        ("dpo", {"prompt": "q", "chosen": "", "rejected": "x"}, [], ["line 2", "chosen"]),
+        ("rm", {"prompt": "q", "chosen": "a", "rejected": ""}, [], ["line 2", "rejected"]),
+        ("dpo", {"prompt": "q", "completion": "a", "label": "desirable"}, ["loss.name=kto"], ["line 2", "label"]),
+        ("dpo", {"prompt": "q", "responses": ["a"], "rewards": [1.0]}, ["loss.name=tilt"], ["line 2", "responses"]),
+        ("dpo", {"prompt": "q", "responses": ["a", "b"], "rewards": [1.0, "nan"]}, ["loss.name=tilt"],
+         ["line 2", "rewards"]),
+    ],
+)
+def test_bad_preference_records_are_named(capsys, model_dir, tmp_path, command, record, extra, fragments):
+    first = {k: v for k, v in record.items()}
+    if "chosen" in record:
+        first = GOOD_PAIR
+    elif "label" in record:
+        first = {"prompt": "q", "completion": "a", "label": True}
+    elif "responses" in record:
+        first = {"prompt": "q", "responses": ["a", "b"], "rewards": [1.0, 0.0]}
+    f = _pref_file(tmp_path, [first, record])
+    code, _, err = _pref(capsys, model_dir, tmp_path, command, f"data.train={f}", *extra)
+    assert code == 2, err
+    for frag in fragments:
+        assert frag in err, err
+    assert "Traceback" not in err
+
+
+def test_dpo_and_rm_run_from_the_command_line(capsys, model_dir, tmp_path):
+    f = _pref_file(tmp_path, [GOOD_PAIR, {"prompt": "r", "chosen": "2 * 3 = 6", "rejected": "2 * 3 = 5"}])
+    code, out, err = _pref(capsys, model_dir, tmp_path / "d", "dpo", f"data.train={f}", "loss.name=ipo")
+    assert code == 0, err
+    assert "done: 1 steps" in out and "loss ipo: paired data, reference yes" in out
+    code, out, err = _pref(capsys, model_dir, tmp_path / "r", "rm", f"data.train={f}")
+    assert code == 0, err
+    assert "reward model in" in out

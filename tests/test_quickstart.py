@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from posttrain.config import load_config
+from posttrain.errors import ConfigError
 from posttrain.quickstart import QuickstartConfig, run_quickstart
 
 
@@ -10,16 +13,32 @@ def test_quickstart_small(tmp_path):
     lines = []
     cfg = load_config(QuickstartConfig, None, [
         f"output_dir={tmp_path}", "train_examples=64", "eval_problems=8", "curve_points=1", "curve_problems=4",
-        "max_new_tokens=24", "sft.train.max_steps=4", "sft.train.progress=false",
+        "max_new_tokens=24", "sft.train.max_steps=4", "sft.train.progress=false", "preference_pairs=12",
+        "eval_pairs=6", "rm.train.max_steps=2", "rm.train.progress=false", "dpo.train.max_steps=2",
+        "dpo.train.progress=false", "dpo_losses=[dpo,simpo]",
     ])
     summary = run_quickstart(cfg, log=lines.append)
     text = "\n".join(lines)
     assert "held-out accuracy" in text and "format compliance" in text
+    assert "reward model (from SFT, bt): held-out pairwise accuracy" in text
+    assert "dpo: held-out accuracy" in text and "simpo: held-out accuracy" in text
     for name in ("summary.json", "samples.jsonl", "learning_curves.png", "sft/metrics.jsonl", "sft/final/config.json",
-                 "data/sft_train.jsonl", "data/problems_heldout.jsonl"):
+                 "rm/final/config.json", "dpo-dpo/final/config.json", "dpo-simpo/metrics.jsonl",
+                 "data/sft_train.jsonl", "data/problems_heldout.jsonl", "data/pairs_train.jsonl"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["sft_steps"] == 4 == summary["sft_steps"]
     assert [c[0] for c in saved["learning_curve"]] == [0, 2, 4]
-    assert 0.0 <= saved["sft"]["accuracy"] <= 1.0
-    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 8
+    assert set(saved) >= {"base", "SFT", "+dpo", "+simpo", "reward_model", "preference"}
+    assert 0.0 <= saved["+dpo"]["accuracy"] <= 1.0
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and set(rows[0]) >= {"question", "answer", "base", "SFT", "+dpo", "+simpo"}
+
+
+def test_quickstart_stage_validation():
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(QuickstartConfig, None, ["stages=[sft,ppo]"])
+    with pytest.raises(ConfigError, match="'sft' must be in 'stages'"):
+        load_config(QuickstartConfig, None, ["stages=[dpo]"])
+    with pytest.raises(ConfigError, match="paired losses"):
+        load_config(QuickstartConfig, None, ["dpo_losses=[kto]"])

@@ -2,6 +2,8 @@
 
     posttrain quickstart                      # the tiny world: base eval -> SFT -> eval, table + plot
     posttrain sft --config cfg.yaml k=v ...   # supervised fine-tuning
+    posttrain rm --config cfg.yaml k=v ...    # reward model (Bradley-Terry, hinge, MSE, listwise)
+    posttrain dpo --config cfg.yaml k=v ...   # DPO family, KTO, tilt (loss.name=...)
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
@@ -36,9 +38,32 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     cfg = load_config(SFTConfig, args.config, args.overrides)
     result = run_sft(cfg)
     print(f"done: {result.fit.steps} steps in {result.fit.seconds:.0f}s; final model in {result.final_dir}")
-    if result.eval_metrics:
-        print("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if isinstance(v, float)))
+    _print_eval(result.eval_metrics)
     return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from .algorithms.rm import RMConfig, run_rm
+
+    result = run_rm(load_config(RMConfig, args.config, args.overrides))
+    print(f"done: {result.fit.steps} steps in {result.fit.seconds:.0f}s; reward model in {result.final_dir}")
+    _print_eval(result.eval_metrics)
+    return 0
+
+
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    from .algorithms.dpo import DPOConfig, run_preference
+
+    result = run_preference(load_config(DPOConfig, args.config, args.overrides))
+    print(f"done: {result.fit.steps} steps in {result.fit.seconds:.0f}s; final model in {result.final_dir}")
+    _print_eval(result.eval_metrics)
+    return 0
+
+
+def _print_eval(metrics: dict) -> None:
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    if shown:
+        print("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -83,6 +108,8 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .algorithms.dpo import DPOConfig
+    from .algorithms.rm import RMConfig
     from .algorithms.sft import SFTConfig
     from .quickstart import QuickstartConfig
 
@@ -96,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("rm", help="reward-model training (Bradley-Terry, hinge, MSE, listwise)",
+                       formatter_class=_HelpFormatter,
+                       description="Train a scalar reward model (AutoModelForSequenceClassification, one label) on "
+                       "preference or ranked data. Defaults use the tiny world's preference pairs; set "
+                       "model.name_or_path to your SFT model.", epilog=_config_help(RMConfig))
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_rm)
+
+    p = sub.add_parser("dpo", help="offline preference optimization (dpo, ipo, hinge, dpop, simpo, orpo, kto, tilt)",
+                       formatter_class=_HelpFormatter,
+                       description="Offline preference optimization; loss.name selects the loss. Start from an SFT "
+                       "model (model.name_or_path=runs/sft/final).", epilog=_config_help(DPOConfig))
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_dpo)
 
     p = sub.add_parser("quickstart", help="tiny world: evaluate base, SFT, evaluate again",
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig))

@@ -1,12 +1,16 @@
 """The quickstart: the built-in tiny world end to end, on a CPU, in a few minutes.
 
-1. write the world's datasets (SFT conversations from the train split; held-out problems);
+1. write the world's datasets (SFT conversations and preference pairs from the train split;
+   held-out problems and pairs);
 2. evaluate the shipped base model on the held-out problems (chat prompt, greedy);
-3. SFT from the base model (assistant-only loss, packing), with held-out accuracy measured a
-   few times along the way for the learning curves;
-4. evaluate the SFT model the same way;
-5. print a before/after table and write the run directory: data/, sft/ (metrics.jsonl,
-   checkpoints/, final/), learning_curves.png, summary.json.
+3. ``sft``: SFT from the base model (assistant-only loss, packing), with held-out accuracy
+   measured a few times along the way for the learning curves, then evaluate;
+4. ``rm``: a reward model from the SFT checkpoint on the preference pairs; report its held-out
+   pairwise accuracy;
+5. ``dpo``: for each loss in ``dpo_losses``, preference optimization from the SFT checkpoint on
+   the same pairs; evaluate and report the accuracy change over SFT and the displacement check;
+6. print the table and write the run directory: data/, sft/, rm/, dpo-<loss>/ (each with
+   metrics.jsonl, config.yaml, checkpoints/, final/), learning_curves.png, summary.json.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .algorithms.dpo import DPOConfig, PreferenceDataConfig, PreferenceLossConfig, run_preference
+from .algorithms.rm import RMConfig, run_rm
 from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
 from .config import TrainConfig, option
+from .errors import ConfigError
 from .models.loading import load_causal_lm, load_tokenizer
-from .world.datasets import write_world_datasets
+from .world.datasets import write_jsonl, write_world_datasets
 from .world.evaluate import EvalResult, evaluate_problems
+from .world.preferences import preference_records
 from .world.tasks import generate_problems
+
+STAGES = ("sft", "rm", "dpo")
 
 
 def _default_sft() -> SFTConfig:
@@ -33,36 +43,76 @@ def _default_sft() -> SFTConfig:
     )
 
 
+def _default_rm() -> RMConfig:
+    return RMConfig(data=PreferenceDataConfig(train="", eval="", max_length=256, packing=True),
+                    train=TrainConfig(output_dir="", lr=3e-4, epochs=1.0, micro_batch_size=8, warmup_ratio=0.05))
+
+
+def _default_dpo() -> DPOConfig:
+    return DPOConfig(data=PreferenceDataConfig(train="", eval="", max_length=256, packing=True),
+                     loss=PreferenceLossConfig(beta=0.1),
+                     train=TrainConfig(output_dir="", lr=5e-5, epochs=1.0, micro_batch_size=8, warmup_ratio=0.1))
+
+
 @dataclass
 class QuickstartConfig:
-    """posttrain quickstart: evaluate the base model, SFT it, evaluate again."""
+    """posttrain quickstart: the tiny world, from the base model through SFT, a reward model and DPO."""
 
     output_dir: str = option("runs/quickstart", "Run directory.")
     seed: int = option(0, "Seed for data generation and training.")
+    stages: list[str] = option(default_factory=lambda: list(STAGES),
+                               help="Stages to run, in order: sft, rm, dpo (rm and dpo start from the SFT model).")
     train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1)
-    eval_problems: int = option(200, "Held-out problems for the before/after table.", min=1)
+    preference_pairs: int = option(1000, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2)
+    dpo_losses: list[str] = option(default_factory=lambda: ["dpo", "dpop"],
+                                   help="Preference losses to run from the SFT model (each its own run).")
+    eval_problems: int = option(200, "Held-out problems for the table.", min=1)
+    eval_pairs: int = option(200, "Held-out preference pairs for the reward model's accuracy.", min=2)
     curve_points: int = option(3, "Held-out accuracy measurements during SFT (for the plot).", min=0)
     curve_problems: int = option(100, "Held-out problems per learning-curve measurement.", min=1)
     max_new_tokens: int = option(64, "Generation budget per answer.", min=1)
     sft: SFTConfig = field(default_factory=_default_sft)
+    rm: RMConfig = field(default_factory=_default_rm)
+    dpo: DPOConfig = field(default_factory=_default_dpo)
+
+    def validate(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"Config key 'stages' has unknown stage(s) {bad}; valid stages are {list(STAGES)}.",
+                              fix="write e.g. stages=[sft,rm,dpo].")
+        if ("rm" in self.stages or "dpo" in self.stages) and "sft" not in self.stages:
+            raise ConfigError("Stages rm and dpo start from the SFT model, so 'sft' must be in 'stages'.",
+                              fix="use stages=[sft,rm,dpo] (or stages=[sft]).")
+        from .ops import PREFERENCE_LOSSES
+
+        for name in self.dpo_losses:
+            if name not in PREFERENCE_LOSSES or PREFERENCE_LOSSES[name].data != "paired":
+                paired = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.data == "paired")
+                raise ConfigError(f"Config key 'dpo_losses' has {name!r}; the quickstart's preference pairs "
+                                  f"suit the paired losses {paired}.", fix="pick from those.")
 
 
 def _fmt_pct(x: float) -> str:
     return f"{100 * x:5.1f}%"
 
 
-def results_table(base: EvalResult, tuned: EvalResult) -> str:
-    rows = [("held-out accuracy", base.accuracy, tuned.accuracy, True)]
-    for level in sorted(base.per_level):
-        rows.append((f"  level {level}", base.per_level[level], tuned.per_level.get(level, 0.0), True))
-    rows.append(("format compliance", base.format_compliance, tuned.format_compliance, True))
-    rows.append(("mean response tokens", base.mean_response_tokens, tuned.mean_response_tokens, False))
-    lines = [f"{'':24}{'base':>10}{'SFT':>10}{'change':>10}", "-" * 54]
-    for name, a, b, pct in rows:
-        if pct:
-            lines.append(f"{name:24}{_fmt_pct(a):>10}{_fmt_pct(b):>10}{100 * (b - a):>+9.1f}pt")
-        else:
-            lines.append(f"{name:24}{a:>10.1f}{b:>10.1f}{b - a:>+10.1f}")
+def results_table(columns: dict[str, EvalResult]) -> str:
+    """Accuracy (overall and per level), format compliance and length, one column per model;
+    the last column's change is against the second (SFT) when there are more than two."""
+    names = list(columns)
+    res = list(columns.values())
+    width = 10
+    lines = ["".join([f"{'':24}"] + [f"{n:>{width}}" for n in names]), "-" * (24 + width * len(names))]
+
+    def row(label, values, pct):
+        cells = [f"{(_fmt_pct(v) if pct else f'{v:.1f}'):>{width}}" for v in values]
+        lines.append(f"{label:24}" + "".join(cells))
+
+    row("held-out accuracy", [r.accuracy for r in res], True)
+    for level in sorted(res[0].per_level):
+        row(f"  level {level}", [r.per_level.get(level, 0.0) for r in res], True)
+    row("format compliance", [r.format_compliance for r in res], True)
+    row("mean response tokens", [r.mean_response_tokens for r in res], False)
     return "\n".join(lines)
 
 
@@ -116,10 +166,19 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     t0 = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stages = [st for st in STAGES if st in cfg.stages]
     log("posttrain quickstart: the built-in tiny world (arithmetic word problems, verifiable answers)")
+    log(f"stages: {' -> '.join(['base eval'] + stages)}")
     paths = write_world_datasets(out / "data", n_train=cfg.train_examples, n_heldout=cfg.eval_problems,
                                  seed=cfg.seed)
-    log(f"data: {cfg.train_examples} SFT conversations, {cfg.eval_problems} held-out problems -> {out / 'data'}")
+    if "rm" in stages or "dpo" in stages:
+        paths["pairs_train"] = write_jsonl(out / "data" / "pairs_train.jsonl",
+                                           preference_records(cfg.preference_pairs, seed=cfg.seed))
+        paths["pairs_heldout"] = write_jsonl(out / "data" / "pairs_heldout.jsonl",
+                                             preference_records(cfg.eval_pairs, seed=cfg.seed, split="heldout"))
+    log(f"data: {cfg.train_examples} SFT conversations, {cfg.eval_problems} held-out problems"
+        + (f", {cfg.preference_pairs} + {cfg.eval_pairs} held-out preference pairs" if "pairs_train" in paths else "")
+        + f" -> {out / 'data'}")
 
     sft = cfg.sft
     tokenizer = load_tokenizer(sft.model.name_or_path)
@@ -130,55 +189,96 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     problems = generate_problems(cfg.eval_problems, seed=cfg.seed, split="heldout")
     curve_set = problems[: cfg.curve_problems]
 
-    log(f"\n[1/3] evaluating the base model on {len(problems)} held-out problems (chat prompt, greedy)")
-    base = evaluate_problems(model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, progress=True)
-    log(f"      accuracy {_fmt_pct(base.accuracy).strip()}, format compliance "
-        f"{_fmt_pct(base.format_compliance).strip()}")
+    def evaluate(m) -> EvalResult:
+        return evaluate_problems(m, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, progress=True)
 
-    sft.data.train = str(paths["sft_train"])
-    sft.data.eval = str(paths["sft_heldout"])
-    sft.train.output_dir = str(out / "sft")
-    sft.train.seed = cfg.seed
-    curve: list[tuple[int, float]] = [(0, sum(s["correct"] for s in base.samples[: len(curve_set)]) / len(curve_set))]
+    log(f"\n[base] evaluating the base model on {len(problems)} held-out problems (chat prompt, greedy)")
+    results: dict[str, EvalResult] = {"base": evaluate(model)}
+    log(f"       accuracy {_fmt_pct(results['base'].accuracy).strip()}, format compliance "
+        f"{_fmt_pct(results['base'].format_compliance).strip()}")
+    summary: dict = {"stages": stages}
 
-    def extra_eval(m) -> dict:
-        res = evaluate_problems(m, tokenizer, curve_set, max_new_tokens=cfg.max_new_tokens)
-        return {"heldout_accuracy": res.accuracy, "format_compliance": res.format_compliance}
+    if "sft" in stages:
+        sft.data.train, sft.data.eval = str(paths["sft_train"]), str(paths["sft_heldout"])
+        sft.train.output_dir, sft.train.seed = str(out / "sft"), cfg.seed
+        base_curve = sum(s["correct"] for s in results["base"].samples[: len(curve_set)]) / len(curve_set)
+        curve: list[tuple[int, float]] = [(0, base_curve)]
 
-    log("\n[2/3] SFT: assistant-only loss, packed rows, AdamW + warmup/cosine")
-    result = run_sft(sft, model=model, tokenizer=tokenizer, log=log, extra_eval=extra_eval,
-                     eval_times=cfg.curve_points + 1)
-    for e in result.fit.eval_history:
-        if "heldout_accuracy" in e:
-            curve.append((e["step"], e["heldout_accuracy"]))
+        def curve_eval(m) -> dict:
+            res = evaluate_problems(m, tokenizer, curve_set, max_new_tokens=cfg.max_new_tokens)
+            return {"heldout_accuracy": res.accuracy, "format_compliance": res.format_compliance}
 
-    log(f"\n[3/3] evaluating the SFT model on the same {len(problems)} held-out problems")
-    tuned = evaluate_problems(model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, progress=True)
+        log("\n[sft] SFT: assistant-only loss, packed rows, AdamW + warmup/cosine")
+        sft_result = run_sft(sft, model=model, tokenizer=tokenizer, log=log, extra_eval=curve_eval,
+                             eval_times=cfg.curve_points + 1)
+        curve += [(e["step"], e["heldout_accuracy"]) for e in sft_result.fit.eval_history if "heldout_accuracy" in e]
+        log(f"\n[sft] evaluating the SFT model on the same {len(problems)} held-out problems")
+        results["SFT"] = evaluate(model)
+        plot_curves(sft_result.fit.history, sft_result.fit.eval_history, curve, out / "learning_curves.png")
+        summary.update(sft_steps=sft_result.fit.steps, sft_seconds=round(sft_result.fit.seconds, 1),
+                       learning_curve=curve, data=sft_result.encode_summary, padding=sft_result.padding_summary)
+        sft_dir = str(sft_result.final_dir)
+
+    notes: list[str] = []
+    if "rm" in stages:
+        rm = cfg.rm
+        rm.model.name_or_path = sft_dir
+        rm.data.train, rm.data.eval = str(paths["pairs_train"]), str(paths["pairs_heldout"])
+        rm.train.output_dir, rm.train.seed = str(out / "rm"), cfg.seed
+        log(f"\n[rm] reward model from the SFT checkpoint: {rm.loss.name} loss, {rm.loss.pooling} pooling, "
+            f"{cfg.preference_pairs} pairs")
+        rm_result = run_rm(rm, log=log)
+        m = rm_result.eval_metrics
+        summary["reward_model"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        notes.append(f"reward model (from SFT, {rm.loss.name}): held-out pairwise accuracy "
+                     f"{_fmt_pct(m['eval_accuracy']).strip()} on {cfg.eval_pairs} pairs, mean margin "
+                     f"{m['eval_margin']:.2f}, reward-length correlation {m['eval_length_correlation']:+.2f}")
+
+    if "dpo" in stages:
+        summary["preference"] = {}
+        for loss_name in cfg.dpo_losses:
+            dpo = dataclasses.replace(cfg.dpo, loss=dataclasses.replace(cfg.dpo.loss, name=loss_name),
+                                      train=dataclasses.replace(cfg.dpo.train, output_dir=str(out / f"dpo-{loss_name}"),
+                                                                seed=cfg.seed),
+                                      data=dataclasses.replace(cfg.dpo.data, train=str(paths["pairs_train"]),
+                                                               eval=str(paths["pairs_heldout"])),
+                                      model=dataclasses.replace(cfg.dpo.model, name_or_path=sft_dir))
+            log(f"\n[dpo] {loss_name} from the SFT checkpoint on {cfg.preference_pairs} pairs")
+            policy = load_causal_lm(sft_dir, dtype=dpo.model.dtype, device=dpo.model.device,
+                                    attn_implementation=dpo.model.attn_implementation)
+            pref = run_preference(dpo, model=policy, tokenizer=tokenizer, log=log)
+            results[f"+{loss_name}"] = evaluate(policy)
+            hist = pref.fit.history
+            displaced = any(h.get("likelihood_displacement") for h in hist)
+            chosen = hist[-1].get("chosen_logratio")
+            summary["preference"][loss_name] = {
+                "accuracy": results[f"+{loss_name}"].accuracy, "displacement_warning": displaced,
+                "final_chosen_logratio": chosen, "eval": {k: v for k, v in pref.eval_metrics.items()
+                                                          if isinstance(v, (int, float))}}
+            change = results[f"+{loss_name}"].accuracy - results["SFT"].accuracy
+            chosen_txt = f"; chosen log-ratio vs reference at the end {chosen:+.2f} nats" if chosen is not None else ""
+            notes.append(f"{loss_name}: held-out accuracy {100 * change:+.1f}pt over SFT; likelihood displacement "
+                         f"{'DETECTED' if displaced else 'not detected'}{chosen_txt}")
+
     elapsed = time.time() - t0
-
-    table = results_table(base, tuned)
-    plot_path = out / "learning_curves.png"
-    plot_curves(result.fit.history, result.fit.eval_history, curve, plot_path)
-    summary = {
-        "base": base.metrics(),
-        "sft": tuned.metrics(),
-        "sft_steps": result.fit.steps,
-        "sft_seconds": round(result.fit.seconds, 1),
-        "total_seconds": round(elapsed, 1),
-        "learning_curve": curve,
-        "data": result.encode_summary,
-        "padding": result.padding_summary,
-        "config": dataclasses.asdict(cfg),
-    }
+    table = results_table(results)
+    summary.update({name: r.metrics() for name, r in results.items()})
+    summary["total_seconds"] = round(elapsed, 1)
+    summary["config"] = dataclasses.asdict(cfg)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with (out / "samples.jsonl").open("w") as fh:
-        for b, s in zip(base.samples, tuned.samples):
-            fh.write(json.dumps({"question": b["question"], "answer": b["answer"],
-                                 "base": b["response"], "sft": s["response"]}) + "\n")
+        for i, b in enumerate(results["base"].samples):
+            row = {"question": b["question"], "answer": b["answer"]}
+            row.update({name: r.samples[i]["response"] for name, r in results.items()})
+            fh.write(json.dumps(row) + "\n")
     log("\n" + table)
-    ex = next((s for s in tuned.samples if s["correct"] and s["level"] >= 3), tuned.samples[0])
-    log(f"\nexample (held-out): {ex['question']}\nSFT model: {ex['response']!r}")
-    log(f"\nrun directory: {out}/  (summary.json, samples.jsonl, learning_curves.png, sft/metrics.jsonl, "
-        f"sft/checkpoints/, sft/final/)")
+    for note in notes:
+        log(note)
+    last = results[list(results)[-1]]
+    ex = next((s for s in last.samples if s["correct"] and s["level"] >= 3), last.samples[0])
+    log(f"\nexample (held-out): {ex['question']}\n{list(results)[-1]} model: {ex['response']!r}")
+    log(f"\nrun directory: {out}/  (summary.json, samples.jsonl"
+        + (", learning_curves.png, sft/" if "sft" in stages else "") + (", rm/" if "rm" in stages else "")
+        + "".join(f", dpo-{n}/" for n in (cfg.dpo_losses if "dpo" in stages else [])) + ")")
     log(f"total time: {elapsed / 60:.1f} min")
     return summary

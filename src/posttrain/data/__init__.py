@@ -9,12 +9,31 @@ Typical SFT flow::
     bins = best_fit_decreasing([len(e) for e in examples], capacity=2048)
     batch = packed_collate([[examples[i] for i in b] for b in bins[:8]], tok.pad_token_id,
                            row_length=2048)
+
+Sequence-level methods (reward models, DPO family, KTO, tilt)::
+
+    pairs, report = encode_pairs(load_records("prefs.jsonl"), tok, max_length=1024)
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
+                              tok.pad_token_id, packing=True, row_length=2048)
+    # batch["sequence_ids"] says which sequence every token belongs to (-1 on padding)
 """
 
 from .chat import check_tokenizer, has_generation_markers, render_conversation, render_prompt, render_turns
-from .collate import packed_collate, pad_collate
+from .collate import collate_sequences, packed_collate, pad_collate
 from .formats import FORMATS, ROLES, Dataset, detect_format, load_records, validate_record
 from .packing import PaddingStats, best_fit_decreasing, padding_stats
+from .preference import (
+    EncodedGroup,
+    EncodedPair,
+    EncodedUnpaired,
+    GroupReport,
+    PairReport,
+    UnpairedReport,
+    encode_pairs,
+    encode_ranked,
+    encode_unpaired,
+    kl_partners,
+)
 from .tokenize import (
     IGNORE_INDEX,
     EncodedExample,
@@ -31,13 +50,24 @@ __all__ = [
     "Dataset",
     "EncodeReport",
     "EncodedExample",
+    "EncodedGroup",
+    "EncodedPair",
+    "EncodedUnpaired",
+    "GroupReport",
     "PaddingStats",
+    "PairReport",
+    "UnpairedReport",
     "best_fit_decreasing",
     "check_tokenizer",
+    "collate_sequences",
     "detect_format",
     "encode_dataset",
+    "encode_pairs",
+    "encode_ranked",
     "encode_sft_example",
+    "encode_unpaired",
     "has_generation_markers",
+    "kl_partners",
     "load_records",
     "packed_collate",
     "pad_collate",

@@ -1,6 +1,6 @@
 """Record schemas, validation and loading.
 
-A data set is a sequence of JSON-like records in one of five formats:
+A data set is a sequence of JSON-like records in one of six formats:
 
 ``conversational``
     ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
@@ -14,7 +14,17 @@ A data set is a sequence of JSON-like records in one of five formats:
     ``{"prompt": ..., "chosen": ..., "rejected": ...}``: all strings, or a message-list
     prompt with message-list answers. Records without ``"prompt"`` whose ``chosen`` and
     ``rejected`` are whole conversations sharing a prefix are accepted too; the shared
-    prefix becomes the prompt ("implicit prompt").
+    prefix becomes the prompt ("implicit prompt"). An optional numeric ``"margin"`` (finite;
+    e.g. how strongly ``chosen`` is preferred, for margin losses) is validated and kept as-is.
+``ranked``
+    ``{"prompt": ..., "responses": [...], "rewards": [number, ...]}``: K >= 2 scored responses
+    to one prompt (reward-model ranking, exponential-tilt weighting), one finite reward per
+    response (booleans are not rewards). With a string prompt every response is a non-empty
+    string. With a message-list prompt every response is either a list of messages that
+    continues the conversation (as a ``prompt_completion`` completion: it starts and ends with
+    an assistant turn) or a string, which means one assistant turn and is normalized to
+    ``[{"role": "assistant", "content": text}]``. Identical responses are allowed (sampled
+    K-sets often repeat an answer).
 ``unpaired``
     ``{"prompt": ..., "completion": ..., "label": true|false}`` (KTO-style data).
 ``prompt_answer``
@@ -47,6 +57,7 @@ FORMATS: tuple[str, ...] = (
     "preference",
     "unpaired",
     "prompt_answer",
+    "ranked",
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -57,6 +68,7 @@ _FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
     "prompt_answer": ("prompt", "answer"),
+    "ranked": ("prompt", "responses", "rewards"),
 }
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -274,6 +286,22 @@ class _Checker:
                 "add the assistant's reply, or remove this record.",
             )
 
+    def number(self, value: Any, field: str, *, what: str) -> float | int:
+        """A finite JSON number (int or float; booleans are not numbers here)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(
+                field,
+                f"expected {what} as a number, found {_type_name(value)} ({_short(value)}).",
+                f"write '{field}' as a JSON number such as 1 or 0.5 (not quoted, not true/false).",
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(
+                field,
+                f"{what} is the non-finite number {value!r}; losses built on it would be NaN.",
+                "replace it with a finite number, or remove this record.",
+            )
+        return value
+
     def finite(self, value: Any, field: str) -> None:
         """Reject NaN and infinities anywhere in the record (JSON allows them as an extension)."""
         if isinstance(value, float) and not math.isfinite(value):
@@ -300,6 +328,8 @@ def detect_format(record: Mapping) -> str | None:
         return "conversational"
     if _present(record, "chosen") and _present(record, "rejected"):
         return "preference"
+    if _present(record, "responses"):
+        return "ranked"
     if _present(record, "prompt") and _present(record, "completion") and _present(record, "label"):
         return "unpaired"
     if _present(record, "prompt") and _present(record, "answer"):
@@ -425,6 +455,8 @@ def _validate_preference(chk: _Checker, record: Mapping) -> dict:
             "remove this record, or fix the pair.",
         )
     out["chosen"], out["rejected"] = chosen, rejected
+    if _present(record, "margin"):
+        chk.number(record["margin"], "margin", what="the preference margin")
     return out
 
 
@@ -436,7 +468,8 @@ def _validate_unpaired(chk: _Checker, record: Mapping) -> dict:
             "label",
             f"expected true or false, found {_type_name(label)} ({_short(label)}).",
             "write the label as the JSON literal true (desirable) or false (undesirable); numbers "
-            "and strings such as 1 or \"yes\" are not accepted.",
+            "and strings such as 1, \"yes\", \"desirable\" or \"undesirable\" are not accepted "
+            "(map them to true/false when you build the file).",
         )
     return out
 
@@ -455,12 +488,54 @@ def _validate_prompt_answer(chk: _Checker, record: Mapping) -> dict:
     return {**record, "prompt": prompt, "answer": answer}
 
 
+def _validate_ranked(chk: _Checker, record: Mapping) -> dict:
+    prompt = _prompt(chk, record["prompt"])
+    responses, rewards = record["responses"], record["rewards"]
+    if not isinstance(responses, (list, tuple)):
+        raise chk.fail(
+            "responses",
+            f"expected a list of responses, found {_type_name(responses)} ({_short(responses)}).",
+            'write \'responses\' as a list such as ["first answer", "second answer"].',
+        )
+    if len(responses) < 2:
+        raise chk.fail(
+            "responses",
+            f"a ranked set needs at least 2 responses to compare, found {len(responses)}.",
+            "add more scored responses for this prompt, or remove the record (a single response with "
+            "a reward belongs in a different format, e.g. 'unpaired' for a good/bad label).",
+        )
+    if not isinstance(rewards, (list, tuple)):
+        raise chk.fail(
+            "rewards",
+            f"expected a list of numbers (one per response), found {_type_name(rewards)} ({_short(rewards)}).",
+            "write 'rewards' as a list of numbers, e.g. [1.0, 0.0].",
+        )
+    if len(rewards) != len(responses):
+        raise chk.fail(
+            "rewards",
+            f"expected one reward per response ({len(responses)}), found {len(rewards)} rewards.",
+            "give exactly as many rewards as responses, in the same order.",
+        )
+    out_rewards = [chk.number(r, f"rewards[{i}]", what=f"the reward of responses[{i}]") for i, r in enumerate(rewards)]
+    out_responses = []
+    for i, value in enumerate(responses):
+        field = f"responses[{i}]"
+        if isinstance(prompt, list) and isinstance(value, str):
+            # A string answer to a conversation means one assistant turn.
+            text = chk.text(value, field, nonempty=True, what=f"'{field}'")
+            out_responses.append([{"role": "assistant", "content": text}])
+        else:
+            out_responses.append(_response(chk, value, field, prompt))
+    return {**record, "prompt": prompt, "responses": out_responses, "rewards": out_rewards}
+
+
 _VALIDATORS = {
     "conversational": _validate_conversational,
     "prompt_completion": _validate_prompt_completion,
     "preference": _validate_preference,
     "unpaired": _validate_unpaired,
     "prompt_answer": _validate_prompt_answer,
+    "ranked": _validate_ranked,
 }
 
 
@@ -478,9 +553,12 @@ def validate_record(record: Any, format: str, *, source: str = "<in-memory data>
             "write one object per record, e.g. {\"prompt\": \"...\", \"completion\": \"...\"}.",
         )
     record = dict(record)
-    chk.finite(record, "")
     _require(chk, record, format)
-    return _VALIDATORS[format](chk, record)
+    out = _VALIDATORS[format](chk, record)
+    # After the format's own checks, so that numbers it knows (rewards, margin) get their own
+    # messages; this catches NaN/inf anywhere else (metadata included).
+    chk.finite(record, "")
+    return out
 
 
 def _check_format_name(format: str, *, allow_auto: bool) -> None:

@@ -98,7 +98,15 @@ class FitResult:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """Move every tensor of a (possibly nested) batch dict to ``device``."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            v = _to_device(v, device)
+        out[k] = v
+    return out
 
 
 def _resolve_resume(resume: str | None, ckpt_dir: Path, log: Callable[[str], None]) -> Path | None:
@@ -123,8 +131,13 @@ def fit(
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     run_config: dict | None = None,
     log: Callable[[str], None] = print,
+    callbacks: list[Callable[[dict], None]] = (),
 ) -> FitResult:
-    """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring."""
+    """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring.
+
+    ``callbacks`` see every step's metrics record before it is logged and may add keys to it
+    (e.g. the likelihood-displacement monitor of the preference trainer).
+    """
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -196,8 +209,9 @@ def fit(
                 optimizer.step()
             else:
                 skipped += 1
-                log(f"warning: step {step + 1}: non-finite loss ({loss_total.item():.4g}) or gradient norm "
-                    f"({grad_norm.item():.4g}); update skipped ({skipped} so far)")
+                with tqdm.external_write_mode():
+                    log(f"warning: step {step + 1}: non-finite loss ({loss_total.item():.4g}) or gradient norm "
+                        f"({grad_norm.item():.4g}); update skipped ({skipped} so far)")
                 if skipped > cfg.max_bad_steps:
                     bar.close()
                     raise TrainingError(
@@ -226,6 +240,9 @@ def fit(
                 "elapsed_seconds": time.time() - t_start,
             }
             record.update({k: float(v) for k, v in metrics.items()})
+            with tqdm.external_write_mode():  # callbacks may print; keep the bar intact
+                for callback in callbacks:
+                    callback(record)
             result.history.append(record)
             result.steps = step + 1
             result.skipped_steps = skipped

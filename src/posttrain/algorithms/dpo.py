@@ -1,0 +1,444 @@
+"""Offline preference optimization: DPO and its family, KTO, and the exponential-tilt NLL.
+
+    posttrain dpo --config cfg.yaml loss.name=ipo loss.beta=0.5
+
+``loss.name`` picks a pure function from :data:`posttrain.ops.PREFERENCE_LOSSES`; the trainer
+reads only what the loss *declares* — which data it needs (paired, unpaired or ranked), whether
+it needs a reference model, its hyper-parameters — and never branches on the name:
+
+====================  =========  ==========  ==============================================
+loss                  data       reference   idea
+====================  =========  ==========  ==============================================
+dpo (+ smoothing,     paired     yes         -log sigmoid of the implicit-reward margin
+robust)
+ipo                   paired     yes         squared margin of length-averaged log-ratios
+hinge                 paired     yes         SLiC hinge on the margin
+dpop                  paired     yes         DPO with a penalty when chosen falls below ref
+simpo                 paired     no          length-normalized margin with a target gamma
+orpo                  paired     no          NLL(chosen) + odds-ratio term
+kto                   unpaired   yes         prospect-theory value vs a KL baseline z_ref
+tilt                  ranked     no          NLL weighted by softmax(reward / beta) per prompt
+====================  =========  ==========  ==============================================
+
+Reference log-probs come from a frozen eval-mode copy of the initial policy (or
+``loss.reference``) through the same log-prob path as the policy, or are computed once before
+training (``loss.precompute_reference=true``) so no reference model stays in memory. Chosen and
+rejected responses go through one forward pass. Logged every step: chosen / rejected log-probs
+and their change versus the reference, implicit rewards, margins, preference accuracy, response
+lengths, and a likelihood-displacement warning when the chosen log-prob keeps falling below the
+reference while the loss improves (reference note 001 section 6.8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, TrainConfig, option
+from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
+from ..errors import ConfigError
+from ..models.loading import load_causal_lm, load_tokenizer
+from ..ops import PREFERENCE_LOSSES, get_preference_loss
+from ..train.engine import FitResult, fit
+from .sequences import (
+    UnitPlan,
+    collate_examples,
+    frozen_copy,
+    reference_log_probs,
+    sequence_log_probs,
+)
+
+BUILTIN_SOURCES = ("builtin:world-pairs", "builtin:world-unpaired", "builtin:world-ranked")
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Preference data and batching."""
+
+    train: str = option("builtin:world-pairs", "JSONL/Parquet file (preference, unpaired or ranked records, "
+                        "matching the loss) or builtin:world-pairs / world-unpaired / world-ranked.")
+    eval: str | None = option("builtin:world-pairs-heldout", "Held-out file (or builtin:<name>-heldout); null "
+                              "for none.")
+    max_length: int = option(256, "Tokens per prompt + response (and per packed row).", min=8)
+    overlong: str = option("truncate", "Over-long responses: truncate (counted) or drop the unit.",
+                           choices=("truncate", "drop"))
+    packing: bool = option(True, "Pack each micro-batch's sequences into rows (no cross-document attention).")
+    world_examples: int = option(2000, "Records generated for builtin: training data.", min=2)
+    world_eval_examples: int = option(200, "Records generated for builtin: held-out data.", min=2)
+    world_k: int = option(4, "Responses per prompt for builtin:world-ranked.", min=2)
+
+
+@dataclass
+class PreferenceLossConfig:
+    """Which preference loss, and its hyper-parameters (each loss uses the ones it declares)."""
+
+    name: str = option("dpo", "dpo, ipo, hinge, dpop, simpo, orpo, kto or tilt.",
+                       choices=tuple(sorted(PREFERENCE_LOSSES)))
+    beta: float = option(0.1, "beta (KL strength / temperature; IPO's tau; tilt's reward temperature).", min=0.0)
+    label_smoothing: float = option(0.0, "Probability a preference label is flipped (dpo, simpo).",
+                                    min=0.0, max=0.49)
+    robust: bool = option(False, "dpo: robust (unbiased) form instead of conservative smoothing.")
+    dpop_lambda: float = option(5.0, "dpop: weight of max(0, log pi_ref(y_w) - log pi(y_w)) inside the sigmoid.",
+                                min=0.0)
+    simpo_gamma: float = option(0.5, "simpo: target margin gamma.", min=0.0)
+    orpo_lambda: float = option(0.1, "orpo: weight of the odds-ratio term.", min=0.0)
+    kto_lambda_d: float = option(1.0, "kto: weight of desirable examples.", min=0.0)
+    kto_lambda_u: float = option(1.0, "kto: weight of undesirable examples.", min=0.0)
+    length_normalize: bool = option(False, "tilt: use per-token average log-probs.")
+    reference: str | None = option(None, "Reference model (default: a frozen copy of the initial policy).")
+    precompute_reference: bool = option(False, "Compute reference log-probs once before training and free the "
+                                               "reference model.")
+    displacement_window: int = option(20, "Steps per half-window of the likelihood-displacement check "
+                                          "(0 disables it).", min=0)
+    displacement_threshold: float = option(0.1, "Warn when the chosen log-ratio (nats per response) is below "
+                                                "minus this and still falling while the loss improves.", min=0.0)
+
+    def hyperparameters(self, names: tuple[str, ...]) -> dict:
+        """The values of the hyper-parameters a loss declares (by name)."""
+        missing = [n for n in names if not hasattr(self, n)]
+        if missing:
+            raise ConfigError(f"Loss '{self.name}' declares hyper-parameters {missing} that loss.* does not have.")
+        return {n: getattr(self, n) for n in names}
+
+
+@dataclass
+class DPOConfig:
+    """posttrain dpo: offline preference optimization (DPO family, KTO, tilt)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/dpo", lr=5e-5,
+                                                                   micro_batch_size=8, epochs=1.0,
+                                                                   warmup_ratio=0.1))
+
+
+# --------------------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    """One training unit (a pair, an unpaired example, or a K-set) and its reference log-probs."""
+
+    sequences: list
+    kl_sequences: list = field(default_factory=list)
+    desirable: bool | None = None
+    rewards: list[float] | None = None
+    margin: float | None = None
+    ref: torch.Tensor | None = None        # (n_sequences,) when precomputed
+    ref_kl: torch.Tensor | None = None
+
+
+def units_from_records(ds, tokenizer, kind: str, *, max_length: int, overlong: str, seed: int):
+    """Encode a dataset into units of the given data kind; returns (units, report summary)."""
+    if kind == "paired":
+        pairs, report = encode_pairs(ds, tokenizer, max_length=max_length, overlong=overlong)
+        units = [Unit([p.chosen, p.rejected], margin=p.margin) for p in pairs]
+    elif kind == "unpaired":
+        items, report = encode_unpaired(ds, tokenizer, max_length=max_length, overlong=overlong, seed=seed)
+        units = [Unit([u.example], kl_sequences=[u.kl_example], desirable=bool(u.desirable)) for u in items]
+    elif kind == "ranked":
+        groups, report = encode_ranked(ds, tokenizer, max_length=max_length, overlong=overlong)
+        units = [Unit(list(g.responses), rewards=[float(r) for r in g.rewards]) for g in groups]
+    else:
+        raise ValueError(kind)
+    return units, report.summary()
+
+
+def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int):
+    from ..world import preferences as wp
+
+    builtin = {
+        "builtin:world-pairs": ("paired", wp.preference_records, {}),
+        "builtin:world-unpaired": ("unpaired", wp.unpaired_records, {}),
+        "builtin:world-ranked": ("ranked", wp.ranked_records, {"k": cfg.world_k}),
+    }
+    name, split = spec, "train"
+    if spec.endswith("-heldout"):
+        name, split = spec[: -len("-heldout")], "heldout"
+    if name in builtin:
+        data_kind, fn, kw = builtin[name]
+        if data_kind != kind:
+            wanted = next(k for k, v in builtin.items() if v[0] == kind)
+            raise ConfigError(f"data source '{spec}' holds {data_kind} data, but the loss needs {kind} data.",
+                              fix=f"use {wanted} or a file in the matching format.")
+        n = cfg.world_examples if split == "train" else cfg.world_eval_examples
+        return load_records(fn(n, seed=seed, split=split, **kw))
+    if spec.startswith("builtin:"):
+        raise ConfigError(f"Unknown built-in data '{spec}'; built-in preference data: "
+                          f"{', '.join(BUILTIN_SOURCES)} (and their -heldout variants).",
+                          fix="use one of those or a file path.")
+    return load_records(spec)
+
+
+_KIND_FORMAT = {"paired": "preference", "unpaired": "unpaired", "ranked": "ranked"}
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+class PreferenceAlgorithm:
+    """Sequence log-probs of a micro-batch of units -> the selected loss, normalized by the
+    step's global number of units (pairs / examples / prompts)."""
+
+    def __init__(self, spec, hparams: dict, *, reference=None):
+        self.spec = spec
+        self.hparams = hparams
+        self.reference = reference
+
+    # layout of a batch: the sequences of every unit, then (unpaired) the KL sequences
+    def collate(self, units: list[Unit], *, pad_token_id: int, packing: bool, row_length: int) -> dict:
+        kind = self.spec.data
+        if kind == "paired":
+            seqs = [u.sequences[0] for u in units] + [u.sequences[1] for u in units]
+        else:
+            seqs = [s for u in units for s in u.sequences]
+        batch = collate_examples(seqs, pad_token_id=pad_token_id, packing=packing, row_length=row_length)
+        batch["num_units"] = len(units)
+        if units[0].ref is not None:
+            if kind == "paired":
+                batch["ref_logps"] = torch.stack([u.ref[0] for u in units] + [u.ref[1] for u in units])
+            else:
+                batch["ref_logps"] = torch.cat([u.ref for u in units])
+        if kind == "unpaired":
+            batch["desirable"] = torch.tensor([bool(u.desirable) for u in units])
+            kl = collate_examples([u.kl_sequences[0] for u in units], pad_token_id=pad_token_id,
+                                  packing=packing, row_length=row_length)
+            if units[0].ref_kl is not None:
+                kl["ref_logps"] = torch.cat([u.ref_kl for u in units])
+            batch["kl"] = kl
+        if kind == "ranked":
+            batch["rewards"] = torch.tensor([r for u in units for r in u.rewards], dtype=torch.float32)
+            batch["group_ids"] = torch.tensor([g for g, u in enumerate(units) for _ in u.sequences])
+        return batch
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        return {
+            "units": int(batch["num_units"]),
+            "tokens": int((batch["labels"][:, 1:] != -100).sum()),
+            "input_tokens": int(batch["num_input_tokens"]),
+        }
+
+    def _ref(self, batch: dict) -> torch.Tensor | None:
+        if not self.spec.needs_reference:
+            return None
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        return reference_log_probs(self.reference, batch)
+
+    def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = sequence_log_probs(model, batch)
+        logps, lengths = out["logps"], out["lengths"]
+        ref = self._ref(batch)
+        kind = self.spec.data
+        n_units = totals["units"].clamp(min=1)
+        metrics: dict[str, torch.Tensor] = {}
+        if kind == "paired":
+            p = int(batch["num_units"])
+            c, r, lc, lr = logps[:p], logps[p:], lengths[:p], lengths[p:]
+            rc = rr = None
+            if ref is not None:
+                rc, rr = ref[:p], ref[p:]
+                metrics["chosen_logratio"] = (c - rc).detach().sum() / n_units
+                metrics["rejected_logratio"] = (r - rr).detach().sum() / n_units
+            losses, m = self.spec.fn(c, r, rc, rr, lc, lr, **self.hparams)
+            metrics["chosen_logps"] = c.detach().sum() / n_units
+            metrics["rejected_logps"] = r.detach().sum() / n_units
+            metrics["chosen_len"] = lc.sum() / n_units
+            metrics["rejected_len"] = lr.sum() / n_units
+        elif kind == "unpaired":
+            with torch.no_grad():
+                kl_batch = batch["kl"]
+                kl_logps = sequence_log_probs(model, kl_batch)["logps"]
+                kl_ref = kl_batch["ref_logps"] if "ref_logps" in kl_batch else \
+                    reference_log_probs(self.reference, kl_batch)
+            losses, m = self.spec.fn(logps, ref, batch["desirable"], kl_logps, kl_ref, lengths, **self.hparams)
+            d = batch["desirable"].to(logps.dtype)
+            metrics["desirable_fraction"] = d.sum() / n_units
+            metrics["logratio"] = (logps - ref).detach().sum() / n_units
+        else:  # ranked
+            losses, m = self.spec.fn(logps, batch["rewards"], batch["group_ids"], lengths, **self.hparams)
+        units_here = int(batch["num_units"])
+        for k, v in m.items():
+            v = v.detach().to(torch.float32)
+            if v.dim() == 0:  # a micro-batch statistic (e.g. KTO's z_ref): weight by its share of units
+                metrics[k] = v * (units_here / n_units)
+            elif v.shape[0] == units_here:  # per-unit values: a mean over the step's units
+                metrics[k] = v.sum() / n_units
+        return losses.sum() / n_units, metrics
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+class DisplacementMonitor:
+    """Warns once when the chosen log-prob keeps falling below the reference while the loss
+    improves (likelihood displacement): over two consecutive windows of ``window`` steps the
+    mean loss went down, the mean chosen log-ratio (log pi - log pi_ref, summed over the
+    response) went down, and it is below ``-threshold``. Adds ``likelihood_displacement`` (0/1)
+    to every step record."""
+
+    def __init__(self, window: int, threshold: float = 0.1, log=print):
+        self.window = window
+        self.threshold = threshold
+        self.log = log
+        self.loss: list[float] = []
+        self.chosen: list[float] = []
+        self.warned = False
+
+    def __call__(self, record: dict) -> None:
+        if not self.window or "chosen_logratio" not in record:
+            return
+        self.loss.append(record["loss"])
+        self.chosen.append(record["chosen_logratio"])
+        flag = 0
+        w = self.window
+        if len(self.loss) >= 2 * w:
+            l0, l1 = sum(self.loss[-2 * w : -w]) / w, sum(self.loss[-w:]) / w
+            c0, c1 = sum(self.chosen[-2 * w : -w]) / w, sum(self.chosen[-w:]) / w
+            if l1 < l0 and c1 < c0 and c1 < -self.threshold:
+                flag = 1
+                if not self.warned:
+                    self.warned = True
+                    self.log(
+                        f"warning: likelihood displacement at step {record['step']}: the loss improved "
+                        f"({l0:.4f} -> {l1:.4f}) while the chosen responses' log-prob fell further below the "
+                        f"reference (mean log-ratio {c0:.3f} -> {c1:.3f} nats). The margin grows only because "
+                        "rejected responses fall faster. Consider loss.name=dpop (anchors the chosen "
+                        "log-prob), simpo, a smaller train.lr, or a larger loss.beta.")
+        record["likelihood_displacement"] = flag
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class PreferenceResult:
+    fit: FitResult
+    final_dir: Path | None
+    encode_summary: str
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@torch.no_grad()
+def attach_reference(units: list[Unit], ref_model, collate, batch_size: int = 16) -> None:
+    """Compute every unit's reference log-probs once (``loss.precompute_reference``)."""
+    for i in range(0, len(units), batch_size):
+        chunk = units[i : i + batch_size]
+        seqs = [s for u in chunk for s in u.sequences]
+        logps = reference_log_probs(ref_model, collate(seqs))
+        kl = [s for u in chunk for s in u.kl_sequences]
+        kl_logps = reference_log_probs(ref_model, collate(kl)) if kl else None
+        pos = kpos = 0
+        for u in chunk:
+            u.ref = logps[pos : pos + len(u.sequences)].cpu()
+            pos += len(u.sequences)
+            if kl_logps is not None:
+                u.ref_kl = kl_logps[kpos : kpos + len(u.kl_sequences)].cpu()
+                kpos += len(u.kl_sequences)
+
+
+@torch.no_grad()
+def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], collate, batch_size: int = 16) -> dict:
+    """Held-out loss and (for paired data) preference accuracy / margin of ``model``."""
+    was = model.training
+    model.eval()
+    total = {}
+    n = 0
+    for i in range(0, len(units), batch_size):
+        chunk = units[i : i + batch_size]
+        batch = collate(chunk)
+        batch = {k: (v.to(next(model.parameters()).device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in batch.items()}
+        loss, m = algo.loss(model, batch, {"units": torch.tensor(float(len(chunk)))})
+        for k, v in {"loss": loss, **m}.items():
+            total[k] = total.get(k, 0.0) + float(v) * len(chunk)
+        n += len(chunk)
+    model.train(was)
+    return {f"eval_{k}": v / max(n, 1) for k, v in total.items()}
+
+
+def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
+                   eval_times: int | None = None) -> PreferenceResult:
+    """Run offline preference optimization as configured (see the module docstring)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(cfg.train.seed)
+    spec = get_preference_loss(cfg.loss.name)
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                   pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)
+    if model is None:
+        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
+                               attn_implementation=cfg.model.attn_implementation)
+    kind = spec.data
+    train_ds = load_preference_source(cfg.data.train, cfg.data, kind, cfg.train.seed)
+    if train_ds.format != _KIND_FORMAT[kind]:
+        raise ConfigError(
+            f"loss '{cfg.loss.name}' needs {_KIND_FORMAT[kind]} records, but {train_ds.source} holds "
+            f"{train_ds.format} records.",
+            fix=f"give data.train a file of {_KIND_FORMAT[kind]} records or pick a loss for {train_ds.format} data.")
+    check_tokenizer(tokenizer, need_chat_template=any(
+        isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
+    enc = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, seed=cfg.train.seed)
+    units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
+    log(f"train data {train_ds.source}: {summary}")
+    eval_units: list[Unit] = []
+    if cfg.data.eval:
+        eval_ds = load_preference_source(cfg.data.eval, cfg.data, kind, cfg.train.seed)
+        eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
+        log(f"eval data {eval_ds.source}: {eval_summary}")
+
+    reference = None
+    if spec.needs_reference:
+        reference = (load_causal_lm(cfg.loss.reference, dtype=cfg.model.dtype, device=str(accelerator.device),
+                                    attn_implementation=cfg.model.attn_implementation)
+                     if cfg.loss.reference else frozen_copy(model))
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        reference.eval()
+    hparams = cfg.loss.hyperparameters(spec.hyperparameters)
+    algo = PreferenceAlgorithm(spec, hparams, reference=reference)
+
+    def collate_units(us):
+        return algo.collate(us, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,
+                            row_length=cfg.data.max_length)
+
+    def collate_seqs(seqs):
+        return collate_examples(seqs, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,
+                                row_length=cfg.data.max_length)
+
+    if reference is not None and cfg.loss.precompute_reference:
+        log("computing reference log-probs once (loss.precompute_reference)")
+        attach_reference(units, reference, collate_seqs)
+        attach_reference(eval_units, reference, collate_seqs)
+        algo.reference = None
+        del reference
+    plan = UnitPlan(units, collate=collate_units, unit_sequences=lambda u: u.sequences + u.kl_sequences,
+                    micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+                    epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
+                    tag=f"pref-{cfg.loss.name}")
+    log(f"loss {spec.name}: {kind} data, reference {'yes' if spec.needs_reference else 'no'}"
+        f"{' (precomputed)' if spec.needs_reference and cfg.loss.precompute_reference else ''}; "
+        f"hyper-parameters {hparams}; plan: {plan.num_steps()} optimizer steps of "
+        f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} units")
+
+    def evaluate(m) -> dict:
+        metrics = evaluate_preferences(m, algo, eval_units, collate_units) if eval_units else {}
+        if extra_eval is not None:
+            metrics.update(extra_eval(m))
+        return metrics
+
+    engine_cfg = cfg.train.engine()
+    if eval_times:
+        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+    monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
+    result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+                 evaluate=evaluate if (eval_units or extra_eval) else None,
+                 run_config=dataclasses.asdict(cfg), log=log, callbacks=[monitor])
+    return PreferenceResult(fit=result, final_dir=result.final_dir, encode_summary=summary,
+                            eval_metrics=result.eval_history[-1] if result.eval_history else {})

@@ -1,0 +1,282 @@
+"""Reward models: a scalar head on a causal-LM backbone, trained on preferences.
+
+    posttrain rm --config cfg.yaml model.name_or_path=runs/sft/final loss.name=bt
+
+The model is a Hugging Face ``AutoModelForSequenceClassification`` with one label (the
+convention users know: ``AutoModelForSequenceClassification.from_pretrained(dir)`` loads the
+result), built from a causal LM's weights with a freshly initialized score head. A linear head
+is applied to every position and the per-token scores are pooled per sequence:
+
+* ``last`` (default): the last token of each sequence (right or left padding, packed rows);
+* ``mean``: the mean over the response tokens;
+* ``eos``: the last end-of-sequence / end-of-turn token inside the response.
+
+Transformers' own forward of the saved model pools the last non-padding token, i.e. it matches
+``last``; the pooling used is stored in the saved config as ``posttrain_pooling``.
+
+Losses (pure functions in :mod:`posttrain.ops.reward`): Bradley-Terry ``-log sigmoid(r_w - r_l -
+m)`` with an optional per-pair margin from the data, hinge, MSE to a target gap (paired data),
+and listwise softmax cross-entropy over K ranked responses (ranked data), plus optional reward
+centering ``coef * (r_w + r_l)^2``. Held-out metrics: pairwise accuracy, mean margin, reward
+mean / std, and a length-bias probe (correlation of reward with response length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, TrainConfig, option
+from ..data import check_tokenizer
+from ..errors import CheckpointError, ConfigError, DataError
+from ..models.loading import load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
+from ..train.engine import FitResult, fit
+from .dpo import PreferenceDataConfig, Unit, load_preference_source, units_from_records
+from .sequences import UnitPlan, collate_examples, pearson
+
+# what each reward loss needs, as data: its data kind and the keyword arguments it takes
+RM_LOSS_DATA = {**{name: "paired" for name in REWARD_LOSSES}, "listwise": "ranked"}
+RM_LOSS_ARGS = {"bt": ("margin",), "hinge": ("hinge_margin",), "mse": ("target_gap",)}
+_KIND_FORMAT = {"paired": "preference", "ranked": "ranked"}
+
+
+@dataclass
+class RMLossConfig:
+    """Reward-model loss, pooling and regularization."""
+
+    name: str = option("bt", "bt (Bradley-Terry), hinge, mse (paired data) or listwise (ranked data).",
+                       choices=tuple(sorted(RM_LOSS_DATA)))
+    pooling: str = option("last", "last, mean (over response tokens) or eos.", choices=("last", "mean", "eos"))
+    use_data_margin: bool = option(True, "bt: subtract a record's 'margin' field when present.")
+    hinge_margin: float = option(1.0, "hinge: required reward gap.", min=0.0)
+    target_gap: float = option(1.0, "mse: target reward gap.")
+    centering_coef: float = option(0.0, "Reward centering: adds coef * (r_w + r_l)^2.", min=0.0)
+    listwise_target: str = option("top1", "listwise targets: top1 (one-hot on the best; ties share) or softmax "
+                                          "(softmax of the data's rewards / temperature).",
+                                  choices=("top1", "softmax"))
+    listwise_temperature: float = option(1.0, "listwise: temperature of the softmax targets.", min=1e-6)
+
+
+@dataclass
+class RMConfig:
+    """posttrain rm: reward-model training on preference (or ranked) data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rm", lr=1e-4,
+                                                                   micro_batch_size=8, epochs=1.0,
+                                                                   warmup_ratio=0.05))
+
+
+def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", device: str = "auto",
+                      attn_implementation: str | None = "sdpa"):
+    """A one-label ``AutoModelForSequenceClassification`` from a causal LM (new score head) or an RM dir."""
+    from transformers import AutoModelForSequenceClassification
+
+    dev = pick_device(device)
+    path = resolve_model_path(name_or_path)
+    kwargs = {"num_labels": 1, "dtype": pick_dtype(dtype, dev)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the score head is new by design; say so ourselves below
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"Could not build a reward model from '{name_or_path}': {str(e).splitlines()[0]}",
+            fix="pass a causal LM directory (e.g. your SFT model's final/) or a reward-model directory.",
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(dev)
+
+
+def score_head(model) -> torch.nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise CheckpointError(f"{type(model).__name__} has no linear 'score' head.",
+                          fix="use a decoder model whose AutoModelForSequenceClassification has a 'score' layer.")
+
+
+def sequence_rewards(model, batch: dict, *, pooling: str, eos_token_id: int | None) -> torch.Tensor:
+    """``(S,)`` scalar rewards of the batch's sequences (float32)."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    hidden = model.base_model(**kwargs).last_hidden_state
+    values = score_head(model)(hidden).squeeze(-1).float()
+    eos_mask = (batch["input_ids"] == eos_token_id) & (batch["labels"] != -100) if eos_token_id is not None else None
+    try:
+        return pool_sequences(values, batch["sequence_ids"], int(batch["num_sequences"]), mode=pooling,
+                              token_mask=batch["labels"] != -100, eos_mask=eos_mask)
+    except ValueError as e:
+        raise DataError(f"reward pooling '{pooling}' failed: {e}",
+                        fix="use loss.pooling=last, or make sure every response ends with the EOS / "
+                        "end-of-turn token (pooling=eos) and has response tokens (pooling=mean).") from None
+
+
+class RewardModelAlgorithm:
+    def __init__(self, cfg: RMLossConfig, *, eos_token_id: int | None):
+        self.cfg = cfg
+        self.kind = RM_LOSS_DATA[cfg.name]
+        self.eos_token_id = eos_token_id
+
+    def collate(self, units: list[Unit], *, pad_token_id: int, packing: bool, row_length: int) -> dict:
+        if self.kind == "paired":
+            seqs = [u.sequences[0] for u in units] + [u.sequences[1] for u in units]
+        else:
+            seqs = [s for u in units for s in u.sequences]
+        batch = collate_examples(seqs, pad_token_id=pad_token_id, packing=packing, row_length=row_length)
+        batch["num_units"] = len(units)
+        batch["lengths"] = torch.tensor([sum(1 for x in s.labels if x != -100) for s in seqs], dtype=torch.float32)
+        if self.kind == "paired":
+            batch["margins"] = torch.tensor([u.margin if (u.margin is not None and self.cfg.use_data_margin)
+                                             else 0.0 for u in units], dtype=torch.float32)
+        else:
+            k = max(len(u.sequences) for u in units)
+            data_rewards = torch.full((len(units), k), float("-inf"))
+            mask = torch.zeros((len(units), k), dtype=torch.bool)
+            for g, u in enumerate(units):
+                data_rewards[g, : len(u.rewards)] = torch.tensor(u.rewards)
+                mask[g, : len(u.rewards)] = True
+            batch["data_rewards"], batch["group_mask"] = data_rewards, mask
+        return batch
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        return {"units": int(batch["num_units"]), "tokens": int((batch["labels"] != -100).sum()),
+                "input_tokens": int(batch["num_input_tokens"])}
+
+    def rewards(self, model, batch: dict) -> torch.Tensor:
+        return sequence_rewards(model, batch, pooling=self.cfg.pooling, eos_token_id=self.eos_token_id)
+
+    def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r = self.rewards(model, batch)
+        n = totals["units"].clamp(min=1)
+        p = int(batch["num_units"])
+        if self.kind == "paired":
+            rw, rl = r[:p], r[p:]
+            args = {"margin": batch["margins"], "hinge_margin": self.cfg.hinge_margin,
+                    "target_gap": self.cfg.target_gap}
+            losses, m = REWARD_LOSSES[self.cfg.name](rw, rl, **{k: args[k] for k in RM_LOSS_ARGS[self.cfg.name]})
+            if self.cfg.centering_coef:
+                losses = losses + reward_centering(rw, rl, self.cfg.centering_coef)
+            metrics = {"accuracy": m["accuracy"].sum() / n, "margin": m["margin"].sum() / n,
+                       "reward_mean": r.detach().sum() / (2 * n)}
+        else:
+            mask = batch["group_mask"]
+            scores = torch.full(mask.shape, float("-inf"), device=r.device, dtype=r.dtype)
+            scores = scores.masked_scatter(mask, r)
+            if self.cfg.listwise_target == "top1":
+                targets = top1_targets(batch["data_rewards"], mask)
+            else:
+                targets = softmax_targets(batch["data_rewards"], self.cfg.listwise_temperature, mask)
+            losses, m = listwise_loss(scores, targets, mask)
+            best_model = scores.argmax(-1)
+            best_data = batch["data_rewards"].argmax(-1)
+            metrics = {"top1_accuracy": (best_model == best_data).float().sum() / n}
+        return losses.sum() / n, metrics
+
+
+@torch.no_grad()
+def evaluate_reward_model(model, algo: RewardModelAlgorithm, units: list[Unit], collate, batch_size: int = 16) -> dict:
+    """Held-out pairwise accuracy, mean margin, reward mean/std and the length-bias probe."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rewards, lengths, correct, margins = [], [], [], []
+    for i in range(0, len(units), batch_size):
+        chunk = units[i : i + batch_size]
+        batch = collate(chunk)
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        r = algo.rewards(model, batch).cpu()
+        rewards += r.tolist()
+        lengths += batch["lengths"].tolist()
+        if algo.kind == "paired":
+            p = len(chunk)
+            margins += (r[:p] - r[p:]).tolist()
+            correct += (r[:p] > r[p:]).float().tolist()
+        else:
+            pos = 0
+            for u in chunk:
+                k = len(u.sequences)
+                scores = r[pos : pos + k]
+                correct.append(float(int(scores.argmax()) == int(torch.tensor(u.rewards).argmax())))
+                pos += k
+    model.train(was)
+    t = torch.tensor(rewards)
+    out = {"eval_accuracy": sum(correct) / max(1, len(correct)), "eval_reward_mean": float(t.mean()),
+           "eval_reward_std": float(t.std()) if len(t) > 1 else 0.0,
+           "eval_length_correlation": pearson(rewards, lengths)}
+    if margins:
+        out["eval_margin"] = sum(margins) / len(margins)
+    return out
+
+
+@dataclass
+class RMResult:
+    fit: FitResult
+    final_dir: Path | None
+    encode_summary: str
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
+    """Train a reward model as configured (see the module docstring)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(cfg.train.seed)
+    kind = RM_LOSS_DATA[cfg.loss.name]
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                   pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)
+    if model is None:
+        model = load_reward_model(cfg.model.name_or_path, tokenizer, dtype=cfg.model.dtype,
+                                  device=str(accelerator.device), attn_implementation=cfg.model.attn_implementation)
+    model.config.posttrain_pooling = cfg.loss.pooling
+    train_ds = load_preference_source(cfg.data.train, cfg.data, kind, cfg.train.seed)
+    if train_ds.format != _KIND_FORMAT[kind]:
+        raise ConfigError(
+            f"reward loss '{cfg.loss.name}' needs {_KIND_FORMAT[kind]} records, but {train_ds.source} holds "
+            f"{train_ds.format} records.",
+            fix="use preference records with bt/hinge/mse, or ranked records with listwise.")
+    check_tokenizer(tokenizer, need_chat_template=any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
+    enc = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, seed=cfg.train.seed)
+    units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
+    log(f"train data {train_ds.source}: {summary}")
+    eval_units: list[Unit] = []
+    if cfg.data.eval:
+        eval_ds = load_preference_source(cfg.data.eval, cfg.data, kind, cfg.train.seed)
+        eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
+        log(f"eval data {eval_ds.source}: {eval_summary}")
+    algo = RewardModelAlgorithm(cfg.loss, eos_token_id=tokenizer.eos_token_id)
+
+    def collate_units(us):
+        return algo.collate(us, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,
+                            row_length=cfg.data.max_length)
+
+    plan = UnitPlan(units, collate=collate_units, unit_sequences=lambda u: u.sequences,
+                    micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+                    epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
+                    tag=f"rm-{cfg.loss.name}")
+    log(f"reward model: loss {cfg.loss.name} ({kind} data), pooling {cfg.loss.pooling}; plan: "
+        f"{plan.num_steps()} optimizer steps of {cfg.train.micro_batch_size} x {cfg.train.grad_accum} units")
+
+    def evaluate(m) -> dict:
+        return evaluate_reward_model(m, algo, eval_units, collate_units)
+
+    result = fit(model, algo, plan, cfg.train.engine(), tokenizer=tokenizer, accelerator=accelerator,
+                 evaluate=evaluate if eval_units else None, run_config=dataclasses.asdict(cfg), log=log)
+    return RMResult(fit=result, final_dir=result.final_dir, encode_summary=summary,
+                    eval_metrics=result.eval_history[-1] if result.eval_history else {})

@@ -1,0 +1,146 @@
+"""Shared pieces of the sequence-level methods (reward models, DPO family, KTO, tilt).
+
+* :func:`sequence_log_probs` — per-sequence sums of response-token log-probs and response
+  lengths for a batch from :func:`posttrain.data.collate_sequences`, through the one log-prob
+  path; padded and packed batches give the same numbers.
+* :class:`UnitPlan` — deterministic micro-batches of *units* (a pair, an unpaired example, a
+  K-set), so the members of a unit always share a micro-batch; per epoch the units are
+  shuffled with the seed; with packing every micro-batch's sequences are packed into rows.
+* :func:`frozen_copy` — the reference model: a frozen, eval-mode copy of the initial policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..data import EncodedExample, collate_sequences
+from ..errors import DataError
+from ..models.logprobs import shift_labels, token_log_probs_from_model
+from ..ops import sequence_counts, sequence_sums
+
+
+def shift_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Align per-token ids (e.g. ``sequence_ids``) with shifted targets: ``out[:, t] = ids[:, t+1]``."""
+    out = torch.full_like(ids, -1)
+    out[:, :-1] = ids[:, 1:]
+    return out
+
+
+def sequence_log_probs(model, batch: dict, *, return_entropy: bool = False) -> dict[str, torch.Tensor]:
+    """``{"logps": (S,), "lengths": (S,)[, "entropy_sum": (S,)]}`` for the batch's S sequences.
+
+    ``logps[s]`` is the sum over sequence ``s``'s response tokens (labels != -100) of
+    ``log p(token | prefix)``; ``lengths[s]`` the number of those tokens.
+    """
+    targets = shift_labels(batch["labels"])
+    seq = shift_ids(batch["sequence_ids"])
+    mask = (targets != -100) & (seq >= 0)
+    out = token_log_probs_from_model(
+        model, batch["input_ids"], targets, attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"), return_entropy=return_entropy,
+    )
+    n = int(batch["num_sequences"])
+    seq = torch.where(mask, seq, torch.full_like(seq, -1))
+    maskf = mask.to(out["log_probs"].dtype)
+    result = {
+        "logps": sequence_sums(out["log_probs"] * maskf, seq, n),
+        "lengths": sequence_counts(maskf, seq, n),
+    }
+    if return_entropy:
+        result["entropy_sum"] = sequence_sums(out["entropy"].detach() * maskf, seq, n)
+    return result
+
+
+@torch.no_grad()
+def reference_log_probs(ref_model, batch: dict) -> torch.Tensor:
+    """Sequence log-probs under the frozen reference (eval mode: no dropout), same path as the policy."""
+    was = ref_model.training
+    ref_model.eval()
+    logps = sequence_log_probs(ref_model, batch)["logps"]
+    ref_model.train(was)
+    return logps
+
+
+def frozen_copy(model):
+    """An independent, eval-mode, gradient-free copy of ``model`` (the reference policy)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class UnitPlan:
+    """Micro-batches of whole units for every optimizer step of the run.
+
+    ``unit_sequences(unit)`` lists a unit's sequences; ``collate(units)`` builds a batch of
+    several units (the algorithm decides the layout, e.g. all chosen then all rejected).
+    Steps are fixed up front (index lists), so a resumed run replays exactly.
+    """
+
+    def __init__(self, units: Sequence, *, collate: Callable[[list], dict],
+                 unit_sequences: Callable[[object], list[EncodedExample]], micro_batch_size: int,
+                 grad_accum: int, epochs: float, max_steps: int, seed: int, tag: str):
+        if not units:
+            raise DataError("No training examples are left after encoding.",
+                            fix="check the data file and data.max_length / data.overlong.")
+        self.units = list(units)
+        self.collate = collate
+        self.unit_sequences = unit_sequences
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.tag = tag
+        per_epoch = self._epoch(0)
+        self.steps_per_epoch = len(per_epoch)
+        total = max_steps or max(1, round(self.steps_per_epoch * epochs))
+        steps: list[list[list[int]]] = []
+        epoch = 0
+        while len(steps) < total:
+            steps.extend(per_epoch if epoch == 0 else self._epoch(epoch))
+            epoch += 1
+        self.steps = steps[:total]
+
+    def _epoch(self, epoch: int) -> list[list[list[int]]]:
+        order = list(range(len(self.units)))
+        random.Random(f"{self.tag}-plan-{self.seed}-{epoch}").shuffle(order)
+        micro = [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def batches(self, step: int) -> list[dict]:
+        return [self.collate([self.units[i] for i in mb]) for mb in self.steps[step]]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum, self.seed, self.steps]).encode())
+        for u in self.units:
+            for e in self.unit_sequences(u):
+                h.update(json.dumps([e.input_ids, e.labels]).encode())
+        return h.hexdigest()[:16]
+
+
+def collate_examples(examples: list[EncodedExample], *, pad_token_id: int, packing: bool,
+                     row_length: int) -> dict:
+    """:func:`posttrain.data.collate_sequences` plus the counts the engine needs."""
+    batch = collate_sequences(examples, pad_token_id, packing=packing, row_length=row_length)
+    batch["num_input_tokens"] = sum(len(e) for e in examples)
+    return batch
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation (0.0 when either side is constant)."""
+    xt = torch.tensor(list(x), dtype=torch.float64)
+    yt = torch.tensor(list(y), dtype=torch.float64)
+    if len(xt) < 2 or xt.std() == 0 or yt.std() == 0:
+        return 0.0
+    xc, yc = xt - xt.mean(), yt - yt.mean()
+    return float((xc * yc).sum() / (xc.norm() * yc.norm()))
