@@ -176,3 +176,15 @@ def test_dpo_and_rm_run_from_the_command_line(capsys, model_dir, tmp_path):
     code, out, err = _pref(capsys, model_dir, tmp_path / "r", "rm", f"data.train={f}")
     assert code == 0, err
     assert "reward model in" in out
+
+
+@pytest.mark.parametrize("loss, source", [("dpo", "world-pairs"), ("ipo", "world-pairs"), ("hinge", "world-pairs"),
+                                          ("dpop", "world-pairs"), ("simpo", "world-pairs"), ("orpo", "world-pairs"),
+                                          ("kto", "world-unpaired"), ("tilt", "world-ranked")])
+def test_every_preference_loss_from_the_command_line(capsys, model_dir, tmp_path, loss, source):
+    code, out, err = _run(capsys, "dpo", f"model.name_or_path={model_dir}", f"train.output_dir={tmp_path / 'run'}",
+                          f"loss.name={loss}", f"data.train=builtin:{source}", f"data.eval=builtin:{source}-heldout",
+                          "data.world_examples=6", "data.world_eval_examples=4", "train.max_steps=2",
+                          "train.micro_batch_size=3", "train.progress=false")
+    assert code == 0, err
+    assert "done: 2 steps" in out and "eval: eval_loss=" in out

@@ -110,7 +110,7 @@ def test_packed_equals_padded_and_precomputed_reference_equals_live(tmp_path):
         policy.zero_grad()
         loss, m = algo.loss(policy, batch, {"units": torch.tensor(5.0)})
         loss.backward()
-        results[packing] = (float(loss), float(m["margins"]), [p.grad.clone() for p in policy.parameters()])
+        results[packing] = (float(loss.detach()), float(m["margins"]), [p.grad.clone() for p in policy.parameters()])
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     assert results[True][1] == pytest.approx(results[False][1], abs=1e-5)
     for a, b in zip(results[True][2], results[False][2]):
@@ -128,7 +128,7 @@ def test_packed_equals_padded_and_precomputed_reference_equals_live(tmp_path):
     algo_pre, batch_pre = _first_batch_loss(cfg, policy, units, spec, None)
     assert "ref_logps" in batch_pre
     pre, _ = algo_pre.loss(policy, batch_pre, {"units": torch.tensor(5.0)})
-    assert float(pre) == pytest.approx(float(live), abs=1e-6)
+    assert float(pre.detach()) == pytest.approx(float(live.detach()), abs=1e-6)
 
 
 def test_dpo_grad_accumulation_equals_one_batch(tmp_path):
@@ -156,7 +156,7 @@ def test_dpo_grad_accumulation_equals_one_batch(tmp_path):
         for b in micro:
             loss, _ = algo.loss(policy, b, total)
             loss.backward()
-            value += float(loss)
+            value += float(loss.detach())
         grads[ga] = (value, [p.grad.clone() for p in policy.parameters()])
     assert grads[1][0] == pytest.approx(grads[4][0], abs=1e-6)
     for a, b in zip(grads[1][1], grads[4][1]):
@@ -270,3 +270,16 @@ def test_last_pooling_matches_transformers_forward_and_padding_sides(tmp_path):
         mean = sequence_rewards(model, batch, pooling="mean", eos_token_id=tok.eos_token_id)
         eos = sequence_rewards(model, batch, pooling="eos", eos_token_id=tok.eos_token_id)
         assert not torch.allclose(mean, expected) and not torch.allclose(eos, expected)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "dpop", "simpo", "orpo", "kto", "tilt"])
+def test_every_loss_on_qwen2(tmp_path, loss):
+    """The second architecture: every loss trains; the reference-based ones start at their closed-form value."""
+    cfg = _dpo_cfg(tmp_path, loss, **{"train.max_steps": 2})
+    res = run_preference(cfg, model=tiny_model("qwen2", seed=0, hidden=48), tokenizer=world_tokenizer(),
+                         log=lambda s: None)
+    losses = [h["loss"] for h in res.fit.history]
+    assert all(math.isfinite(x) for x in losses)
+    first = {"dpo": math.log(2), "dpop": math.log(2), "hinge": 1.0, "ipo": 1.0, "kto": 0.5}
+    if loss in first:
+        assert losses[0] == pytest.approx(first[loss], abs=1e-6)

@@ -46,6 +46,7 @@ from ..train.engine import FitResult, fit
 from .sequences import (
     UnitPlan,
     collate_examples,
+    collate_groups,
     frozen_copy,
     reference_log_probs,
     sequence_log_probs,
@@ -66,6 +67,8 @@ class PreferenceDataConfig:
     overlong: str = option("truncate", "Over-long responses: truncate (counted) or drop the unit.",
                            choices=("truncate", "drop"))
     packing: bool = option(True, "Pack each micro-batch's sequences into rows (no cross-document attention).")
+    share_prefix: bool = option(True, "Encode the prompt of a pair / K-set once: its responses attend to one "
+                                      "shared copy (same log-probs, less compute; sdpa/eager attention).")
     world_examples: int = option(2000, "Records generated for builtin: training data.", min=2)
     world_eval_examples: int = option(200, "Records generated for builtin: held-out data.", min=2)
     world_k: int = option(4, "Responses per prompt for builtin:world-ranked.", min=2)
@@ -189,14 +192,23 @@ class PreferenceAlgorithm:
         self.hparams = hparams
         self.reference = reference
 
-    # layout of a batch: the sequences of every unit, then (unpaired) the KL sequences
-    def collate(self, units: list[Unit], *, pad_token_id: int, packing: bool, row_length: int) -> dict:
+    # sequence order in a batch: paired -> all chosen, then all rejected; ranked -> group by group;
+    # unpaired -> the examples (their KL partners go in a second batch)
+    def collate(self, units: list[Unit], *, pad_token_id: int, packing: bool, row_length: int,
+                share_prefix: bool = False, attn_implementation: str = "sdpa") -> dict:
         kind = self.spec.data
-        if kind == "paired":
-            seqs = [u.sequences[0] for u in units] + [u.sequences[1] for u in units]
+        if kind == "unpaired":
+            batch = collate_examples([u.sequences[0] for u in units], pad_token_id=pad_token_id, packing=packing,
+                                     row_length=row_length)
         else:
-            seqs = [s for u in units for s in u.sequences]
-        batch = collate_examples(seqs, pad_token_id=pad_token_id, packing=packing, row_length=row_length)
+            if kind == "paired":
+                ids = [[i, len(units) + i] for i in range(len(units))]
+            else:
+                starts = [sum(len(u.sequences) for u in units[:g]) for g in range(len(units))]
+                ids = [[st + k for k in range(len(u.sequences))] for st, u in zip(starts, units)]
+            batch = collate_groups([u.sequences for u in units], ids, pad_token_id=pad_token_id, packing=packing,
+                                   row_length=row_length, share_prefix=share_prefix,
+                                   attn_implementation=attn_implementation)
         batch["num_units"] = len(units)
         if units[0].ref is not None:
             if kind == "paired":
@@ -218,7 +230,7 @@ class PreferenceAlgorithm:
     def counts(self, batch: dict) -> dict[str, int]:
         return {
             "units": int(batch["num_units"]),
-            "tokens": int((batch["labels"][:, 1:] != -100).sum()),
+            "tokens": int(batch["lp_targets"].numel()),
             "input_tokens": int(batch["num_input_tokens"]),
         }
 
@@ -404,9 +416,12 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     hparams = cfg.loss.hyperparameters(spec.hyperparameters)
     algo = PreferenceAlgorithm(spec, hparams, reference=reference)
 
+    attn = str(getattr(model.config, "_attn_implementation", "sdpa"))
+
     def collate_units(us):
         return algo.collate(us, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,
-                            row_length=cfg.data.max_length)
+                            row_length=cfg.data.max_length, share_prefix=cfg.data.share_prefix,
+                            attn_implementation=attn)
 
     def collate_seqs(seqs):
         return collate_examples(seqs, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,

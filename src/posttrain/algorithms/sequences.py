@@ -19,41 +19,31 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data import EncodedExample, collate_sequences
+from ..data import EncodedExample, collate_sequences, collate_shared_prefix, prediction_index
 from ..errors import DataError
-from ..models.logprobs import shift_labels, token_log_probs_from_model
+from ..models.logprobs import selected_log_probs
 from ..ops import sequence_counts, sequence_sums
-
-
-def shift_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Align per-token ids (e.g. ``sequence_ids``) with shifted targets: ``out[:, t] = ids[:, t+1]``."""
-    out = torch.full_like(ids, -1)
-    out[:, :-1] = ids[:, 1:]
-    return out
 
 
 def sequence_log_probs(model, batch: dict, *, return_entropy: bool = False) -> dict[str, torch.Tensor]:
     """``{"logps": (S,), "lengths": (S,)[, "entropy_sum": (S,)]}`` for the batch's S sequences.
 
-    ``logps[s]`` is the sum over sequence ``s``'s response tokens (labels != -100) of
-    ``log p(token | prefix)``; ``lengths[s]`` the number of those tokens.
+    ``logps[s]`` is the sum of ``log p(token | its context)`` over sequence ``s``'s trained
+    tokens and ``lengths[s]`` their number. The batch names those tokens by prediction index
+    (``lp_rows`` / ``lp_targets`` / ``lp_seq``, see :mod:`posttrain.data.prefix`), so ordinary
+    padded or packed batches and prefix-shared ones go through the same code.
     """
-    targets = shift_labels(batch["labels"])
-    seq = shift_ids(batch["sequence_ids"])
-    mask = (targets != -100) & (seq >= 0)
-    out = token_log_probs_from_model(
-        model, batch["input_ids"], targets, attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"), return_entropy=return_entropy,
+    out = selected_log_probs(
+        model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
+        attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+        return_entropy=return_entropy,
     )
     n = int(batch["num_sequences"])
-    seq = torch.where(mask, seq, torch.full_like(seq, -1))
-    maskf = mask.to(out["log_probs"].dtype)
-    result = {
-        "logps": sequence_sums(out["log_probs"] * maskf, seq, n),
-        "lengths": sequence_counts(maskf, seq, n),
-    }
+    seq = batch["lp_seq"]
+    ones = torch.ones_like(out["log_probs"])
+    result = {"logps": sequence_sums(out["log_probs"], seq, n), "lengths": sequence_counts(ones, seq, n)}
     if return_entropy:
-        result["entropy_sum"] = sequence_sums(out["entropy"].detach() * maskf, seq, n)
+        result["entropy_sum"] = sequence_sums(out["entropy"].detach(), seq, n)
     return result
 
 
@@ -130,10 +120,28 @@ class UnitPlan:
 
 def collate_examples(examples: list[EncodedExample], *, pad_token_id: int, packing: bool,
                      row_length: int) -> dict:
-    """:func:`posttrain.data.collate_sequences` plus the counts the engine needs."""
+    """:func:`posttrain.data.collate_sequences` plus prediction indices and the engine's counts."""
     batch = collate_sequences(examples, pad_token_id, packing=packing, row_length=row_length)
+    batch.update(prediction_index(batch["labels"], batch["sequence_ids"]))
     batch["num_input_tokens"] = sum(len(e) for e in examples)
     return batch
+
+
+def collate_groups(groups: list[list[EncodedExample]], sequence_ids: list[list[int]], *, pad_token_id: int,
+                   packing: bool, row_length: int, share_prefix: bool, attn_implementation: str) -> dict:
+    """Batch groups of same-prompt sequences (pairs, K-sets): prefix-shared documents when
+    ``share_prefix`` and the attention implementation takes an explicit 4-D mask, else the
+    ordinary layout with sequences ordered by ``sequence_ids``."""
+    if share_prefix and attn_implementation in PREFIX_SHARING_ATTENTION:
+        mask_dtype = torch.bool if attn_implementation == "sdpa" else torch.float32
+        return collate_shared_prefix(groups, sequence_ids, pad_token_id, row_length=row_length, mask_dtype=mask_dtype)
+    order = sorted(((sid, e) for g, ids in zip(groups, sequence_ids, strict=True)
+                    for e, sid in zip(g, ids, strict=True)), key=lambda x: x[0])
+    return collate_examples([e for _, e in order], pad_token_id=pad_token_id, packing=packing, row_length=row_length)
+
+
+# attention implementations that accept an explicit 4-D mask (flash-attention does not)
+PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:

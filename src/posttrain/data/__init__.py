@@ -22,6 +22,7 @@ from .chat import check_tokenizer, has_generation_markers, render_conversation, 
 from .collate import collate_sequences, packed_collate, pad_collate
 from .formats import FORMATS, ROLES, Dataset, detect_format, load_records, validate_record
 from .packing import PaddingStats, best_fit_decreasing, padding_stats
+from .prefix import collate_shared_prefix, prediction_index
 from .preference import (
     EncodedGroup,
     EncodedPair,
@@ -60,6 +61,8 @@ __all__ = [
     "best_fit_decreasing",
     "check_tokenizer",
     "collate_sequences",
+    "collate_shared_prefix",
+    "prediction_index",
     "detect_format",
     "encode_dataset",
     "encode_pairs",

@@ -119,3 +119,44 @@ def get_response_log_probs(
     if return_token_entropy:
         result["token_entropy"] = out["entropy"]
     return result
+
+
+def selected_log_probs(
+    model,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Log-probs of ``targets`` ``(M,)`` predicted by the hidden states at flattened ``rows`` ``(M,)``.
+
+    Only the M selected positions go through the LM head (with a plain linear head, fused with
+    the log-softmax). ``attention_mask`` may be 2-D (padding) or an explicit 4-D mask (e.g. a
+    prefix-shared layout, :func:`posttrain.data.collate_shared_prefix`).
+    Returns ``{"log_probs": (M,)[, "entropy": (M,)]}`` in float32.
+    """
+    head = fused_head(model)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if chunk_size is None:
+        chunk_size = chunk_rows(model.config.vocab_size)
+    if head is not None:
+        hidden = model.base_model(**kwargs).last_hidden_state
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            log_probs, entropy = linear_log_probs(picked.float(), head.weight, targets, bias=head.bias,
+                                                  chunk_size=chunk_size, return_entropy=return_entropy)
+    else:
+        logits = model(**kwargs).logits
+        picked = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+        log_probs = token_log_probs(picked[None], targets[None], chunk_size=chunk_size)[0]
+        entropy = compute_entropy(picked[None], chunk_size=chunk_size)[0] if return_entropy else None
+    out = {"log_probs": log_probs}
+    if return_entropy:
+        out["entropy"] = entropy
+    return out
