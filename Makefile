@@ -28,6 +28,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/sft_throughput.py
+	$(BIN)/python benchmarks/dpo_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
