@@ -283,3 +283,37 @@ def test_every_loss_on_qwen2(tmp_path, loss):
     first = {"dpo": math.log(2), "dpop": math.log(2), "hinge": 1.0, "ipo": 1.0, "kto": 0.5}
     if loss in first:
         assert losses[0] == pytest.approx(first[loss], abs=1e-6)
+
+
+def test_dpo_resume_continues_exactly(tmp_path):
+    """Stop after step 2 of 4, resume: steps 3-4 equal the uninterrupted run (live reference)."""
+    full = run_preference(_dpo_cfg(tmp_path / "full", "dpo", **{"train.save_every": 2}),
+                          model=tiny_model("llama", seed=0, hidden=48), tokenizer=world_tokenizer(), log=lambda s: None)
+    cut = _dpo_cfg(tmp_path / "cut", "dpo", **{"train.save_every": 2, "train.max_steps": 4})
+    # interrupt the run inside step 3 (after the step-2 checkpoint), as a crash would
+    import posttrain.algorithms.dpo as dpo_mod
+
+    class Stop(Exception):
+        pass
+
+    original = dpo_mod.PreferenceAlgorithm.loss
+    calls = {"n": 0}
+
+    def stopping_loss(self, model, batch, totals):
+        calls["n"] += 1
+        if calls["n"] > 2 * 2:  # 2 micro-batches per step (grad_accum=2): stop inside step 3
+            raise Stop
+        return original(self, model, batch, totals)
+
+    dpo_mod.PreferenceAlgorithm.loss = stopping_loss
+    try:
+        with pytest.raises(Stop):
+            run_preference(cut, model=tiny_model("llama", seed=0, hidden=48), tokenizer=world_tokenizer(),
+                           log=lambda s: None)
+    finally:
+        dpo_mod.PreferenceAlgorithm.loss = original
+    cut.train.resume = "auto"
+    resumed = run_preference(cut, model=tiny_model("llama", seed=0, hidden=48), tokenizer=world_tokenizer(),
+                             log=lambda s: None)
+    assert [h["step"] for h in resumed.fit.history] == [3, 4]
+    assert [h["loss"] for h in resumed.fit.history] == [h["loss"] for h in full.fit.history[2:]]
