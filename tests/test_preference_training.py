@@ -9,7 +9,6 @@ from posttrain.algorithms.dpo import (
     DisplacementMonitor,
     DPOConfig,
     PreferenceAlgorithm,
-    Unit,
     frozen_copy,
     run_preference,
     units_from_records,

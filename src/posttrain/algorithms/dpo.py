@@ -40,7 +40,7 @@ import torch
 from ..config import ModelConfig, TrainConfig, option
 from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
 from ..errors import ConfigError
-from ..models.loading import load_causal_lm, load_tokenizer
+from ..models.loading import accelerator_for, load_causal_lm, tokenizer_for
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
 from ..train.engine import FitResult, fit
 from .sequences import (
@@ -178,6 +178,28 @@ def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed
 
 
 _KIND_FORMAT = {"paired": "preference", "unpaired": "unpaired", "ranked": "ranked"}
+
+
+def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: int, log, needed_by: str):
+    """Load, check and encode ``data.train`` (and ``data.eval``) as units of ``kind``.
+
+    Returns ``(train_units, eval_units, train_summary)``; refuses data of the wrong kind.
+    """
+    train_ds = load_preference_source(data.train, data, kind, seed)
+    if train_ds.format != _KIND_FORMAT[kind]:
+        raise ConfigError(
+            f"{needed_by} needs {_KIND_FORMAT[kind]} records, but {train_ds.source} holds {train_ds.format} records.",
+            fix=f"give data.train a file of {_KIND_FORMAT[kind]} records, or pick a loss for {train_ds.format} data.")
+    check_tokenizer(tokenizer, need_chat_template=any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
+    enc = dict(max_length=data.max_length, overlong=data.overlong, seed=seed)
+    units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
+    log(f"train data {train_ds.source}: {summary}")
+    eval_units: list[Unit] = []
+    if data.eval:
+        eval_ds = load_preference_source(data.eval, data, kind, seed)
+        eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
+        log(f"eval data {eval_ds.source}: {eval_summary}")
+    return units, eval_units, summary
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -376,34 +398,16 @@ def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], co
 def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
                    eval_times: int | None = None) -> PreferenceResult:
     """Run offline preference optimization as configured (see the module docstring)."""
-    from accelerate import Accelerator
-
     torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                                   pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)
+    accelerator = accelerator_for(cfg.model)
+    tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
     kind = spec.data
-    train_ds = load_preference_source(cfg.data.train, cfg.data, kind, cfg.train.seed)
-    if train_ds.format != _KIND_FORMAT[kind]:
-        raise ConfigError(
-            f"loss '{cfg.loss.name}' needs {_KIND_FORMAT[kind]} records, but {train_ds.source} holds "
-            f"{train_ds.format} records.",
-            fix=f"give data.train a file of {_KIND_FORMAT[kind]} records or pick a loss for {train_ds.format} data.")
-    check_tokenizer(tokenizer, need_chat_template=any(
-        isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
-    enc = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, seed=cfg.train.seed)
-    units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
-    log(f"train data {train_ds.source}: {summary}")
-    eval_units: list[Unit] = []
-    if cfg.data.eval:
-        eval_ds = load_preference_source(cfg.data.eval, cfg.data, kind, cfg.train.seed)
-        eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
-        log(f"eval data {eval_ds.source}: {eval_summary}")
+    units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
+                                                needed_by=f"loss '{cfg.loss.name}'")
 
     reference = None
     if spec.needs_reference:

@@ -30,18 +30,16 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TrainConfig, option
-from ..data import check_tokenizer
-from ..errors import CheckpointError, ConfigError, DataError
-from ..models.loading import load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from ..errors import CheckpointError, DataError
+from ..models.loading import accelerator_for, pick_device, pick_dtype, resolve_model_path, tokenizer_for
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
 from ..train.engine import FitResult, fit
-from .dpo import PreferenceDataConfig, Unit, load_preference_source, units_from_records
+from .dpo import PreferenceDataConfig, Unit, encode_sources
 from .sequences import UnitPlan, collate_examples, pearson
 
 # what each reward loss needs, as data: its data kind and the keyword arguments it takes
 RM_LOSS_DATA = {**{name: "paired" for name in REWARD_LOSSES}, "listwise": "ranked"}
 RM_LOSS_ARGS = {"bt": ("margin",), "hinge": ("hinge_margin",), "mse": ("target_gap",)}
-_KIND_FORMAT = {"paired": "preference", "ranked": "ranked"}
 
 
 @dataclass
@@ -233,33 +231,16 @@ class RMResult:
 
 def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     """Train a reward model as configured (see the module docstring)."""
-    from accelerate import Accelerator
-
     torch.manual_seed(cfg.train.seed)
     kind = RM_LOSS_DATA[cfg.loss.name]
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                                   pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)
+    accelerator = accelerator_for(cfg.model)
+    tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_reward_model(cfg.model.name_or_path, tokenizer, dtype=cfg.model.dtype,
                                   device=str(accelerator.device), attn_implementation=cfg.model.attn_implementation)
     model.config.posttrain_pooling = cfg.loss.pooling
-    train_ds = load_preference_source(cfg.data.train, cfg.data, kind, cfg.train.seed)
-    if train_ds.format != _KIND_FORMAT[kind]:
-        raise ConfigError(
-            f"reward loss '{cfg.loss.name}' needs {_KIND_FORMAT[kind]} records, but {train_ds.source} holds "
-            f"{train_ds.format} records.",
-            fix="use preference records with bt/hinge/mse, or ranked records with listwise.")
-    check_tokenizer(tokenizer, need_chat_template=any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
-    enc = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, seed=cfg.train.seed)
-    units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
-    log(f"train data {train_ds.source}: {summary}")
-    eval_units: list[Unit] = []
-    if cfg.data.eval:
-        eval_ds = load_preference_source(cfg.data.eval, cfg.data, kind, cfg.train.seed)
-        eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
-        log(f"eval data {eval_ds.source}: {eval_summary}")
+    units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
+                                                needed_by=f"reward loss '{cfg.loss.name}'")
     algo = RewardModelAlgorithm(cfg.loss, eos_token_id=tokenizer.eos_token_id)
 
     def collate_units(us):

@@ -4,25 +4,21 @@
   lengths for a batch from :func:`posttrain.data.collate_sequences`, through the one log-prob
   path; padded and packed batches give the same numbers.
 * :class:`UnitPlan` — deterministic micro-batches of *units* (a pair, an unpaired example, a
-  K-set), so the members of a unit always share a micro-batch; per epoch the units are
-  shuffled with the seed; with packing every micro-batch's sequences are packed into rows.
+  K-set), so the members of a unit always share a micro-batch.
 * :func:`frozen_copy` — the reference model: a frozen, eval-mode copy of the initial policy.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import random
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..data import EncodedExample, collate_sequences, collate_shared_prefix, prediction_index
-from ..errors import DataError
 from ..models.logprobs import selected_log_probs
 from ..ops import sequence_counts, sequence_sums
+from ..train.plan import StepPlan
 
 
 def sequence_log_probs(model, batch: dict, *, return_entropy: bool = False) -> dict[str, torch.Tensor]:
@@ -66,56 +62,27 @@ def frozen_copy(model):
     return ref
 
 
-class UnitPlan:
-    """Micro-batches of whole units for every optimizer step of the run.
-
-    ``unit_sequences(unit)`` lists a unit's sequences; ``collate(units)`` builds a batch of
-    several units (the algorithm decides the layout, e.g. all chosen then all rejected).
-    Steps are fixed up front (index lists), so a resumed run replays exactly.
-    """
+class UnitPlan(StepPlan):
+    """Micro-batches of whole units (a pair, an unpaired example, a K-set), so the members of a
+    unit always share a micro-batch; per epoch the units are shuffled.
+    ``unit_sequences(unit)`` lists a unit's sequences (hashed into the fingerprint);
+    ``collate(units)`` builds a batch of several units (the algorithm picks the layout)."""
 
     def __init__(self, units: Sequence, *, collate: Callable[[list], dict],
                  unit_sequences: Callable[[object], list[EncodedExample]], micro_batch_size: int,
                  grad_accum: int, epochs: float, max_steps: int, seed: int, tag: str):
-        if not units:
-            raise DataError("No training examples are left after encoding.",
-                            fix="check the data file and data.max_length / data.overlong.")
         self.units = list(units)
-        self.collate = collate
-        self.unit_sequences = unit_sequences
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum = grad_accum
-        self.seed = seed
-        self.tag = tag
-        per_epoch = self._epoch(0)
-        self.steps_per_epoch = len(per_epoch)
-        total = max_steps or max(1, round(self.steps_per_epoch * epochs))
-        steps: list[list[list[int]]] = []
-        epoch = 0
-        while len(steps) < total:
-            steps.extend(per_epoch if epoch == 0 else self._epoch(epoch))
-            epoch += 1
-        self.steps = steps[:total]
 
-    def _epoch(self, epoch: int) -> list[list[list[int]]]:
-        order = list(range(len(self.units)))
-        random.Random(f"{self.tag}-plan-{self.seed}-{epoch}").shuffle(order)
-        micro = [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
-        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+        def epoch_units(epoch: int, rng) -> list[int]:
+            order = list(range(len(self.units)))
+            rng.shuffle(order)
+            return order
 
-    def num_steps(self) -> int:
-        return len(self.steps)
-
-    def batches(self, step: int) -> list[dict]:
-        return [self.collate([self.units[i] for i in mb]) for mb in self.steps[step]]
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum, self.seed, self.steps]).encode())
-        for u in self.units:
-            for e in self.unit_sequences(u):
-                h.update(json.dumps([e.input_ids, e.labels]).encode())
-        return h.hexdigest()[:16]
+        super().__init__(n_items=len(self.units), epoch_units=epoch_units,
+                         collate=lambda mb: collate([self.units[i] for i in mb]),
+                         content=lambda: ([e.input_ids, e.labels] for u in self.units for e in unit_sequences(u)),
+                         micro_batch_size=micro_batch_size, grad_accum=grad_accum, epochs=epochs,
+                         max_steps=max_steps, seed=seed, tag=tag)
 
 
 def collate_examples(examples: list[EncodedExample], *, pad_token_id: int, packing: bool,

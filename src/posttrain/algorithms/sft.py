@@ -20,8 +20,6 @@ From the shell: ``posttrain sft --config cfg.yaml train.lr=1e-4``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +37,12 @@ from ..data import (
     pad_collate,
     padding_stats,
 )
-from ..errors import ConfigError, DataError
-from ..models.loading import load_causal_lm, load_tokenizer
+from ..errors import ConfigError
+from ..models.loading import accelerator_for, load_causal_lm, tokenizer_for
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
 from ..train.engine import FitResult, fit
+from ..train.plan import StepPlan
 
 BUILTIN_DATA = "builtin:world-sft"
 
@@ -148,74 +147,34 @@ def _collate(examples: list[EncodedExample] | list[list[EncodedExample]], *, pac
     return batch
 
 
-class SFTPlan:
-    """Deterministic micro-batches for every optimizer step of the run.
-
-    Per epoch the examples are shuffled with ``seed`` and the epoch number; with packing they
-    are packed best-fit-decreasing into rows of ``row_length`` and the rows shuffled; rows (or
-    examples) form micro-batches of ``micro_batch_size``, and ``grad_accum`` micro-batches
-    form one optimizer step. The whole plan is a list of index lists, so resuming at step
-    ``s`` replays exactly the data an uninterrupted run would see.
-    """
+class SFTPlan(StepPlan):
+    """The SFT plan: per epoch the examples are shuffled; with packing they are packed
+    best-fit-decreasing into rows of ``row_length`` and the rows shuffled; micro-batches hold
+    ``micro_batch_size`` rows (or examples). See :class:`posttrain.train.plan.StepPlan`."""
 
     def __init__(self, examples: list[EncodedExample], *, micro_batch_size: int, grad_accum: int,
                  epochs: float, max_steps: int, packing: bool, row_length: int, pad_token_id: int,
                  seed: int):
-        if not examples:
-            raise DataError("No training examples are left after tokenization.",
-                            fix="check the data file and data.max_length / data.overlong.")
         self.examples = examples
-        self.packing = packing
-        self.row_length = row_length
-        self.pad_token_id = pad_token_id
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum = grad_accum
-        self.seed = seed
-        epoch_steps = [self._epoch(e) for e in range(2)]
-        steps_per_epoch = len(epoch_steps[0])
-        total = max_steps or max(1, round(steps_per_epoch * epochs))
-        self.steps: list[list[list]] = []
-        epoch = 0
-        while len(self.steps) < total:
-            self.steps.extend(epoch_steps[epoch] if epoch < 2 else self._epoch(epoch))
-            epoch += 1
-        self.steps = self.steps[:total]
-        self.steps_per_epoch = steps_per_epoch
 
-    def _epoch(self, epoch: int) -> list[list[list]]:
-        rng = random.Random(f"sft-plan-{self.seed}-{epoch}")
-        order = list(range(len(self.examples)))
-        rng.shuffle(order)
-        if self.packing:
-            bins = best_fit_decreasing([len(self.examples[i]) for i in order], self.row_length)
-            units = [[order[j] for j in b] for b in bins]
-            rng.shuffle(units)
-        else:
-            units = order
-        micro = [units[i : i + self.micro_batch_size] for i in range(0, len(units), self.micro_batch_size)]
-        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+        def epoch_units(epoch: int, rng: random.Random) -> list:
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            if not packing:
+                return order
+            bins = best_fit_decreasing([len(examples[i]) for i in order], row_length)
+            rows = [[order[j] for j in b] for b in bins]
+            rng.shuffle(rows)
+            return rows
 
-    def num_steps(self) -> int:
-        return len(self.steps)
+        def collate(mb: list) -> dict:
+            items = [[examples[i] for i in row] for row in mb] if packing else [examples[i] for i in mb]
+            return _collate(items, packing=packing, pad_token_id=pad_token_id, row_length=row_length)
 
-    def batches(self, step: int) -> list[dict]:
-        out = []
-        for mb in self.steps[step]:
-            if self.packing:
-                items = [[self.examples[i] for i in row] for row in mb]
-            else:
-                items = [self.examples[i] for i in mb]
-            out.append(_collate(items, packing=self.packing, pad_token_id=self.pad_token_id,
-                                row_length=self.row_length))
-        return out
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps([self.packing, self.row_length, self.micro_batch_size, self.grad_accum,
-                             self.seed, self.steps]).encode())
-        for e in self.examples:
-            h.update(json.dumps([e.input_ids, e.labels]).encode())
-        return h.hexdigest()[:16]
+        super().__init__(n_items=len(examples), epoch_units=epoch_units, collate=collate,
+                         content=lambda: ([e.input_ids, e.labels] for e in examples),
+                         micro_batch_size=micro_batch_size, grad_accum=grad_accum, epochs=epochs,
+                         max_steps=max_steps, seed=seed, tag="sft", extra=[packing, row_length])
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -286,15 +245,9 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
     (overriding ``train.eval_every``).
     """
-    from accelerate import Accelerator
-
     torch.manual_seed(cfg.train.seed)
-    # precision is handled by the engine's own autocast: accelerate's state is process-global and
-    # refuses a second Accelerator with other settings in the same process
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                                   pad_token=cfg.model.pad_token, chat_template=cfg.model.chat_template)
+    accelerator = accelerator_for(cfg.model)
+    tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)

@@ -104,3 +104,21 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "aut
             "(or builtin:tiny-world-base).",
         ) from None
     return model.to(dev)
+
+
+def tokenizer_for(model_cfg):
+    """The tokenizer a ``model`` config section names (its ``tokenizer`` or ``name_or_path``),
+    with the section's pad token and chat template applied."""
+    return load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, pad_token=model_cfg.pad_token,
+                          chat_template=model_cfg.chat_template)
+
+
+def accelerator_for(model_cfg):
+    """An ``accelerate.Accelerator`` on the CPU unless a GPU is present and not declined.
+
+    Precision is not set here: the engine does its own autocast, because accelerate's state is
+    process-global and refuses a second Accelerator with other settings in one process.
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=model_cfg.device == "cpu" or not torch.cuda.is_available())
