@@ -23,15 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-Metrics = dict[str, torch.Tensor]
+from .preference import Metrics, _dtype  # shared helpers: fp32 or wider
 
-
-def _dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    out = torch.float32
-    for t in tensors:
-        if t is not None and t.dtype.is_floating_point:
-            out = torch.promote_types(out, t.dtype)
-    return out
 
 
 def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Metrics:
