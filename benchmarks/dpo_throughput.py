@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_throughput import make_inputs as make_model_inputs  # noqa: E402
+from sft_throughput import run_child  # noqa: E402
 
 VARIANTS = ["posttrain-shared", "posttrain-packed", "posttrain-padded", "trl-padded", "trl-padding-free"]
 # posttrain layouts: shared = packed rows with each pair's prompt encoded once (prefix sharing)
@@ -228,18 +228,10 @@ def main() -> None:
             work.mkdir()
             inputs = make_inputs(work, model_name, args.train_pairs)
             for variant in args.variants.split(","):
-                cmd = [sys.executable, __file__, "--child", variant, "--inputs", json.dumps(inputs),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(args.pairs),
-                       "--max-length", str(args.max_length), "--lr", str(args.lr)]
                 t = time.time()
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    print(proc.stdout[-3000:], proc.stderr[-3000:])
-                    raise SystemExit(f"{variant} on {model_name} failed")
-                r = json.loads(line[len("RESULT "):])
-                r["model"] = model_name
+                r = run_child(__file__, variant, inputs, model_name, [
+                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(args.pairs),
+                    "--max-length", str(args.max_length), "--lr", str(args.lr)])
                 results.append(r)
                 print(f"  {model_name:16} {variant:18} {r['pairs_per_s']:7.2f} pairs/s  peak {r['peak_rss_mib']:6.0f} MiB"
                       f"  loss {r['loss_last10']:.4f}  ({time.time() - t:.0f}s)", flush=True)

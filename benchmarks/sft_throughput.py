@@ -188,6 +188,17 @@ def child(variant: str, inputs: dict, args) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
+def run_child(script: str, variant: str, inputs: dict, model_name: str, extra: list[str]) -> dict:
+    """Run one variant in a fresh subprocess (its own peak memory) and return its RESULT line."""
+    cmd = [sys.executable, script, "--child", variant, "--inputs", json.dumps(inputs), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"{variant} on {model_name} failed")
+    return {**json.loads(line[len("RESULT "):]), "model": model_name}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny-world-base,llama-25m")
@@ -218,19 +229,10 @@ def main() -> None:
             work.mkdir()
             inputs = make_inputs(work, model_name, args.train_examples, 200)
             for variant in args.variants.split(","):
-                cmd = [sys.executable, __file__, "--child", variant, "--inputs", json.dumps(inputs),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--rows", str(args.rows),
-                       "--max-length", str(args.max_length), "--lr", str(args.lr),
-                       "--precision", args.precision]
                 t = time.time()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
-                                      "TOKENIZERS_PARALLELISM": "false"})
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    print(proc.stdout[-3000:], proc.stderr[-3000:])
-                    raise SystemExit(f"{variant} on {model_name} failed")
-                r = json.loads(line[len("RESULT "):])
-                r["model"] = model_name
+                r = run_child(__file__, variant, inputs, model_name, [
+                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--rows", str(args.rows),
+                    "--max-length", str(args.max_length), "--lr", str(args.lr), "--precision", args.precision])
                 r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
                 results.append(r)
                 print(f"  {model_name:16} {variant:17} {r['tokens_per_s']:8.0f} tok/s  "

@@ -42,7 +42,7 @@ from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired
 from ..errors import ConfigError
 from ..models.loading import accelerator_for, load_causal_lm, tokenizer_for
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
-from ..train.engine import FitResult, fit
+from ..train.engine import FitResult, fit, to_device
 from .sequences import (
     UnitPlan,
     collate_examples,
@@ -385,8 +385,7 @@ def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], co
     for i in range(0, len(units), batch_size):
         chunk = units[i : i + batch_size]
         batch = collate(chunk)
-        batch = {k: (v.to(next(model.parameters()).device) if isinstance(v, torch.Tensor) else v)
-                 for k, v in batch.items()}
+        batch = to_device(batch, next(model.parameters()).device)  # nested: KTO's KL batch too
         loss, m = algo.loss(model, batch, {"units": torch.tensor(float(len(chunk)))})
         for k, v in {"loss": loss, **m}.items():
             total[k] = total.get(k, 0.0) + float(v) * len(chunk)

@@ -33,7 +33,7 @@ from ..config import ModelConfig, TrainConfig, option
 from ..errors import CheckpointError, DataError
 from ..models.loading import accelerator_for, pick_device, pick_dtype, resolve_model_path, tokenizer_for
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
-from ..train.engine import FitResult, fit
+from ..train.engine import FitResult, fit, to_device
 from .dpo import PreferenceDataConfig, Unit, encode_sources
 from .sequences import UnitPlan, collate_examples, pearson
 
@@ -196,7 +196,7 @@ def evaluate_reward_model(model, algo: RewardModelAlgorithm, units: list[Unit], 
     for i in range(0, len(units), batch_size):
         chunk = units[i : i + batch_size]
         batch = collate(chunk)
-        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        batch = to_device(batch, device)
         r = algo.rewards(model, batch).cpu()
         rewards += r.tolist()
         lengths += batch["lengths"].tolist()

@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..models.loading import accelerator_for, load_causal_lm, tokenizer_for
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
-from ..train.engine import FitResult, fit
+from ..train.engine import FitResult, fit, to_device
 from ..train.plan import StepPlan
 
 BUILTIN_DATA = "builtin:world-sft"
@@ -191,7 +191,7 @@ def eval_loss(model, algorithm: SFTAlgorithm, examples: list[EncodedExample], *,
     n = 0
     for i in range(0, len(examples), batch_size):
         batch = _collate(examples[i : i + batch_size], packing=False, pad_token_id=pad_token_id, row_length=0)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         targets = shift_labels(batch["labels"])
         out = token_log_probs_from_model(model, batch["input_ids"], targets,
                                          attention_mask=batch["attention_mask"], return_entropy=True)

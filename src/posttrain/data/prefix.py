@@ -119,12 +119,12 @@ def collate_shared_prefix(
                 block[start:end, :prefix] = True
                 block[start:end, start:end] = causal[: end - start, : end - start]
                 # physical column of each of the sequence's own positions 0..len-1
-                phys = list(range(prefix)) + list(range(start, end))
-                for t in range(1, len(e.input_ids)):
-                    if e.labels[t] != IGNORE_INDEX:
-                        rows.append(r * width + off + phys[t - 1])
-                        targets.append(e.labels[t])
-                        seqs.append(sid)
+                phys = torch.cat([torch.arange(prefix), torch.arange(start, end)])
+                labels = torch.tensor(e.labels)
+                t = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1) + 1  # trained positions
+                rows.append(r * width + off + phys[t - 1])
+                targets.append(labels[t])
+                seqs.append(torch.full_like(t, sid))
             allow[r, off : off + n, off : off + n] = block
             off += n
         # padding positions attend to themselves only (a fully masked row would give NaN)
@@ -139,9 +139,9 @@ def collate_shared_prefix(
         "input_ids": input_ids,
         "position_ids": position_ids,
         "attention_mask": mask,
-        "lp_rows": torch.tensor(rows, dtype=torch.long),
-        "lp_targets": torch.tensor(targets, dtype=torch.long),
-        "lp_seq": torch.tensor(seqs, dtype=torch.long),
+        "lp_rows": torch.cat(rows).long(),
+        "lp_targets": torch.cat(targets).long(),
+        "lp_seq": torch.cat(seqs).long(),
         "num_sequences": n_seq,
         "num_input_tokens": sum(len(e) for g in groups for e in g),
         "num_computed_tokens": sum(len(d[0]) for d in docs),

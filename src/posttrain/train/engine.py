@@ -97,14 +97,14 @@ class FitResult:
     seconds: float = 0.0
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     """Move every tensor of a (possibly nested) batch dict to ``device``."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
         elif isinstance(v, dict):
-            v = _to_device(v, device)
+            v = to_device(v, device)
         out[k] = v
     return out
 
@@ -178,7 +178,7 @@ def fit(
     with neftune(accelerator.unwrap_model(model), cfg.neftune_alpha):
         for step in range(start_step, total_steps):
             t0 = time.time()
-            micro = [_to_device(b, device) for b in plan.batches(step)]
+            micro = [to_device(b, device) for b in plan.batches(step)]
             totals: dict[str, int] = {}
             for b in micro:
                 for k, v in algorithm.counts(b).items():
