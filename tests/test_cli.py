@@ -108,7 +108,7 @@ def test_partial_checkpoint_refused_from_cli(capsys, model_dir, data_file, tmp_p
     code, _, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", "train.save_every=1")
     assert code == 0, err
     ck = tmp_path / "run" / "checkpoints" / "step-000002"
-    (ck / "trainer_state.pt").unlink()
+    (ck / "checkpoint.json").unlink()
     code, _, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", f"train.resume={ck}")
     assert code == 2 and "partial" in err and "Traceback" not in err
 

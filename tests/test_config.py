@@ -35,8 +35,8 @@ def test_unknown_key_names_key_and_suggests():
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("train.lr=-1", "'train.lr' has value -1.0, below its minimum 0.0"),
-        ("train.micro_batch_size=0", "'train.micro_batch_size' has value 0, below its minimum 1"),
+        ("train.lr=-1", "'train.lr' has value -1.0, which is out of range: it must be in (0.0, 1.0]"),
+        ("train.micro_batch_size=0", "'train.micro_batch_size' has value 0, which is out of range: it must be >= 1"),
         ("train.micro_batch_size=2.5", "'train.micro_batch_size' has value 2.5, which is not an integer"),
         ("data.packing=maybe", "'data.packing' has value 'maybe', which is not a boolean"),
         ("data.overlong=cut", "'data.overlong' has value 'cut'; valid values are 'truncate', 'drop'"),

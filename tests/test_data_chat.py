@@ -184,14 +184,14 @@ def test_check_tokenizer(data_make_tokenizer):
 
     no_template = data_make_tokenizer("chatml", None)
     check_tokenizer(no_template, need_chat_template=False)
-    with pytest.raises(TokenizerError, match="no chat template.*Fix: set `tokenizer.chat_template`"):
+    with pytest.raises(TokenizerError, match="no chat template.*Fix: set model.chat_template"):
         check_tokenizer(no_template, need_chat_template=True)
 
     no_pad = data_make_tokenizer("chatml")
     no_pad.pad_token = None
     with pytest.raises(TokenizerError) as info:
         check_tokenizer(no_pad, need_chat_template=False)
-    assert "no pad token" in str(info.value) and "`pad_token`" in str(info.value) and "<|im_end|>" in str(info.value)
+    assert "no pad token" in str(info.value) and "model.pad_token=" in str(info.value) and "<|im_end|>" in str(info.value)
 
     no_eos = data_make_tokenizer("chatml")
     no_eos.eos_token = None

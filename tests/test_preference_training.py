@@ -246,7 +246,8 @@ def test_last_pooling_matches_transformers_forward_and_padding_sides(tmp_path):
         expected = torch.stack([model(input_ids=torch.tensor([s.input_ids])).logits[0, 0] for s in seqs])
         for packing in (False, True):
             batch = collate_sequences(seqs, tok.pad_token_id, packing=packing, row_length=256)
-            got = sequence_rewards(model, batch, pooling="last", eos_token_id=tok.eos_token_id)
+            got = sequence_rewards(model, batch, pooling="last", eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         # left padding gives the same rewards
         width = max(len(s) for s in seqs)
@@ -262,12 +263,15 @@ def test_last_pooling_matches_transformers_forward_and_padding_sides(tmp_path):
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         batch = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "sequence_ids": sid, "labels": labels,
                  "num_sequences": len(seqs)}
-        got = sequence_rewards(model, batch, pooling="last", eos_token_id=tok.eos_token_id)
+        got = sequence_rewards(model, batch, pooling="last", eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         # mean and eos pooling differ from last and from each other
         batch = collate_sequences(seqs, tok.pad_token_id, packing=False)
-        mean = sequence_rewards(model, batch, pooling="mean", eos_token_id=tok.eos_token_id)
-        eos = sequence_rewards(model, batch, pooling="eos", eos_token_id=tok.eos_token_id)
+        mean = sequence_rewards(model, batch, pooling="mean", eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+        eos = sequence_rewards(model, batch, pooling="eos", eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
         assert not torch.allclose(mean, expected) and not torch.allclose(eos, expected)
 
 
@@ -316,3 +320,77 @@ def test_dpo_resume_continues_exactly(tmp_path):
                              log=lambda s: None)
     assert [h["step"] for h in resumed.fit.history] == [3, 4]
     assert [h["loss"] for h in resumed.fit.history] == [h["loss"] for h in full.fit.history[2:]]
+
+
+# --------------------------------------------------------------------------- saved reward models score as trained
+
+
+def _string_pairs(n, seed, split="train"):
+    from posttrain.world.preferences import preference_records as pr
+
+    return [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"],
+             "rejected": r["rejected"][0]["content"]} for r in pr(n, seed=seed, split=split)]
+
+
+@pytest.mark.parametrize("pooling", ["last", "eos"])
+@pytest.mark.parametrize("pad", ["own", "eos"])
+@pytest.mark.parametrize("data", ["strings", "chat"])
+def test_saved_reward_model_scores_what_training_scored(tmp_path, pooling, pad, data):
+    """transformers' forward of the saved AutoModelForSequenceClassification (left or right padding)
+    equals the scores posttrain trained on, for every pooling and pad-token setup it accepts; the
+    setups transformers cannot reproduce are refused before training."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.algorithms.rm import RewardModelAlgorithm, load_reward_model
+    from posttrain.errors import ConfigError, DataError
+    from posttrain.models.loading import tokenizer_for
+
+    model_dir = _rm_model(tmp_path)
+    records = _string_pairs(16, 1) if data == "strings" else preference_records(16, seed=1)
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    overrides = [f"model.name_or_path={model_dir}", f"data.train={train}", "data.eval=null",
+                 f"train.output_dir={tmp_path / 'rm'}", "train.max_steps=3", "train.lr=1e-2",
+                 "train.micro_batch_size=4", "train.progress=false", f"loss.pooling={pooling}"]
+    if pad == "eos":
+        overrides.append("model.pad_token=<|im_end|>")
+    cfg = load_config(RMConfig, None, overrides)
+    tok = tokenizer_for(cfg.model)
+    assert (tok.pad_token_id == tok.eos_token_id) == (pad == "eos")
+    model = load_reward_model(str(model_dir), tok, device="cpu")
+    ends_with_eos = data == "strings"  # the chat template writes a newline after <|im_end|>
+    if pooling == "eos" and (pad == "eos" or not ends_with_eos):
+        with pytest.raises((ConfigError, DataError), match="pooling=last"):
+            run_rm(cfg, model=model, tokenizer=tok, log=lambda s: None)
+        return
+    res = run_rm(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    # what training scores: the trainer's own pooling over its packed batches
+    units, _ = units_from_records(load_records(str(train)), tok, "paired", max_length=256, overlong="truncate",
+                                  seed=0)
+    algo = RewardModelAlgorithm(cfg.loss, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        trained = algo.rewards(model, algo.collate(units, pad_token_id=tok.pad_token_id, packing=True,
+                                                   row_length=256))
+    seqs = [u.sequences[0].input_ids for u in units] + [u.sequences[1].input_ids for u in units]
+    saved = AutoModelForSequenceClassification.from_pretrained(res.final_dir).eval()
+    assert saved.config.pad_token_id == tok.pad_token_id and saved.config.posttrain_pooling == pooling
+    width = max(len(s) for s in seqs)
+    for side in ("right", "left"):
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        att = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+            ids[i, sl] = torch.tensor(s)
+            att[i, sl] = 1
+        with torch.no_grad():
+            hf = saved(input_ids=ids, attention_mask=att).logits[:, 0]
+        torch.testing.assert_close(hf, trained, rtol=1e-4, atol=1e-5)
+    assert trained.std() > 0  # the head learned something: the check is not trivially 0 == 0
+
+
+def test_mean_pooling_is_refused_for_reward_models():
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transformers") as e:
+        load_config(RMConfig, None, ["loss.pooling=mean"])
+    assert "pooling=last" in str(e.value)

@@ -1,6 +1,6 @@
 """The posttrain command line.
 
-    posttrain quickstart                      # the tiny world: base eval -> SFT -> eval, table + plot
+    posttrain quickstart                      # the tiny world: base -> SFT -> reward model + DPO/DPOP, table + plot
     posttrain sft --config cfg.yaml k=v ...   # supervised fine-tuning
     posttrain rm --config cfg.yaml k=v ...    # reward model (Bradley-Terry, hinge, MSE, listwise)
     posttrain dpo --config cfg.yaml k=v ...   # DPO family, KTO, tilt (loss.name=...)
@@ -8,8 +8,9 @@
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
 
-Errors caused by input (config, data, tokenizer, checkpoint) are printed as one paragraph that
-says what is wrong and how to fix it, with exit status 2.
+Errors caused by input (config, data, model directory, tokenizer, checkpoint, file system) are
+printed as one paragraph that says what is wrong and how to fix it, with exit status 2. Models
+load from safetensors only and never run a repository's code (docs/security.md).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from .config import describe, load_config
-from .errors import PosttrainError
+from .errors import PosttrainError, RunInterrupted
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -79,8 +81,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .world.evaluate import evaluate_problems
     from .world.tasks import generate_problems
 
-    tok = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, device=args.device)
+    tok = load_tokenizer(args.model, key="--model")
+    model = load_causal_lm(args.model, device=args.device, key="--model")
     problems = generate_problems(args.n, seed=args.seed, split="heldout")
     res = evaluate_problems(model, tok, problems, max_new_tokens=args.max_new_tokens, progress=True)
     print(json.dumps(res.metrics(), indent=2))
@@ -91,8 +93,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_world_data(args: argparse.Namespace) -> int:
+    from .train.rundir import check_output_dir
     from .world.datasets import write_world_datasets
 
+    check_output_dir(args.out, overwrite=True, key="--out")
     paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed)
     for name, p in paths.items():
         print(f"{name}: {p}")
@@ -105,6 +109,26 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
     argv = ["--out", args.out] + args.build_args
     build.main(argv)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,28 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_dpo)
 
-    p = sub.add_parser("quickstart", help="tiny world: evaluate base, SFT, evaluate again",
-                       formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig))
+    p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> reward model + DPO / DPOP, with a table",
+                       formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),
+                       description="The built-in tiny world end to end on a CPU: writes its datasets, evaluates the "
+                       "shipped base model on held-out problems, runs SFT, trains a reward model and runs DPO and "
+                       "DPOP from the SFT model (stages=[sft,rm,dpo]), then prints a results table and writes "
+                       "summary.json, samples.jsonl and learning_curves.png under output_dir (default "
+                       "runs/quickstart, replaced on every run).")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser("eval", help="held-out accuracy of a model on the tiny world")
     p.add_argument("--model", required=True, help="model directory (or builtin:tiny-world-base)")
-    p.add_argument("--n", type=int, default=200, help="held-out problems")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--n", type=_positive_int, default=200, help="held-out problems")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=96)
     p.add_argument("--device", default="auto")
-    p.add_argument("--samples", type=int, default=0, help="print this many question/answer samples")
+    p.add_argument("--samples", type=_nonnegative_int, default=0, help="print this many question/answer samples")
     p.set_defaults(func=_cmd_eval)
 
     world = sub.add_parser("world", help="the built-in tiny world")
     wsub = world.add_subparsers(dest="world_command", metavar="subcommand")
     p = wsub.add_parser("data", help="write SFT / problem datasets as JSONL")
     p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=4000)
-    p.add_argument("--heldout", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=_positive_int, default=4000)
+    p.add_argument("--heldout", type=_positive_int, default=200)
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.set_defaults(func=_cmd_world_data)
     p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch)",
                         add_help=False)
@@ -187,9 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     except PosttrainError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\n{_interrupted_message(args, e)}", file=sys.stderr)
         return 130
+
+
+def _interrupted_message(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
+    """What Ctrl-C stopped, and the command that continues it."""
+    if not isinstance(e, RunInterrupted):
+        return "interrupted."
+    text = f"interrupted at step {e.step}/{e.total_steps}."
+    if args.command not in ("sft", "rm", "dpo"):
+        return text + " Run the command again to start over."
+    if e.checkpoint is None:
+        return (text + f" No checkpoint was written yet, so the run cannot be resumed (train.save_every=N writes "
+                "one every N steps).")
+    cmd = ["posttrain", args.command]
+    if args.config:
+        cmd += ["--config", args.config]
+    cmd += [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
+    return (text + f" The latest complete checkpoint is {e.checkpoint}. Continue the run with:\n  "
+            + " ".join(shlex.quote(c) for c in cmd))
 
 
 if __name__ == "__main__":

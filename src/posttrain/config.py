@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -48,9 +49,11 @@ def yaml_load(text: str):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
-           max: float | None = None, choices: tuple | None = None, default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with help text and validation bounds."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+           max: float | None = None, gt: float | None = None, lt: float | None = None,
+           choices: tuple | None = None, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with help text and validation bounds: ``min`` / ``max`` inclusive,
+    ``gt`` / ``lt`` exclusive. Every number must also be finite (NaN and inf are refused)."""
+    meta = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -134,22 +137,45 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def bounds_text(meta: dict) -> str:
+    """``"> 0"``, ``"in [0, 1)"``, ... for an option's metadata ("" when unbounded)."""
+    lo, hi = meta.get("min"), meta.get("max")
+    glo, lhi = meta.get("gt"), meta.get("lt")
+    left = f"[{lo}" if lo is not None else (f"({glo}" if glo is not None else None)
+    right = f"{hi}]" if hi is not None else (f"{lhi})" if lhi is not None else None)
+    if left and right:
+        return f"in {left}, {right}"
+    if left:
+        return (">= " if lo is not None else "> ") + str(lo if lo is not None else glo)
+    if right:
+        return ("<= " if hi is not None else "< ") + str(hi if hi is not None else lhi)
+    return ""
+
+
 def _check_bounds(key: str, value: Any, meta: dict) -> None:
     if value is None:
         return
-    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_bounds(f"{key}[{i}]", v, meta)
+        return
+    choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(
             f"Config key '{key}' has value {value!r}; valid values are {', '.join(map(repr, choices))}.",
             fix=f"set '{key}' to one of those.",
         )
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and value < lo:
-            raise ConfigError(f"Config key '{key}' has value {value!r}, below its minimum {lo}.",
-                              fix=f"set '{key}' to a value >= {lo}.")
-        if hi is not None and value > hi:
-            raise ConfigError(f"Config key '{key}' has value {value!r}, above its maximum {hi}.",
-                              fix=f"set '{key}' to a value <= {hi}.")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    rng = bounds_text(meta)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a finite number.",
+                          fix=f"give '{key}' a finite number{' ' + rng if rng else ''}.")
+    lo, hi, glo, lhi = meta.get("min"), meta.get("max"), meta.get("gt"), meta.get("lt")
+    if ((lo is not None and value < lo) or (hi is not None and value > hi)
+            or (glo is not None and value <= glo) or (lhi is not None and value >= lhi)):
+        raise ConfigError(f"Config key '{key}' has value {value!r}, which is out of range: it must be {rng}.",
+                          fix=f"set '{key}' to a value {rng}.")
 
 
 def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
@@ -280,7 +306,9 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "required"
-        lines.append(f"  {key} = {default!r}  ({_type_name(tp)})  {f.metadata.get('help', '')}")
+        rng = bounds_text(dict(f.metadata))
+        kind = _type_name(tp) + (f", {rng}" if rng else "")
+        lines.append(f"  {key} = {default!r}  ({kind})  {f.metadata.get('help', '')}")
     return lines
 
 
@@ -310,22 +338,22 @@ class TrainConfig:
     """The optimization loop (AdamW, warmup + cosine schedule, accumulation, checkpoints)."""
 
     output_dir: str = option("runs/sft", "Run directory: metrics.jsonl, config.yaml, checkpoints/, final/.")
-    seed: int = option(0, "Seed for data order, initialization noise and NEFTune.")
+    seed: int = option(0, "Seed for data order, initialization noise and NEFTune.", min=0)
     epochs: float = option(1.0, "Passes over the training data (fractions allowed).", min=0.0)
     max_steps: int = option(0, "Optimizer steps; 0 means derive from epochs.", min=0)
     micro_batch_size: int = option(8, "Rows per forward pass (packed rows of max_length when packing, "
                                       "examples otherwise).", min=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
-    lr: float = option(2e-5, "Peak learning rate.", min=0.0, max=1.0)
+    lr: float = option(2e-5, "Peak learning rate.", gt=0.0, max=1.0)
     min_lr_ratio: float = option(0.1, "Cosine floor as a fraction of the peak.", min=0.0, max=1.0)
     warmup_ratio: float = option(0.03, "Fraction of steps with linear warmup.", min=0.0, max=1.0)
     weight_decay: float = option(0.1, "Decoupled weight decay on weight matrices (not biases/norms).", min=0.0)
-    adam_beta1: float = option(0.9, "AdamW beta1.", min=0.0, max=1.0)
-    adam_beta2: float = option(0.95, "AdamW beta2.", min=0.0, max=1.0)
-    adam_eps: float = option(1e-8, "AdamW epsilon.", min=0.0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", min=0.0, lt=1.0)
+    adam_beta2: float = option(0.95, "AdamW beta2.", min=0.0, lt=1.0)
+    adam_eps: float = option(1e-8, "AdamW epsilon.", gt=0.0)
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (the pre-clip norm is logged).",
-                                  min=0.0)
-    neftune_alpha: float | None = option(None, "NEFTune noise alpha (e.g. 5); null disables it.", min=0.0)
+                                  gt=0.0)
+    neftune_alpha: float | None = option(None, "NEFTune noise alpha (e.g. 5); null disables it.", gt=0.0)
     max_bad_steps: int = option(10, "Abort after this many steps with a non-finite loss or gradient.", min=0)
     mixed_precision: str = option("no", "no, or bf16: bf16 autocast over fp32 weights and optimizer (GPUs, and "
                                   "CPUs with bf16 matrix units; the LM head's log-softmax stays fp32).",
@@ -333,8 +361,13 @@ class TrainConfig:
     log_every: int = option(1, "Write a metrics line every N steps.", min=1)
     eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", min=0)
     save_every: int = option(0, "Checkpoint every N steps (0: only at the end).", min=0)
+    save_total_limit: int | None = option(None, "Keep at most this many checkpoints (the oldest are deleted "
+                                                 "after a newer one is complete); null keeps all.", min=1)
     resume: str | None = option(None, "Resume from a checkpoint directory, or 'auto' for the latest "
-                                      "complete one in output_dir/checkpoints.")
+                                      "complete, intact one in output_dir/checkpoints (corrupt ones are "
+                                      "skipped with a warning). The config must match the stopped run's.")
+    overwrite_output_dir: bool = option(False, "Let a fresh run delete the checkpoints/ and final/ of an "
+                                               "earlier run in output_dir (otherwise it is refused).")
     progress: bool = option(True, "Show a progress bar.")
     report_to: list[str] = option(default_factory=list, help="Extra metric sinks: tensorboard, wandb.")
 

@@ -40,6 +40,11 @@ class TrainingError(PosttrainError):
     """Training cannot continue (e.g. too many non-finite steps)."""
 
 
+def setting(key: str) -> str:
+    """How a message names a setting: ``Config key 'train.lr'`` or ``Option '--model'`` (command-line flags)."""
+    return f"Option '{key}'" if key.startswith("-") else f"Config key '{key}'"
+
+
 def where(source: str | None, line: int | None = None, field: str | None = None) -> str:
     """Format a location prefix such as ``data/train.jsonl, line 12, field 'messages[2].role'``."""
     parts = [source or "<in-memory data>"]
@@ -48,3 +53,14 @@ def where(source: str | None, line: int | None = None, field: str | None = None)
     if field is not None:
         parts.append(f"field '{field}'")
     return ", ".join(parts)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: carries where the run stopped and what it can resume from."""
+
+    def __init__(self, *, step: int, total_steps: int, output_dir, checkpoint=None):
+        self.step = step
+        self.total_steps = total_steps
+        self.output_dir = output_dir
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted at step {step}/{total_steps}")

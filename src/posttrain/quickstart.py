@@ -27,6 +27,7 @@ from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
 from .config import TrainConfig, option
 from .errors import ConfigError
 from .models.loading import load_causal_lm, load_tokenizer
+from .train.rundir import check_output_dir
 from .world.datasets import write_jsonl, write_world_datasets
 from .world.evaluate import EvalResult, evaluate_problems
 from .world.preferences import preference_records
@@ -59,17 +60,18 @@ class QuickstartConfig:
     """posttrain quickstart: the tiny world, from the base model through SFT, a reward model and DPO."""
 
     output_dir: str = option("runs/quickstart", "Run directory.")
-    seed: int = option(0, "Seed for data generation and training.")
+    seed: int = option(0, "Seed for data generation and training.", min=0)
     stages: list[str] = option(default_factory=lambda: list(STAGES),
                                help="Stages to run, in order: sft, rm, dpo (rm and dpo start from the SFT model).")
-    train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1)
-    preference_pairs: int = option(1000, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2)
+    train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1, max=1_000_000)
+    preference_pairs: int = option(1000, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2,
+                                  max=1_000_000)
     dpo_losses: list[str] = option(default_factory=lambda: ["dpo", "dpop"],
                                    help="Preference losses to run from the SFT model (each its own run).")
-    eval_problems: int = option(200, "Held-out problems for the table.", min=1)
-    eval_pairs: int = option(200, "Held-out preference pairs for the reward model's accuracy.", min=2)
-    curve_points: int = option(3, "Held-out accuracy measurements during SFT (for the plot).", min=0)
-    curve_problems: int = option(100, "Held-out problems per learning-curve measurement.", min=1)
+    eval_problems: int = option(200, "Held-out problems for the table.", min=1, max=100_000)
+    eval_pairs: int = option(200, "Held-out preference pairs for the reward model's accuracy.", min=2, max=100_000)
+    curve_points: int = option(3, "Held-out accuracy measurements during SFT (for the plot).", min=0, max=100)
+    curve_problems: int = option(100, "Held-out problems per learning-curve measurement.", min=1, max=100_000)
     max_new_tokens: int = option(64, "Generation budget per answer.", min=1)
     sft: SFTConfig = field(default_factory=_default_sft)
     rm: RMConfig = field(default_factory=_default_rm)
@@ -162,10 +164,27 @@ def plot_curves(history: list[dict], eval_history: list[dict], curve: list[tuple
     plt.close(fig)
 
 
+MARKER = ".posttrain-quickstart"
+
+
+def claim_output_dir(output_dir: str) -> Path:
+    """The quickstart replaces its own run directory on every run, but never a directory it did not
+    write (one without its marker file that is not empty)."""
+    check_output_dir(output_dir, overwrite=True, key="output_dir")
+    out = Path(output_dir).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ConfigError(
+            f"Config key 'output_dir' is '{output_dir}', which holds files the quickstart did not write; the "
+            "quickstart replaces its run directory on every run, so it refuses to write into another one.",
+            fix="choose an empty or new output_dir (the default is runs/quickstart).")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("This directory is replaced by every `posttrain quickstart` run.\n")
+    return out
+
+
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(cfg.output_dir)
     stages = [st for st in STAGES if st in cfg.stages]
     log("posttrain quickstart: the built-in tiny world (arithmetic word problems, verifiable answers)")
     log(f"stages: {' -> '.join(['base eval'] + stages)}")
@@ -181,9 +200,9 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         + f" -> {out / 'data'}")
 
     sft = cfg.sft
-    tokenizer = load_tokenizer(sft.model.name_or_path)
+    tokenizer = load_tokenizer(sft.model.name_or_path, key="sft.model.name_or_path")
     model = load_causal_lm(sft.model.name_or_path, dtype=sft.model.dtype, device=sft.model.device,
-                           attn_implementation=sft.model.attn_implementation)
+                           attn_implementation=sft.model.attn_implementation, key="sft.model.name_or_path")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"base model: {sft.model.name_or_path} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters)")
     problems = generate_problems(cfg.eval_problems, seed=cfg.seed, split="heldout")
@@ -201,6 +220,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     if "sft" in stages:
         sft.data.train, sft.data.eval = str(paths["sft_train"]), str(paths["sft_heldout"])
         sft.train.output_dir, sft.train.seed = str(out / "sft"), cfg.seed
+        sft.train.overwrite_output_dir = True  # the quickstart's own directory, replaced every run
         base_curve = sum(s["correct"] for s in results["base"].samples[: len(curve_set)]) / len(curve_set)
         curve: list[tuple[int, float]] = [(0, base_curve)]
 
@@ -225,6 +245,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         rm.model.name_or_path = sft_dir
         rm.data.train, rm.data.eval = str(paths["pairs_train"]), str(paths["pairs_heldout"])
         rm.train.output_dir, rm.train.seed = str(out / "rm"), cfg.seed
+        rm.train.overwrite_output_dir = True
         log(f"\n[rm] reward model from the SFT checkpoint: {rm.loss.name} loss, {rm.loss.pooling} pooling, "
             f"{cfg.preference_pairs} pairs")
         rm_result = run_rm(rm, log=log)
@@ -239,7 +260,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         for loss_name in cfg.dpo_losses:
             dpo = dataclasses.replace(cfg.dpo, loss=dataclasses.replace(cfg.dpo.loss, name=loss_name),
                                       train=dataclasses.replace(cfg.dpo.train, output_dir=str(out / f"dpo-{loss_name}"),
-                                                                seed=cfg.seed),
+                                                                seed=cfg.seed, overwrite_output_dir=True),
                                       data=dataclasses.replace(cfg.dpo.data, train=str(paths["pairs_train"]),
                                                                eval=str(paths["pairs_heldout"])),
                                       model=dataclasses.replace(cfg.dpo.model, name_or_path=sft_dir))

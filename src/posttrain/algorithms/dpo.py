@@ -40,8 +40,15 @@ import torch
 from ..config import ModelConfig, TrainConfig, option
 from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
 from ..errors import ConfigError
-from ..models.loading import accelerator_for, load_causal_lm, tokenizer_for
+from ..models.loading import (
+    accelerator_for,
+    check_max_length,
+    check_same_vocabulary,
+    load_causal_lm,
+    tokenizer_for,
+)
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
+from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
 from .sequences import (
     UnitPlan,
@@ -61,17 +68,17 @@ class PreferenceDataConfig:
 
     train: str = option("builtin:world-pairs", "JSONL/Parquet file (preference, unpaired or ranked records, "
                         "matching the loss) or builtin:world-pairs / world-unpaired / world-ranked.")
-    eval: str | None = option("builtin:world-pairs-heldout", "Held-out file (or builtin:<name>-heldout); null "
-                              "for none.")
+    eval: str | None = option("auto", "Held-out file, or builtin:<name>-heldout; auto: the world's held-out "
+                              "set when train is a builtin: source, else none; null: none.")
     max_length: int = option(256, "Tokens per prompt + response (and per packed row).", min=8)
     overlong: str = option("truncate", "Over-long responses: truncate (counted) or drop the unit.",
                            choices=("truncate", "drop"))
     packing: bool = option(True, "Pack each micro-batch's sequences into rows (no cross-document attention).")
     share_prefix: bool = option(True, "Encode the prompt of a pair / K-set once: its responses attend to one "
                                       "shared copy (same log-probs, less compute; sdpa/eager attention).")
-    world_examples: int = option(2000, "Records generated for builtin: training data.", min=2)
-    world_eval_examples: int = option(200, "Records generated for builtin: held-out data.", min=2)
-    world_k: int = option(4, "Responses per prompt for builtin:world-ranked.", min=2)
+    world_examples: int = option(2000, "Records generated for builtin: training data.", min=2, max=1_000_000)
+    world_eval_examples: int = option(200, "Records generated for builtin: held-out data.", min=2, max=1_000_000)
+    world_k: int = option(4, "Responses per prompt for builtin:world-ranked.", min=2, max=64)
 
 
 @dataclass
@@ -80,9 +87,9 @@ class PreferenceLossConfig:
 
     name: str = option("dpo", "dpo, ipo, hinge, dpop, simpo, orpo, kto or tilt.",
                        choices=tuple(sorted(PREFERENCE_LOSSES)))
-    beta: float = option(0.1, "beta (KL strength / temperature; IPO's tau; tilt's reward temperature).", min=0.0)
+    beta: float = option(0.1, "beta (KL strength / temperature; IPO's tau; tilt's reward temperature).", gt=0.0)
     label_smoothing: float = option(0.0, "Probability a preference label is flipped (dpo, simpo).",
-                                    min=0.0, max=0.49)
+                                    min=0.0, lt=0.5)
     robust: bool = option(False, "dpo: robust (unbiased) form instead of conservative smoothing.")
     dpop_lambda: float = option(5.0, "dpop: weight of max(0, log pi_ref(y_w) - log pi(y_w)) inside the sigmoid.",
                                 min=0.0)
@@ -195,8 +202,11 @@ def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: in
     units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
     log(f"train data {train_ds.source}: {summary}")
     eval_units: list[Unit] = []
-    if data.eval:
-        eval_ds = load_preference_source(data.eval, data, kind, seed)
+    eval_spec = data.eval
+    if eval_spec == "auto":  # the world's held-out set only for the world's own data
+        eval_spec = data.train + "-heldout" if data.train in BUILTIN_SOURCES else None
+    if eval_spec:
+        eval_ds = load_preference_source(eval_spec, data, kind, seed)
         eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
         log(f"eval data {eval_ds.source}: {eval_summary}")
     return units, eval_units, summary
@@ -344,6 +354,16 @@ class DisplacementMonitor:
                         "rejected responses fall faster. Consider loss.name=dpop (anchors the chosen "
                         "log-prob), simpo, a smaller train.lr, or a larger loss.beta.")
         record["likelihood_displacement"] = flag
+        del self.loss[: -2 * w], self.chosen[: -2 * w]  # only the last two windows matter
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint, so a resumed run flags (and warns) exactly as an uninterrupted one."""
+        return {"loss": list(self.loss), "chosen": list(self.chosen), "warned": self.warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss = [float(x) for x in state.get("loss", [])]
+        self.chosen = [float(x) for x in state.get("chosen", [])]
+        self.warned = bool(state.get("warned", False))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -397,6 +417,7 @@ def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], co
 def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
                    eval_times: int | None = None) -> PreferenceResult:
     """Run offline preference optimization as configured (see the module docstring)."""
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
     torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
     accelerator = accelerator_for(cfg.model)
@@ -404,15 +425,19 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
+    check_max_length(cfg.data.max_length, model)
     kind = spec.data
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"loss '{cfg.loss.name}'")
 
     reference = None
     if spec.needs_reference:
-        reference = (load_causal_lm(cfg.loss.reference, dtype=cfg.model.dtype, device=str(accelerator.device),
-                                    attn_implementation=cfg.model.attn_implementation)
-                     if cfg.loss.reference else frozen_copy(model))
+        if cfg.loss.reference:
+            reference = load_causal_lm(cfg.loss.reference, dtype=cfg.model.dtype, device=str(accelerator.device),
+                                       attn_implementation=cfg.model.attn_implementation, key="loss.reference")
+            check_same_vocabulary(reference, model, key="loss.reference")
+        else:
+            reference = frozen_copy(model)
         for p in reference.parameters():
             p.requires_grad_(False)
         reference.eval()

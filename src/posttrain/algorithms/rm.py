@@ -5,14 +5,23 @@
 The model is a Hugging Face ``AutoModelForSequenceClassification`` with one label (the
 convention users know: ``AutoModelForSequenceClassification.from_pretrained(dir)`` loads the
 result), built from a causal LM's weights with a freshly initialized score head. A linear head
-is applied to every position and the per-token scores are pooled per sequence:
+is applied to every position and the per-token scores are pooled per sequence, *exactly as
+transformers' own forward of the saved model pools them*, so the saved model scores what
+training scored:
 
-* ``last`` (default): the last token of each sequence (right or left padding, packed rows);
-* ``mean``: the mean over the response tokens;
-* ``eos``: the last end-of-sequence / end-of-turn token inside the response.
+* ``last`` (default): the last token of each sequence that is not the pad token — the
+  token ``AutoModelForSequenceClassification`` reads (its rule: the rightmost token whose id
+  differs from ``config.pad_token_id``; right or left padding, packed rows). When the pad token
+  is the EOS token (the usual fix for Llama-family tokenizers), that is the token *before* a
+  trailing EOS, in training and after saving alike.
+* ``eos``: the final end-of-sequence / end-of-turn token of the response. transformers can
+  only reproduce this when that token is the sequence's last token and is not the pad token,
+  so those two conditions are checked on the data before training and anything else is
+  refused (e.g. a chat template that writes a newline after its end-of-turn token).
+* ``mean`` over the response tokens is refused: transformers' forward reads one token, so a
+  mean-pooled head would score differently once saved.
 
-Transformers' own forward of the saved model pools the last non-padding token, i.e. it matches
-``last``; the pooling used is stored in the saved config as ``posttrain_pooling``.
+The pooling is also stored in the saved config as ``posttrain_pooling``.
 
 Losses (pure functions in :mod:`posttrain.ops.reward`): Bradley-Terry ``-log sigmoid(r_w - r_l -
 m)`` with an optional per-pair margin from the data, hinge, MSE to a target gap (paired data),
@@ -30,9 +39,10 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TrainConfig, option
-from ..errors import CheckpointError, DataError
-from ..models.loading import accelerator_for, pick_device, pick_dtype, resolve_model_path, tokenizer_for
+from ..errors import CheckpointError, ConfigError, DataError
+from ..models.loading import accelerator_for, check_max_length, load_sequence_classifier, tokenizer_for
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
+from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
 from .dpo import PreferenceDataConfig, Unit, encode_sources
 from .sequences import UnitPlan, collate_examples, pearson
@@ -48,15 +58,25 @@ class RMLossConfig:
 
     name: str = option("bt", "bt (Bradley-Terry), hinge, mse (paired data) or listwise (ranked data).",
                        choices=tuple(sorted(RM_LOSS_DATA)))
-    pooling: str = option("last", "last, mean (over response tokens) or eos.", choices=("last", "mean", "eos"))
+    pooling: str = option("last", "last (the last non-pad token, as transformers' forward reads it) or eos (the "
+                          "final EOS token; checked to be what transformers reads). mean is refused: the saved "
+                          "model could not reproduce it.", choices=("last", "eos", "mean"))
     use_data_margin: bool = option(True, "bt: subtract a record's 'margin' field when present.")
-    hinge_margin: float = option(1.0, "hinge: required reward gap.", min=0.0)
+    hinge_margin: float = option(1.0, "hinge: required reward gap.", gt=0.0)
     target_gap: float = option(1.0, "mse: target reward gap.")
     centering_coef: float = option(0.0, "Reward centering: adds coef * (r_w + r_l)^2.", min=0.0)
     listwise_target: str = option("top1", "listwise targets: top1 (one-hot on the best; ties share) or softmax "
                                           "(softmax of the data's rewards / temperature).",
                                   choices=("top1", "softmax"))
-    listwise_temperature: float = option(1.0, "listwise: temperature of the softmax targets.", min=1e-6)
+    listwise_temperature: float = option(1.0, "listwise: temperature of the softmax targets.", gt=0.0)
+
+    def validate(self) -> None:
+        if self.pooling == "mean":
+            raise ConfigError(
+                "Config key 'loss.pooling' is 'mean', which posttrain refuses for reward models: transformers' "
+                "AutoModelForSequenceClassification scores a sequence by the one token it reads (the last "
+                "non-pad token), so a head trained on mean-pooled scores would give different scores once "
+                "saved and loaded.", fix="use loss.pooling=last (default) or loss.pooling=eos.")
 
 
 @dataclass
@@ -73,29 +93,12 @@ class RMConfig:
 
 def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", device: str = "auto",
                       attn_implementation: str | None = "sdpa"):
-    """A one-label ``AutoModelForSequenceClassification`` from a causal LM (new score head) or an RM dir."""
-    from transformers import AutoModelForSequenceClassification
-
-    dev = pick_device(device)
-    path = resolve_model_path(name_or_path)
-    kwargs = {"num_labels": 1, "dtype": pick_dtype(dtype, dev)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the score head is new by design; say so ourselves below
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"Could not build a reward model from '{name_or_path}': {str(e).splitlines()[0]}",
-            fix="pass a causal LM directory (e.g. your SFT model's final/) or a reward-model directory.",
-        ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    """A one-label ``AutoModelForSequenceClassification`` from a causal LM (new score head) or an RM dir
+    (safetensors only, no repository code: :mod:`posttrain.models.loading`)."""
+    model = load_sequence_classifier(name_or_path, num_labels=1, dtype=dtype, device=device,
+                                     attn_implementation=attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(dev)
+    return model
 
 
 def score_head(model) -> torch.nn.Module:
@@ -107,28 +110,67 @@ def score_head(model) -> torch.nn.Module:
                           fix="use a decoder model whose AutoModelForSequenceClassification has a 'score' layer.")
 
 
-def sequence_rewards(model, batch: dict, *, pooling: str, eos_token_id: int | None) -> torch.Tensor:
-    """``(S,)`` scalar rewards of the batch's sequences (float32)."""
+def sequence_rewards(model, batch: dict, *, pooling: str, eos_token_id: int | None,
+                     pad_token_id: int | None) -> torch.Tensor:
+    """``(S,)`` scalar rewards of the batch's sequences (float32), pooled as transformers' forward of
+    the saved model pools them (see the module docstring)."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
     hidden = model.base_model(**kwargs).last_hidden_state
     values = score_head(model)(hidden).squeeze(-1).float()
-    eos_mask = (batch["input_ids"] == eos_token_id) & (batch["labels"] != -100) if eos_token_id is not None else None
+    ids = batch["input_ids"]
+    if pooling == "last":
+        # transformers' rule: the rightmost token that is not the pad token
+        mode, mask = "eos", (ids != pad_token_id) if pad_token_id is not None else torch.ones_like(ids, dtype=torch.bool)
+    elif pooling == "eos":
+        mode, mask = "eos", (ids == eos_token_id) & (batch["labels"] != -100)
+    else:
+        mode, mask = pooling, None
     try:
-        return pool_sequences(values, batch["sequence_ids"], int(batch["num_sequences"]), mode=pooling,
-                              token_mask=batch["labels"] != -100, eos_mask=eos_mask)
+        return pool_sequences(values, batch["sequence_ids"], int(batch["num_sequences"]), mode=mode,
+                              token_mask=batch["labels"] != -100, eos_mask=mask)
     except ValueError as e:
         raise DataError(f"reward pooling '{pooling}' failed: {e}",
                         fix="use loss.pooling=last, or make sure every response ends with the EOS / "
-                        "end-of-turn token (pooling=eos) and has response tokens (pooling=mean).") from None
+                        "end-of-turn token (pooling=eos).") from None
+
+
+def check_pooling_reproducible(units, *, pooling: str, eos_token_id: int | None, pad_token_id: int | None,
+                               source: str) -> None:
+    """For ``pooling="eos"``: every sequence must end with the EOS token, and EOS must not be the pad
+    token, or transformers' forward of the saved model would read another token. Raises otherwise."""
+    if pooling != "eos":
+        return
+    if eos_token_id is None:
+        raise ConfigError("loss.pooling=eos needs a tokenizer with an EOS token; this one has none.",
+                          fix="use loss.pooling=last.")
+    if pad_token_id == eos_token_id:
+        raise ConfigError(
+            "loss.pooling=eos cannot be reproduced by the saved model: the tokenizer's pad token is its EOS "
+            f"token (id {eos_token_id}), and transformers' AutoModelForSequenceClassification skips pad tokens "
+            "when it picks the token to score, so it would read the token before the EOS.",
+            fix="use loss.pooling=last (it scores exactly what transformers reads), or set model.pad_token to a "
+            "token other than EOS.")
+    for i, u in enumerate(units):
+        for s in u.sequences:
+            if not s.input_ids or s.input_ids[-1] != eos_token_id:
+                tail = s.input_ids[-3:]
+                raise DataError(
+                    f"{source}, unit {i}: with loss.pooling=eos every sequence must end with the EOS / end-of-turn "
+                    f"token (id {eos_token_id}) so that transformers' forward of the saved model reads it, but this "
+                    f"one ends with token ids {tail} (a chat template may write a newline after its end-of-turn "
+                    "token, or the response was truncated to data.max_length).",
+                    fix="use loss.pooling=last (it scores exactly what transformers reads), or raise "
+                    "data.max_length.")
 
 
 class RewardModelAlgorithm:
-    def __init__(self, cfg: RMLossConfig, *, eos_token_id: int | None):
+    def __init__(self, cfg: RMLossConfig, *, eos_token_id: int | None, pad_token_id: int | None = None):
         self.cfg = cfg
         self.kind = RM_LOSS_DATA[cfg.name]
         self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
 
     def collate(self, units: list[Unit], *, pad_token_id: int, packing: bool, row_length: int) -> dict:
         if self.kind == "paired":
@@ -156,7 +198,8 @@ class RewardModelAlgorithm:
                 "input_tokens": int(batch["num_input_tokens"])}
 
     def rewards(self, model, batch: dict) -> torch.Tensor:
-        return sequence_rewards(model, batch, pooling=self.cfg.pooling, eos_token_id=self.eos_token_id)
+        return sequence_rewards(model, batch, pooling=self.cfg.pooling, eos_token_id=self.eos_token_id,
+                                pad_token_id=self.pad_token_id)
 
     def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r = self.rewards(model, batch)
@@ -231,6 +274,7 @@ class RMResult:
 
 def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     """Train a reward model as configured (see the module docstring)."""
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
     torch.manual_seed(cfg.train.seed)
     kind = RM_LOSS_DATA[cfg.loss.name]
     accelerator = accelerator_for(cfg.model)
@@ -238,10 +282,15 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     if model is None:
         model = load_reward_model(cfg.model.name_or_path, tokenizer, dtype=cfg.model.dtype,
                                   device=str(accelerator.device), attn_implementation=cfg.model.attn_implementation)
+    check_max_length(cfg.data.max_length, model)
+    model.config.pad_token_id = tokenizer.pad_token_id  # what transformers' forward pools by
     model.config.posttrain_pooling = cfg.loss.pooling
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"reward loss '{cfg.loss.name}'")
-    algo = RewardModelAlgorithm(cfg.loss, eos_token_id=tokenizer.eos_token_id)
+    for name, us in (("data.train", units), ("data.eval", eval_units)):
+        check_pooling_reproducible(us, pooling=cfg.loss.pooling, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, source=name)
+    algo = RewardModelAlgorithm(cfg.loss, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
     def collate_units(us):
         return algo.collate(us, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,

@@ -38,9 +38,10 @@ from ..data import (
     padding_stats,
 )
 from ..errors import ConfigError
-from ..models.loading import accelerator_for, load_causal_lm, tokenizer_for
+from ..models.loading import accelerator_for, check_max_length, load_causal_lm, tokenizer_for
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
+from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
 from ..train.plan import StepPlan
 
@@ -53,8 +54,9 @@ class SFTDataConfig:
 
     train: str = option(BUILTIN_DATA, "JSONL/Parquet file of conversational or prompt/completion records, "
                                       "or builtin:world-sft (tiny-world problems).")
-    eval: str | None = option("builtin:world-sft-heldout", "Held-out file for eval loss (or "
-                              "builtin:world-sft-heldout); null to use eval_fraction of train.")
+    eval: str | None = option("auto", "Held-out file for eval loss, or builtin:world-sft-heldout; auto: the "
+                              "world's held-out set when train is builtin:world-sft, else none (then "
+                              "eval_fraction applies); null: eval_fraction of train.")
     eval_fraction: float = option(0.0, "Fraction of train held out for eval when data.eval is null.",
                                   min=0.0, max=0.5)
     format: str = option("auto", "auto, conversational or prompt_completion.",
@@ -65,8 +67,8 @@ class SFTDataConfig:
     loss_on: str = option("response", "response: assistant turns / completion only; all: every token.",
                           choices=("response", "all"))
     packing: bool = option(True, "Pack examples into rows of max_length (no cross-document attention).")
-    world_examples: int = option(4000, "Examples generated for builtin:world-sft.", min=1)
-    world_eval_examples: int = option(200, "Examples generated for builtin:world-sft-heldout.", min=1)
+    world_examples: int = option(4000, "Examples generated for builtin:world-sft.", min=1, max=1_000_000)
+    world_eval_examples: int = option(200, "Examples generated for builtin:world-sft-heldout.", min=1, max=1_000_000)
     max_examples: int = option(0, "Use only the first N training records (0: all).", min=0)
 
 
@@ -77,7 +79,7 @@ class SFTLossConfig:
     normalization: str = option("tokens", "tokens: divide by the step's kept tokens; sum: no division; "
                                           "constant: divide by normalize_constant.",
                                 choices=("tokens", "sum", "constant"))
-    normalize_constant: float | None = option(None, "Divisor for normalization=constant.", min=0.0)
+    normalize_constant: float | None = option(None, "Divisor for normalization=constant.", gt=0.0)
 
     def validate(self) -> None:
         if self.normalization == "constant" and not self.normalize_constant:
@@ -245,12 +247,14 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
     (overriding ``train.eval_every``).
     """
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
     torch.manual_seed(cfg.train.seed)
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
+    check_max_length(cfg.data.max_length, model)
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
     uses_messages = train_ds.format == "conversational" or any(
         isinstance(r.get("prompt"), list) or isinstance(r.get("completion"), list) for r in train_ds.records)
@@ -261,8 +265,11 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     if cfg.data.max_examples:
         train_examples = train_examples[: cfg.data.max_examples]
     log(f"train data {train_ds.source}: {report.summary()}")
-    if cfg.data.eval:
-        eval_ds = load_sft_source(cfg.data.eval, cfg.data, cfg.train.seed)
+    eval_spec = cfg.data.eval
+    if eval_spec == "auto":  # the world's held-out set only for the world's own data
+        eval_spec = BUILTIN_DATA + "-heldout" if cfg.data.train == BUILTIN_DATA else None
+    if eval_spec:
+        eval_ds = load_sft_source(eval_spec, cfg.data, cfg.train.seed)
         eval_examples, eval_report = encode_dataset(eval_ds, tokenizer, **encode_kw)
         log(f"eval data {eval_ds.source}: {eval_report.summary()}")
     elif cfg.data.eval_fraction > 0:
@@ -270,6 +277,12 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         idx = list(range(len(train_examples)))
         rng.shuffle(idx)
         k = max(1, int(len(idx) * cfg.data.eval_fraction))
+        if k >= len(idx):
+            raise ConfigError(
+                f"data.eval_fraction={cfg.data.eval_fraction} holds out {k} of the {len(idx)} training examples, "
+                "leaving none to train on.",
+                fix="use more training data, a smaller data.eval_fraction (0 for no eval), or a separate "
+                "data.eval file.")
         held = set(idx[:k])
         eval_examples = [train_examples[i] for i in sorted(held)]
         train_examples = [e for i, e in enumerate(train_examples) if i not in held]

@@ -71,23 +71,24 @@ def check_tokenizer(tokenizer, *, need_chat_template: bool) -> None:
         raise TokenizerError(
             f"tokenizer {name!r} has no EOS token; posttrain appends it to completions so the model "
             "learns to stop, and generation stops on it.",
-            fix="set `eos_token` in the tokenizer config (tokenizer_config.json or the posttrain "
-            "config) to the model's end-of-text token.",
+            fix="add \"eos_token\" (the model's end-of-text token) to the tokenizer's tokenizer_config.json, "
+            "or point model.tokenizer to a tokenizer that has one.",
         )
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise TokenizerError(
             f"tokenizer {name!r} has no pad token, which batching needs.",
-            fix="set `pad_token` in the config, for example to the EOS token "
-            f"({tokenizer.eos_token!r}); that is safe here because posttrain builds attention and "
-            "loss masks from positions, never by comparing token ids with the pad id.",
+            fix=f"set model.pad_token in the config, for example to the EOS token (model.pad_token="
+            f"{tokenizer.eos_token!r}); that is safe here because posttrain builds attention and loss masks "
+            "from positions, never by comparing token ids with the pad id (a reward model then scores the "
+            "token before a trailing EOS, exactly as transformers' forward of the saved model does).",
         )
     if need_chat_template and _chat_template(tokenizer) is None:
         raise TokenizerError(
             f"tokenizer {name!r} has no chat template, but the data is a list of messages, which "
             "must be rendered with the model's template.",
-            fix="set `tokenizer.chat_template` to a Jinja template (for example the ChatML template "
-            "of the model family you fine-tune from; keep using it at inference), or give the data "
-            "as prompt/completion strings.",
+            fix="set model.chat_template to a Jinja template or the path of a .jinja file (for example "
+            "the ChatML template of the model family you fine-tune from; keep using it at inference), "
+            "point model.tokenizer to a tokenizer that has one, or give the data as prompt/completion strings.",
         )
 
 

@@ -575,6 +575,12 @@ def _check_format_name(format: str, *, allow_auto: bool) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """``"Expecting value at column 5"``; json's messages may already end in "at" ("Unterminated
+    string starting at")."""
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
 def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -591,7 +597,7 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{where(source, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}). Each line of a "
+                    f"{where(source, lineno)}: invalid JSON ({_json_problem(exc)}). Each line of a "
                     "JSON Lines file must hold one complete JSON object.",
                     fix="fix the line (a common cause is a record pretty-printed across several lines, or "
                     "a trailing comma), or delete it.",
@@ -606,7 +612,7 @@ def _read_json_array(path: Path, source: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{source}: the file is not valid UTF-8 ({exc.reason}).", fix="re-save it as UTF-8.") from None
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"{where(source, exc.lineno)}: invalid JSON ({exc.msg} at column {exc.colno}).",
+            f"{where(source, exc.lineno)}: invalid JSON ({_json_problem(exc)}).",
             fix="fix the JSON, or write the data as JSON Lines (one object per line).",
         ) from None
     for i, obj in enumerate(data):

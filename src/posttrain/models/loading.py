@@ -1,51 +1,311 @@
-"""Loading policy / reference models and tokenizers.
+"""Loading policy / reference / reward models and tokenizers — without ever running foreign code.
 
 ``builtin:tiny-world-base`` names the tiny world's shipped base model (inside the package, so
-nothing is downloaded); anything else is a local Hugging Face directory or a hub id (hub ids
-need network access, which our CI machines do not have).
+nothing is downloaded); anything else is a local Hugging Face directory or a hub id.
+
+Every model and tokenizer posttrain loads goes through this module, and three rules hold
+for all of them (``docs/security.md``):
+
+* **No repository code.** ``trust_remote_code=False`` is passed to every ``from_pretrained``,
+  so transformers never asks ``[y/N]`` and never imports a directory's Python files. A
+  directory whose ``config.json`` / ``tokenizer_config.json`` names custom code (``auto_map``)
+  is loaded with transformers' own classes when its ``model_type`` / tokenizer class is one
+  transformers knows (a note says so), and refused otherwise. There is no opt-in.
+* **No pickle.** Weights load from safetensors only (``use_safetensors=True``); a directory
+  holding only ``pytorch_model.bin`` / ``*.pt`` / ``*.ckpt`` weights is refused with the
+  one-time conversion to run where the file is trusted.
+* **Fail fast offline.** A name that is not a local directory is a hub id only if it has the
+  ``owner/name`` shape; when the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) it is looked
+  up in the local cache only, and a miss is an immediate error instead of a minute of retries.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..errors import CheckpointError, ConfigError, TokenizerError, setting
 
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "world" / "assets"
 BUILTIN_MODELS = {"tiny-world-base": ASSETS / "tiny-world-base"}
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# owner/name (or a bare name) with the characters the hub allows; anything else is a path
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map ``builtin:<name>`` to the shipped directory; pass other names through."""
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        name = name_or_path[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_MODELS:
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model or tokenizer comes from: ``path`` is a local directory or a hub id."""
+
+    name: str                 # what the user wrote
+    path: str
+    local: bool
+    cache_only: bool = False  # hub id while the hub is unreachable: the local cache only
+
+    def kwargs(self) -> dict:
+        """The ``from_pretrained`` keyword arguments every load passes."""
+        kw: dict = {"trust_remote_code": False}
+        if self.cache_only:
+            kw["local_files_only"] = True
+        return kw
+
+
+def _hint_for_missing(name: str) -> str:
+    if "quickstart" in name:
+        return ("run `make quickstart` first (it writes runs/quickstart/sft/final), or set "
+                "model.name_or_path to a model directory of yours.")
+    return "check the path (relative paths start from the working directory), or use builtin:tiny-world-base."
+
+
+@functools.lru_cache(maxsize=4)
+def hub_reachable(endpoint: str | None = None, timeout: float = 4.0) -> bool:
+    """Whether the Hugging Face Hub answers an HTTP request within ``timeout`` seconds (cached).
+
+    Any HTTP answer counts (even an error status); a DNS failure, a refused connection or a
+    timeout does not. Proxies from the environment are honoured (urllib reads them)."""
+    import urllib.error
+    import urllib.request
+
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    for name in filenames:
+        try:
+            hit = try_to_load_from_cache(repo_id, name)
+        except Exception:  # an id the cache layout cannot represent
+            return False
+        if isinstance(hit, str):
+            return True
+    return False
+
+
+def locate(name_or_path: str, *, key: str = "model.name_or_path", what: str = "model") -> Source:
+    """Resolve ``builtin:<name>``, a local directory or a hub id into a :class:`Source`.
+
+    Raises ConfigError (naming ``key``) for a missing directory, a file where a directory is
+    needed, a name that is neither, or a hub id that cannot be fetched because the hub is
+    unreachable and the id is not in the local cache."""
+    name = str(name_or_path)
+    if name.startswith(BUILTIN_PREFIX):
+        builtin = name[len(BUILTIN_PREFIX):]
+        if builtin not in BUILTIN_MODELS:
             raise ConfigError(
-                f"Unknown built-in model '{name_or_path}'; built-in models are "
+                f"{setting(key)} names an unknown built-in model '{name}'; built-in models are "
                 f"{', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}.",
                 fix="use one of those or a path to a Hugging Face model directory.",
             )
-        path = BUILTIN_MODELS[name]
+        path = BUILTIN_MODELS[builtin]
         if not (path / "config.json").is_file():
             raise CheckpointError(
                 f"The built-in model files are missing from {path}.",
-                fix="reinstall posttrain, or rebuild them with `python -m posttrain.world.build --out "
-                f"{path}`.",
+                fix=f"reinstall posttrain, or rebuild them with `python -m posttrain.world.build --out {path}`.",
             )
-        return str(path)
-    return name_or_path
+        return Source(name, str(path), local=True)
+    if not name.strip():
+        raise ConfigError(f"{setting(key)} is empty.", fix=f"set {key} to a model directory or hub id.")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return Source(name, str(p), local=True)
+    if p.exists():
+        raise ConfigError(
+            f"{setting(key)} is '{name}', which is a file; a {what} is loaded from a directory "
+            "(holding config.json, the weights and the tokenizer files).",
+            fix=f"set {key} to the directory that holds this file.",
+        )
+    looks_like_path = (name.startswith(("/", "./", "../", "~", "."))
+                       or name.endswith(("/", os.sep)) or not _REPO_ID.match(name))
+    if looks_like_path:
+        parent = next((q for q in p.parents if q.exists()), None)
+        where = "" if parent is None or str(parent) == "." else f" (the closest existing folder is '{parent}')"
+        raise ConfigError(f"{setting(key)}: no such directory '{name}'{where}.", fix=_hint_for_missing(name))
+    # a hub id
+    if _hub_offline_env() or not hub_reachable():
+        files = ("config.json",) if what != "tokenizer" else ("tokenizer_config.json", "tokenizer.json")
+        if _in_hub_cache(name, files):
+            return Source(name, name, local=False, cache_only=True)
+        why = "HF_HUB_OFFLINE is set" if _hub_offline_env() else "the Hugging Face Hub cannot be reached from this machine"
+        raise ConfigError(
+            f"{setting(key)} is '{name}': there is no such local directory, and as a hub id it cannot be "
+            f"fetched because {why}; it is not in the local Hugging Face cache either.",
+            fix=(_hint_for_missing(name) if "quickstart" in name else
+                 f"give a local model directory (check the path: relative paths start from the working "
+                 f"directory), or download '{name}' on a machine with hub access (`hf download {name}`) and copy "
+                 "it here or into the Hugging Face cache."),
+        )
+    return Source(name, name, local=False)
 
 
-def pick_device(device: str = "auto") -> torch.device:
+# --------------------------------------------------------------------------- directory checks
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text, so it is not a valid {what}.",
+                              fix="restore the file from the original model.") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno}); the "
+            f"{what} is corrupt or truncated.", fix="restore the file from the original model.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object ({what}).", fix="restore the file from the original model.")
+    return data
+
+
+def custom_code_note(directory: Path, *, what: str) -> str | None:
+    """Check a local directory for custom code (``auto_map``); refuse it when transformers has no
+    class of its own for it, else return a note saying the code is ignored."""
+    from transformers import CONFIG_MAPPING
+
+    notes = []
+    cfg_file = directory / "config.json"
+    if what != "tokenizer" and cfg_file.is_file():
+        cfg = _read_json(cfg_file, "model config")
+        model_type = cfg.get("model_type")
+        if cfg.get("auto_map"):
+            if model_type not in CONFIG_MAPPING:
+                raise CheckpointError(
+                    f"'{directory}' needs its own Python code to load (config.json has auto_map "
+                    f"{sorted(cfg['auto_map'])} and model_type {model_type!r}, which transformers does not know). "
+                    "posttrain never runs code from a model directory or the hub (trust_remote_code is always "
+                    "off; there is no opt-in), so it cannot load this model.",
+                    fix="use a model whose architecture transformers implements (or a conversion of this one to "
+                    "such an architecture); see docs/security.md.",
+                )
+            notes.append(f"config.json names custom code ({', '.join(sorted(cfg['auto_map']))}); posttrain never "
+                         f"runs it and uses transformers' built-in '{model_type}' classes")
+    tok_file = directory / "tokenizer_config.json"
+    if what != "model" and tok_file.is_file():
+        tcfg = _read_json(tok_file, "tokenizer config")
+        if tcfg.get("auto_map"):
+            import transformers
+
+            cls = str(tcfg.get("tokenizer_class") or "")
+            known = bool(cls) and (hasattr(transformers, cls) or hasattr(transformers, cls + "Fast")
+                                   or hasattr(transformers, cls.removesuffix("Fast")))
+            if not known and not (directory / "tokenizer.json").is_file():
+                raise TokenizerError(
+                    f"'{directory}' needs its own Python code for its tokenizer (tokenizer_config.json has "
+                    f"auto_map and tokenizer_class {cls or None!r}, which transformers does not know). posttrain "
+                    "never runs code from a model directory or the hub (there is no opt-in).",
+                    fix="use a tokenizer with a tokenizer.json (fast tokenizer) or a class transformers "
+                    "implements; set model.tokenizer to it.",
+                )
+            notes.append("tokenizer_config.json names custom code; posttrain never runs it and uses "
+                         "transformers' own tokenizer classes")
+    if not notes:
+        return None
+    return f"note: {directory}: " + "; ".join(notes) + "."
+
+
+def check_weights(directory: Path) -> None:
+    """Refuse a local model directory without safetensors weights (pickle-only, or none)."""
+    if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_WEIGHT_SUFFIXES
+                     and p.name != "training_args.bin")
+    if pickles:
+        raise CheckpointError(
+            f"'{directory}' holds its weights only as pickle files ({', '.join(pickles[:3])}). posttrain loads "
+            "weights only from safetensors files, because unpickling a file can run any code its author put "
+            "in it, and there is no opt-in.",
+            fix="convert the weights once, on a machine where you trust the file, e.g. `python -c \"from "
+            "transformers import AutoModelForCausalLM as M; M.from_pretrained('" + str(directory) + "')"
+            ".save_pretrained('" + str(directory) + "-safetensors')\"` (save_pretrained writes "
+            "model.safetensors), copy the tokenizer files next to it, and point model.name_or_path there. "
+            "See docs/security.md.",
+        )
+    raise CheckpointError(
+        f"'{directory}' has a config.json but no weights (*.safetensors).",
+        fix="point to a complete Hugging Face model directory (config.json + model.safetensors).",
+    )
+
+
+def check_model_dir(source: Source, *, what: str = "model") -> str | None:
+    """Checks on a local model directory before transformers sees it; returns a note or None."""
+    if not source.local:
+        return None
+    d = Path(source.path)
+    if not (d / "config.json").is_file():
+        found = sorted(p.name for p in d.iterdir())[:8]
+        raise CheckpointError(
+            f"'{source.name}' is not a Hugging Face {what} directory: it has no config.json (it holds "
+            f"{found or 'nothing'}).",
+            fix="point to the directory written by save_pretrained (for a posttrain run: its final/ or "
+            "checkpoints/step-*/model/).",
+        )
+    note = custom_code_note(d, what=what)
+    check_weights(d)
+    return note
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+
+
+def pick_device(device: str = "auto", *, key: str = "model.device") -> torch.device:
+    """``auto`` -> cuda when available, else cpu. An explicit device must exist here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{setting(key)} has value {device!r}, which is not a device name.",
+                          fix=f"use auto, cpu, cuda or cuda:<index>.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{setting(key)} is {device!r}, but this machine has no CUDA device (or this "
+                              "torch build has no CUDA support), so the run would silently train on the CPU.",
+                              fix=f"set {key}=auto or {key}=cpu, or run on a machine with a GPU and a CUDA build "
+                              "of torch.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{setting(key)} is {device!r}, but this machine has only "
+                              f"{torch.cuda.device_count()} CUDA device(s).", fix=f"use cuda:0 .. cuda:"
+                              f"{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError(f"{setting(key)} is 'mps', which is not available on this machine.",
+                              fix=f"set {key}=auto or cpu.")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{setting(key)} has value {device!r}; posttrain runs on cpu, cuda or mps.",
+                          fix=f"set {key}=auto.")
+    return dev
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
     """``auto`` is fp32: trainable weights stay fp32 (AdamW master weights); on a GPU set
     ``train.mixed_precision=bf16`` for bf16 compute. (On CPUs bf16 matmuls are ~100x slower.)"""
     if dtype == "auto":
@@ -58,17 +318,39 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_template: str | None = None):
+def check_attn_implementation(name: str | None, device: torch.device, *, key: str = "model.attn_implementation") -> None:
+    """Refuse an attention implementation that cannot run here, before loading anything."""
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(f"{setting(key)} is 'flash_attention_2', but the flash-attn package is not "
+                              "installed.", fix=f"pip install flash-attn (CUDA GPUs only), or set {key}=sdpa "
+                              "(packing works with sdpa too).")
+        if device.type != "cuda":
+            raise ConfigError(f"{setting(key)} is 'flash_attention_2', which needs a CUDA GPU; this run is on "
+                              f"{device.type}.", fix=f"set {key}=sdpa.")
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_template: str | None = None,
+                   key: str = "model.tokenizer"):
     """Load a tokenizer; optionally set its pad token and chat template (a file path or a Jinja string)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    source = locate(name_or_path, key=key, what="tokenizer")
+    if source.local and (Path(source.path) / "config.json").is_file():
+        _read_json(Path(source.path) / "config.json", "model config")  # transformers reads it too
+    note = custom_code_note(Path(source.path), what="tokenizer") if source.local else None
+    if note:
+        print(note)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    except Exception as e:  # transformers raises many types for a broken directory
         raise TokenizerError(
-            f"Could not load a tokenizer from '{name_or_path}': {str(e).splitlines()[0]}",
-            fix="pass a local Hugging Face model/tokenizer directory (or builtin:tiny-world-base).",
+            f"Could not load a tokenizer from '{name_or_path}': {_first_line(e)}",
+            fix="pass a Hugging Face model/tokenizer directory (tokenizer.json + tokenizer_config.json) or "
+            "builtin:tiny-world-base.",
         ) from None
     if pad_token is not None:
         if pad_token not in tok.get_vocab():
@@ -80,45 +362,156 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_temp
             )
         tok.pad_token = pad_token
     if chat_template is not None:
-        p = Path(chat_template)
-        tok.chat_template = p.read_text() if p.is_file() else chat_template
+        tok.chat_template = read_chat_template(chat_template)
     return tok
 
 
+def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
+    """``value`` is a Jinja template string or the path of a file holding one."""
+    if "{{" in value or "{%" in value:
+        return value
+    p = Path(value).expanduser()
+    if p.is_file():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{setting(key)}: could not read the template file '{value}' ({_first_line(e)}).",
+                              fix="give a readable UTF-8 Jinja file.") from None
+        if not text.strip():
+            raise ConfigError(f"{setting(key)}: the template file '{value}' is empty.",
+                              fix="write the Jinja chat template into it.")
+        return text
+    raise ConfigError(
+        f"{setting(key)} is {value!r}: it is neither a Jinja template (no '{{{{' or '{{%') nor an existing file"
+        f"{' (no such file)' if ('/' in value or '.' in value) else ''}.",
+        fix=f"set {key} to the path of a .jinja file or to the template text itself.",
+    )
+
+
+def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_heads: tuple[str, ...] = (),
+                     **kwargs):
+    """``auto_cls.from_pretrained`` under the module's rules. Weights the checkpoint does not hold
+    (transformers would initialize them randomly and only warn) are refused, except the new
+    heads a caller expects (``new_heads``: name prefixes such as ``score``)."""
+    source = locate(name_or_path, key=key, what=what)
+    note = check_model_dir(source, what=what)
+    if note:
+        print(note)
+    try:
+        model, info = auto_cls.from_pretrained(source.path, use_safetensors=True, output_loading_info=True,
+                                               **source.kwargs(), **kwargs)
+    except Exception as e:  # OSError, ValueError, SafetensorError, RuntimeError (shape mismatch), ...
+        raise CheckpointError(
+            f"Could not load a {what} from '{name_or_path}' ({setting(key).lower()}): {_first_line(e)}",
+            fix="pass a complete Hugging Face model directory (config.json + *.safetensors) or hub id of a "
+            "model transformers implements, or builtin:tiny-world-base.",
+        ) from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.split(".")[0] in new_heads]
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        shown = [str(k) for k in (missing + mismatched)[:4]]
+        raise CheckpointError(
+            f"The weights in '{name_or_path}' do not fit its config ({type(model).__name__}): "
+            f"{len(missing)} parameter tensor(s) are missing and {len(mismatched)} have other shapes (e.g. "
+            f"{', '.join(shown)}), so transformers would fill them with random values.",
+            fix="check that config.json belongs to these weights (model_type, sizes), or re-save the model with "
+            "save_pretrained.",
+        )
+    return model
+
+
 def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
-                   attn_implementation: str | None = "sdpa"):
-    """Load an ``AutoModelForCausalLM`` on ``device`` in ``dtype``."""
+                   attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
+    """Load an ``AutoModelForCausalLM`` on ``device`` in ``dtype`` (safetensors only, no repository code)."""
     from transformers import AutoModelForCausalLM
 
-    dev = pick_device(device)
-    path = resolve_model_path(name_or_path)
+    dev = pick_device(device, key="--device" if key.startswith("-") else "model.device")
+    check_attn_implementation(attn_implementation, dev)
     kwargs = {"dtype": pick_dtype(dtype, dev)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"Could not load a causal LM from '{name_or_path}': {str(e).splitlines()[0]}",
-            fix="pass a Hugging Face model directory with config.json and weights "
-            "(or builtin:tiny-world-base).",
-        ) from None
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, key=key, what="model", **kwargs)
     return model.to(dev)
+
+
+def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: str = "auto", device: str = "auto",
+                             attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
+    """An ``AutoModelForSequenceClassification`` (a reward model, or a causal LM's backbone with a
+    new head); transformers' note about newly initialized head weights is silenced."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    dev = pick_device(device)
+    check_attn_implementation(attn_implementation, dev)
+    kwargs = {"num_labels": num_labels, "dtype": pick_dtype(dtype, dev)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a new score head is by design; callers say so themselves
+    try:
+        model = _from_pretrained(AutoModelForSequenceClassification, name_or_path, key=key, what="model",
+                                 new_heads=("score", "classifier"), **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(dev)
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model's config allows (``max_position_embeddings`` and kin), or None."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(max_length: int, model, *, key: str = "data.max_length") -> None:
+    """Refuse sequences longer than the model's position limit, naming both numbers."""
+    limit = max_positions(model.config)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"{setting(key)} is {max_length}, longer than the model's position limit of {limit} tokens "
+            f"(max_position_embeddings in its config.json).",
+            fix=f"set {key} to at most {limit}.",
+        )
+
+
+def check_same_vocabulary(other, model, *, key: str) -> None:
+    """Refuse a second model (reference, teacher, ...) whose vocabulary differs from the policy's:
+    its log-probs would be of other tokens."""
+    a = getattr(other.config, "vocab_size", None)
+    b = getattr(model.config, "vocab_size", None)
+    if a is not None and b is not None and a != b:
+        raise ConfigError(
+            f"{setting(key)} names a model with a vocabulary of {a} tokens, but the model being trained has "
+            f"{b}; their log-probs would be of different tokens.",
+            fix=f"set {key} to a model with the same tokenizer as model.name_or_path (or leave it unset to use a "
+            "frozen copy of the starting model).")
 
 
 def tokenizer_for(model_cfg):
     """The tokenizer a ``model`` config section names (its ``tokenizer`` or ``name_or_path``),
     with the section's pad token and chat template applied."""
+    key = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
     return load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, pad_token=model_cfg.pad_token,
-                          chat_template=model_cfg.chat_template)
+                          chat_template=model_cfg.chat_template, key=key)
 
 
 def accelerator_for(model_cfg):
     """An ``accelerate.Accelerator`` on the CPU unless a GPU is present and not declined.
 
-    Precision is not set here: the engine does its own autocast, because accelerate's state is
-    process-global and refuses a second Accelerator with other settings in one process.
+    The section's ``device`` and ``attn_implementation`` are checked first (a CUDA device on a
+    machine without one, or flash-attention without its package, is refused). Precision is not
+    set here: the engine does its own autocast, because accelerate's state is process-global
+    and refuses a second Accelerator with other settings in one process.
     """
     from accelerate import Accelerator
 
-    return Accelerator(cpu=model_cfg.device == "cpu" or not torch.cuda.is_available())
+    dev = pick_device(model_cfg.device)
+    check_attn_implementation(model_cfg.attn_implementation, dev)
+    return Accelerator(cpu=dev.type == "cpu")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The local directory or hub id a model name resolves to (see :func:`locate`)."""
+    return locate(name_or_path).path

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
+from ..models.loading import max_positions
+
 
 @dataclass
 class Generation:
@@ -56,6 +59,14 @@ def generate(
     """Generate one completion per prompt (greedy when ``temperature == 0``)."""
     if not prompts:
         return []
+    limit = max_positions(model.config)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"Generation would run past the model's position limit of {limit} tokens: the longest prompt has "
+            f"{longest} tokens and max_new_tokens is {max_new_tokens}.",
+            fix=f"lower max_new_tokens (--max-new-tokens for posttrain eval) to at most {max(0, limit - longest)}, "
+            "or shorten the prompts.")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device

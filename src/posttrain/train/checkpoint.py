@@ -1,36 +1,57 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, verified, pickle-free checkpoints.
 
 Layout of ``<output_dir>/checkpoints/step-000120/``::
 
-    model/              save_pretrained() output (+ tokenizer): loads with AutoModelForCausalLM
-    trainer_state.pt    optimizer, scheduler, RNG states, step, skipped-step count
-    checkpoint.json     step, data-plan fingerprint, model signature; written LAST
+    model/                    save_pretrained() output (+ tokenizer): loads with AutoModelForCausalLM
+    trainer_state.json        optimizer / scheduler / RNG / diagnostics state: structure and numbers ...
+    trainer_state.safetensors ... and its tensors (see :mod:`posttrain.train.safestate`)
+    checkpoint.json           step, data-plan fingerprint, model signature, the run's config, and a
+                              manifest (size + SHA-256 of every other file); written LAST
 
-A checkpoint is first written to ``step-000120.partial`` and renamed when complete, so a
-crash never leaves a directory that looks finished. On resume a directory without
-``checkpoint.json`` (or with a ``.partial`` name) is refused, as is one whose model signature
-or data plan differs from the current run. Non-finite weights are never written.
+Nothing here unpickles: a checkpoint can carry wrong numbers but never code. A checkpoint is
+first written to ``step-000120.partial`` and renamed when complete, so a crash never leaves a
+directory that looks finished. On resume the manifest is verified (a truncated or altered
+file is *corrupt*; ``train.resume=auto`` then falls back to the previous complete checkpoint),
+and a checkpoint written by a different model, data plan or config is refused with the
+differences named. Non-finite weights are never written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .safestate import StateFormatError, load_state, save_state
 
 MARKER = "checkpoint.json"
-STATE = "trainer_state.pt"
+STATE = "trainer_state"           # trainer_state.json + trainer_state.safetensors
+LEGACY_STATE = "trainer_state.pt"  # pickle, written before checkpoints became pickle-free; refused
 PARTIAL_SUFFIX = ".partial"
+FORMAT_VERSION = 2
 SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "intermediate_size")
+# config keys that may differ between a run and the checkpoint it resumes: they change where
+# and how often things are written or shown, never what is trained
+RESUME_SAFE_KEYS = frozenset({
+    "train.resume", "train.progress", "train.report_to", "train.log_every", "train.eval_every",
+    "train.save_every", "train.save_total_limit", "train.max_bad_steps", "train.output_dir",
+    "train.overwrite_output_dir",
+})
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files do not match its manifest (truncated, altered, missing)."""
 
 
 def model_signature(model) -> dict:
@@ -64,20 +85,48 @@ def assert_finite(model, where: str) -> None:
             )
 
 
+def _write_failed(target: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"Could not write {target}: {e.strerror or e} ({type(e).__name__}).",
+        fix="free disk space or fix the permissions of train.output_dir; earlier complete checkpoints are "
+        "intact, so train.resume=auto continues from the latest of them.",
+    )
+
+
 def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
     """``save_pretrained`` of model (+ tokenizer) into ``target`` via a staging dir and a rename."""
     assert_finite(model, str(target))
     target = Path(target)
     stage = target.with_name(target.name + PARTIAL_SUFFIX)
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    model.save_pretrained(stage, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(stage)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(stage, target)
+    try:
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        model.save_pretrained(stage, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(stage, target)
+    except OSError as e:
+        raise _write_failed(target, e) from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(directory: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``directory`` except the marker."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MARKER:
+            out[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return out
 
 
 def save_checkpoint(
@@ -90,44 +139,65 @@ def save_checkpoint(
     step: int,
     skipped_steps: int,
     fingerprint: str,
+    config: dict | None = None,
+    extra_state: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint for optimizer step ``step`` (number of steps done)."""
+    """Write a complete checkpoint for optimizer step ``step`` (number of steps done).
+
+    ``config`` is the run's config (compared on resume); ``extra_state`` holds further
+    resumable state (e.g. diagnostics), stored like the optimizer state."""
     assert_finite(model, f"the checkpoint for step {step}")
     final = Path(directory) / f"step-{step:06d}"
     stage = final.with_name(final.name + PARTIAL_SUFFIX)
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    model.save_pretrained(stage / "model", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(stage / "model")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+    try:
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        model.save_pretrained(stage / "model", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage / "model")
+        save_state(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "step": step,
+                "skipped_steps": skipped_steps,
+                "extra": extra_state or {},
+            },
+            stage,
+            STATE,
+        )
+        meta = {
+            "format_version": FORMAT_VERSION,
             "step": step,
-            "skipped_steps": skipped_steps,
-        },
-        stage / STATE,
-    )
-    meta = {
-        "step": step,
-        "fingerprint": fingerprint,
-        "model_signature": model_signature(model),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **(extra or {}),
-    }
-    (stage / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(stage, final)
+            "fingerprint": fingerprint,
+            "model_signature": model_signature(model),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "config": config,
+            **(extra or {}),
+            "files": build_manifest(stage),
+        }
+        (stage / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    except OSError as e:
+        raise _write_failed(stage, e) from None
     return final
 
 
+def _step_of(d: Path) -> int:
+    try:
+        return int(d.name[len("step-"):])
+    except ValueError:
+        return -1
+
+
 def list_checkpoints(directory: Path) -> tuple[list[Path], list[Path]]:
-    """(complete checkpoints sorted by step, partial ones)."""
+    """(checkpoints that look complete, sorted by step; partial ones). Looking complete means a
+    ``step-N`` directory with its marker; whether its files are intact is :func:`verify_checkpoint`'s job."""
     directory = Path(directory)
     if not directory.is_dir():
         return [], []
@@ -135,28 +205,90 @@ def list_checkpoints(directory: Path) -> tuple[list[Path], list[Path]]:
     for d in sorted(directory.iterdir()):
         if not d.is_dir() or not d.name.startswith("step-"):
             continue
-        if d.name.endswith(PARTIAL_SUFFIX) or not (d / MARKER).is_file() or not (d / STATE).is_file():
+        if d.name.endswith(PARTIAL_SUFFIX) or not (d / MARKER).is_file() or _step_of(d) < 0:
             partial.append(d)
         else:
             complete.append(d)
-    complete.sort(key=lambda d: json.loads((d / MARKER).read_text())["step"])
+    complete.sort(key=_step_of)
     return complete, partial
 
 
-def check_checkpoint(path: Path, *, model, fingerprint: str) -> dict:
-    """Validate ``path`` for resuming this run; returns its metadata or raises CheckpointError."""
+def verify_checkpoint(path: Path) -> dict:
+    """Read ``checkpoint.json`` and check every file against its manifest; returns the metadata.
+
+    Raises :class:`CorruptCheckpointError` for a missing / unreadable marker, a missing file, a
+    size or checksum mismatch; :class:`CheckpointError` for a partial or legacy (pickle) one."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"Checkpoint '{path}' does not exist.",
+        raise CheckpointError(f"Checkpoint '{path}' does not exist (or is not a directory).",
                               fix="check train.resume, or use train.resume=auto.")
-    if path.name.endswith(PARTIAL_SUFFIX) or not (path / MARKER).is_file() or not (path / STATE).is_file():
+    if path.name.endswith(PARTIAL_SUFFIX) or not (path / MARKER).is_file():
         raise CheckpointError(
-            f"Checkpoint '{path}' is partial (it has no {MARKER} or {STATE}): it was being written when "
-            "the run stopped.",
+            f"Checkpoint '{path}' is partial (it has no {MARKER}): it was being written when the run stopped.",
             fix="resume from an earlier complete checkpoint (train.resume=auto picks the latest complete "
             "one) and delete this directory.",
         )
-    meta = json.loads((path / MARKER).read_text())
+    try:
+        meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpointError(f"Checkpoint '{path}' is corrupt: {MARKER} cannot be read ({e}).",
+                                     fix="resume from an earlier checkpoint (train.resume=auto skips corrupt "
+                                     "ones) and delete this directory.") from None
+    if (path / LEGACY_STATE).is_file() and "files" not in meta:
+        raise CheckpointError(
+            f"Checkpoint '{path}' stores its trainer state as a pickle ({LEGACY_STATE}), the format of posttrain "
+            "before checkpoints became pickle-free. posttrain no longer unpickles files, because a pickle can "
+            "run any code planted in it.",
+            fix=f"start a fresh run; to keep the weights, set model.name_or_path={path / 'model'} (a safetensors "
+            "model directory).",
+        )
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CorruptCheckpointError(f"Checkpoint '{path}' is corrupt: {MARKER} has no file manifest.",
+                                     fix="resume from an earlier checkpoint (train.resume=auto skips corrupt ones).")
+    problems = []
+    for rel, info in files.items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif not isinstance(info, dict) or f.stat().st_size != info.get("size"):
+            problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {info.get('size') if isinstance(info, dict) else '?'}")
+        elif _sha256(f) != info.get("sha256"):
+            problems.append(f"{rel} does not match its checksum")
+    if problems:
+        raise CorruptCheckpointError(
+            f"Checkpoint '{path}' is corrupt: {'; '.join(problems[:4])}.",
+            fix="resume from an earlier checkpoint (train.resume=auto skips corrupt ones and uses the previous "
+            "complete one), and delete this directory.",
+        )
+    return meta
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUME_SAFE_KEYS) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint value, current value)`` for every config key that differs, except ``ignore``."""
+    a = flatten(json.loads(json.dumps(saved)))
+    b = flatten(json.loads(json.dumps(current)))
+    keys = sorted(set(a) | set(b))
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys
+            if k not in ignore and not any(k.startswith(i + ".") for i in ignore) and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None = None) -> dict:
+    """Validate ``path`` for resuming this run; returns its metadata or raises CheckpointError."""
+    path = Path(path)
+    meta = verify_checkpoint(path)
     mine = model_signature(model)
     theirs = meta.get("model_signature", {})
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
@@ -167,18 +299,54 @@ def check_checkpoint(path: Path, *, model, fingerprint: str) -> dict:
             fix="resume with the same model.name_or_path as the run that wrote it, or start a fresh "
             "train.output_dir.",
         )
+    if config is not None and meta.get("config") is not None:
+        changed = config_differences(meta["config"], config)
+        if changed:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in changed[:8])
+            more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+            raise CheckpointError(
+                f"Resuming '{path}' with a config that differs from the run that wrote it: {detail}{more}. A "
+                "resumed run continues the stopped run exactly (same schedule, data and hyper-parameters), so "
+                "it refuses changed settings rather than ignore them.",
+                fix="resume with the original values (the run directory's config.yaml has them), or start a "
+                "fresh run in another train.output_dir (its model.name_or_path can be this checkpoint's model/). "
+                f"Only {', '.join(sorted(RESUME_SAFE_KEYS))} may change on resume.",
+            )
     if meta.get("fingerprint") != fingerprint:
         raise CheckpointError(
-            f"Checkpoint '{path}' was written by a run with a different data plan or batch settings "
-            "(data, max_length, packing, batch sizes, epochs or seed changed), so resuming it could not "
-            "continue the same run exactly.",
-            fix="resume with the same config as the run that wrote it, or start a fresh train.output_dir.",
+            f"Checkpoint '{path}' was written by a run with a different data plan (the data files' contents, "
+            "max_length, packing, batch sizes, epochs or seed differ), so resuming it could not continue the "
+            "same run exactly.",
+            fix="resume with the same data and config as the run that wrote it, or start a fresh train.output_dir.",
         )
     return meta
 
 
+def find_resumable(directory: Path, log: Callable[[str], None]) -> Path | None:
+    """``train.resume=auto``: the latest checkpoint that verifies, skipping (with a warning) partial
+    and corrupt ones. None when there is none at all; an error when every one is corrupt."""
+    complete, partial = list_checkpoints(directory)
+    for p in partial:
+        log(f"warning: ignoring partial checkpoint {p} (it was being written when a run stopped)")
+    corrupt = []
+    for ckpt in reversed(complete):
+        try:
+            verify_checkpoint(ckpt)
+        except CorruptCheckpointError as e:
+            log(f"warning: skipping corrupt checkpoint {ckpt}: {e.problem}")
+            corrupt.append(ckpt)
+            continue
+        return ckpt
+    if corrupt:
+        raise CorruptCheckpointError(
+            f"train.resume=auto found {len(corrupt)} checkpoint(s) in {directory}, and every one is corrupt.",
+            fix="delete them and start a fresh run (or restore the files from a backup).",
+        )
+    return None
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns the state."""
+    """Restore weights, optimizer, scheduler and RNG states from a verified checkpoint; returns the state."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -186,8 +354,16 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     if not weights:
         raise CheckpointError(f"Checkpoint '{path}' has no model weights.", fix="use another checkpoint.")
     state_dict = {}
-    for w in weights:
-        state_dict.update(load_file(str(w)))
+    try:
+        for w in weights:
+            state_dict.update(load_file(str(w)))
+        state = load_state(path, STATE)
+    except (StateFormatError, OSError) as e:
+        raise CorruptCheckpointError(f"Checkpoint '{path}' cannot be read: {e}.",
+                                     fix="resume from an earlier checkpoint (train.resume=auto).") from None
+    except Exception as e:  # safetensors' own error type for a damaged file
+        raise CorruptCheckpointError(f"Checkpoint '{path}' cannot be read: {type(e).__name__}: {e}.",
+                                     fix="resume from an earlier checkpoint (train.resume=auto).") from None
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # tied weights are saved once; anything else missing is an error
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -200,8 +376,19 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
         )
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"Checkpoint '{path}' has a trainer state that does not fit this run: "
+                              f"{type(e).__name__}: {e}.", fix="resume with the config of the run that wrote it.") from None
     return state
+
+
+def prune_checkpoints(directory: Path, keep: int, log: Callable[[str], None]) -> None:
+    """Delete the oldest complete checkpoints so that at most ``keep`` remain (``train.save_total_limit``)."""
+    complete, _ = list_checkpoints(directory)
+    for old in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"removed {old} (train.save_total_limit={keep})")

@@ -23,6 +23,7 @@ evaluates and checkpoints on schedule.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -33,17 +34,20 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import TrainingError
+from ..errors import RunInterrupted, TrainingError
 from .checkpoint import (
     check_checkpoint,
+    find_resumable,
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
     save_pretrained_atomic,
 )
 from .logging import MetricsLogger
 from .neftune import neftune
 from .optim import build_optimizer, build_scheduler
+from .rundir import prepare_output_dir
 
 
 class Algorithm(Protocol):
@@ -81,6 +85,8 @@ class EngineConfig:
     eval_every: int = 0
     save_every: int = 0
     resume: str | None = None
+    save_total_limit: int | None = None
+    overwrite_output_dir: bool = False
     seed: int = 0
     mixed_precision: str = "no"
     progress: bool = True
@@ -113,11 +119,38 @@ def _resolve_resume(resume: str | None, ckpt_dir: Path, log: Callable[[str], Non
     if not resume:
         return None
     if resume == "auto":
-        complete, partial = list_checkpoints(ckpt_dir)
-        for p in partial:
-            log(f"warning: ignoring partial checkpoint {p} (it was being written when a run stopped)")
-        return complete[-1] if complete else None
-    return Path(resume)
+        return find_resumable(ckpt_dir, log)
+    return Path(resume).expanduser()
+
+
+def _step_totals(algorithm, micro: list[dict], device, accelerator, world: int) -> tuple[dict, dict]:
+    """Counts summed over the step's micro-batches (and processes): (python ints, tensors)."""
+    totals: dict[str, int] = {}
+    for b in micro:
+        for k, v in algorithm.counts(b).items():
+            totals[k] = totals.get(k, 0) + int(v)
+    keys = sorted(totals)
+    vec = torch.tensor([float(totals[k]) for k in keys], device=device)
+    if world > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    return totals, dict(zip(keys, vec))
+
+
+@torch.no_grad()
+def probe_loss(model, algorithm, plan, device, accelerator, world: int) -> float:
+    """The loss of ``model`` (eval mode) on the first optimizer step's micro-batches."""
+    was = model.training
+    model.eval()
+    micro = [to_device(b, device) for b in plan.batches(0)]
+    _, totals_t = _step_totals(algorithm, micro, device, accelerator, world)
+    total = sum(float(algorithm.loss(model, b, totals_t)[0]) for b in micro)
+    model.train(was)
+    return total
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    complete, _ = list_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
 
 
 def fit(
@@ -136,17 +169,26 @@ def fit(
     """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring.
 
     ``callbacks`` see every step's metrics record before it is logged and may add keys to it
-    (e.g. the likelihood-displacement monitor of the preference trainer).
+    (e.g. the likelihood-displacement monitor of the preference trainer). A callback with
+    ``state_dict()`` / ``load_state_dict(state)`` has its state saved in every checkpoint and
+    restored on resume (JSON-serializable values).
+
+    The run ends as a success only if the final model gives a finite loss on a probe batch and
+    no more than half of the optimizer steps were skipped as non-finite; otherwise it raises
+    :class:`TrainingError` without writing ``final/`` (earlier checkpoints stay). Ctrl-C raises
+    :class:`RunInterrupted` naming the latest complete checkpoint.
     """
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
     total_steps = plan.num_steps()
     if total_steps <= 0:
         raise TrainingError("The training plan has no optimizer steps (the dataset is empty after "
                             "filtering, or train.max_steps is 0).", fix="check the data and train.* settings.")
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+    ckpt_dir = out / "checkpoints"
     warmup_steps = int(round(cfg.warmup_ratio * total_steps))
     optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -155,15 +197,28 @@ def fit(
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     world = accelerator.num_processes
+    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
 
     start_step, skipped = 0, 0
     resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
     if resume_from is not None:
         raw = accelerator.unwrap_model(model)
-        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint())
+        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config)
         state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
         start_step, skipped = int(state["step"]), int(state["skipped_steps"])
+        saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
+        for cb, cb_state in zip(stateful, saved_callbacks):
+            cb.load_state_dict(cb_state)
         log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
+
+    def checkpoint(step: int) -> Path:
+        path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                               optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
+                               fingerprint=plan.fingerprint(), config=run_config,
+                               extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
+        if cfg.save_total_limit:
+            prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)
+        return path
 
     logger = MetricsLogger(out, report_to=cfg.report_to, run_config=run_config,
                            resume_step=start_step if resume_from is not None else None,
@@ -174,99 +229,127 @@ def fit(
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     t_start = time.time()
     tokens_seen = 0
+    last_saved = start_step if resume_from is not None else None
     model.train()
-    with neftune(accelerator.unwrap_model(model), cfg.neftune_alpha):
-        for step in range(start_step, total_steps):
-            t0 = time.time()
-            micro = [to_device(b, device) for b in plan.batches(step)]
-            totals: dict[str, int] = {}
-            for b in micro:
-                for k, v in algorithm.counts(b).items():
-                    totals[k] = totals.get(k, 0) + int(v)
-            keys = sorted(totals)
-            vec = torch.tensor([float(totals[k]) for k in keys], device=device)
-            if world > 1:
-                vec = accelerator.reduce(vec, reduction="sum")
-            totals_t = dict(zip(keys, vec))
-            metrics: dict[str, torch.Tensor] = {}
-            loss_total = torch.zeros((), device=device)
-            for i, b in enumerate(micro):
-                ctx = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                    loss, m = algorithm.loss(model, b, totals_t)
-                    # DDP averages gradients over processes; the loss is already a share of the
-                    # global normalizer, so undo the average.
-                    accelerator.backward(loss * world)
-                loss_total += loss.detach()
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0) + v.detach()
-            if world > 1:
-                loss_total = accelerator.reduce(loss_total, reduction="sum")
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 grads first
-            lr = scheduler.get_last_lr()[0]
-            finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-            else:
-                skipped += 1
-                with tqdm.external_write_mode():
-                    log(f"warning: step {step + 1}: non-finite loss ({loss_total.item():.4g}) or gradient norm "
-                        f"({grad_norm.item():.4g}); update skipped ({skipped} so far)")
-                if skipped > cfg.max_bad_steps:
-                    bar.close()
-                    raise TrainingError(
-                        f"{skipped} optimizer steps had a non-finite loss or gradient (limit "
-                        f"train.max_bad_steps={cfg.max_bad_steps}); stopping. No checkpoint with NaN weights "
-                        "was written.",
-                        fix="lower train.lr, check the data for empty or corrupt examples, or use fp32.",
-                    )
-            with warnings.catch_warnings():
-                # a skipped first update makes torch warn that the schedule stepped before the optimizer
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_tok = int(totals.get("tokens", 0))
-            tokens_seen += n_tok
-            dt = time.time() - t0
-            record = {
-                "step": step + 1,
-                "loss": float(loss_total),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "skipped_steps": skipped,
-                "loss_tokens": n_tok,
-                "input_tokens": int(totals.get("input_tokens", 0)),
-                "step_seconds": dt,
-                "elapsed_seconds": time.time() - t_start,
-            }
-            record.update({k: float(v) for k, v in metrics.items()})
-            with tqdm.external_write_mode():  # callbacks may print; keep the bar intact
-                for callback in callbacks:
-                    callback(record)
-            result.history.append(record)
-            result.steps = step + 1
-            result.skipped_steps = skipped
-            if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
-                logger.log(record, split="train")
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{record['grad_norm']:.2f}")
-            bar.update(1)
-            last = step + 1 == total_steps
-            if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                eval_metrics = evaluate(accelerator.unwrap_model(model))
-                model.train()
-                eval_record = {"step": step + 1, **eval_metrics}
-                result.eval_history.append(eval_record)
-                logger.log(eval_record, split="eval")
-            if accelerator.is_main_process and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
-                save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                                optimizer=optimizer, scheduler=scheduler, step=step + 1,
-                                skipped_steps=skipped, fingerprint=plan.fingerprint())
+    step = start_step
+    try:
+        with neftune(accelerator.unwrap_model(model), cfg.neftune_alpha):
+            for step in range(start_step, total_steps):
+                t0 = time.time()
+                micro = [to_device(b, device) for b in plan.batches(step)]
+                totals, totals_t = _step_totals(algorithm, micro, device, accelerator, world)
+                metrics: dict[str, torch.Tensor] = {}
+                loss_total = torch.zeros((), device=device)
+                for i, b in enumerate(micro):
+                    ctx = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
+                    with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                        loss, m = algorithm.loss(model, b, totals_t)
+                        # DDP averages gradients over processes; the loss is already a share of the
+                        # global normalizer, so undo the average.
+                        accelerator.backward(loss * world)
+                    loss_total += loss.detach()
+                    for k, v in m.items():
+                        metrics[k] = metrics.get(k, 0) + v.detach()
+                if world > 1:
+                    loss_total = accelerator.reduce(loss_total, reduction="sum")
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 grads first
+                lr = scheduler.get_last_lr()[0]
+                finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+                else:
+                    skipped += 1
+                    with tqdm.external_write_mode():
+                        log(f"warning: step {step + 1}: non-finite loss ({loss_total.item():.4g}) or gradient norm "
+                            f"({grad_norm.item():.4g}); update skipped ({skipped} so far)")
+                    if skipped > cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"{skipped} optimizer steps had a non-finite loss or gradient (limit "
+                            f"train.max_bad_steps={cfg.max_bad_steps}); stopping. No checkpoint with NaN weights "
+                            "was written.",
+                            fix="lower train.lr, check the data for empty or corrupt examples, or use fp32.",
+                        )
+                with warnings.catch_warnings():
+                    # a skipped first update makes torch warn that the schedule stepped before the optimizer
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_tok = int(totals.get("tokens", 0))
+                tokens_seen += n_tok
+                dt = time.time() - t0
+                record = {
+                    "step": step + 1,
+                    "loss": float(loss_total),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "skipped_steps": skipped,
+                    "loss_tokens": n_tok,
+                    "input_tokens": int(totals.get("input_tokens", 0)),
+                    "step_seconds": dt,
+                    "elapsed_seconds": time.time() - t_start,
+                }
+                record.update({k: float(v) for k, v in metrics.items()})
+                with tqdm.external_write_mode():  # callbacks may print; keep the bar intact
+                    for callback in callbacks:
+                        callback(record)
+                result.history.append(record)
+                result.steps = step + 1
+                result.skipped_steps = skipped
+                if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
+                    logger.log(record, split="train")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{record['grad_norm']:.2f}")
+                bar.update(1)
+                last = step + 1 == total_steps
+                if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                    eval_metrics = evaluate(accelerator.unwrap_model(model))
+                    model.train()
+                    eval_record = {"step": step + 1, **eval_metrics}
+                    result.eval_history.append(eval_record)
+                    logger.log(eval_record, split="eval")
+                if (accelerator.is_main_process and not last and cfg.save_every
+                        and (step + 1) % cfg.save_every == 0):
+                    with tqdm.external_write_mode():
+                        checkpoint(step + 1)
+                    last_saved = step + 1
+    except KeyboardInterrupt:
+        bar.close()
+        logger.close()
+        latest = _latest_checkpoint(ckpt_dir)
+        raise RunInterrupted(step=step, total_steps=total_steps, output_dir=out, checkpoint=latest) from None
+    except BaseException:
+        bar.close()
+        logger.close()
+        raise
     bar.close()
     result.seconds = time.time() - t_start
+
+    # a run is a success only if its model still computes a finite loss and most updates happened
+    unwrapped = accelerator.unwrap_model(model)
+    latest = _latest_checkpoint(ckpt_dir)
+    keep_note = (f"The latest complete checkpoint, {latest}, is kept." if latest is not None
+                 else "No checkpoint was written.")
+    if skipped * 2 > total_steps:
+        logger.close()
+        raise TrainingError(
+            f"{skipped} of {total_steps} optimizer steps were skipped because the loss or the gradient was "
+            "not finite, so the run did not train as configured; final/ was not written. " + keep_note,
+            fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), and "
+            "check the data.",
+        )
+    probe = probe_loss(model, algorithm, plan, device, accelerator, world)
+    if not math.isfinite(probe):
+        logger.close()
+        raise TrainingError(
+            f"The trained model gives a non-finite loss ({probe}) on a probe batch (the first step's data): "
+            "training diverged, so the run does not end as a success and final/ was not written. " + keep_note,
+            fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), keep "
+            "gradient clipping on (train.max_grad_norm), and check the data.",
+        )
     if accelerator.is_main_process:
+        if last_saved != total_steps:
+            checkpoint(total_steps)
         final = out / "final"
-        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, final)
+        save_pretrained_atomic(unwrapped, tokenizer, final)
         result.final_dir = final
     logger.close()
     return result
-

@@ -15,7 +15,9 @@ import json
 import random
 from collections.abc import Callable, Iterable
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+
+MAX_PLAN_STEPS = 10_000_000  # the plan is materialized up front; beyond this it would not fit in memory
 
 
 class StepPlan:
@@ -43,6 +45,11 @@ class StepPlan:
         first = self._epoch(0)
         self.steps_per_epoch = len(first)
         total = max_steps or max(1, round(self.steps_per_epoch * epochs))
+        if total > MAX_PLAN_STEPS:
+            raise ConfigError(
+                f"The run would take {total:,} optimizer steps ({self.steps_per_epoch:,} per epoch; train.epochs="
+                f"{epochs}, train.max_steps={max_steps}), more than posttrain plans ({MAX_PLAN_STEPS:,}).",
+                fix="lower train.epochs or train.max_steps.")
         steps: list[list[list]] = list(first)
         epoch = 1
         while len(steps) < total:

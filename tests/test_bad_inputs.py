@@ -1,0 +1,337 @@
+"""A new user's trial, kept as a regression suite: 105 bad inputs through the command line.
+
+Every case must end cleanly: exit status 2, one paragraph naming the place (key, file, line,
+field, directory) and the fix, and never a traceback from inside a library. The classes are
+the ones the hardening trial found: config values, model directories, data files,
+checkpoints, the file system, and the eval command's arguments. (Interruption is covered in
+test_run_safety.py.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.models import loading
+from posttrain.world.datasets import sft_record, write_jsonl
+from posttrain.world.preferences import preference_records, unpaired_records
+from posttrain.world.tasks import generate_problems
+
+from .tiny import tiny_model, world_tokenizer
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path], list[str]]     # workspace -> argv
+    expect: tuple[str, ...]               # fragments of the error paragraph
+    setup: Callable[[Path], None] | None = None
+    fix: bool = True                      # the paragraph carries "Fix:"
+
+
+def _w(ws: Path, name: str) -> str:
+    return str(ws / name)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace: a tiny model, data files and a finished run with checkpoints."""
+    ws = tmp_path_factory.mktemp("ws")
+    model = ws / "model"
+    tiny_model("llama", hidden=32).save_pretrained(model)
+    world_tokenizer().save_pretrained(model)
+    write_jsonl(ws / "sft.jsonl", [sft_record(p) for p in generate_problems(12, seed=5)])
+    write_jsonl(ws / "pairs.jsonl", preference_records(8, seed=1))
+    write_jsonl(ws / "unpaired.jsonl", unpaired_records(8, seed=1))
+    code = main(["sft", f"model.name_or_path={model}", f"data.train={ws / 'sft.jsonl'}", "data.eval=null",
+                 "train.max_steps=2", "train.save_every=1", f"train.output_dir={ws / 'run'}", "train.progress=false"])
+    assert code == 0
+    return ws
+
+
+_fresh = itertools.count()
+
+
+def sft(*extra, out=None):
+    """An sft command line; each case gets a fresh output directory unless ``out`` names one."""
+    return lambda ws: ["sft", f"model.name_or_path={ws / 'model'}", f"data.train={ws / 'sft.jsonl'}",
+                       "data.eval=null", "train.max_steps=1",
+                       f"train.output_dir={ws / (out or f'out-{next(_fresh)}')}",
+                       "train.progress=false", *[e(ws) if callable(e) else e for e in extra]]
+
+
+def pref(cmd, *extra, data="pairs.jsonl"):
+    return lambda ws: [cmd, f"model.name_or_path={ws / 'model'}", f"data.train={ws / data}", "data.eval=null",
+                       "train.max_steps=1", f"train.output_dir={ws / f'out-{cmd}-{next(_fresh)}'}",
+                       "train.progress=false",
+                       *[e(ws) if callable(e) else e for e in extra]]
+
+
+def copy_model(name, edit):
+    def setup(ws):
+        d = ws / name
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(ws / "model", d)
+        edit(d)
+    return setup
+
+
+def write(name, text, mode="w"):
+    def setup(ws):
+        p = ws / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "wb":
+            p.write_bytes(text)
+        else:
+            p.write_text(text)
+    return setup
+
+
+def lines(*records):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+PAIR = {"prompt": "q", "chosen": "1 + 1 = 2", "rejected": "1 + 1 = 3"}
+
+
+def ckpt_copy(name, edit):
+    """A copy of the finished run (checkpoints step-000001/2), edited."""
+    def setup(ws):
+        d = ws / name
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(ws / "run", d)
+        edit(d)
+    return setup
+
+
+def _truncate(p: Path):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _legacy(d: Path):
+    ck = d / "checkpoints" / "step-000002"
+    (ck / "trainer_state.json").unlink()
+    (ck / "trainer_state.safetensors").unlink()
+    (ck / "trainer_state.pt").write_bytes(pickle.dumps({"step": 2}))
+    meta = json.loads((ck / "checkpoint.json").read_text())
+    meta.pop("files")
+    (ck / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def _edit_config(d: Path, **kv):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(kv)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+RESUME = ["train.max_steps=2", "train.save_every=1"]
+
+CASES = [
+    # ---- config values (40)
+    Case("unknown-key", sft("train.learning_rate=1e-4"), ("'train.learning_rate' does not exist", "train.lr")),
+    Case("typo-key", sft("train.max_step=3"), ("Did you mean 'train.max_steps'",)),
+    Case("lr-text", sft("train.lr=fast"), ("'train.lr'", "not a number")),
+    Case("lr-nan", sft("train.lr=.nan"), ("'train.lr'", "not a finite number")),
+    Case("lr-inf", sft("train.lr=inf"), ("'train.lr'", "not a finite number")),
+    Case("lr-zero", sft("train.lr=0"), ("'train.lr'", "out of range")),
+    Case("lr-negative", sft("train.lr=-1e-4"), ("'train.lr'", "out of range")),
+    Case("beta1-one", sft("train.adam_beta1=1.0"), ("'train.adam_beta1'", "[0.0, 1.0)")),
+    Case("beta2-one", sft("train.adam_beta2=1"), ("'train.adam_beta2'",)),
+    Case("eps-zero", sft("train.adam_eps=0"), ("'train.adam_eps'",)),
+    Case("clip-zero", sft("train.max_grad_norm=0"), ("'train.max_grad_norm'",)),
+    Case("warmup-big", sft("train.warmup_ratio=1.5"), ("'train.warmup_ratio'",)),
+    Case("floor-nan", sft("train.min_lr_ratio=nan"), ("'train.min_lr_ratio'", "finite")),
+    Case("neftune-zero", sft("train.neftune_alpha=0"), ("'train.neftune_alpha'",)),
+    Case("epochs-inf", sft("train.epochs=.inf"), ("'train.epochs'", "finite")),
+    Case("nothing-to-train", sft("train.epochs=0", "train.max_steps=0"), ("nothing to train",)),
+    Case("mbs-zero", sft("train.micro_batch_size=0"), ("'train.micro_batch_size'",)),
+    Case("mbs-fraction", sft("train.micro_batch_size=2.5"), ("'train.micro_batch_size'", "not an integer")),
+    Case("ga-negative", sft("train.grad_accum=-1"), ("'train.grad_accum'",)),
+    Case("max-length-tiny", sft("data.max_length=4"), ("'data.max_length'",)),
+    Case("packing-maybe", sft("data.packing=maybe"), ("'data.packing'", "not a boolean")),
+    Case("overlong-cut", sft("data.overlong=cut"), ("'data.overlong'", "'truncate'")),
+    Case("dpo-beta-zero", pref("dpo", "loss.beta=0"), ("'loss.beta'",)),
+    Case("smoothing-half", pref("dpo", "loss.label_smoothing=0.5"), ("'loss.label_smoothing'",)),
+    Case("loss-unknown", pref("dpo", "loss.name=foo"), ("'loss.name'", "'dpo'")),
+    Case("rm-mean-pooling", pref("rm", "loss.pooling=mean"), ("'loss.pooling'", "transformers")),
+    Case("rm-hinge-zero", pref("rm", "loss.name=hinge", "loss.hinge_margin=0"), ("'loss.hinge_margin'",)),
+    Case("report-to-slack", sft("train.report_to=[slack]"), ("'train.report_to'", "slack")),
+    Case("override-no-equals", sft("train.lr"), ("not of the form key=value",)),
+    Case("config-missing", lambda ws: ["sft", "--config", str(ws / "nope.yaml")], ("does not exist",)),
+    Case("config-bad-yaml", lambda ws: ["sft", "--config", _w(ws, "bad.yaml")], ("not valid YAML",),
+         setup=write("bad.yaml", "train: [1, 2\n")),
+    Case("config-list", lambda ws: ["sft", "--config", _w(ws, "list.yaml")], ("mapping",),
+         setup=write("list.yaml", "- 1\n- 2\n"), fix=False),
+    Case("section-scalar", sft("train=3"), ("'train' is a section",)),
+    Case("dtype-fp8", sft("model.dtype=float8"), ("'model.dtype'",)),
+    Case("huge-plan", sft("train.epochs=1e9", "train.max_steps=0"), ("optimizer steps", "train.epochs")),
+    Case("huge-world", lambda ws: ["sft", "data.world_examples=1e12"], ("'data.world_examples'",)),
+    Case("qs-stage-foo", lambda ws: ["quickstart", "stages=[foo]", f"output_dir={ws / 'qs'}"], ("'stages'", "foo")),
+    Case("qs-kto", lambda ws: ["quickstart", "dpo_losses=[kto]", f"output_dir={ws / 'qs'}"], ("'dpo_losses'",)),
+    Case("qs-rm-only", lambda ws: ["quickstart", "stages=[rm]", f"output_dir={ws / 'qs'}"], ("'sft' must be",)),
+    Case("yaml-python-tag", lambda ws: ["sft", "--config", _w(ws, "evil.yaml")], ("not valid YAML",),
+         setup=write("evil.yaml", "train: !!python/object/apply:os.system ['touch PWNED']\n")),
+    # ---- model directories and devices (25)
+    Case("model-missing", sft(lambda ws: f"model.name_or_path={ws / 'nope'}"), ("no such directory",)),
+    Case("model-quickstart", sft("model.name_or_path=runs/quickstart/sft/final"), ("make quickstart",)),
+    Case("model-is-file", sft(lambda ws: f"model.name_or_path={ws / 'sft.jsonl'}"), ("is a file",)),
+    Case("model-no-config", sft(lambda ws: f"model.name_or_path={ws / 'm-noconf'}"), ("no config.json",),
+         setup=copy_model("m-noconf", lambda d: (d / "config.json").unlink())),
+    Case("model-bad-config", sft(lambda ws: f"model.name_or_path={ws / 'm-badconf'}"), ("not valid JSON",),
+         setup=copy_model("m-badconf", lambda d: (d / "config.json").write_text("{"))),
+    Case("model-pickle", sft(lambda ws: f"model.name_or_path={ws / 'm-pickle'}"), ("pickle", "safetensors"),
+         setup=copy_model("m-pickle", lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin")))),
+    Case("model-no-weights", sft(lambda ws: f"model.name_or_path={ws / 'm-noweights'}"), ("no weights",),
+         setup=copy_model("m-noweights", lambda d: (d / "model.safetensors").unlink())),
+    Case("model-truncated", sft(lambda ws: f"model.name_or_path={ws / 'm-trunc'}"), ("Could not load",),
+         setup=copy_model("m-trunc", lambda d: _truncate(d / "model.safetensors"))),
+    Case("model-custom-code", sft(lambda ws: f"model.name_or_path={ws / 'm-code'}"), ("never runs code",),
+         setup=copy_model("m-code", lambda d: _edit_config(d, model_type="evil", auto_map={"AutoModelForCausalLM": "x.Y"}))),
+    Case("model-hub-offline", sft("model.name_or_path=org/model"), ("cannot be reached",)),
+    Case("device-cuda", sft("model.device=cuda"), ("'model.device'", "no CUDA")),
+    Case("device-cuda7", sft("model.device=cuda:7"), ("'model.device'",)),
+    Case("device-tpu", sft("model.device=tpu"), ("'model.device'",)),
+    Case("flash-attn", sft("model.attn_implementation=flash_attention_2"), ("flash", "sdpa")),
+    Case("max-length-over-limit", sft("data.max_length=100000"), ("100000", "512")),
+    Case("pad-not-in-vocab", sft("model.pad_token=<nope>"), ("'model.pad_token'",)),
+    Case("template-missing-file", sft("model.chat_template=/missing/file.jinja"), ("'model.chat_template'",
+                                                                                  "no such file")),
+    Case("template-empty-file", sft(lambda ws: f"model.chat_template={ws / 'empty.jinja'}"), ("is empty",),
+         setup=write("empty.jinja", "")),
+    Case("tokenizer-missing", sft(lambda ws: f"model.tokenizer={ws / 'nope-tok'}"), ("'model.tokenizer'",)),
+    Case("not-a-causal-lm", sft(lambda ws: f"model.name_or_path={ws / 'm-bert'}"), ("do not fit its config",),
+         setup=copy_model("m-bert", lambda d: _edit_config(d, model_type="bert", architectures=["BertModel"]))),
+    Case("reference-missing", pref("dpo", lambda ws: f"loss.reference={ws / 'nope'}"), ("'loss.reference'",)),
+    Case("reference-vocab", pref("dpo", lambda ws: f"loss.reference={ws / 'm-vocab'}"), ("vocabulary",),
+         setup=lambda ws: tiny_model("llama", hidden=32, vocab_size=300).save_pretrained(ws / "m-vocab")),
+    Case("builtin-unknown", sft("model.name_or_path=builtin:huge"), ("builtin:tiny-world-base",)),
+    Case("no-chat-template", sft(lambda ws: f"model.name_or_path={ws / 'm-notemplate'}"), ("model.chat_template",),
+         setup=copy_model("m-notemplate", lambda d: (
+             (d / "chat_template.jinja").unlink() if (d / "chat_template.jinja").exists() else None,
+             _edit_config_tok(d, chat_template=None)))),
+    Case("no-pad-token", sft(lambda ws: f"model.name_or_path={ws / 'm-nopad'}"), ("model.pad_token=",),
+         setup=copy_model("m-nopad", lambda d: _edit_config_tok(d, pad_token=None))),
+    # ---- data files (22)
+    Case("data-missing", sft(lambda ws: f"data.train={ws / 'nope.jsonl'}"), ("no such file",)),
+    Case("data-dir", sft(lambda ws: f"data.train={ws}"), ("is a directory",)),
+    Case("data-csv", sft(lambda ws: f"data.train={ws / 'd.csv'}"), ("unsupported file type",),
+         setup=write("d.csv", "a,b\n")),
+    Case("data-bad-json", sft(lambda ws: f"data.train={ws / 'bad.jsonl'}"), ("line 2", "invalid JSON"),
+         setup=write("bad.jsonl", lines(CHAT, '{"messages": ['))),
+    Case("data-unterminated", sft(lambda ws: f"data.train={ws / 'unterm.jsonl'}"),
+         ("line 2", "(Unterminated string starting at column 14)"),
+         setup=write("unterm.jsonl", lines(CHAT) + '{"messages": "abc')),
+    Case("data-not-utf8", sft(lambda ws: f"data.train={ws / 'latin.jsonl'}"), ("line 1", "UTF-8"),
+         setup=write("latin.jsonl", b'{"prompt": "caf\xe9", "completion": "x"}\n', mode="wb")),
+    Case("data-empty", sft(lambda ws: f"data.train={ws / 'empty.jsonl'}"), ("empty",), setup=write("empty.jsonl", "\n")),
+    Case("data-not-object", sft(lambda ws: f"data.train={ws / 'list.jsonl'}"), ("line 1", "JSON object"),
+         setup=write("list.jsonl", "[1, 2]\n")),
+    Case("data-unknown-keys", sft(lambda ws: f"data.train={ws / 'keys.jsonl'}"), ("line 1", "format"),
+         setup=write("keys.jsonl", lines({"question": "q", "answer_text": "a"}))),
+    Case("data-mixed", sft(lambda ws: f"data.train={ws / 'mixed.jsonl'}"), ("line 2", "one format"),
+         setup=write("mixed.jsonl", lines(CHAT, {"prompt": "q", "completion": "a"}))),
+    Case("data-empty-assistant", sft(lambda ws: f"data.train={ws / 'emptyasst.jsonl'}"), ("line 1", "messages[1].content"),
+         setup=write("emptyasst.jsonl", lines({"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": ""}]}))),
+    Case("data-role-bot", sft(lambda ws: f"data.train={ws / 'bot.jsonl'}"), ("messages[1].role", "bot"),
+         setup=write("bot.jsonl", lines({"messages": [{"role": "user", "content": "q"},
+                                                      {"role": "bot", "content": "a"}]}))),
+    Case("pairs-identical", pref("dpo", data="same.jsonl"), ("line 1", "identical"),
+         setup=write("same.jsonl", lines({"prompt": "q", "chosen": "x", "rejected": "x"}))),
+    Case("kto-label-text", pref("dpo", "loss.name=kto", data="kto.jsonl"), ("line 1", "label"),
+         setup=write("kto.jsonl", lines({"prompt": "q", "completion": "a", "label": "good"}))),
+    Case("tilt-one-response", pref("dpo", "loss.name=tilt", data="k1.jsonl"), ("line 1", "responses"),
+         setup=write("k1.jsonl", lines({"prompt": "q", "responses": ["a"], "rewards": [1.0]}))),
+    Case("reward-nan", pref("dpo", "loss.name=tilt", data="knan.jsonl"), ("line 1", "rewards"),
+         setup=write("knan.jsonl", '{"prompt": "q", "responses": ["a", "b"], "rewards": [1.0, NaN]}\n')),
+    Case("parquet-corrupt", sft(lambda ws: f"data.train={ws / 'bad.parquet'}"), ("Parquet",),
+         setup=write("bad.parquet", b"PAR1garbage", mode="wb")),
+    Case("eval-fraction-all", sft(lambda ws: f"data.train={ws / 'one.jsonl'}", "data.eval_fraction=0.5"),
+         ("data.eval_fraction", "leaving none"), setup=write("one.jsonl", lines(CHAT))),
+    Case("all-dropped", sft("data.max_length=8", "data.overlong=drop"), ("max_length",)),
+    Case("data-builtin-unknown", sft("data.train=builtin:world-foo"), ("builtin:world-sft",)),
+    Case("dpo-wrong-kind", pref("dpo", data="unpaired.jsonl"), ("needs preference records",)),
+    Case("dpo-builtin-wrong-kind", pref("dpo", "data.train=builtin:world-unpaired"), ("builtin:world-pairs",)),
+    # ---- checkpoints (8)
+    Case("resume-missing", sft(lambda ws: f"train.resume={ws / 'nope'}", *RESUME, out="run"), ("does not exist",)),
+    Case("resume-partial", sft("train.resume=auto", *RESUME, lambda ws: f"train.resume={ws / 'ck-partial/checkpoints/step-000002'}",
+                               out="ck-partial"), ("partial",),
+         setup=ckpt_copy("ck-partial", lambda d: (d / "checkpoints/step-000002/checkpoint.json").unlink())),
+    Case("resume-corrupt-weights", sft(*RESUME, lambda ws: f"train.resume={ws / 'ck-trunc/checkpoints/step-000002'}",
+                                       out="ck-trunc"), ("corrupt", "model.safetensors"),
+         setup=ckpt_copy("ck-trunc", lambda d: _truncate(d / "checkpoints/step-000002/model/model.safetensors"))),
+    Case("resume-corrupt-marker", sft(*RESUME, lambda ws: f"train.resume={ws / 'ck-json/checkpoints/step-000002'}",
+                                      out="ck-json"), ("corrupt", "checkpoint.json"),
+         setup=ckpt_copy("ck-json", lambda d: (d / "checkpoints/step-000002/checkpoint.json").write_text("{"))),
+    Case("resume-other-model", sft(*RESUME, lambda ws: f"model.name_or_path={ws / 'm-big'}", "train.resume=auto",
+                                   out="run"), ("different model",),
+         setup=lambda ws: (tiny_model("llama", hidden=48).save_pretrained(ws / "m-big"),
+                           world_tokenizer().save_pretrained(ws / "m-big"))),
+    Case("resume-changed-lr", sft(*RESUME, "train.resume=auto", "train.lr=0.5", out="run"),
+         ("train.lr: checkpoint",)),
+    Case("resume-legacy-pickle", sft(*RESUME, lambda ws: f"train.resume={ws / 'ck-legacy/checkpoints/step-000002'}",
+                                     out="ck-legacy"), ("pickle",), setup=ckpt_copy("ck-legacy", _legacy)),
+    Case("resume-all-corrupt", sft(*RESUME, "train.resume=auto", out="ck-allbad"), ("every one is corrupt",),
+         setup=ckpt_copy("ck-allbad", lambda d: [_truncate(c / "trainer_state.safetensors")
+                                                 for c in (d / "checkpoints").iterdir()])),
+    # ---- file system (6)
+    Case("outdir-file", sft(out="sft.jsonl"), ("is a file",)),
+    Case("outdir-under-file", sft(out="sft.jsonl/run"), ("lies under",)),
+    Case("checkpoints-file", sft(out="fs-ckfile"), ("checkpoints",), setup=write("fs-ckfile/checkpoints", "x")),
+    Case("outdir-existing-run", sft(out="run"), ("already holds an earlier run",)),
+    Case("quickstart-foreign-dir", lambda ws: ["quickstart", f"output_dir={ws / 'model'}"], ("did not write",)),
+    Case("world-data-out-file", lambda ws: ["world", "data", "--out", str(ws / "sft.jsonl")], ("is a file",)),
+    # ---- eval command (4)
+    Case("eval-model-missing", lambda ws: ["eval", "--model", str(ws / "nope")], ("--model", "no such directory")),
+    Case("eval-n-zero", lambda ws: ["eval", "--model", str(ws / "model"), "--n", "0"], ("--n",), fix=False),
+    Case("eval-long-generation", lambda ws: ["eval", "--model", str(ws / "model"), "--n", "2",
+                                             "--max-new-tokens", "100000"], ("position limit", "max-new-tokens")),
+    Case("eval-device-cuda", lambda ws: ["eval", "--model", str(ws / "model"), "--device", "cuda"], ("--device",)),
+]
+
+
+def _edit_config_tok(d: Path, **kv):
+    p = d / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    for k, v in kv.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p.write_text(json.dumps(cfg))
+
+
+def test_the_trial_has_105_cases():
+    assert len(CASES) == 105 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_ends_cleanly(case, ws, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.chdir(ws)
+    if case.setup is not None:
+        case.setup(ws)
+    argv = case.argv(ws)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse refusing an option value
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit {code} for {argv}\n{out}\n{err}"
+    assert "Traceback" not in err and "Traceback" not in out
+    for fragment in case.expect:
+        assert fragment in err, f"{fragment!r} not in:\n{err}"
+    if case.fix:
+        assert "Fix:" in err, err
+    assert not (ws / "PWNED").exists()
