@@ -188,3 +188,50 @@ def test_every_preference_loss_from_the_command_line(capsys, model_dir, tmp_path
                           "train.micro_batch_size=3", "train.progress=false")
     assert code == 0, err
     assert "done: 2 steps" in out and "eval: eval_loss=" in out
+
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_world_config_with_own_data_does_not_evaluate_the_world(capsys, model_dir, data_file, tmp_path):
+    """data.eval=auto: the world's held-out set only when the training data is the world's."""
+    code, out, err = _run(capsys, "sft", "--config", str(CONFIGS / "sft_tiny_world.yaml"),
+                          f"model.name_or_path={model_dir}", f"data.train={data_file}", "train.max_steps=1",
+                          f"train.output_dir={tmp_path / 'own'}", "train.progress=false")
+    assert code == 0, err
+    assert "eval data" not in out and "eval: " not in out
+    code, out, err = _run(capsys, "sft", "--config", str(CONFIGS / "sft_tiny_world.yaml"),
+                          f"model.name_or_path={model_dir}", "data.world_examples=8", "data.world_eval_examples=4",
+                          "train.max_steps=1", f"train.output_dir={tmp_path / 'world'}", "train.progress=false")
+    assert code == 0, err
+    assert "eval data" in out and "eval: eval_loss=" in out
+
+
+def test_preference_eval_auto_follows_the_training_source(capsys, model_dir, tmp_path):
+    code, out, err = _run(capsys, "dpo", f"model.name_or_path={model_dir}", "loss.name=kto",
+                          "data.train=builtin:world-unpaired", "data.world_examples=6", "data.world_eval_examples=4",
+                          "train.max_steps=1", f"train.output_dir={tmp_path / 'k'}", "train.progress=false")
+    assert code == 0, err
+    assert "eval: eval_loss=" in out
+
+
+@pytest.mark.parametrize("config", ["dpo_tiny_world.yaml", "rm_tiny_world.yaml"])
+def test_configs_that_need_the_quickstart_say_so(capsys, tmp_path, monkeypatch, config):
+    monkeypatch.chdir(tmp_path)  # no runs/quickstart here
+    code, _, err = _run(capsys, config.split("_")[0], "--config", str(CONFIGS / config))
+    assert code == 2 and "make quickstart" in err and "model.name_or_path" in err and "Traceback" not in err
+
+
+def test_help_texts_describe_what_the_commands_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "reward model" in out and "DPO" in out and "evaluate base, SFT, evaluate again" not in out
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    out = capsys.readouterr().out
+    assert "reward model" in out and "runs/quickstart" in out
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    out = capsys.readouterr().out
+    assert "train.overwrite_output_dir" in out and "train.save_total_limit" in out and "in (0.0, 1.0]" in out

@@ -33,6 +33,13 @@ def test_quickstart_small(tmp_path):
     assert 0.0 <= saved["+dpo"]["accuracy"] <= 1.0
     rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and set(rows[0]) >= {"question", "answer", "base", "SFT", "+dpo", "+simpo"}
+    # a second quickstart replaces its own run directory (no "already holds an earlier run")
+    again = load_config(QuickstartConfig, None, [
+        f"output_dir={tmp_path}", "stages=[sft]", "train_examples=16", "eval_problems=4", "curve_points=0",
+        "max_new_tokens=8", "sft.train.max_steps=1", "sft.train.progress=false"])
+    assert run_quickstart(again, log=lambda s: None)["sft_steps"] == 1
+    steps = sorted(p.name for p in (tmp_path / "sft" / "checkpoints").iterdir())
+    assert steps == ["step-000001"]  # the first run's step-000004 was replaced, not mixed in
 
 
 def test_quickstart_stage_validation():

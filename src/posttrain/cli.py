@@ -106,8 +106,7 @@ def _cmd_world_data(args: argparse.Namespace) -> int:
 def _cmd_world_build(args: argparse.Namespace) -> int:
     from .world import build
 
-    argv = ["--out", args.out] + args.build_args
-    build.main(argv)
+    build.main([a for a in args.build_args if a != "--"])
     return 0
 
 
@@ -193,9 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=_positive_int, default=200)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.set_defaults(func=_cmd_world_data)
-    p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch)",
-                        add_help=False)
-    p.add_argument("--out", required=True)
+    p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch; "
+                        "`posttrain world build --help` lists its options)", add_help=False)
     p.add_argument("build_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_world_build)
     return parser
@@ -206,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading / shard writing bars; ours are enough
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["world", "build"]:  # its options belong to the builder's own parser
+        argv = ["world", "build", "--", *argv[2:]]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

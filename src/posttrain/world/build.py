@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.rundir import check_output_dir
 from .corpus import corpus_documents
 from .evaluate import evaluate_problems
 from .tasks import generate_problems
@@ -159,7 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-problems", type=int, default=200, help="held-out problems for the final probe")
-    build(p.parse_args(argv))
+    args = p.parse_args(argv)
+    for name in ("docs", "epochs", "batch_size", "seq_len", "vocab_size", "threads", "probe_problems"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    check_output_dir(args.out, overwrite=True, key="--out")
+    build(args)
 
 
 if __name__ == "__main__":
