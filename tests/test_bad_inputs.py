@@ -75,14 +75,24 @@ def pref(cmd, *extra, data="pairs.jsonl"):
                        *[e(ws) if callable(e) else e for e in extra]]
 
 
-def copy_model(name, edit):
+def copied(name, edit, source="model"):
+    """A fresh copy of the workspace's ``source`` directory (the tiny model, or the finished run), edited."""
     def setup(ws):
         d = ws / name
         if d.exists():
             shutil.rmtree(d)
-        shutil.copytree(ws / "model", d)
+        shutil.copytree(ws / source, d)
         edit(d)
     return setup
+
+
+def copy_model(name, edit):
+    return copied(name, edit)
+
+
+def ckpt_copy(name, edit):
+    """A copy of the finished run (checkpoints step-000001/2), edited."""
+    return copied(name, edit, source="run")
 
 
 def write(name, text, mode="w"):
@@ -102,17 +112,6 @@ def lines(*records):
 
 CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 PAIR = {"prompt": "q", "chosen": "1 + 1 = 2", "rejected": "1 + 1 = 3"}
-
-
-def ckpt_copy(name, edit):
-    """A copy of the finished run (checkpoints step-000001/2), edited."""
-    def setup(ws):
-        d = ws / name
-        if d.exists():
-            shutil.rmtree(d)
-        shutil.copytree(ws / "run", d)
-        edit(d)
-    return setup
 
 
 def _truncate(p: Path):
@@ -210,7 +209,7 @@ CASES = [
     Case("template-empty-file", sft(lambda ws: f"model.chat_template={ws / 'empty.jinja'}"), ("is empty",),
          setup=write("empty.jinja", "")),
     Case("tokenizer-missing", sft(lambda ws: f"model.tokenizer={ws / 'nope-tok'}"), ("'model.tokenizer'",)),
-    Case("not-a-causal-lm", sft(lambda ws: f"model.name_or_path={ws / 'm-bert'}"), ("do not fit its config",),
+    Case("not-a-causal-lm", sft(lambda ws: f"model.name_or_path={ws / 'm-bert'}"), ("does not use", "BertLMHeadModel"),
          setup=copy_model("m-bert", lambda d: _edit_config(d, model_type="bert", architectures=["BertModel"]))),
     Case("reference-missing", pref("dpo", lambda ws: f"loss.reference={ws / 'nope'}"), ("'loss.reference'",)),
     Case("reference-vocab", pref("dpo", lambda ws: f"loss.reference={ws / 'm-vocab'}"), ("vocabulary",),
@@ -312,14 +311,136 @@ def _edit_config_tok(d: Path, **kv):
     p.write_text(json.dumps(cfg))
 
 
-def test_the_trial_has_105_cases():
-    assert len(CASES) == 105 and len({c.id for c in CASES}) == len(CASES)
+def _seq_classifier(ws):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = tiny_model("llama", hidden=32).config
+    LlamaForSequenceClassification(LlamaConfig(**{**cfg.to_dict(), "num_labels": 1})).save_pretrained(ws / "m-rm")
+    world_tokenizer().save_pretrained(ws / "m-rm")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def _small_vocab(ws):
+    tiny_model("llama", hidden=32, vocab_size=300).save_pretrained(ws / "m-small")
+    world_tokenizer().save_pretrained(ws / "m-small")
+
+
+def _template(name, template):
+    return copied(name, lambda d: _edit_config_tok(d, chat_template=template) or (
+        (d / "chat_template.jinja").unlink() if (d / "chat_template.jinja").exists() else None))
+
+
+def _edit_marker(name, **kv):
+    def edit(d):
+        p = d / "checkpoints/step-000002/checkpoint.json"
+        meta = json.loads(p.read_text())
+        meta.update(kv)
+        p.write_text(json.dumps(meta))
+    return ckpt_copy(name, edit)
+
+
+QS = ["eval_problems=2", "curve_problems=1", "curve_points=0", "train_examples=8", "preference_pairs=4",
+      "eval_pairs=2", "max_new_tokens=4", "sft.train.max_steps=1", "rm.train.max_steps=1", "dpo.train.max_steps=1"]
+
+
+def qs(*extra):
+    return lambda ws: ["quickstart", f"sft.model.name_or_path={ws / 'model'}", f"output_dir={ws / f'qs-{next(_fresh)}'}",
+                       *QS, *[e(ws) if callable(e) else e for e in extra]]
+
+
+# The second trial (an independent one, after the first round of fixes) found these; each was a
+# traceback, a silently wrong run, or a misleading message before it was fixed.
+ROUND2 = [
+    Case("weights-unused-by-config", sft(lambda ws: f"model.name_or_path={ws / 'm-1layer'}"),
+         ("does not use", "model.layers.1")),
+    Case("reward-model-as-lm", sft(lambda ws: f"model.name_or_path={ws / 'm-rm'}"),
+         ("score.weight", "LlamaForSequenceClassification"), setup=_seq_classifier),
+    Case("tokenizer-past-embedding", sft(lambda ws: f"model.name_or_path={ws / 'm-small'}"),
+         ("400 tokens", "only 300 rows"), setup=_small_vocab),
+    Case("other-models-tokenizer", sft("model.tokenizer=builtin:tiny-world-base"), ("'model.tokenizer'", "rows")),
+    Case("eval-no-template", lambda ws: ["eval", "--model", str(ws / "m-notemplate"), "--n", "2"],
+         ("no chat template", "--chat-template"),
+         setup=copied("m-notemplate", lambda d: _edit_config_tok(d, chat_template=None) or (
+             (d / "chat_template.jinja").unlink() if (d / "chat_template.jinja").exists() else None))),
+    Case("eval-template-renders-nothing", lambda ws: ["eval", "--model", str(ws / "m-tpl-empty"), "--n", "2"],
+         ("empty prompt",), setup=_template("m-tpl-empty", "{% if false %}x{% endif %}")),
+    Case("template-type-error", sft("model.chat_template={{ messages | length + 'x' }}"), ("raised TypeError",)),
+    Case("template-zero-division", sft("model.chat_template={{ 1 // 0 }}"), ("ZeroDivisionError",)),
+    Case("template-syntax", sft("model.chat_template={% for %}"), ("not valid Jinja", "model.chat_template")),
+    Case("data-deep-nesting", sft(lambda ws: f"data.train={ws / 'deep.jsonl'}"), ("line 1", "nested too deeply"),
+         setup=write("deep.jsonl", '{"messages": ' + "[" * 100000 + "]" * 100000 + "}\n")),
+    Case("data-huge-integer", sft(lambda ws: f"data.train={ws / 'bigint.jsonl'}"), ("line 1", "digits"),
+         setup=write("bigint.jsonl", '{"prompt": "q", "completion": "a", "id": ' + "9" * 5000 + "}\n")),
+    Case("data-lone-surrogate", sft(lambda ws: f"data.train={ws / 'surrogate.jsonl'}"),
+         ("line 1", "completion", "surrogate"),
+         setup=write("surrogate.jsonl", '{"prompt": "q", "completion": "a\\ud800"}\n')),
+    Case("data-duplicate-key", sft(lambda ws: f"data.train={ws / 'dup.jsonl'}"), ("line 1", "appears twice"),
+         setup=write("dup.jsonl", '{"prompt": "q", "completion": "a", "completion": "b"}\n')),
+    Case("data-two-formats", sft(lambda ws: f"data.train={ws / 'two.jsonl'}"), ("line 1", "more than one format"),
+         setup=write("two.jsonl", lines({**CHAT, "prompt": "y", "completion": "x"}))),
+    Case("pairs-all-dropped-prompt-fills", pref("dpo", "data.max_length=8"), ("every one of the", "data.max_length"),),
+    Case("pairs-huge-margin", pref("rm", data="margin.jsonl"), ("line 1", "margin", "overflow"),
+         setup=write("margin.jsonl", lines({**PAIR, "margin": 1e300}))),
+    Case("yaml-int-key", lambda ws: ["sft", "--config", _w(ws, "intkey.yaml")], ("not a name",),
+         setup=write("intkey.yaml", "train:\n  1: 2\n")),
+    Case("yaml-duplicate-section", lambda ws: ["sft", "--config", _w(ws, "dup.yaml")], ("appears twice",),
+         setup=write("dup.yaml", "train:\n  max_steps: 1\ntrain:\n  save_every: 1\n")),
+    Case("yaml-utf16", lambda ws: ["sft", "--config", _w(ws, "u16.yaml")], ("not UTF-8",),
+         setup=write("u16.yaml", "train:\n  lr: 0.001\n".encode("utf-16"), mode="wb")),
+    Case("config-is-a-directory", lambda ws: ["sft", "--config", str(ws / "model")], ("is a directory",)),
+    Case("override-huge-integer", sft("train.max_steps=" + "9" * 5000), ("'train.max_steps'",)),
+    Case("override-subkey-of-value", sft("train.lr=1", "train.lr.x=2"), ("'train.lr'", "sub-keys")),
+    Case("seed-too-large", sft("train.seed=99999999999999999999"), ("'train.seed'", "out of range")),
+    Case("data-train-empty", sft("data.train="), ("'data.train' is empty",)),
+    Case("template-is-directory", sft(lambda ws: f"model.chat_template={ws / 'model'}"), ("is a directory",)),
+    Case("config-json-wrong-type", sft(lambda ws: f"model.name_or_path={ws / 'm-vocabstr'}"), ("config.json",),
+         setup=copied("m-vocabstr", lambda d: _edit_config(d, vocab_size="400"))),
+    Case("resume-from-final", sft(*RESUME, lambda ws: f"train.resume={ws / 'run' / 'final'}"),
+         ("saved model", "model.name_or_path=")),
+    Case("resume-from-checkpoints-dir", sft(*RESUME, lambda ws: f"train.resume={ws / 'run' / 'checkpoints'}"),
+         ("directory of checkpoints", "step-000002")),
+    Case("checkpoint-json-wrong-types", sft(*RESUME, lambda ws: f"train.resume={ws / 'ck-types/checkpoints/step-000002'}",
+                                            out="ck-types"), ("corrupt", "model_signature"),
+         setup=_edit_marker("ck-types", model_signature=None)),
+    Case("outdir-name-too-long", sft(out="x" * 300), ("255",)),
+    Case("outdir-dangling-link", sft(out="dangling/run"), ("symbolic link",),
+         setup=lambda ws: (ws / "dangling").is_symlink() or (ws / "dangling").symlink_to("/nonexistent/place")),
+    Case("overwrite-deletes-the-model", sft(lambda ws: f"model.name_or_path={ws / 'ow' / 'final'}",
+                                            "train.overwrite_output_dir=true", out="ow"), ("would delete",),
+         setup=ckpt_copy("ow", lambda d: None)),
+    Case("world-data-path-clash", lambda ws: ["world", "data", "--out", str(ws / "clash"), "--train", "2",
+                                              "--heldout", "1"], ("Is a directory",),
+         setup=lambda ws: (ws / "clash" / "sft_train.jsonl").mkdir(parents=True, exist_ok=True)),
+    Case("world-build-over-a-model", lambda ws: ["world", "build", "--out", str(ws / "model"), "--docs", "10"],
+         ("--overwrite",)),
+    Case("world-build-batch-too-big", lambda ws: ["world", "build", "--out", str(ws / "wb"), "--docs", "50",
+                                                  "--batch-size", "100000", "--probe-problems", "1"],
+         ("nothing to train",)),
+    Case("qs-own-data", qs("sft.data.train=x.jsonl"), ("'sft.data.train'", "sets it itself")),
+    Case("qs-loss-name", qs("dpo.loss.name=ipo"), ("dpo_losses",)),
+    Case("qs-key-prefix", qs("rm.loss.pooling=mean"), ("rm.loss.pooling=last",)),
+    Case("qs-reference-checked-first", qs("dpo.loss.reference=/nope"), ("'dpo.loss.reference'",)),
+    Case("qs-ranked-rm", qs("rm.loss.name=listwise"), ("'rm.loss.name'", "ranked")),
+    Case("qs-device", qs("sft.model.device=cuda"), ("'sft.model.device'",)),
+]
+ALL = CASES + ROUND2
+
+
+def _one_layer(ws):
+    d = ws / "m-1layer"
+    if not d.exists():
+        shutil.copytree(ws / "model", d)
+        _edit_config(d, num_hidden_layers=1)
+
+
+def test_the_trial_has_146_cases():
+    assert len(CASES) == 105 and len(ROUND2) == 41 and len({c.id for c in ALL}) == len(ALL)
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
 def test_bad_input_ends_cleanly(case, ws, capsys, monkeypatch):
     monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
     monkeypatch.chdir(ws)
+    _one_layer(ws)
     if case.setup is not None:
         case.setup(ws)
     argv = case.argv(ws)

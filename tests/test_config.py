@@ -74,3 +74,24 @@ def test_yaml_12_scalars(tmp_path):
         "a": "no", "b": "off", "c": True, "d": 1e-4, "e": 2.5, "f": 3, "g": "yes"}
     cfg = load_config(SFTConfig, None, ["train.mixed_precision=no", "train.lr=1e-4"])
     assert cfg.train.mixed_precision == "no" and cfg.train.lr == 1e-4
+
+
+def test_yaml_12_integers_and_duplicate_keys(tmp_path):
+    from posttrain.config import yaml_load
+
+    assert yaml_load("a: 010\nb: 0o10\nc: 0x1f\nd: 1:04\ne: -5\nf: 1_000") == {
+        "a": 10, "b": 8, "c": 31, "d": "1:04", "e": -5, "f": 1000}
+    cfg = load_config(SFTConfig, None, ["train.max_steps=010"])
+    assert cfg.train.max_steps == 10  # YAML 1.1 would read octal 8
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  max_steps: 1\ndata:\n  max_length: 64\ntrain:\n  save_every: 1\n")
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(SFTConfig, f)
+
+
+def test_nested_section_errors_name_the_full_key():
+    from posttrain.quickstart import QuickstartConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(QuickstartConfig, None, ["sft.loss.normalization=constant"])
+    assert "sft.loss.normalize_constant" in str(e.value) and " loss.normalize_constant" not in str(e.value)

@@ -49,3 +49,24 @@ def test_quickstart_stage_validation():
         load_config(QuickstartConfig, None, ["stages=[dpo]"])
     with pytest.raises(ConfigError, match="paired losses"):
         load_config(QuickstartConfig, None, ["dpo_losses=[kto]"])
+
+
+def test_quickstart_uses_the_sft_sections_tokenizer_settings(tmp_path):
+    """sft.model.pad_token / chat_template / tokenizer reach the tokenizer (they were ignored once)."""
+    import json as _json
+
+    from tests.tiny import tiny_model, world_tokenizer
+
+    d = tmp_path / "m"
+    tiny_model("llama", hidden=32).save_pretrained(d)
+    world_tokenizer().save_pretrained(d)
+    tc = _json.loads((d / "tokenizer_config.json").read_text())
+    tc.pop("pad_token", None)
+    (d / "tokenizer_config.json").write_text(_json.dumps(tc))
+    cfg = load_config(QuickstartConfig, None, [
+        f"output_dir={tmp_path / 'qs'}", "stages=[sft]", f"sft.model.name_or_path={d}", "sft.model.pad_token=<|im_end|>",
+        "train_examples=8", "eval_problems=2", "curve_points=0", "max_new_tokens=4", "sft.train.max_steps=1",
+        "sft.train.progress=false"])
+    assert run_quickstart(cfg, log=lambda s: None)["sft_steps"] == 1
+    with pytest.raises(ConfigError, match="sets it itself"):
+        load_config(QuickstartConfig, None, ["sft.train.seed=3"])

@@ -419,3 +419,65 @@ def test_dpo_monitor_state_is_in_the_checkpoint(tmp_path):
     monitor = state["extra"]["callbacks"][0]
     assert len(monitor["loss"]) == 2 and len(monitor["chosen"]) == 2 and isinstance(monitor["warned"], bool)
     assert all(math.isfinite(x) for x in monitor["loss"])
+
+
+# --------------------------------------------------------------------------- found by the second trial
+
+
+def test_a_metrics_line_cut_short_does_not_stop_a_resume(tmp_path, data_file, capsys):
+    argv = ["sft", f"data.train={data_file}", "data.eval=null", "train.max_steps=4", "train.save_every=2",
+            f"train.output_dir={tmp_path}", "train.progress=false"]
+    assert main(argv) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"split": "train", "step": 5, "lo')  # what a kill -9 or a full disk leaves
+    capsys.readouterr()
+    ck = tmp_path / "checkpoints" / "step-000002"
+    assert main(argv + [f"train.resume={ck}"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 1 unreadable line" in out
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_leaves_no_partial(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import posttrain.train.checkpoint as ckpt
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_state", full)
+    with pytest.raises(CheckpointError, match="No space left on device") as e:
+        _fit(tmp_path, save_every=1)
+    assert "train.resume=auto" in str(e.value)
+    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+
+
+def test_resume_auto_without_checkpoints_says_it_starts_fresh(tmp_path):
+    logs = []
+    res = _fit(tmp_path, resume="auto", logs=logs)
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4]
+    assert any("found no checkpoint" in line and "starting a fresh run" in line for line in logs)
+
+
+def test_unused_loss_settings_and_data_margins_are_reported(tmp_path):
+    from posttrain.algorithms.dpo import DPOConfig, run_preference
+    from posttrain.world.preferences import preference_records
+
+    records = [{**r, "margin": 1.0} for r in preference_records(8, seed=1)]
+    train = write_jsonl(tmp_path / "p.jsonl", records)
+    cfg = load_config(DPOConfig, None, [f"data.train={train}", "data.eval=null", f"train.output_dir={tmp_path / 'r'}",
+                                        "train.max_steps=1", "train.progress=false", "loss.name=ipo",
+                                        "loss.label_smoothing=0.3", "data.max_length=128"])
+    logs = []
+    run_preference(cfg, model=tiny_model("llama", hidden=48), tokenizer=world_tokenizer(), log=logs.append)
+    notes = [line for line in logs if line.startswith("note:")]
+    assert any("loss.label_smoothing=0.3" in n and "'ipo'" in n for n in notes), notes
+    assert any("'margin' fields" in n for n in notes), notes
+    cfg = load_config(DPOConfig, None, [f"data.train={train}", "data.eval=null", f"train.output_dir={tmp_path / 's'}",
+                                        "train.max_steps=1", "train.progress=false", "loss.name=simpo",
+                                        f"loss.reference={tmp_path / 'nope'}", "data.max_length=128"])
+    logs = []
+    run_preference(cfg, model=tiny_model("llama", hidden=48), tokenizer=world_tokenizer(), log=logs.append)
+    assert any("uses no reference model" in line for line in logs)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .config import describe, load_config
-from .errors import PosttrainError, RunInterrupted
+from .errors import ConfigError, PosttrainError, RunInterrupted
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -77,12 +77,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .models.loading import load_causal_lm, load_tokenizer
+    from .models.loading import check_tokenizer_fits, load_causal_lm, load_tokenizer
     from .world.evaluate import evaluate_problems
     from .world.tasks import generate_problems
 
-    tok = load_tokenizer(args.model, key="--model")
+    tok = load_tokenizer(args.model, key="--model", chat_template=args.chat_template)
     model = load_causal_lm(args.model, device=args.device, key="--model")
+    check_tokenizer_fits(tok, model, key="--model")
     problems = generate_problems(args.n, seed=args.seed, split="heldout")
     res = evaluate_problems(model, tok, problems, max_new_tokens=args.max_new_tokens, progress=True)
     print(json.dumps(res.metrics(), indent=2))
@@ -97,7 +98,11 @@ def _cmd_world_data(args: argparse.Namespace) -> int:
     from .world.datasets import write_world_datasets
 
     check_output_dir(args.out, overwrite=True, key="--out")
-    paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    try:
+        paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    except OSError as e:
+        raise ConfigError(f"Option '--out': could not write '{e.filename}': {e.strerror}.",
+                          fix="choose another --out directory, or move the file or directory in the way.") from None
     for name, p in paths.items():
         print(f"{name}: {p}")
     return 0
@@ -110,24 +115,20 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _int_at_least(lowest: int):
+    """An argparse type: a whole number >= ``lowest``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {lowest}")
+        return value
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--max-new-tokens", type=_positive_int, default=96)
     p.add_argument("--device", default="auto")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template (file path or text) to use "
+                   "instead of the tokenizer's own")
     p.add_argument("--samples", type=_nonnegative_int, default=0, help="print this many question/answer samples")
     p.set_defaults(func=_cmd_eval)
 

@@ -21,27 +21,61 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, PosttrainError
 
 T = TypeVar("T")
 
 
 class _YAML12Loader(yaml.SafeLoader):
-    """PyYAML with YAML 1.2 scalars: only true/false are booleans (``no`` stays a string, so
-    ``mixed_precision: no`` means "no"), and ``1e-4`` is a float."""
+    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (``no`` stays a
+    string, so ``mixed_precision: no`` means "no"), ``1e-4`` is a float, ``010`` is ten (octal
+    is ``0o10``, and ``1:04`` is a string, not sexagesimal 64); a mapping may not repeat a key
+    (PyYAML would silently keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key is not a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", seen[key], f"the key {key!r} appears twice", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-")
+        if digits[:2] in ("0o", "0x"):
+            return sign * int(digits[2:], 8 if digits[1] == "o" else 16)
+        return sign * int(digits, 10)
 
 
 _YAML12Loader.yaml_implicit_resolvers = {
-    ch: [r for r in resolvers if r[0] not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    ch: [r for r in resolvers if r[0] not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float",
+                                              "tag:yaml.org,2002:int")]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YAML12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_YAML12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+"
                r"|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
+_YAML12Loader.add_constructor("tag:yaml.org,2002:int", _YAML12Loader.construct_yaml_int)
+
+# what reading a YAML text can raise besides a syntax error: an integer too long to convert,
+# nesting deeper than the parser's recursion allows
+_YAML_READ_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
 
 
 def yaml_load(text: str):
@@ -189,16 +223,53 @@ def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
     )
 
 
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of config dataclass ``cls`` (sections flattened)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def reroot(error: PosttrainError, prefix: str, cls: type) -> PosttrainError:
+    """The same error with ``cls``'s keys named from the top (``loss.beta`` -> ``dpo.loss.beta``)
+    when ``cls`` is a section at ``prefix`` of a bigger config (the quickstart's ``sft``, ...)."""
+    keys = sorted((k for k in config_keys(cls) if "." in k), key=len, reverse=True)  # dotted only: no prose words
+    if not prefix or not keys:
+        return error
+    pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w])")
+
+    def fix(text):
+        return None if text is None else pattern.sub(lambda m: prefix + m.group(1), text)
+
+    return type(error)(fix(error.problem), fix=fix(error.fix))
+
+
 def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, validating every key and value."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"Config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}.",
+                          fix="write the section's options as key: value lines under it.")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"Config section '{prefix.rstrip('.') or '(top level)'}' has the key {key!r}, which is "
+                              "not a name.", fix=f"use option names such as {', '.join(list(fields)[:3])}.")
         if key not in fields:
             raise _unknown_key(prefix, key, list(fields))
+    try:
+        return _build(cls, data, prefix, hints, fields)
+    except PosttrainError as e:  # sections and validate() name keys relative to cls
+        raise reroot(e, prefix, cls) from None
+
+
+def _build(cls, data: dict, prefix: str, hints: dict, fields: dict):
     kwargs = {}
     for name, f in fields.items():
         tp = hints[name]
@@ -244,14 +315,16 @@ def parse_overrides(overrides: list[str]) -> dict:
         key = key.strip()
         try:
             value = yaml_load(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError:
+        except _YAML_READ_ERRORS:
             value = raw
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"Override '{item}' sets a sub-key of a non-section key.")
+                parent = ".".join(parts[: i + 1])
+                raise ConfigError(f"Override '{item}' sets a sub-key of '{parent}', which another override sets "
+                                  "to a value.", fix=f"give '{parent}' either a value or sub-keys, not both.")
         node[parts[-1]] = value
     return out
 
@@ -272,14 +345,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = dict(base or {})
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"Config file '{p}' is a directory.", fix="give --config the path of a .yaml file.")
         if not p.is_file():
             raise ConfigError(f"Config file '{p}' does not exist.", fix="check the path given to --config.")
         try:
-            loaded = yaml_load(p.read_text()) or {}
+            loaded = yaml_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"Config file '{p}' is not UTF-8 text (is it a YAML file?).",
+                              fix="save the config as UTF-8 YAML.") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file '{p}' is not valid YAML: {e}", fix="correct the YAML syntax.") from None
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"Config file '{p}' cannot be read: {type(e).__name__}: {str(e)[:200]}",
+                              fix="simplify the YAML (no integers of thousands of digits, no deep nesting).") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file '{p}' must hold a mapping of options at the top level.")
+            raise ConfigError(f"Config file '{p}' must hold a mapping of options at the top level.",
+                              fix="write one 'key: value' (or 'section:' with indented options) per line.")
         data = deep_merge(data, loaded)
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
@@ -338,7 +420,7 @@ class TrainConfig:
     """The optimization loop (AdamW, warmup + cosine schedule, accumulation, checkpoints)."""
 
     output_dir: str = option("runs/sft", "Run directory: metrics.jsonl, config.yaml, checkpoints/, final/.")
-    seed: int = option(0, "Seed for data order, initialization noise and NEFTune.", min=0)
+    seed: int = option(0, "Seed for data order, initialization noise and NEFTune.", min=0, max=2**32 - 1)
     epochs: float = option(1.0, "Passes over the training data (fractions allowed).", min=0.0)
     max_steps: int = option(0, "Optimizer steps; 0 means derive from epochs.", min=0)
     micro_batch_size: int = option(8, "Rows per forward pass (packed rows of max_length when packing, "

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -22,11 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .algorithms.dpo import DPOConfig, PreferenceDataConfig, PreferenceLossConfig, run_preference
-from .algorithms.rm import RMConfig, run_rm
+from .algorithms.rm import RM_LOSS_DATA, RMConfig, run_rm
 from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
-from .config import TrainConfig, option
-from .errors import ConfigError
-from .models.loading import load_causal_lm, load_tokenizer
+from .config import ModelConfig, TrainConfig, option, reroot
+from .errors import ConfigError, PosttrainError
+from .models.loading import (
+    check_attn_implementation,
+    check_tokenizer_fits,
+    load_causal_lm,
+    locate,
+    pick_device,
+    tokenizer_for,
+)
 from .train.rundir import check_output_dir
 from .world.datasets import write_jsonl, write_world_datasets
 from .world.evaluate import EvalResult, evaluate_problems
@@ -45,14 +53,32 @@ def _default_sft() -> SFTConfig:
 
 
 def _default_rm() -> RMConfig:
-    return RMConfig(data=PreferenceDataConfig(train="", eval="", max_length=256, packing=True),
+    return RMConfig(model=ModelConfig(name_or_path=""),
+                    data=PreferenceDataConfig(train="", eval="", max_length=256, packing=True),
                     train=TrainConfig(output_dir="", lr=3e-4, epochs=1.0, micro_batch_size=8, warmup_ratio=0.05))
 
 
 def _default_dpo() -> DPOConfig:
-    return DPOConfig(data=PreferenceDataConfig(train="", eval="", max_length=256, packing=True),
+    return DPOConfig(model=ModelConfig(name_or_path=""),
+                     data=PreferenceDataConfig(train="", eval="", max_length=256, packing=True),
                      loss=PreferenceLossConfig(beta=0.1),
                      train=TrainConfig(output_dir="", lr=5e-5, epochs=1.0, micro_batch_size=8, warmup_ratio=0.1))
+
+
+_OWN_DATA = "the quickstart writes the tiny world's data under output_dir; `posttrain sft` / `rm` / `dpo` train on yours"
+# keys of the stage sections that the quickstart sets itself, and what to use instead
+QUICKSTART_OWNED = {
+    **{f"{st}.data.{k}": _OWN_DATA for st in STAGES for k in ("train", "eval", "world_examples",
+                                                                "world_eval_examples")},
+    **{f"{st}.train.output_dir": "each stage writes to output_dir/<stage>" for st in STAGES},
+    **{f"{st}.train.seed": "set the quickstart's seed" for st in STAGES},
+    **{f"{st}.train.resume": "the quickstart always starts over (run `posttrain sft` etc. to resume a run)"
+       for st in STAGES},
+    **{f"{st}.train.overwrite_output_dir": "the quickstart replaces its own run directory" for st in STAGES},
+    "rm.model.name_or_path": "the reward model starts from the SFT model of the same run",
+    "dpo.model.name_or_path": "preference optimization starts from the SFT model of the same run",
+    "dpo.loss.name": "list the losses in dpo_losses, e.g. dpo_losses=[ipo]",
+}
 
 
 @dataclass
@@ -60,7 +86,7 @@ class QuickstartConfig:
     """posttrain quickstart: the tiny world, from the base model through SFT, a reward model and DPO."""
 
     output_dir: str = option("runs/quickstart", "Run directory.")
-    seed: int = option(0, "Seed for data generation and training.", min=0)
+    seed: int = option(0, "Seed for data generation and training.", min=0, max=2**32 - 1)
     stages: list[str] = option(default_factory=lambda: list(STAGES),
                                help="Stages to run, in order: sft, rm, dpo (rm and dpo start from the SFT model).")
     train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1, max=1_000_000)
@@ -85,8 +111,22 @@ class QuickstartConfig:
         if ("rm" in self.stages or "dpo" in self.stages) and "sft" not in self.stages:
             raise ConfigError("Stages rm and dpo start from the SFT model, so 'sft' must be in 'stages'.",
                               fix="use stages=[sft,rm,dpo] (or stages=[sft]).")
+        defaults = {"sft": _default_sft(), "rm": _default_rm(), "dpo": _default_dpo()}
+        for key, instead in QUICKSTART_OWNED.items():
+            stage, *path = key.split(".")
+            mine, default = getattr(self, stage), defaults[stage]
+            for part in path:
+                mine, default = getattr(mine, part), getattr(default, part)
+            if mine != default:
+                raise ConfigError(
+                    f"Config key '{key}' is set to {mine!r}, but the quickstart sets it itself, so the value would "
+                    "be ignored.", fix=f"remove it; {instead}.")
         from .ops import PREFERENCE_LOSSES
 
+        if RM_LOSS_DATA[self.rm.loss.name] != "paired":
+            raise ConfigError(f"Config key 'rm.loss.name' is {self.rm.loss.name!r}, which needs ranked data; the "
+                              "quickstart trains its reward model on preference pairs.",
+                              fix="use rm.loss.name=bt, hinge or mse (or `posttrain rm` with ranked data).")
         for name in self.dpo_losses:
             if name not in PREFERENCE_LOSSES or PREFERENCE_LOSSES[name].data != "paired":
                 paired = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.data == "paired")
@@ -184,8 +224,25 @@ def claim_output_dir(output_dir: str) -> Path:
 
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     t0 = time.time()
+
+    @contextlib.contextmanager
+    def stage_keys(stage: str):
+        """Errors inside a stage name its keys from the top: loss.beta -> dpo.loss.beta."""
+        try:
+            yield
+        except PosttrainError as e:
+            raise reroot(e, f"{stage}.", type(getattr(cfg, stage))) from None
+
     out = claim_output_dir(cfg.output_dir)
     stages = [st for st in STAGES if st in cfg.stages]
+    # what can be checked without training, checked before any stage trains
+    for stage in stages:
+        with stage_keys(stage):
+            section = getattr(cfg, stage).model
+            check_attn_implementation(section.attn_implementation, pick_device(section.device))
+    if "dpo" in stages and cfg.dpo.loss.reference:
+        with stage_keys("dpo"):
+            locate(cfg.dpo.loss.reference, key="loss.reference")
     log("posttrain quickstart: the built-in tiny world (arithmetic word problems, verifiable answers)")
     log(f"stages: {' -> '.join(['base eval'] + stages)}")
     paths = write_world_datasets(out / "data", n_train=cfg.train_examples, n_heldout=cfg.eval_problems,
@@ -200,9 +257,11 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         + f" -> {out / 'data'}")
 
     sft = cfg.sft
-    tokenizer = load_tokenizer(sft.model.name_or_path, key="sft.model.name_or_path")
-    model = load_causal_lm(sft.model.name_or_path, dtype=sft.model.dtype, device=sft.model.device,
-                           attn_implementation=sft.model.attn_implementation, key="sft.model.name_or_path")
+    with stage_keys("sft"):
+        tokenizer = tokenizer_for(sft.model)
+        model = load_causal_lm(sft.model.name_or_path, dtype=sft.model.dtype, device=sft.model.device,
+                               attn_implementation=sft.model.attn_implementation)
+        check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if sft.model.tokenizer else "model.name_or_path")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"base model: {sft.model.name_or_path} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters)")
     problems = generate_problems(cfg.eval_problems, seed=cfg.seed, split="heldout")
@@ -212,7 +271,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         return evaluate_problems(m, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, progress=True)
 
     log(f"\n[base] evaluating the base model on {len(problems)} held-out problems (chat prompt, greedy)")
-    results: dict[str, EvalResult] = {"base": evaluate(model)}
+    with stage_keys("sft"):
+        results: dict[str, EvalResult] = {"base": evaluate(model)}
     log(f"       accuracy {_fmt_pct(results['base'].accuracy).strip()}, format compliance "
         f"{_fmt_pct(results['base'].format_compliance).strip()}")
     summary: dict = {"stages": stages}
@@ -229,8 +289,9 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
             return {"heldout_accuracy": res.accuracy, "format_compliance": res.format_compliance}
 
         log("\n[sft] SFT: assistant-only loss, packed rows, AdamW + warmup/cosine")
-        sft_result = run_sft(sft, model=model, tokenizer=tokenizer, log=log, extra_eval=curve_eval,
-                             eval_times=cfg.curve_points + 1)
+        with stage_keys("sft"):
+            sft_result = run_sft(sft, model=model, tokenizer=tokenizer, log=log, extra_eval=curve_eval,
+                                 eval_times=cfg.curve_points + 1)
         curve += [(e["step"], e["heldout_accuracy"]) for e in sft_result.fit.eval_history if "heldout_accuracy" in e]
         log(f"\n[sft] evaluating the SFT model on the same {len(problems)} held-out problems")
         results["SFT"] = evaluate(model)
@@ -248,7 +309,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         rm.train.overwrite_output_dir = True
         log(f"\n[rm] reward model from the SFT checkpoint: {rm.loss.name} loss, {rm.loss.pooling} pooling, "
             f"{cfg.preference_pairs} pairs")
-        rm_result = run_rm(rm, log=log)
+        with stage_keys("rm"):
+            rm_result = run_rm(rm, log=log)
         m = rm_result.eval_metrics
         summary["reward_model"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         notes.append(f"reward model (from SFT, {rm.loss.name}): held-out pairwise accuracy "
@@ -265,9 +327,10 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
                                                                eval=str(paths["pairs_heldout"])),
                                       model=dataclasses.replace(cfg.dpo.model, name_or_path=sft_dir))
             log(f"\n[dpo] {loss_name} from the SFT checkpoint on {cfg.preference_pairs} pairs")
-            policy = load_causal_lm(sft_dir, dtype=dpo.model.dtype, device=dpo.model.device,
-                                    attn_implementation=dpo.model.attn_implementation)
-            pref = run_preference(dpo, model=policy, tokenizer=tokenizer, log=log)
+            with stage_keys("dpo"):
+                policy = load_causal_lm(sft_dir, dtype=dpo.model.dtype, device=dpo.model.device,
+                                        attn_implementation=dpo.model.attn_implementation)
+                pref = run_preference(dpo, model=policy, tokenizer=tokenizer, log=log)
             results[f"+{loss_name}"] = evaluate(policy)
             hist = pref.fit.history
             displaced = any(h.get("likelihood_displacement") for h in hist)

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..models.loading import (
     accelerator_for,
     check_max_length,
+    check_tokenizer_fits,
     check_same_vocabulary,
     load_causal_lm,
     tokenizer_for,
@@ -158,8 +159,12 @@ def units_from_records(ds, tokenizer, kind: str, *, max_length: int, overlong: s
     return units, report.summary()
 
 
-def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int):
+def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int, key: str = "data.train"):
     from ..world import preferences as wp
+
+    if not str(spec).strip():
+        raise ConfigError(f"Config key '{key}' is empty.",
+                          fix=f"set {key} to a JSONL / Parquet file or one of {', '.join(BUILTIN_SOURCES)}.")
 
     builtin = {
         "builtin:world-pairs": ("paired", wp.preference_records, {}),
@@ -206,10 +211,31 @@ def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: in
     if eval_spec == "auto":  # the world's held-out set only for the world's own data
         eval_spec = data.train + "-heldout" if data.train in BUILTIN_SOURCES else None
     if eval_spec:
-        eval_ds = load_preference_source(eval_spec, data, kind, seed)
+        eval_ds = load_preference_source(eval_spec, data, kind, seed, key="data.eval")
         eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
         log(f"eval data {eval_ds.source}: {eval_summary}")
     return units, eval_units, summary
+
+
+def unused_settings(loss_cfg: PreferenceLossConfig, spec, units: list[Unit]) -> list[str]:
+    """Settings the chosen loss will not use although they were changed (so they are not
+    ignored silently): another loss's hyper-parameters, a reference path for a reference-free
+    loss, the data's margin fields."""
+    notes = []
+    defaults = PreferenceLossConfig()
+    all_hparams = sorted({h for s in PREFERENCE_LOSSES.values() for h in s.hyperparameters})
+    unused = [h for h in all_hparams if h not in spec.hyperparameters
+              and getattr(loss_cfg, h, None) != getattr(defaults, h, None)]
+    if unused:
+        notes.append(f"loss '{spec.name}' does not use {', '.join(f'loss.{h}={getattr(loss_cfg, h)!r}' for h in unused)}"
+                     f" (it uses {', '.join('loss.' + h for h in spec.hyperparameters) or 'no hyper-parameters'}).")
+    if loss_cfg.reference and not spec.needs_reference:
+        notes.append(f"loss '{spec.name}' uses no reference model, so loss.reference={loss_cfg.reference!r} is not "
+                     "loaded.")
+    if any(u.margin is not None for u in units):
+        notes.append(f"the training data's 'margin' fields are not used by loss '{spec.name}' (only the reward "
+                     "model's bt loss reads them).")
+    return notes
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -417,7 +443,8 @@ def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], co
 def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
                    eval_times: int | None = None) -> PreferenceResult:
     """Run offline preference optimization as configured (see the module docstring)."""
-    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
+                     protect={"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer, "loss.reference": cfg.loss.reference})
     torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
     accelerator = accelerator_for(cfg.model)
@@ -426,6 +453,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
     check_max_length(cfg.data.max_length, model)
+    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     kind = spec.data
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"loss '{cfg.loss.name}'")
@@ -442,6 +470,8 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
             p.requires_grad_(False)
         reference.eval()
     hparams = cfg.loss.hyperparameters(spec.hyperparameters)
+    for note in unused_settings(cfg.loss, spec, units):
+        log(f"note: {note}")
     algo = PreferenceAlgorithm(spec, hparams, reference=reference)
 
     attn = str(getattr(model.config, "_attn_implementation", "sdpa"))

@@ -40,7 +40,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, option
 from ..errors import CheckpointError, ConfigError, DataError
-from ..models.loading import accelerator_for, check_max_length, load_sequence_classifier, tokenizer_for
+from ..models.loading import accelerator_for, check_max_length, check_tokenizer_fits, load_sequence_classifier, tokenizer_for
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
 from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
@@ -274,7 +274,8 @@ class RMResult:
 
 def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     """Train a reward model as configured (see the module docstring)."""
-    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
+                     protect={"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer})
     torch.manual_seed(cfg.train.seed)
     kind = RM_LOSS_DATA[cfg.loss.name]
     accelerator = accelerator_for(cfg.model)
@@ -283,10 +284,14 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
         model = load_reward_model(cfg.model.name_or_path, tokenizer, dtype=cfg.model.dtype,
                                   device=str(accelerator.device), attn_implementation=cfg.model.attn_implementation)
     check_max_length(cfg.data.max_length, model)
+    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     model.config.pad_token_id = tokenizer.pad_token_id  # what transformers' forward pools by
     model.config.posttrain_pooling = cfg.loss.pooling
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"reward loss '{cfg.loss.name}'")
+    if "margin" not in RM_LOSS_ARGS.get(cfg.loss.name, ()) and any(u.margin is not None for u in units):
+        log(f"note: the training data's 'margin' fields are not used by reward loss '{cfg.loss.name}' (only bt "
+            "reads them).")
     for name, us in (("data.train", units), ("data.eval", eval_units)):
         check_pooling_reproducible(us, pooling=cfg.loss.pooling, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id, source=name)

@@ -38,7 +38,7 @@ from ..data import (
     padding_stats,
 )
 from ..errors import ConfigError
-from ..models.loading import accelerator_for, check_max_length, load_causal_lm, tokenizer_for
+from ..models.loading import accelerator_for, check_max_length, check_tokenizer_fits, load_causal_lm, tokenizer_for
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
 from ..train.rundir import check_output_dir
@@ -214,7 +214,9 @@ def world_sft_records(n: int, *, split: str, seed: int) -> list[dict]:
     return [{"messages": p.messages()} for p in generate_problems(n, seed=seed, split=split)]
 
 
-def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
+def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
+    if not str(spec).strip():
+        raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_DATA}.")
     if spec == BUILTIN_DATA:
         return load_records(world_sft_records(cfg.world_examples, split="train", seed=seed), "conversational")
     if spec == BUILTIN_DATA + "-heldout":
@@ -247,7 +249,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
     (overriding ``train.eval_every``).
     """
-    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
+                     protect={"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer})
     torch.manual_seed(cfg.train.seed)
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
@@ -255,6 +258,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
     check_max_length(cfg.data.max_length, model)
+    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
     uses_messages = train_ds.format == "conversational" or any(
         isinstance(r.get("prompt"), list) or isinstance(r.get("completion"), list) for r in train_ds.records)
@@ -269,7 +273,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     if eval_spec == "auto":  # the world's held-out set only for the world's own data
         eval_spec = BUILTIN_DATA + "-heldout" if cfg.data.train == BUILTIN_DATA else None
     if eval_spec:
-        eval_ds = load_sft_source(eval_spec, cfg.data, cfg.train.seed)
+        eval_ds = load_sft_source(eval_spec, cfg.data, cfg.train.seed, key="data.eval")
         eval_examples, eval_report = encode_dataset(eval_ds, tokenizer, **encode_kw)
         log(f"eval data {eval_ds.source}: {eval_report.summary()}")
     elif cfg.data.eval_fraction > 0:

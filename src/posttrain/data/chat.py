@@ -84,9 +84,10 @@ def check_tokenizer(tokenizer, *, need_chat_template: bool) -> None:
         )
     if need_chat_template and _chat_template(tokenizer) is None:
         raise TokenizerError(
-            f"tokenizer {name!r} has no chat template, but the data is a list of messages, which "
-            "must be rendered with the model's template.",
-            fix="set model.chat_template to a Jinja template or the path of a .jinja file (for example "
+            f"tokenizer {name!r} has no chat template, but chat messages (the data, or the prompts of an "
+            "evaluation) must be rendered with the model's template.",
+            fix="set model.chat_template (posttrain eval: --chat-template) to a Jinja template or the path of a "
+            ".jinja file (for example "
             "the ChatML template of the model family you fine-tune from; keep using it at inference), "
             "point model.tokenizer to a tokenizer that has one, or give the data as prompt/completion strings.",
         )
@@ -107,21 +108,36 @@ def _validate_messages(messages: Any, *, prompt: bool, source: str | None, locat
     return msgs
 
 
+_TEMPLATE_PLACES = ("model.chat_template (posttrain eval: --chat-template), or the tokenizer's own template in "
+                    "tokenizer_config.json / chat_template.jinja")
+
+
 def _apply(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tokenize: bool, **kwargs):
-    """apply_chat_template with template failures turned into TokenizerError."""
+    """apply_chat_template with every template failure turned into TokenizerError."""
     try:
         return tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs
         )
-    except Exception as exc:  # jinja2.TemplateError, or a template's raise_exception(...)
+    except Exception as exc:  # jinja2 errors, a template's raise_exception(...), or Python errors inside it
+        roles = [m["role"] for m in messages]
+        if type(exc).__name__ == "TemplateSyntaxError":
+            line = getattr(exc, "lineno", None)
+            raise TokenizerError(
+                f"the chat template is not valid Jinja{f' (line {line})' if line else ''}: {exc}.",
+                fix=f"correct the template ({_TEMPLATE_PLACES}).",
+            ) from None
         if type(exc).__module__.startswith("jinja2") or isinstance(exc, ValueError):
             raise TokenizerError(
                 f"the chat template failed to render a conversation of {len(messages)} message(s) with "
-                f"roles {[m['role'] for m in messages]}: {type(exc).__name__}: {exc}",
+                f"roles {roles}: {type(exc).__name__}: {exc}",
                 fix="check that the template supports these roles (some templates reject a system "
-                "message), or use a template that does.",
+                f"message), or use a template that does ({_TEMPLATE_PLACES}).",
             ) from None
-        raise
+        raise TokenizerError(
+            f"the chat template raised {type(exc).__name__} ({exc}) while rendering a conversation with roles "
+            f"{roles}.",
+            fix=f"correct the template ({_TEMPLATE_PLACES}).",
+        ) from None
 
 
 def _to_list(x) -> list[int]:

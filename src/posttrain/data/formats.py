@@ -300,18 +300,39 @@ class _Checker:
                 f"{what} is the non-finite number {value!r}; losses built on it would be NaN.",
                 "replace it with a finite number, or remove this record.",
             )
+        if abs(value) > MAX_SCORE:
+            raise self.fail(
+                field,
+                f"{what} is {value:.4g}, beyond +-{MAX_SCORE:.0e}; float32 arithmetic on it (differences, "
+                "softmax, exp) would overflow to inf or NaN.",
+                "rescale the scores (only their differences and ratios matter), or remove this record.",
+            )
         return value
 
     def finite(self, value: Any, field: str) -> None:
-        """Reject NaN and infinities anywhere in the record (JSON allows them as an extension)."""
+        """Reject NaN and infinities anywhere in the record (JSON allows them as an extension), and
+        text that is not valid Unicode (an unpaired surrogate such as ``\\ud800``, which JSON can escape
+        but no tokenizer can encode)."""
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(
                 field,
                 f"found the non-finite number {value!r}.",
                 "replace it with a finite number, or remove the field.",
             )
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise self.fail(
+                    field,
+                    f"the text holds an unpaired UTF-16 surrogate ({value[e.start]!r} at character {e.start}), "
+                    "which is not valid Unicode.",
+                    "re-encode the text (the source likely split an emoji or other character in two), or remove "
+                    "the character.",
+                ) from None
         if isinstance(value, Mapping):
             for k, v in value.items():
+                self.finite(k, f"{field} (a key)" if field else "(a key)")
                 self.finite(v, f"{field}.{k}" if field else str(k))
         elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
@@ -320,6 +341,10 @@ class _Checker:
 
 def _present(record: Mapping, key: str) -> bool:
     return key in record and record[key] is not None
+
+
+# keys that identify a format; a record holding keys of two of these groups is ambiguous
+_EXCLUSIVE_KEYS = (("messages",), ("chosen", "rejected"), ("responses",), ("completion",))
 
 
 def detect_format(record: Mapping) -> str | None:
@@ -575,6 +600,38 @@ def _check_format_name(format: str, *, allow_auto: bool) -> None:
 # --------------------------------------------------------------------------------------
 
 
+MAX_SCORE = 1e15  # bound on rewards / margins in data: float32 differences and softmax stay finite
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys (json would keep the last one silently)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def _json_failure(exc: Exception) -> str | None:
+    """A description of why a JSON text could not be read, for errors json itself does not name."""
+    if isinstance(exc, _DuplicateKey):
+        return f"the key {exc.args[0]!r} appears twice in one object (JSON readers keep only one of them)"
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply to read"
+    if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError):
+        return f"{str(exc).split(';')[0]}"  # e.g. an integer of more than 4300 digits
+    return None
+
+
 def _json_problem(exc: json.JSONDecodeError) -> str:
     """``"Expecting value at column 5"``; json's messages may already end in "at" ("Unterminated
     string starting at")."""
@@ -594,7 +651,7 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = _parse_json(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{where(source, lineno)}: invalid JSON ({_json_problem(exc)}). Each line of a "
@@ -602,12 +659,15 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
                     fix="fix the line (a common cause is a record pretty-printed across several lines, or "
                     "a trailing comma), or delete it.",
                 ) from None
+            except (ValueError, RecursionError) as exc:
+                raise DataError(f"{where(source, lineno)}: the record cannot be read: {_json_failure(exc)}.",
+                                fix="fix or delete the line.") from None
             yield f"line {lineno}", obj
 
 
 def _read_json_array(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = _parse_json(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataError(f"{source}: the file is not valid UTF-8 ({exc.reason}).", fix="re-save it as UTF-8.") from None
     except json.JSONDecodeError as exc:
@@ -615,6 +675,9 @@ def _read_json_array(path: Path, source: str) -> Iterator[tuple[str, Any]]:
             f"{where(source, exc.lineno)}: invalid JSON ({_json_problem(exc)}).",
             fix="fix the JSON, or write the data as JSON Lines (one object per line).",
         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{source}: the file cannot be read: {_json_failure(exc)}.",
+                        fix="fix the JSON, or write the data as JSON Lines (one object per line).") from None
     for i, obj in enumerate(data):
         yield f"item {i}", obj
 
@@ -730,6 +793,14 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
                 "write exactly one JSON object per record.",
             )
         if format == "auto":
+            groups = [g for g in _EXCLUSIVE_KEYS if any(_present(obj, k) for k in g)]
+            if len(groups) > 1:
+                raise chk.fail(
+                    None,
+                    f"the record has the keys of more than one format ({' and '.join('/'.join(g) for g in groups)}), "
+                    "so it is not clear which to train on.",
+                    "keep one format's keys per record (rename or remove the others), or pass the format explicitly.",
+                )
             detected = detect_format(obj)
             if detected is None:
                 found = sorted(k for k in obj if obj[k] is not None)

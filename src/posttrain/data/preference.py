@@ -331,12 +331,16 @@ def _apply_policy(example: EncodedExample, max_length: int, overlong: str) -> tu
     return EncodedExample(ids, labels, truncated=True), "truncated"
 
 
-def _all_dropped(ds: Dataset, what: str, total: int, max_length: int, overlong: str) -> DataError:
-    return DataError(
-        f"{where(ds.source)}: every one of the {total} {what} was dropped by the over-long policy "
-        f"(max_length={max_length}, overlong='{overlong}').",
-        fix="raise max_length, use overlong='truncate', or shorten the prompts and responses.",
-    )
+def _all_dropped(ds: Dataset, what: str, report, max_length: int, overlong: str) -> DataError:
+    """Every unit was dropped: say why (the report's counts) and what changes that."""
+    if overlong == "truncate":
+        fix = (f"raise data.max_length (now {max_length}): truncation keeps the start of each sequence, so a "
+               "prompt that fills max_length leaves no response, and responses that differ only after the cut "
+               "become identical; or shorten the prompts.")
+    else:
+        fix = f"raise data.max_length (now {max_length}), use data.overlong=truncate, or shorten the data."
+    return DataError(f"{where(ds.source)}: every one of the {report.total} {what} was dropped: {report.summary()}.",
+                     fix=fix)
 
 
 # --------------------------------------------------------------------------------------
@@ -405,7 +409,7 @@ def encode_pairs(
         margin = record.get("margin")
         pairs.append(EncodedPair(chosen, rejected, None if margin is None else float(margin)))
     if not pairs:
-        raise _all_dropped(ds, "pairs", report.total, max_length, overlong)
+        raise _all_dropped(ds, "pairs", report, max_length, overlong)
     return pairs, report
 
 
@@ -521,7 +525,7 @@ def encode_unpaired(
             report.undesirable += 1
         out.append(EncodedUnpaired(example, record["label"], kl_example))
     if not out:
-        raise _all_dropped(ds, "records", report.total, max_length, overlong)
+        raise _all_dropped(ds, "records", report, max_length, overlong)
     return out, report
 
 
@@ -579,5 +583,5 @@ def encode_ranked(
         report.responses_truncated += sum(e.truncated for e in responses)
         groups.append(EncodedGroup(responses, rewards))
     if not groups:
-        raise _all_dropped(ds, "groups", report.total, max_length, overlong)
+        raise _all_dropped(ds, "groups", report, max_length, overlong)
     return groups, report

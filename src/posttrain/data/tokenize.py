@@ -305,6 +305,7 @@ def encode_dataset(
             f"{where(dataset.source)}: every one of the {report.total} records was dropped "
             f"({report.dropped_overlong} longer than max_length={max_length} under overlong='{overlong}', "
             f"{report.dropped_no_trainable_tokens} whose prompt alone fills max_length).",
-            fix="raise max_length, use overlong='truncate', or shorten the prompts.",
+            fix=(f"raise data.max_length (now {max_length}) or shorten the prompts." if overlong == "truncate" else
+                 f"raise data.max_length (now {max_length}), use data.overlong=truncate, or shorten the data."),
         )
     return examples, report

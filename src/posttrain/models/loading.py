@@ -347,6 +347,8 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_temp
     try:
         tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     except Exception as e:  # transformers raises many types for a broken directory
+        if source.local and (Path(source.path) / "config.json").is_file():
+            _diagnose_config(source, key)  # the tokenizer loader reads config.json too: blame it if it is the cause
         raise TokenizerError(
             f"Could not load a tokenizer from '{name_or_path}': {_first_line(e)}",
             fix="pass a Hugging Face model/tokenizer directory (tokenizer.json + tokenizer_config.json) or "
@@ -362,8 +364,22 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_temp
             )
         tok.pad_token = pad_token
     if chat_template is not None:
-        tok.chat_template = read_chat_template(chat_template)
+        tok.chat_template = read_chat_template(chat_template, key="--chat-template" if key.startswith("-")
+                                               else "model.chat_template")
     return tok
+
+
+def _diagnose_config(source: Source, key: str) -> None:
+    """Raise a CheckpointError naming config.json if transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(source.path, **source.kwargs())
+    except Exception as e:
+        raise CheckpointError(
+            f"{Path(source.path) / 'config.json'} ({setting(key).lower()}) cannot be read by transformers: "
+            f"{_first_line(e)}.", fix="correct config.json (its values must have the types transformers expects), "
+            "or restore it from the original model.") from None
 
 
 def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
@@ -381,6 +397,9 @@ def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
             raise ConfigError(f"{setting(key)}: the template file '{value}' is empty.",
                               fix="write the Jinja chat template into it.")
         return text
+    if p.is_dir():
+        raise ConfigError(f"{setting(key)} is '{value}', which is a directory, not a template file.",
+                          fix=f"set {key} to the .jinja file inside it (e.g. {p / 'chat_template.jinja'}).")
     raise ConfigError(
         f"{setting(key)} is {value!r}: it is neither a Jinja template (no '{{{{' or '{{%') nor an existing file"
         f"{' (no such file)' if ('/' in value or '.' in value) else ''}.",
@@ -389,14 +408,20 @@ def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
 
 
 def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_heads: tuple[str, ...] = (),
-                     **kwargs):
-    """``auto_cls.from_pretrained`` under the module's rules. Weights the checkpoint does not hold
-    (transformers would initialize them randomly and only warn) are refused, except the new
-    heads a caller expects (``new_heads``: name prefixes such as ``score``)."""
+                     dropped_heads: tuple[str, ...] = (), **kwargs):
+    """``auto_cls.from_pretrained`` under the module's rules. Weights the model needs but the
+    checkpoint lacks (transformers would initialize them randomly and only warn) are refused,
+    except the new heads a caller expects (``new_heads``: name prefixes such as ``score``); so
+    are weights the checkpoint holds but the model does not use (a config with fewer layers
+    than the weights, a reward model loaded as a language model), except ``dropped_heads``."""
     source = locate(name_or_path, key=key, what=what)
     note = check_model_dir(source, what=what)
     if note:
         print(note)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing / unexpected weights: checked below instead
     try:
         model, info = auto_cls.from_pretrained(source.path, use_safetensors=True, output_loading_info=True,
                                                **source.kwargs(), **kwargs)
@@ -406,8 +431,21 @@ def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_he
             fix="pass a complete Hugging Face model directory (config.json + *.safetensors) or hub id of a "
             "model transformers implements, or builtin:tiny-world-base.",
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", ()) if not k.split(".")[0] in new_heads]
     mismatched = list(info.get("mismatched_keys", ()))
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if not k.split(".")[0] in dropped_heads)
+    if unused:
+        archs = getattr(model.config, "architectures", None) or []
+        saved_as = f" (its config.json says it was saved as {archs[0]})" if archs else ""
+        raise CheckpointError(
+            f"'{name_or_path}' holds {len(unused)} weight tensor(s) that the {type(model).__name__} built from its "
+            f"config.json does not use (e.g. {', '.join(unused[:4])}){saved_as}; loading it would silently drop "
+            "them and train a different model.",
+            fix=f"point {key} to a {'causal language model' if not new_heads else 'causal LM or reward model'} "
+            "directory whose config.json matches its weights (num_hidden_layers, vocab_size, ...).",
+        )
     if missing or mismatched:
         shown = [str(k) for k in (missing + mismatched)[:4]]
         raise CheckpointError(
@@ -439,20 +477,14 @@ def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: s
     """An ``AutoModelForSequenceClassification`` (a reward model, or a causal LM's backbone with a
     new head); transformers' note about newly initialized head weights is silenced."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     dev = pick_device(device)
     check_attn_implementation(attn_implementation, dev)
     kwargs = {"num_labels": num_labels, "dtype": pick_dtype(dtype, dev)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a new score head is by design; callers say so themselves
-    try:
-        model = _from_pretrained(AutoModelForSequenceClassification, name_or_path, key=key, what="model",
-                                 new_heads=("score", "classifier"), **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    model = _from_pretrained(AutoModelForSequenceClassification, name_or_path, key=key, what="model",
+                             new_heads=("score", "classifier"), dropped_heads=("lm_head",), **kwargs)
     return model.to(dev)
 
 
@@ -473,6 +505,28 @@ def check_max_length(max_length: int, model, *, key: str = "data.max_length") ->
             f"{setting(key)} is {max_length}, longer than the model's position limit of {limit} tokens "
             f"(max_position_embeddings in its config.json).",
             fix=f"set {key} to at most {limit}.",
+        )
+
+
+def check_tokenizer_fits(tokenizer, model, *, key: str = "model.tokenizer") -> None:
+    """Refuse a tokenizer that produces ids the model has no embedding for (a tokenizer of
+    another model, or special tokens added to it without resizing the model)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    if rows is None:
+        return
+    size = len(tokenizer)
+    if size > rows:
+        added = [t for t, i in tokenizer.get_added_vocab().items() if i >= rows][:4]
+        extra = (f" The ids past the embedding belong to {added}, tokens added on top of the vocabulary (e.g. an "
+                 "eos_token or pad_token in tokenizer_config.json that the vocabulary does not hold).") if added else ""
+        raise ConfigError(
+            f"The tokenizer ({setting(key).lower()}) has {size} tokens, but the model's embedding has only {rows} rows "
+            f"(vocab_size), so token ids {rows}..{size - 1} would index past it.{extra}",
+            fix=("leave model.tokenizer unset to use the tokenizer saved with the model, or name a tokenizer whose "
+                 "tokens all exist in the model's vocabulary." if key == "model.tokenizer" else
+                 f"the tokenizer files in {key}'s directory do not belong to its weights: save the model's own "
+                 "tokenizer there (or set model.tokenizer to it), or remove the added tokens."),
         )
 
 

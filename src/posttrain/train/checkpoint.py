@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PosttrainError
 from .safestate import StateFormatError, load_state, save_state
 
 MARKER = "checkpoint.json"
@@ -85,9 +85,14 @@ def assert_finite(model, where: str) -> None:
             )
 
 
-def _write_failed(target: Path, e: OSError) -> CheckpointError:
+def _write_failed(target: Path, e: Exception, stage: Path | None = None) -> CheckpointError:
+    """The error for a failed write (a full disk, permissions); the half-written ``stage`` is removed."""
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[-1] if text else "")
     return CheckpointError(
-        f"Could not write {target}: {e.strerror or e} ({type(e).__name__}).",
+        f"Could not write {target}: {reason + ' ' if reason else ''}({type(e).__name__}).",
         fix="free disk space or fix the permissions of train.output_dir; earlier complete checkpoints are "
         "intact, so train.resume=auto continues from the latest of them.",
     )
@@ -108,8 +113,10 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(stage, target)
-    except OSError as e:
-        raise _write_failed(target, e) from None
+    except PosttrainError:
+        raise
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
+        raise _write_failed(target, e, stage) from None
 
 
 def _sha256(path: Path) -> str:
@@ -183,8 +190,10 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(stage, final)
-    except OSError as e:
-        raise _write_failed(stage, e) from None
+    except PosttrainError:
+        raise
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
+        raise _write_failed(final, e, stage) from None
     return final
 
 
@@ -222,12 +231,29 @@ def verify_checkpoint(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"Checkpoint '{path}' does not exist (or is not a directory).",
                               fix="check train.resume, or use train.resume=auto.")
-    if path.name.endswith(PARTIAL_SUFFIX) or not (path / MARKER).is_file():
+    if path.name.endswith(PARTIAL_SUFFIX) or (path.name.startswith("step-") and not (path / MARKER).is_file()):
         raise CheckpointError(
             f"Checkpoint '{path}' is partial (it has no {MARKER}): it was being written when the run stopped.",
             fix="resume from an earlier complete checkpoint (train.resume=auto picks the latest complete "
-            "one) and delete this directory.",
+            "one); this directory can be deleted.",
         )
+    if not (path / MARKER).is_file():
+        steps = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name.startswith("step-"))
+        if steps:
+            raise CheckpointError(
+                f"'{path}' is a directory of checkpoints ({', '.join(steps[-3:])}), not one checkpoint.",
+                fix=f"set train.resume to one of them (e.g. {path / steps[-1]}), or train.resume=auto with "
+                "train.output_dir set to the run directory.",
+            )
+        if (path / "config.json").is_file():
+            raise CheckpointError(
+                f"'{path}' is a saved model (it has config.json), not a training checkpoint: a checkpoint is "
+                "<output_dir>/checkpoints/step-N/ and also holds the optimizer and schedule state.",
+                fix=f"to continue the run that wrote it, resume from its checkpoints/step-N; to start a new run "
+                f"from these weights, set model.name_or_path={path} instead of train.resume.",
+            )
+        raise CheckpointError(f"'{path}' is not a training checkpoint (it has no {MARKER}).",
+                              fix="set train.resume to <output_dir>/checkpoints/step-N, or use train.resume=auto.")
     try:
         meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
         if not isinstance(meta, dict):
@@ -244,6 +270,13 @@ def verify_checkpoint(path: Path) -> dict:
             fix=f"start a fresh run; to keep the weights, set model.name_or_path={path / 'model'} (a safetensors "
             "model directory).",
         )
+    expected = {"step": int, "fingerprint": str, "model_signature": dict, "config": (dict, type(None))}
+    bad = [k for k, tp in expected.items() if k in meta and not isinstance(meta[k], tp)]
+    if bad or not isinstance(meta.get("step"), int):
+        raise CorruptCheckpointError(
+            f"Checkpoint '{path}' is corrupt: {MARKER} field(s) {bad or ['step']} do not have the types posttrain "
+            "writes.", fix="restore the file, or resume from an earlier checkpoint (train.resume=auto skips "
+            "corrupt ones).")
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
         raise CorruptCheckpointError(f"Checkpoint '{path}' is corrupt: {MARKER} has no file manifest.",

@@ -119,7 +119,10 @@ def _resolve_resume(resume: str | None, ckpt_dir: Path, log: Callable[[str], Non
     if not resume:
         return None
     if resume == "auto":
-        return find_resumable(ckpt_dir, log)
+        found = find_resumable(ckpt_dir, log)
+        if found is None:
+            log(f"note: train.resume=auto found no checkpoint in {ckpt_dir}; starting a fresh run")
+        return found
     return Path(resume).expanduser()
 
 

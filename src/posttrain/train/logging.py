@@ -33,8 +33,20 @@ class MetricsLogger:
         if resume_step is not None and self.path.is_file():
             # a resumed run continues the file; rows past the checkpoint came from the run that
             # stopped and are replaced by the resumed ones
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # (a line cut short by a crash or a full disk is dropped, with a note)
+            kept, dropped = [], 0
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= resume_step:
+                    kept.append(line)
+            if dropped:
+                print(f"note: dropped {dropped} unreadable line(s) from {self.path} (cut short when the run stopped)")
             self.path.write_text("".join(line + "\n" for line in kept))
         self._fh = self.path.open("a" if resume_step is not None else "w")
         for backend in report_to:

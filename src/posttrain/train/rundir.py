@@ -52,15 +52,46 @@ def existing_run(output_dir: Path) -> list[str]:
     return found
 
 
+def _dangling(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
 def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: bool = False,
-                     key: str = "train.output_dir") -> None:
-    """Refuse an output directory the run could not write, or one holding another run (see module doc)."""
+                     key: str = "train.output_dir", protect: dict[str, str | None] | None = None) -> None:
+    """Refuse an output directory the run could not write, or one holding another run (see module doc).
+
+    ``protect`` maps config keys to paths the run reads (the model, tokenizer, reference): an
+    overwrite that would delete one of them is refused."""
     if not str(output_dir).strip():
         raise ConfigError(f"{setting(key)} is empty.", fix=f"set {key} to a directory, e.g. runs/my-run.")
     out = Path(output_dir).expanduser()
+    too_long = [part for part in out.parts if len(part.encode()) > 255]
+    if too_long:
+        raise ConfigError(f"{setting(key)} has a path component of {len(too_long[0].encode())} bytes; file systems "
+                          "allow 255.", fix=f"choose a shorter {key}.")
+    for p in (out, *out.parents):
+        if _dangling(p):
+            raise ConfigError(f"{setting(key)} is '{output_dir}', but '{p}' is a symbolic link to "
+                              f"'{os.readlink(p)}', which does not exist.",
+                              fix="create the link's target, remove the link, or choose another directory.")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{setting(key)} is '{output_dir}', which is a file, not a directory.",
                           fix=f"choose another {key}, or move the file away.")
+    if overwrite and not resume and out.is_dir():
+        doomed = [out / "checkpoints", out / "final"]
+        for pkey, value in (protect or {}).items():
+            if not value:
+                continue
+            src = Path(value).expanduser()
+            if not src.exists():
+                continue
+            src = src.resolve()
+            for d in doomed:
+                if d.exists() and (src == d.resolve() or d.resolve() in src.parents):
+                    raise ConfigError(
+                        f"train.overwrite_output_dir=true would delete '{d}', which holds {pkey}={value}, the "
+                        "model this run starts from.",
+                        fix=f"copy that model elsewhere and point {pkey} there, or choose another {key}.")
     if not out.exists():
         ancestor = out.parent
         while not ancestor.exists() and ancestor != ancestor.parent:

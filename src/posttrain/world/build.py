@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from ..errors import ConfigError
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.rundir import check_output_dir
 from .corpus import corpus_documents
@@ -84,6 +85,11 @@ def build(args: argparse.Namespace) -> dict:
     n_rows = len(stream) // args.seq_len
     data = torch.tensor(stream[: n_rows * args.seq_len], dtype=torch.long).view(n_rows, args.seq_len)
     total_steps = args.epochs * (n_rows // args.batch_size)
+    if total_steps == 0:
+        raise ConfigError(
+            f"The corpus has {n_rows} rows of --seq-len {args.seq_len} tokens, fewer than one batch of --batch-size "
+            f"{args.batch_size}, so there is nothing to train.",
+            fix="raise --docs, or lower --batch-size or --seq-len.")
     print(f"corpus: {len(docs)} docs, {len(stream)} tokens, {n_rows} rows of {args.seq_len}; "
           f"vocab {len(tokenizer)} (embedding {vocab}); {total_steps} steps")
 
@@ -148,7 +154,8 @@ def build(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="posttrain world build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory for the model and tokenizer")
     p.add_argument("--docs", type=int, default=120_000, help="corpus documents")
     p.add_argument("--epochs", type=int, default=1)
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-problems", type=int, default=200, help="held-out problems for the final probe")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory that an "
+                   "earlier build did not write")
     args = p.parse_args(argv)
     for name in ("docs", "epochs", "batch_size", "seq_len", "vocab_size", "threads", "probe_problems"):
         if getattr(args, name) < 1:
@@ -169,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
     check_output_dir(args.out, overwrite=True, key="--out")
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "world_build.json").is_file() and not args.overwrite:
+        raise ConfigError(
+            f"Option '--out' is '{out}', which holds files that an earlier `world build` did not write (no "
+            "world_build.json); building there would replace its model.safetensors, config.json and tokenizer.",
+            fix="choose an empty or new --out directory, or add --overwrite.")
     build(args)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..data.chat import render_prompt
+from ..errors import TokenizerError
 from ..rollout.hf import generate
 from .grader import is_correct, is_format_compliant
 from .tasks import Problem
@@ -36,12 +38,12 @@ class EvalResult:
 
 
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-    )
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    """The chat-format prompt for ``question`` (user turn + generation prompt) as token ids."""
+    ids = render_prompt(tokenizer, question)
+    if not ids:
+        raise TokenizerError("the chat template renders a user question as an empty prompt.",
+                             fix="correct the template (model.chat_template, or the tokenizer's chat_template).")
+    return ids
 
 
 def evaluate_problems(
