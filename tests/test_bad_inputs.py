@@ -1,4 +1,4 @@
-"""A new user's trial, kept as a regression suite: 105 bad inputs through the command line.
+"""New users' trials, kept as a regression suite: 146 bad inputs through the command line.
 
 Every case must end cleanly: exit status 2, one paragraph naming the place (key, file, line,
 field, directory) and the fix, and never a traceback from inside a library. The classes are

@@ -233,7 +233,7 @@ def _interrupted_message(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
     if args.command not in ("sft", "rm", "dpo"):
         return text + " Run the command again to start over."
     if e.checkpoint is None:
-        return (text + f" No checkpoint was written yet, so the run cannot be resumed (train.save_every=N writes "
+        return (text + " No checkpoint was written yet, so the run cannot be resumed (train.save_every=N writes "
                 "one every N steps).")
     cmd = ["posttrain", args.command]
     if args.config:

@@ -42,15 +42,15 @@ from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired
 from ..errors import ConfigError
 from ..models.loading import (
     accelerator_for,
-    check_max_length,
-    check_tokenizer_fits,
+    check_model_fits,
     check_same_vocabulary,
     load_causal_lm,
+    read_paths,
     tokenizer_for,
 )
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
-from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
+from ..train.rundir import check_output_dir
 from .sequences import (
     UnitPlan,
     collate_examples,
@@ -444,7 +444,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
                    eval_times: int | None = None) -> PreferenceResult:
     """Run offline preference optimization as configured (see the module docstring)."""
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
-                     protect={"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer, "loss.reference": cfg.loss.reference})
+                     protect=read_paths(cfg.model, **{"loss.reference": cfg.loss.reference}))
     torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
     accelerator = accelerator_for(cfg.model)
@@ -452,8 +452,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
-    check_max_length(cfg.data.max_length, model)
-    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     kind = spec.data
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"loss '{cfg.loss.name}'")

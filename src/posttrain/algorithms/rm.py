@@ -40,10 +40,16 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, option
 from ..errors import CheckpointError, ConfigError, DataError
-from ..models.loading import accelerator_for, check_max_length, check_tokenizer_fits, load_sequence_classifier, tokenizer_for
+from ..models.loading import (
+    accelerator_for,
+    check_model_fits,
+    load_sequence_classifier,
+    read_paths,
+    tokenizer_for,
+)
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
-from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
+from ..train.rundir import check_output_dir
 from .dpo import PreferenceDataConfig, Unit, encode_sources
 from .sequences import UnitPlan, collate_examples, pearson
 
@@ -275,7 +281,7 @@ class RMResult:
 def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     """Train a reward model as configured (see the module docstring)."""
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
-                     protect={"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer})
+                     protect=read_paths(cfg.model))
     torch.manual_seed(cfg.train.seed)
     kind = RM_LOSS_DATA[cfg.loss.name]
     accelerator = accelerator_for(cfg.model)
@@ -283,8 +289,7 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     if model is None:
         model = load_reward_model(cfg.model.name_or_path, tokenizer, dtype=cfg.model.dtype,
                                   device=str(accelerator.device), attn_implementation=cfg.model.attn_implementation)
-    check_max_length(cfg.data.max_length, model)
-    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     model.config.pad_token_id = tokenizer.pad_token_id  # what transformers' forward pools by
     model.config.posttrain_pooling = cfg.loss.pooling
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,

@@ -38,12 +38,12 @@ from ..data import (
     padding_stats,
 )
 from ..errors import ConfigError
-from ..models.loading import accelerator_for, check_max_length, check_tokenizer_fits, load_causal_lm, tokenizer_for
+from ..models.loading import accelerator_for, check_model_fits, load_causal_lm, read_paths, tokenizer_for
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
-from ..train.rundir import check_output_dir
 from ..train.engine import FitResult, fit, to_device
 from ..train.plan import StepPlan
+from ..train.rundir import check_output_dir
 
 BUILTIN_DATA = "builtin:world-sft"
 
@@ -250,15 +250,14 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     (overriding ``train.eval_every``).
     """
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
-                     protect={"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer})
+                     protect=read_paths(cfg.model))
     torch.manual_seed(cfg.train.seed)
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
-    check_max_length(cfg.data.max_length, model)
-    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
     uses_messages = train_ds.format == "conversational" or any(
         isinstance(r.get("prompt"), list) or isinstance(r.get("completion"), list) for r in train_ds.records)

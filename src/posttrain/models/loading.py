@@ -284,7 +284,7 @@ def pick_device(device: str = "auto", *, key: str = "model.device") -> torch.dev
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"{setting(key)} has value {device!r}, which is not a device name.",
-                          fix=f"use auto, cpu, cuda or cuda:<index>.") from None
+                          fix="use auto, cpu, cuda or cuda:<index>.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{setting(key)} is {device!r}, but this machine has no CUDA device (or this "
@@ -541,6 +541,18 @@ def check_same_vocabulary(other, model, *, key: str) -> None:
             f"{b}; their log-probs would be of different tokens.",
             fix=f"set {key} to a model with the same tokenizer as model.name_or_path (or leave it unset to use a "
             "frozen copy of the starting model).")
+
+
+def check_model_fits(model, tokenizer, model_cfg, *, max_length: int) -> None:
+    """After loading: ``data.max_length`` within the model's position limit, and every token id of
+    the tokenizer inside its embedding."""
+    check_max_length(max_length, model)
+    check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
+
+
+def read_paths(model_cfg, **extra: str | None) -> dict[str, str | None]:
+    """The paths a run reads its model from, by config key (a run directory overwrite must not delete them)."""
+    return {"model.name_or_path": model_cfg.name_or_path, "model.tokenizer": model_cfg.tokenizer, **extra}
 
 
 def tokenizer_for(model_cfg):

@@ -287,7 +287,8 @@ def verify_checkpoint(path: Path) -> dict:
         if not f.is_file():
             problems.append(f"{rel} is missing")
         elif not isinstance(info, dict) or f.stat().st_size != info.get("size"):
-            problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {info.get('size') if isinstance(info, dict) else '?'}")
+            listed = info.get("size") if isinstance(info, dict) else "?"
+            problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {listed}")
         elif _sha256(f) != info.get("sha256"):
             problems.append(f"{rel} does not match its checksum")
     if problems:
@@ -313,9 +314,14 @@ def config_differences(saved: dict, current: dict, ignore=RESUME_SAFE_KEYS) -> l
     """``(key, checkpoint value, current value)`` for every config key that differs, except ``ignore``."""
     a = flatten(json.loads(json.dumps(saved)))
     b = flatten(json.loads(json.dumps(current)))
-    keys = sorted(set(a) | set(b))
-    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys
-            if k not in ignore and not any(k.startswith(i + ".") for i in ignore) and a.get(k, "<absent>") != b.get(k, "<absent>")]
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore or any(k.startswith(i + ".") for i in ignore):
+            continue
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va != vb:
+            out.append((k, va, vb))
+    return out
 
 
 def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None = None) -> dict:
