@@ -1,4 +1,4 @@
-"""New users' trials, kept as a regression suite: 146 bad inputs through the command line.
+"""New users' trials, kept as a regression suite: 158 bad inputs through the command line.
 
 Every case must end cleanly: exit status 2, one paragraph naming the place (key, file, line,
 field, directory) and the fix, and never a traceback from inside a library. The classes are
@@ -408,7 +408,7 @@ ROUND2 = [
                                             "train.overwrite_output_dir=true", out="ow"), ("would delete",),
          setup=ckpt_copy("ow", lambda d: None)),
     Case("world-data-path-clash", lambda ws: ["world", "data", "--out", str(ws / "clash"), "--train", "2",
-                                              "--heldout", "1"], ("Is a directory",),
+                                              "--heldout", "1"], ("sft_train.jsonl",),
          setup=lambda ws: (ws / "clash" / "sft_train.jsonl").mkdir(parents=True, exist_ok=True)),
     Case("world-build-over-a-model", lambda ws: ["world", "build", "--out", str(ws / "model"), "--docs", "10"],
          ("--overwrite",)),
@@ -422,7 +422,28 @@ ROUND2 = [
     Case("qs-ranked-rm", qs("rm.loss.name=listwise"), ("'rm.loss.name'", "ranked")),
     Case("qs-device", qs("sft.model.device=cuda"), ("'sft.model.device'",)),
 ]
-ALL = CASES + ROUND2
+# The third trial (after the second round of fixes).
+ROUND3 = [
+    Case("model-is-a-run-dir", sft(lambda ws: f"model.name_or_path={ws / 'run'}"), ("run directory", "final")),
+    Case("model-is-a-checkpoint", lambda ws: ["eval", "--model", str(ws / "run/checkpoints/step-000001")],
+         ("training checkpoint", "model")),
+    Case("model-is-empty", sft(lambda ws: f"model.name_or_path={ws / 'empty-dir'}"), ("it is empty",),
+         setup=lambda ws: (ws / "empty-dir").mkdir(exist_ok=True)),
+    Case("resume-auto-final-only", sft("train.resume=auto", out="final-only"), ("no checkpoint", "final"),
+         setup=copied("final-only", lambda d: shutil.rmtree(d / "checkpoints"), source="run")),
+    Case("fresh-into-final-only", sft(out="final-only2"), ("already holds", "a final/ model"),
+         setup=copied("final-only2", lambda d: shutil.rmtree(d / "checkpoints"), source="run")),
+    Case("overwrite-and-resume", sft("train.resume=auto", "train.overwrite_output_dir=true"), ("both set",)),
+    Case("normalize-constant-unused", sft("loss.normalize_constant=256"), ("loss.normalization",)),
+    Case("sft-eval-wrong-format", sft(lambda ws: f"data.eval={ws / 'pairs.jsonl'}"), ("data.eval", "preference")),
+    Case("dpo-eval-wrong-format", pref("dpo", lambda ws: f"data.eval={ws / 'sft.jsonl'}"),
+         ("data.eval", "conversational")),
+    Case("world-data-existing-files", lambda ws: ["world", "data", "--out", str(ws / "mydata")], ("--overwrite",),
+         setup=write("mydata/sft_train.jsonl", lines(CHAT))),
+    Case("qs-duplicate-loss", qs("dpo_losses=[dpo,dpo]"), ("twice",)),
+    Case("qs-max-length-before-eval", qs("sft.data.max_length=100000"), ("'sft.data.max_length'",)),
+]
+ALL = CASES + ROUND2 + ROUND3
 
 
 def _one_layer(ws):
@@ -432,8 +453,8 @@ def _one_layer(ws):
         _edit_config(d, num_hidden_layers=1)
 
 
-def test_the_trial_has_146_cases():
-    assert len(CASES) == 105 and len(ROUND2) == 41 and len({c.id for c in ALL}) == len(ALL)
+def test_the_trials_have_158_cases():
+    assert (len(CASES), len(ROUND2), len(ROUND3)) == (105, 41, 12) and len({c.id for c in ALL}) == len(ALL)
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])

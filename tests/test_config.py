@@ -95,3 +95,23 @@ def test_nested_section_errors_name_the_full_key():
     with pytest.raises(ConfigError) as e:
         load_config(QuickstartConfig, None, ["sft.loss.normalization=constant"])
     assert "sft.loss.normalize_constant" in str(e.value) and " loss.normalize_constant" not in str(e.value)
+
+
+def test_yaml_merge_keys_and_dotted_keys(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("defaults: &d {lr: 0.002, max_steps: 3}\n")
+    with pytest.raises(ConfigError, match="'defaults' does not exist"):
+        load_config(SFTConfig, f)
+    f.write_text("train:\n  <<: {lr: 0.002, max_steps: 3}\n  lr: 0.004\ndata.max_length: 64\n")
+    cfg = load_config(SFTConfig, f)
+    assert cfg.train.lr == 0.004 and cfg.train.max_steps == 3 and cfg.data.max_length == 64
+
+
+def test_home_is_expanded_for_config_and_data(tmp_path, monkeypatch):
+    from posttrain.data import load_records
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 0.003\n")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    assert load_config(SFTConfig, "~/c.yaml").train.lr == 0.003
+    assert len(load_records("~/d.jsonl")) == 1

@@ -163,7 +163,7 @@ def test_encode_dataset_report(data_chatml_tokenizer, tmp_path):
     examples, report = encode_dataset(load_records(records), tok, max_length=limit, overlong="drop")
     assert (report.kept, report.truncated, report.dropped_overlong, report.dropped_no_trainable_tokens) == (1, 0, 2, 0)
 
-    with pytest.raises(DataError, match="every one of the 3 records was dropped.*Fix: raise data.max_length"):
+    with pytest.raises(DataError, match="every one of the 3 records was dropped.*Fix: use data.overlong=truncate"):
         encode_dataset(load_records(records), tok, max_length=2, overlong="drop")
 
 

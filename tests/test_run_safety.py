@@ -481,3 +481,132 @@ def test_unused_loss_settings_and_data_margins_are_reported(tmp_path):
     logs = []
     run_preference(cfg, model=tiny_model("llama", hidden=48), tokenizer=world_tokenizer(), log=logs.append)
     assert any("uses no reference model" in line for line in logs)
+
+
+# --------------------------------------------------------------------------- found by the third trial
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path, data_file, capsys):
+    from posttrain.train.rundir import acquire_run_lock
+
+    (tmp_path / "run").mkdir()
+    release = acquire_run_lock(str(tmp_path / "run"))  # "another run" holds the directory
+    try:
+        code = main(["sft", f"data.train={data_file}", "data.eval=null", "train.max_steps=1",
+                     f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])
+        err = capsys.readouterr().err
+        assert code == 2 and "another run is writing to right now" in err and str(__import__("os").getpid()) in err
+    finally:
+        release()
+    assert main(["sft", f"data.train={data_file}", "data.eval=null", "train.max_steps=1",
+                 f"train.output_dir={tmp_path / 'run'}", "train.progress=false"]) == 0
+
+
+@pytest.mark.parametrize("change", ["labels", "rewards", "margins"])
+def test_resume_with_changed_labels_rewards_or_margins_is_refused(tmp_path, change):
+    from posttrain.algorithms.dpo import DPOConfig, run_preference
+    from posttrain.algorithms.rm import RMConfig, run_rm
+    from posttrain.world.preferences import preference_records, ranked_records, unpaired_records
+
+    if change == "labels":
+        records, cls, extra = unpaired_records(12, seed=1), DPOConfig, ["loss.name=kto"]
+    elif change == "rewards":
+        records, cls, extra = ranked_records(8, seed=1, k=3), RMConfig, ["loss.name=listwise"]
+    else:
+        records, cls, extra = [{**r, "margin": 1.0} for r in preference_records(12, seed=1)], RMConfig, []
+    f = tmp_path / "d.jsonl"
+    write_jsonl(f, records)
+    args = [f"data.train={f}", "data.eval=null", f"train.output_dir={tmp_path / 'r'}", "train.max_steps=2",
+            "train.save_every=1", "train.micro_batch_size=4", "train.progress=false", "data.max_length=128", *extra]
+    run = run_preference if cls is DPOConfig else run_rm
+    kw = {"tokenizer": world_tokenizer(), "log": lambda s: None}
+    model = (lambda: tiny_model("llama", hidden=48)) if cls is DPOConfig else None
+    run(load_config(cls, None, args), model=model() if model else _rm(tmp_path), **kw)
+    for r in records:
+        if change == "labels":
+            r["label"] = not r["label"]
+        elif change == "rewards":
+            r["rewards"] = list(reversed(r["rewards"]))
+        else:
+            r["margin"] = 50.0
+    write_jsonl(f, records)
+    ck = tmp_path / "r" / "checkpoints" / "step-000001"
+    with pytest.raises(CheckpointError, match="different data plan"):
+        run(load_config(cls, None, args + [f"train.resume={ck}"]), model=model() if model else _rm(tmp_path), **kw)
+
+
+def _rm(tmp_path):
+    from posttrain.algorithms.rm import load_reward_model
+
+    d = tmp_path / "lm"
+    if not d.exists():
+        tiny_model("llama", hidden=48).save_pretrained(d)
+        world_tokenizer().save_pretrained(d)
+    return load_reward_model(str(d), world_tokenizer(), device="cpu")
+
+
+def test_resume_with_a_changed_reference_model_is_refused(tmp_path):
+    from posttrain.algorithms.dpo import DPOConfig, run_preference
+    from posttrain.world.preferences import preference_records
+
+    ref = tmp_path / "ref"
+    tiny_model("llama", hidden=48, seed=0).save_pretrained(ref)
+    world_tokenizer().save_pretrained(ref)
+    f = write_jsonl(tmp_path / "p.jsonl", preference_records(12, seed=1))
+    args = [f"data.train={f}", "data.eval=null", f"train.output_dir={tmp_path / 'r'}", "train.max_steps=2",
+            "train.save_every=1", "train.micro_batch_size=4", "train.progress=false", "data.max_length=128",
+            f"loss.reference={ref}"]
+    run_preference(load_config(DPOConfig, None, args), model=tiny_model("llama", hidden=48), tokenizer=world_tokenizer(),
+                   log=lambda s: None)
+    tiny_model("llama", hidden=48, seed=5).save_pretrained(ref)  # the reference changes on disk
+    ck = tmp_path / "r" / "checkpoints" / "step-000001"
+    with pytest.raises(CheckpointError, match="reference_weights_sha256"):
+        run_preference(load_config(DPOConfig, None, args + [f"train.resume={ck}"]), model=tiny_model("llama", hidden=48),
+                       tokenizer=world_tokenizer(), log=lambda s: None)
+
+
+def test_ctrl_c_while_writing_the_final_model_names_the_checkpoint(tmp_path, monkeypatch):
+    import posttrain.train.engine as engine
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_pretrained_atomic", interrupted)
+    with pytest.raises(RunInterrupted) as e:
+        _fit(tmp_path)
+    assert e.value.checkpoint is not None and e.value.checkpoint.name == "step-000004"
+    assert e.value.step == 4
+
+
+def test_configs_built_in_python_are_validated(tmp_path, data_file):
+    from pathlib import Path
+
+    from posttrain.algorithms.rm import RMConfig, run_rm
+
+    cfg = SFTConfig()
+    cfg.data.train, cfg.data.eval = Path(data_file), None  # Path objects are fine
+    cfg.train.output_dir, cfg.train.max_steps, cfg.train.progress = Path(tmp_path / "ok"), 1, False
+    res = run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=lambda s: None)
+    assert res.fit.steps == 1
+    for section, name, value, fragment in [("data", "packing", "false", "not a boolean"),
+                                           ("train", "lr", float("nan"), "finite"),
+                                           ("train", "micro_batch_size", 0, "out of range"),
+                                           ("loss", "normalization", "mean", "valid values")]:
+        bad = SFTConfig()
+        setattr(getattr(bad, section), name, value)
+        with pytest.raises(ConfigError, match=fragment):
+            run_sft(bad, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=lambda s: None)
+    rm = RMConfig()
+    rm.loss.pooling = "mean"
+    with pytest.raises(ConfigError, match="transformers"):
+        run_rm(rm, log=lambda s: None)
+
+
+def test_settings_that_would_be_ignored_are_noted(tmp_path, data_file):
+    cfg = load_config(SFTConfig, None, [f"data.train={data_file}", "data.eval=null", "train.eval_every=5",
+                                        "data.world_examples=10", f"train.output_dir={tmp_path}", "train.max_steps=1",
+                                        "train.progress=false"])
+    logs = []
+    run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=logs.append)
+    notes = [line for line in logs if line.startswith("note:")]
+    assert any("train.eval_every=5" in n for n in notes) and any("data.world_examples=10" in n for n in notes)

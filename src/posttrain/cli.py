@@ -95,9 +95,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_world_data(args: argparse.Namespace) -> int:
     from .train.rundir import check_output_dir
-    from .world.datasets import write_world_datasets
+    from .world.datasets import WORLD_DATA_FILES, write_world_datasets
 
     check_output_dir(args.out, overwrite=True, key="--out")
+    existing = [n for n in WORLD_DATA_FILES if (Path(args.out) / n).exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(f"Option '--out' is '{args.out}', which already holds {', '.join(existing)}.",
+                          fix="choose another --out directory, or add --overwrite to replace those files.")
     try:
         paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed)
     except OSError as e:
@@ -194,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_positive_int, default=4000)
     p.add_argument("--heldout", type=_positive_int, default=200)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace data files already in --out")
     p.set_defaults(func=_cmd_world_data)
     p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch; "
                         "`posttrain world build --help` lists its options)", add_help=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -35,6 +36,8 @@ class _YAML12Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges are allowed (explicit keys win)
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 hash(key)
@@ -93,6 +96,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | N
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, shortened for messages (a value can be thousands of characters long)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...{text[-12:]} ({len(text)} characters)"
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -120,14 +129,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise ConfigError(
-            f"Config key '{key}' has value {value!r}, which is not of type {_type_name(tp)}.",
+            f"Config key '{key}' has value {_show(value)}, which is not of type {_type_name(tp)}.",
             fix=f"give '{key}' a value of type {_type_name(tp)}.",
         )
     if origin is Literal:
         if value in get_args(tp):
             return value
         raise ConfigError(
-            f"Config key '{key}' has value {value!r}; valid values are "
+            f"Config key '{key}' has value {_show(value)}; valid values are "
             f"{', '.join(repr(a) for a in get_args(tp))}.",
             fix=f"set '{key}' to one of those.",
         )
@@ -144,11 +153,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a boolean.",
+        raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is not a boolean.",
                           fix=f"write {key}=true or {key}=false.")
     if tp is int:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d{100,}", value.strip()):
+            raise ConfigError(f"Config key '{key}' has a value of {len(value.strip())} digits, far beyond any "
+                              "valid value.", fix=f"give '{key}' a sensible whole number.")
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not an integer.",
+            raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is not an integer.",
                               fix=f"give '{key}' a whole number.")
         return int(value)
     if tp is float:
@@ -158,14 +170,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a number.",
+            raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is not a number.",
                               fix=f"give '{key}' a number such as 1e-4.")
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a string.",
+            raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is not a string.",
                               fix=f"give '{key}' a string value.")
         return value
     return value
@@ -196,19 +208,19 @@ def _check_bounds(key: str, value: Any, meta: dict) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(
-            f"Config key '{key}' has value {value!r}; valid values are {', '.join(map(repr, choices))}.",
+            f"Config key '{key}' has value {_show(value)}; valid values are {', '.join(map(repr, choices))}.",
             fix=f"set '{key}' to one of those.",
         )
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     rng = bounds_text(meta)
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"Config key '{key}' has value {value!r}, which is not a finite number.",
+        raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is not a finite number.",
                           fix=f"give '{key}' a finite number{' ' + rng if rng else ''}.")
     lo, hi, glo, lhi = meta.get("min"), meta.get("max"), meta.get("gt"), meta.get("lt")
     if ((lo is not None and value < lo) or (hi is not None and value > hi)
             or (glo is not None and value <= glo) or (lhi is not None and value >= lhi)):
-        raise ConfigError(f"Config key '{key}' has value {value!r}, which is out of range: it must be {rng}.",
+        raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is out of range: it must be {rng}.",
                           fix=f"set '{key}' to a value {rng}.")
 
 
@@ -235,17 +247,21 @@ def config_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def reroot(error: PosttrainError, prefix: str, cls: type) -> PosttrainError:
-    """The same error with ``cls``'s keys named from the top (``loss.beta`` -> ``dpo.loss.beta``)
+def rerooter(prefix: str, cls: type):
+    """A function that names ``cls``'s keys in a text from the top (``loss.beta`` -> ``dpo.loss.beta``)
     when ``cls`` is a section at ``prefix`` of a bigger config (the quickstart's ``sft``, ...)."""
     keys = sorted((k for k in config_keys(cls) if "." in k), key=len, reverse=True)  # dotted only: no prose words
     if not prefix or not keys:
-        return error
+        return lambda text: text
     pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w])")
+    return lambda text: None if text is None else pattern.sub(lambda m: prefix + m.group(1), text)
 
-    def fix(text):
-        return None if text is None else pattern.sub(lambda m: prefix + m.group(1), text)
 
+def reroot(error: PosttrainError, prefix: str, cls: type) -> PosttrainError:
+    """The same error with ``cls``'s keys named from the top (see :func:`rerooter`)."""
+    if not prefix:
+        return error
+    fix = rerooter(prefix, cls)
     return type(error)(fix(error.problem), fix=fix(error.fix))
 
 
@@ -304,6 +320,37 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def unused_notes(section: Any, prefix: str, names: list[str] | tuple[str, ...], why: str) -> list[str]:
+    """``note`` lines for the options ``names`` of ``section`` that differ from their defaults
+    although the run will not use them (``why`` says why), so a setting is never ignored silently."""
+    defaults = type(section)()
+    changed = [n for n in names if getattr(section, n) != getattr(defaults, n)]
+    if not changed:
+        return []
+    shown = ", ".join(f"{prefix}{n}={getattr(section, n)!r}" for n in changed)
+    return [f"{shown} {'is' if len(changed) == 1 else 'are'} not used: {why}."]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def validated(cfg: T) -> T:
+    """A config built or changed in Python, checked exactly like one read from YAML and the
+    command line (types, ranges, cross-key rules); paths may be ``pathlib.Path`` objects. The
+    ``run_*`` entry points call this first."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise ConfigError(f"Expected a config object (a dataclass instance), got {type(cfg).__name__}.",
+                          fix="build it with load_config(...) or the config class, e.g. SFTConfig().")
+    return from_dict(type(cfg), _plain(dataclasses.asdict(cfg)))
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["train.lr=1e-4", "data.packing=false"]`` -> nested dict (values parsed as YAML)."""
     out: dict = {}
@@ -329,6 +376,19 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
+def _nest_dotted(mapping: dict) -> dict:
+    """``{"train.lr": 0.1}`` in a YAML file means ``{"train": {"lr": 0.1}}``, as on the command line."""
+    out: dict = {}
+    for k, v in mapping.items():
+        v = _nest_dotted(v) if isinstance(v, dict) else v
+        if isinstance(k, str) and "." in k:
+            head, rest = k.split(".", 1)
+            v, k = {rest: v}, head
+            v = _nest_dotted(v)
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -344,7 +404,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """YAML file (optional) + ``key=value`` overrides -> validated ``cls`` instance."""
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
         if p.is_dir():
             raise ConfigError(f"Config file '{p}' is a directory.", fix="give --config the path of a .yaml file.")
         if not p.is_file():
@@ -362,7 +422,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file '{p}' must hold a mapping of options at the top level.",
                               fix="write one 'key: value' (or 'section:' with indented options) per line.")
-        data = deep_merge(data, loaded)
+        data = deep_merge(data, _nest_dotted(loaded))
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
@@ -458,6 +518,9 @@ class TrainConfig:
             if r not in ("tensorboard", "wandb"):
                 raise ConfigError(f"Config key 'train.report_to' has value {r!r}; valid values are "
                                   "'tensorboard' and 'wandb'.", fix="remove it or pick one of those.")
+        if self.overwrite_output_dir and self.resume:
+            raise ConfigError("train.overwrite_output_dir=true and train.resume are both set: a resumed run continues "
+                              "in its directory and deletes nothing.", fix="set only one of them.")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("train.epochs and train.max_steps are both 0, so there is nothing to train.",
                               fix="set train.epochs > 0 or train.max_steps > 0.")

@@ -25,11 +25,11 @@ from pathlib import Path
 from .algorithms.dpo import DPOConfig, PreferenceDataConfig, PreferenceLossConfig, run_preference
 from .algorithms.rm import RM_LOSS_DATA, RMConfig, run_rm
 from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
-from .config import ModelConfig, TrainConfig, option, reroot
+from .config import ModelConfig, TrainConfig, option, reroot, rerooter, validated
 from .errors import ConfigError, PosttrainError
 from .models.loading import (
     check_attn_implementation,
-    check_tokenizer_fits,
+    check_model_fits,
     load_causal_lm,
     locate,
     pick_device,
@@ -127,6 +127,9 @@ class QuickstartConfig:
             raise ConfigError(f"Config key 'rm.loss.name' is {self.rm.loss.name!r}, which needs ranked data; the "
                               "quickstart trains its reward model on preference pairs.",
                               fix="use rm.loss.name=bt, hinge or mse (or `posttrain rm` with ranked data).")
+        if len(set(self.dpo_losses)) != len(self.dpo_losses):
+            raise ConfigError(f"Config key 'dpo_losses' lists a loss twice ({self.dpo_losses}); each loss is one run "
+                              "into output_dir/dpo-<loss>.", fix="list each loss once.")
         for name in self.dpo_losses:
             if name not in PREFERENCE_LOSSES or PREFERENCE_LOSSES[name].data != "paired":
                 paired = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.data == "paired")
@@ -223,6 +226,7 @@ def claim_output_dir(output_dir: str) -> Path:
 
 
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
+    cfg = validated(cfg)
     t0 = time.time()
 
     @contextlib.contextmanager
@@ -232,6 +236,11 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
             yield
         except PosttrainError as e:
             raise reroot(e, f"{stage}.", type(getattr(cfg, stage))) from None
+
+    def stage_log(stage: str):
+        """The stage's log lines (its notes) name keys from the top too."""
+        fix = rerooter(f"{stage}.", type(getattr(cfg, stage)))
+        return lambda line: log(fix(line))
 
     out = claim_output_dir(cfg.output_dir)
     stages = [st for st in STAGES if st in cfg.stages]
@@ -261,7 +270,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         tokenizer = tokenizer_for(sft.model)
         model = load_causal_lm(sft.model.name_or_path, dtype=sft.model.dtype, device=sft.model.device,
                                attn_implementation=sft.model.attn_implementation)
-        check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if sft.model.tokenizer else "model.name_or_path")
+        check_model_fits(model, tokenizer, sft.model, max_length=sft.data.max_length)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"base model: {sft.model.name_or_path} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters)")
     problems = generate_problems(cfg.eval_problems, seed=cfg.seed, split="heldout")
@@ -290,7 +299,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
 
         log("\n[sft] SFT: assistant-only loss, packed rows, AdamW + warmup/cosine")
         with stage_keys("sft"):
-            sft_result = run_sft(sft, model=model, tokenizer=tokenizer, log=log, extra_eval=curve_eval,
+            sft_result = run_sft(sft, model=model, tokenizer=tokenizer, log=stage_log("sft"), extra_eval=curve_eval,
                                  eval_times=cfg.curve_points + 1)
         curve += [(e["step"], e["heldout_accuracy"]) for e in sft_result.fit.eval_history if "heldout_accuracy" in e]
         log(f"\n[sft] evaluating the SFT model on the same {len(problems)} held-out problems")
@@ -310,7 +319,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         log(f"\n[rm] reward model from the SFT checkpoint: {rm.loss.name} loss, {rm.loss.pooling} pooling, "
             f"{cfg.preference_pairs} pairs")
         with stage_keys("rm"):
-            rm_result = run_rm(rm, log=log)
+            rm_result = run_rm(rm, log=stage_log("rm"))
         m = rm_result.eval_metrics
         summary["reward_model"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         notes.append(f"reward model (from SFT, {rm.loss.name}): held-out pairwise accuracy "
@@ -330,7 +339,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
             with stage_keys("dpo"):
                 policy = load_causal_lm(sft_dir, dtype=dpo.model.dtype, device=dpo.model.device,
                                         attn_implementation=dpo.model.attn_implementation)
-                pref = run_preference(dpo, model=policy, tokenizer=tokenizer, log=log)
+                pref = run_preference(dpo, model=policy, tokenizer=tokenizer, log=stage_log("dpo"))
             results[f"+{loss_name}"] = evaluate(policy)
             hist = pref.fit.history
             displaced = any(h.get("likelihood_displacement") for h in hist)

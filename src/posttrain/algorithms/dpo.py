@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, TrainConfig, option
+from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
 from ..errors import ConfigError
 from ..models.loading import (
@@ -49,6 +49,7 @@ from ..models.loading import (
     tokenizer_for,
 )
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
+from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
 from .sequences import (
@@ -159,6 +160,11 @@ def units_from_records(ds, tokenizer, kind: str, *, max_length: int, overlong: s
     return units, report.summary()
 
 
+def unit_targets(u: Unit) -> list:
+    """What a loss learns from besides the token ids (part of the plan's fingerprint)."""
+    return [u.desirable, u.rewards, u.margin]
+
+
 def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int, key: str = "data.train"):
     from ..world import preferences as wp
 
@@ -197,11 +203,15 @@ def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: in
 
     Returns ``(train_units, eval_units, train_summary)``; refuses data of the wrong kind.
     """
+    def check_kind(ds, key: str) -> None:
+        if ds.format != _KIND_FORMAT[kind]:
+            other = ", or pick a loss for {ds.format} data" if key == "data.train" else ""
+            raise ConfigError(
+                f"{needed_by} needs {_KIND_FORMAT[kind]} records, but {key} ({ds.source}) holds {ds.format} records.",
+                fix=f"give {key} a file of {_KIND_FORMAT[kind]} records{other.format(ds=ds)}.")
+
     train_ds = load_preference_source(data.train, data, kind, seed)
-    if train_ds.format != _KIND_FORMAT[kind]:
-        raise ConfigError(
-            f"{needed_by} needs {_KIND_FORMAT[kind]} records, but {train_ds.source} holds {train_ds.format} records.",
-            fix=f"give data.train a file of {_KIND_FORMAT[kind]} records, or pick a loss for {train_ds.format} data.")
+    check_kind(train_ds, "data.train")
     check_tokenizer(tokenizer, need_chat_template=any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
     enc = dict(max_length=data.max_length, overlong=data.overlong, seed=seed)
     units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
@@ -212,9 +222,20 @@ def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: in
         eval_spec = data.train + "-heldout" if data.train in BUILTIN_SOURCES else None
     if eval_spec:
         eval_ds = load_preference_source(eval_spec, data, kind, seed, key="data.eval")
+        check_kind(eval_ds, "data.eval")
         eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
         log(f"eval data {eval_ds.source}: {eval_summary}")
     return units, eval_units, summary
+
+
+def data_notes(data: PreferenceDataConfig, *, has_eval: bool) -> list[str]:
+    """Notes for builtin-data settings given with data files."""
+    notes = []
+    if not data.train.startswith("builtin:"):
+        notes += unused_notes(data, "data.", ["world_examples", "world_k"], "data.train is a file")
+    if not str(data.eval or "").startswith(("builtin:", "auto")) or not has_eval:
+        notes += unused_notes(data, "data.", ["world_eval_examples"], "there is no builtin eval data")
+    return notes
 
 
 def unused_settings(loss_cfg: PreferenceLossConfig, spec, units: list[Unit]) -> list[str]:
@@ -229,9 +250,9 @@ def unused_settings(loss_cfg: PreferenceLossConfig, spec, units: list[Unit]) -> 
     if unused:
         notes.append(f"loss '{spec.name}' does not use {', '.join(f'loss.{h}={getattr(loss_cfg, h)!r}' for h in unused)}"
                      f" (it uses {', '.join('loss.' + h for h in spec.hyperparameters) or 'no hyper-parameters'}).")
-    if loss_cfg.reference and not spec.needs_reference:
-        notes.append(f"loss '{spec.name}' uses no reference model, so loss.reference={loss_cfg.reference!r} is not "
-                     "loaded.")
+    if not spec.needs_reference:
+        notes += unused_notes(loss_cfg, "loss.", ["reference", "precompute_reference"],
+                              f"loss '{spec.name}' uses no reference model")
     if any(u.margin is not None for u in units):
         notes.append(f"the training data's 'margin' fields are not used by loss '{spec.name}' (only the reward "
                      "model's bt loss reads them).")
@@ -443,6 +464,7 @@ def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], co
 def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
                    eval_times: int | None = None) -> PreferenceResult:
     """Run offline preference optimization as configured (see the module docstring)."""
+    cfg = validated(cfg)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"loss.reference": cfg.loss.reference}))
     torch.manual_seed(cfg.train.seed)
@@ -484,6 +506,9 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
         return collate_examples(seqs, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing,
                                 row_length=cfg.data.max_length)
 
+    # the reference is not in the checkpoints: record which weights it had, so that a resume with a
+    # changed reference model is refused (config.yaml shows it too)
+    inputs = {"reference_weights_sha256": weights_digest(reference)} if reference is not None else {}
     if reference is not None and cfg.loss.precompute_reference:
         log("computing reference log-probs once (loss.precompute_reference)")
         attach_reference(units, reference, collate_seqs)
@@ -493,6 +518,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     plan = UnitPlan(units, collate=collate_units, unit_sequences=lambda u: u.sequences + u.kl_sequences,
                     micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                     epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
+                    unit_targets=unit_targets,
                     tag=f"pref-{cfg.loss.name}")
     log(f"loss {spec.name}: {kind} data, reference {'yes' if spec.needs_reference else 'no'}"
         f"{' (precomputed)' if spec.needs_reference and cfg.loss.precompute_reference else ''}; "
@@ -505,12 +531,15 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
             metrics.update(extra_eval(m))
         return metrics
 
+    for note in data_notes(cfg.data, has_eval=bool(eval_units or extra_eval)) + unused_notes(
+            cfg.train, "train.", ["eval_every"] if not (eval_units or extra_eval) else [], "there is no eval data"):
+        log(f"note: {note}")
     engine_cfg = cfg.train.engine()
     if eval_times:
         engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if (eval_units or extra_eval) else None,
-                 run_config=dataclasses.asdict(cfg), log=log, callbacks=[monitor])
+                 run_config={**dataclasses.asdict(cfg), **inputs}, log=log, callbacks=[monitor])
     return PreferenceResult(fit=result, final_dir=result.final_dir, encode_summary=summary,
                             eval_metrics=result.eval_history[-1] if result.eval_history else {})

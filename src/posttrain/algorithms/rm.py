@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, TrainConfig, option
+from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models.loading import (
     accelerator_for,
@@ -50,7 +50,7 @@ from ..models.loading import (
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
-from .dpo import PreferenceDataConfig, Unit, encode_sources
+from .dpo import PreferenceDataConfig, Unit, data_notes, encode_sources, unit_targets
 from .sequences import UnitPlan, collate_examples, pearson
 
 # what each reward loss needs, as data: its data kind and the keyword arguments it takes
@@ -280,6 +280,7 @@ class RMResult:
 
 def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     """Train a reward model as configured (see the module docstring)."""
+    cfg = validated(cfg)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model))
     torch.manual_seed(cfg.train.seed)
@@ -294,6 +295,13 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     model.config.posttrain_pooling = cfg.loss.pooling
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"reward loss '{cfg.loss.name}'")
+    own = set(RM_LOSS_ARGS.get(cfg.loss.name, ())) | ({"listwise_target", "listwise_temperature"}
+                                                      if cfg.loss.name == "listwise" else set())
+    for note in unused_notes(cfg.loss, "loss.", [n for n in ("hinge_margin", "target_gap", "listwise_target",
+                                                             "listwise_temperature") if n not in own],
+                             f"reward loss '{cfg.loss.name}' does not use it") + data_notes(cfg.data,
+                                                                                          has_eval=bool(eval_units)):
+        log(f"note: {note}")
     if "margin" not in RM_LOSS_ARGS.get(cfg.loss.name, ()) and any(u.margin is not None for u in units):
         log(f"note: the training data's 'margin' fields are not used by reward loss '{cfg.loss.name}' (only bt "
             "reads them).")
@@ -309,6 +317,7 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     plan = UnitPlan(units, collate=collate_units, unit_sequences=lambda u: u.sequences,
                     micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                     epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
+                    unit_targets=unit_targets,
                     tag=f"rm-{cfg.loss.name}")
     log(f"reward model: loss {cfg.loss.name} ({kind} data), pooling {cfg.loss.pooling}; plan: "
         f"{plan.num_steps()} optimizer steps of {cfg.train.micro_batch_size} x {cfg.train.grad_accum} units")

@@ -65,13 +65,21 @@ def frozen_copy(model):
 class UnitPlan(StepPlan):
     """Micro-batches of whole units (a pair, an unpaired example, a K-set), so the members of a
     unit always share a micro-batch; per epoch the units are shuffled.
-    ``unit_sequences(unit)`` lists a unit's sequences (hashed into the fingerprint);
-    ``collate(units)`` builds a batch of several units (the algorithm picks the layout)."""
+    ``unit_sequences(unit)`` lists a unit's sequences and ``unit_targets(unit)`` what the loss
+    learns from besides them (labels, rewards, margins); both are hashed into the fingerprint,
+    so a resume with changed data is refused. ``collate(units)`` builds a batch of several units
+    (the algorithm picks the layout)."""
 
     def __init__(self, units: Sequence, *, collate: Callable[[list], dict],
                  unit_sequences: Callable[[object], list[EncodedExample]], micro_batch_size: int,
-                 grad_accum: int, epochs: float, max_steps: int, seed: int, tag: str):
+                 grad_accum: int, epochs: float, max_steps: int, seed: int, tag: str,
+                 unit_targets: Callable[[object], object] = lambda u: None):
         self.units = list(units)
+
+        def content():
+            for u in self.units:
+                yield [[e.input_ids, e.labels] for e in unit_sequences(u)]
+                yield unit_targets(u)
 
         def epoch_units(epoch: int, rng) -> list[int]:
             order = list(range(len(self.units)))
@@ -80,7 +88,7 @@ class UnitPlan(StepPlan):
 
         super().__init__(n_items=len(self.units), epoch_units=epoch_units,
                          collate=lambda mb: collate([self.units[i] for i in mb]),
-                         content=lambda: ([e.input_ids, e.labels] for u in self.units for e in unit_sequences(u)),
+                         content=content,
                          micro_batch_size=micro_batch_size, grad_accum=grad_accum, epochs=epochs,
                          max_steps=max_steps, seed=seed, tag=tag)
 

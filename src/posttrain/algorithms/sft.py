@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, TrainConfig, option
+from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import (
+    SFT_FORMATS,
     EncodedExample,
     best_fit_decreasing,
     check_tokenizer,
@@ -85,6 +86,10 @@ class SFTLossConfig:
         if self.normalization == "constant" and not self.normalize_constant:
             raise ConfigError("loss.normalization is 'constant' but loss.normalize_constant is not set.",
                               fix="set loss.normalize_constant to a positive number (e.g. the max length).")
+        if self.normalization != "constant" and self.normalize_constant is not None:
+            raise ConfigError(f"loss.normalize_constant is set, but loss.normalization is '{self.normalization}', "
+                              "which does not use it.", fix="set loss.normalization=constant, or remove "
+                              "loss.normalize_constant.")
 
 
 @dataclass
@@ -217,6 +222,16 @@ def world_sft_records(n: int, *, split: str, seed: int) -> list[dict]:
 def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_DATA}.")
+    ds = _load_sft_source(spec, cfg, seed)
+    if ds.format not in SFT_FORMATS:
+        raise ConfigError(
+            f"SFT trains on conversational or prompt/completion records, but {key} ({ds.source}) holds {ds.format} "
+            "records.", fix=f"give {key} a file of {' or '.join(SFT_FORMATS)} records "
+            "(preference pairs train with `posttrain dpo` / `rm`).")
+    return ds
+
+
+def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
     if spec == BUILTIN_DATA:
         return load_records(world_sft_records(cfg.world_examples, split="train", seed=seed), "conversational")
     if spec == BUILTIN_DATA + "-heldout":
@@ -249,6 +264,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
     (overriding ``train.eval_every``).
     """
+    cfg = validated(cfg)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model))
     torch.manual_seed(cfg.train.seed)
@@ -310,6 +326,17 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         return metrics
 
     has_eval = bool(eval_examples) or extra_eval is not None
+    notes = []
+    if eval_spec:
+        notes += unused_notes(cfg.data, "data.", ["eval_fraction"], f"data.eval ({eval_spec}) is the held-out set")
+    if not cfg.data.train.startswith("builtin:"):
+        notes += unused_notes(cfg.data, "data.", ["world_examples"], "data.train is a file")
+    if not (eval_spec or "").startswith("builtin:"):
+        notes += unused_notes(cfg.data, "data.", ["world_eval_examples"], "data.eval is not builtin data")
+    if not has_eval:
+        notes += unused_notes(cfg.train, "train.", ["eval_every"], "there is no eval data")
+    for note in notes:
+        log(f"note: {note}")
     engine_cfg = cfg.train.engine()
     if eval_times:
         engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)

@@ -37,6 +37,7 @@ from .preference import (
 )
 from .tokenize import (
     IGNORE_INDEX,
+    SFT_FORMATS,
     EncodedExample,
     EncodeReport,
     encode_dataset,
@@ -48,6 +49,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "ROLES",
+    "SFT_FORMATS",
     "Dataset",
     "EncodeReport",
     "EncodedExample",

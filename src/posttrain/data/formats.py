@@ -765,7 +765,7 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
     if isinstance(source, Dataset):
         source_name, items = source.source, zip(source.locations, source.records)
     elif isinstance(source, (str, os.PathLike)):
-        source_name, items = _open_path(Path(source))
+        source_name, items = _open_path(Path(source).expanduser())
     elif isinstance(source, Mapping):
         raise DataError(
             "load_records got a single dict; it expects a file path or an iterable of records.",

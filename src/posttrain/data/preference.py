@@ -334,11 +334,12 @@ def _apply_policy(example: EncodedExample, max_length: int, overlong: str) -> tu
 def _all_dropped(ds: Dataset, what: str, report, max_length: int, overlong: str) -> DataError:
     """Every unit was dropped: say why (the report's counts) and what changes that."""
     if overlong == "truncate":
-        fix = (f"raise data.max_length (now {max_length}): truncation keeps the start of each sequence, so a "
-               "prompt that fills max_length leaves no response, and responses that differ only after the cut "
-               "become identical; or shorten the prompts.")
+        fix = ("shorten the prompts, or raise data.max_length (now {m}) if the model's position limit allows: "
+               "truncation keeps the start of each sequence, so a prompt that fills max_length leaves no response, "
+               "and responses that differ only after the cut become identical.").format(m=max_length)
     else:
-        fix = f"raise data.max_length (now {max_length}), use data.overlong=truncate, or shorten the data."
+        fix = (f"use data.overlong=truncate, shorten the data, or raise data.max_length (now {max_length}) if the "
+               "model's position limit allows.")
     return DataError(f"{where(ds.source)}: every one of the {report.total} {what} was dropped: {report.summary()}.",
                      fix=fix)
 

@@ -305,7 +305,9 @@ def encode_dataset(
             f"{where(dataset.source)}: every one of the {report.total} records was dropped "
             f"({report.dropped_overlong} longer than max_length={max_length} under overlong='{overlong}', "
             f"{report.dropped_no_trainable_tokens} whose prompt alone fills max_length).",
-            fix=(f"raise data.max_length (now {max_length}) or shorten the prompts." if overlong == "truncate" else
-                 f"raise data.max_length (now {max_length}), use data.overlong=truncate, or shorten the data."),
+            fix=(f"shorten the prompts, or raise data.max_length (now {max_length}) if the model's position limit "
+                 "allows." if overlong == "truncate" else
+                 f"use data.overlong=truncate, shorten the data, or raise data.max_length (now {max_length}) if the "
+                 "model's position limit allows."),
         )
     return examples, report

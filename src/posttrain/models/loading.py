@@ -37,6 +37,8 @@ BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "world" / "assets"
 BUILTIN_MODELS = {"tiny-world-base": ASSETS / "tiny-world-base"}
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # owner/name (or a bare name) with the characters the hub allows; anything else is a path
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -135,10 +137,11 @@ def locate(name_or_path: str, *, key: str = "model.name_or_path", what: str = "m
     if p.is_dir():
         return Source(name, str(p), local=True)
     if p.exists():
+        model_file = p.name in ("config.json", "tokenizer.json", "tokenizer_config.json") or p.suffix == ".safetensors"
         raise ConfigError(
             f"{setting(key)} is '{name}', which is a file; a {what} is loaded from a directory "
             "(holding config.json, the weights and the tokenizer files).",
-            fix=f"set {key} to the directory that holds this file.",
+            fix=f"set {key} to {repr(str(p.parent)) if model_file else 'a Hugging Face model directory'}.",
         )
     looks_like_path = (name.startswith(("/", "./", "../", "~", "."))
                        or name.endswith(("/", os.sep)) or not _REPO_ID.match(name))
@@ -250,7 +253,20 @@ def check_weights(directory: Path) -> None:
     )
 
 
-def check_model_dir(source: Source, *, what: str = "model") -> str | None:
+def _where_the_model_is(d: Path) -> str:
+    """For a directory that is not a model directory: where the model probably is."""
+    if (d / "final" / "config.json").is_file():
+        return f"it looks like a posttrain run directory: its trained model is {d / 'final'}"
+    if (d / "model" / "config.json").is_file():
+        return f"it looks like a training checkpoint: its model is {d / 'model'}"
+    steps = sorted(d.glob("step-*/model/config.json"))
+    if steps:
+        return f"it looks like a checkpoints/ directory: e.g. {steps[-1].parent}"
+    return ("point to the directory written by save_pretrained (for a posttrain run: its final/ or "
+            "checkpoints/step-*/model/)")
+
+
+def check_model_dir(source: Source, *, what: str = "model", key: str = "model.name_or_path") -> str | None:
     """Checks on a local model directory before transformers sees it; returns a note or None."""
     if not source.local:
         return None
@@ -258,10 +274,9 @@ def check_model_dir(source: Source, *, what: str = "model") -> str | None:
     if not (d / "config.json").is_file():
         found = sorted(p.name for p in d.iterdir())[:8]
         raise CheckpointError(
-            f"'{source.name}' is not a Hugging Face {what} directory: it has no config.json (it holds "
-            f"{found or 'nothing'}).",
-            fix="point to the directory written by save_pretrained (for a posttrain run: its final/ or "
-            "checkpoints/step-*/model/).",
+            f"'{source.name}' ({setting(key).lower()}) is not a Hugging Face {what} directory: it has no config.json "
+            f"({'it holds ' + ', '.join(found) if found else 'it is empty'}).",
+            fix=f"{_where_the_model_is(d)}.",
         )
     note = custom_code_note(d, what=what)
     check_weights(d)
@@ -339,6 +354,13 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_temp
     from transformers import AutoTokenizer
 
     source = locate(name_or_path, key=key, what="tokenizer")
+    if source.local and not any((Path(source.path) / f).is_file() for f in TOKENIZER_FILES):
+        d = Path(source.path)
+        found = sorted(p.name for p in d.iterdir())[:8]
+        raise TokenizerError(
+            f"'{name_or_path}' ({setting(key).lower()}) holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+            f"...; {'it holds ' + ', '.join(found) if found else 'it is empty'}).",
+            fix=f"{_where_the_model_is(d)}.")
     if source.local and (Path(source.path) / "config.json").is_file():
         _read_json(Path(source.path) / "config.json", "model config")  # transformers reads it too
     note = custom_code_note(Path(source.path), what="tokenizer") if source.local else None
@@ -415,7 +437,7 @@ def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_he
     are weights the checkpoint holds but the model does not use (a config with fewer layers
     than the weights, a reward model loaded as a language model), except ``dropped_heads``."""
     source = locate(name_or_path, key=key, what=what)
-    note = check_model_dir(source, what=what)
+    note = check_model_dir(source, what=what, key=key)
     if note:
         print(note)
     from transformers.utils import logging as hf_logging
@@ -526,7 +548,8 @@ def check_tokenizer_fits(tokenizer, model, *, key: str = "model.tokenizer") -> N
             fix=("leave model.tokenizer unset to use the tokenizer saved with the model, or name a tokenizer whose "
                  "tokens all exist in the model's vocabulary." if key == "model.tokenizer" else
                  f"the tokenizer files in {key}'s directory do not belong to its weights: save the model's own "
-                 "tokenizer there (or set model.tokenizer to it), or remove the added tokens."),
+                 "tokenizer there" + ("" if key.startswith("-") else " (or set model.tokenizer to it)")
+                 + ", or remove the added tokens."),
         )
 
 

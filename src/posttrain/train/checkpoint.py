@@ -61,6 +61,17 @@ def model_signature(model) -> dict:
     return sig
 
 
+def weights_digest(model) -> str:
+    """SHA-256 over a model's parameter and buffer bytes (names, dtypes, shapes, values): identifies
+    the exact weights of a model a run reads but does not checkpoint (e.g. a DPO reference)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -93,8 +104,8 @@ def _write_failed(target: Path, e: Exception, stage: Path | None = None) -> Chec
     reason = getattr(e, "strerror", None) or (text.splitlines()[-1] if text else "")
     return CheckpointError(
         f"Could not write {target}: {reason + ' ' if reason else ''}({type(e).__name__}).",
-        fix="free disk space or fix the permissions of train.output_dir; earlier complete checkpoints are "
-        "intact, so train.resume=auto continues from the latest of them.",
+        fix="free disk space or fix the permissions of train.output_dir; any earlier complete checkpoint is "
+        "intact, and train.resume=auto continues from the latest one.",
     )
 
 

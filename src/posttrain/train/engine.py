@@ -47,7 +47,7 @@ from .checkpoint import (
 from .logging import MetricsLogger
 from .neftune import neftune
 from .optim import build_optimizer, build_scheduler
-from .rundir import prepare_output_dir
+from .rundir import acquire_run_lock, prepare_output_dir
 
 
 class Algorithm(Protocol):
@@ -189,51 +189,57 @@ def fit(
         raise TrainingError("The training plan has no optimizer steps (the dataset is empty after "
                             "filtering, or train.max_steps is 0).", fix="check the data and train.* settings.")
     out = Path(cfg.output_dir)
+    release_lock: Callable[[], None] = lambda: None  # noqa: E731
     if accelerator.is_main_process:
         out = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
-    ckpt_dir = out / "checkpoints"
-    warmup_steps = int(round(cfg.warmup_ratio * total_steps))
-    optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                                min_lr_ratio=cfg.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    world = accelerator.num_processes
-    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
+        release_lock = acquire_run_lock(str(out))
+    try:  # until the training loop's own try: give the lock back on any failure
+        ckpt_dir = out / "checkpoints"
+        warmup_steps = int(round(cfg.warmup_ratio * total_steps))
+        optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                    min_lr_ratio=cfg.min_lr_ratio)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        device = accelerator.device
+        world = accelerator.num_processes
+        stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
 
-    start_step, skipped = 0, 0
-    resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
-    if resume_from is not None:
-        raw = accelerator.unwrap_model(model)
-        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config)
-        state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
-        start_step, skipped = int(state["step"]), int(state["skipped_steps"])
-        saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
-        for cb, cb_state in zip(stateful, saved_callbacks):
-            cb.load_state_dict(cb_state)
-        log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
+        start_step, skipped = 0, 0
+        resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
+        if resume_from is not None:
+            raw = accelerator.unwrap_model(model)
+            check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config)
+            state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
+            start_step, skipped = int(state["step"]), int(state["skipped_steps"])
+            saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
+            for cb, cb_state in zip(stateful, saved_callbacks):
+                cb.load_state_dict(cb_state)
+            log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
 
-    def checkpoint(step: int) -> Path:
-        path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                               optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
-                               fingerprint=plan.fingerprint(), config=run_config,
-                               extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
-        if cfg.save_total_limit:
-            prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)
-        return path
+        def checkpoint(step: int) -> Path:
+            path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                                   optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
+                                   fingerprint=plan.fingerprint(), config=run_config,
+                                   extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
+            if cfg.save_total_limit:
+                prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)
+            return path
 
-    logger = MetricsLogger(out, report_to=cfg.report_to, run_config=run_config,
-                           resume_step=start_step if resume_from is not None else None,
-                           enabled=accelerator.is_main_process)
-    result = FitResult(steps=start_step, skipped_steps=skipped)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    t_start = time.time()
-    tokens_seen = 0
-    last_saved = start_step if resume_from is not None else None
-    model.train()
+        logger = MetricsLogger(out, report_to=cfg.report_to, run_config=run_config,
+                               resume_step=start_step if resume_from is not None else None,
+                               enabled=accelerator.is_main_process)
+        result = FitResult(steps=start_step, skipped_steps=skipped)
+        params = [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+                   disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+        t_start = time.time()
+        tokens_seen = 0
+        last_saved = start_step if resume_from is not None else None
+        model.train()
+    except BaseException:
+        release_lock()
+        raise
     step = start_step
     try:
         with neftune(accelerator.unwrap_model(model), cfg.neftune_alpha):
@@ -314,45 +320,40 @@ def fit(
                     with tqdm.external_write_mode():
                         checkpoint(step + 1)
                     last_saved = step + 1
-    except KeyboardInterrupt:
         bar.close()
-        logger.close()
-        latest = _latest_checkpoint(ckpt_dir)
-        raise RunInterrupted(step=step, total_steps=total_steps, output_dir=out, checkpoint=latest) from None
-    except BaseException:
-        bar.close()
-        logger.close()
-        raise
-    bar.close()
-    result.seconds = time.time() - t_start
+        result.seconds = time.time() - t_start
 
-    # a run is a success only if its model still computes a finite loss and most updates happened
-    unwrapped = accelerator.unwrap_model(model)
-    latest = _latest_checkpoint(ckpt_dir)
-    keep_note = (f"The latest complete checkpoint, {latest}, is kept." if latest is not None
-                 else "No checkpoint was written.")
-    if skipped * 2 > total_steps:
+        # a run is a success only if its model still computes a finite loss and most updates happened
+        unwrapped = accelerator.unwrap_model(model)
+        latest = _latest_checkpoint(ckpt_dir)
+        keep_note = (f"The latest complete checkpoint, {latest}, is kept." if latest is not None
+                     else "No checkpoint was written.")
+        if skipped * 2 > total_steps:
+            raise TrainingError(
+                f"{skipped} of {total_steps} optimizer steps were skipped because the loss or the gradient was "
+                "not finite, so the run did not train as configured; final/ was not written. " + keep_note,
+                fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), and "
+                "check the data.",
+            )
+        probe = probe_loss(model, algorithm, plan, device, accelerator, world)
+        if not math.isfinite(probe):
+            raise TrainingError(
+                f"The trained model gives a non-finite loss ({probe}) on a probe batch (the first step's data): "
+                "training diverged, so the run does not end as a success and final/ was not written. " + keep_note,
+                fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), keep "
+                "gradient clipping on (train.max_grad_norm), and check the data.",
+            )
+        if accelerator.is_main_process:
+            if last_saved != total_steps:
+                checkpoint(total_steps)
+            final = out / "final"
+            save_pretrained_atomic(unwrapped, tokenizer, final)
+            result.final_dir = final
+    except KeyboardInterrupt:  # also while the final checkpoint or final/ is written
+        latest = _latest_checkpoint(ckpt_dir)
+        raise RunInterrupted(step=result.steps, total_steps=total_steps, output_dir=out, checkpoint=latest) from None
+    finally:
+        bar.close()
         logger.close()
-        raise TrainingError(
-            f"{skipped} of {total_steps} optimizer steps were skipped because the loss or the gradient was "
-            "not finite, so the run did not train as configured; final/ was not written. " + keep_note,
-            fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), and "
-            "check the data.",
-        )
-    probe = probe_loss(model, algorithm, plan, device, accelerator, world)
-    if not math.isfinite(probe):
-        logger.close()
-        raise TrainingError(
-            f"The trained model gives a non-finite loss ({probe}) on a probe batch (the first step's data): "
-            "training diverged, so the run does not end as a success and final/ was not written. " + keep_note,
-            fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), keep "
-            "gradient clipping on (train.max_grad_norm), and check the data.",
-        )
-    if accelerator.is_main_process:
-        if last_saved != total_steps:
-            checkpoint(total_steps)
-        final = out / "final"
-        save_pretrained_atomic(unwrapped, tokenizer, final)
-        result.final_dir = final
-    logger.close()
+        release_lock()
     return result

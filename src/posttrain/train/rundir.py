@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError, setting
@@ -38,18 +40,12 @@ def _unwritable(key: str, path: Path, err: OSError) -> ConfigError:
     )
 
 
-def existing_run(output_dir: Path) -> list[str]:
-    """What of an earlier run ``output_dir`` holds (checkpoints, final model)."""
+def existing_run(output_dir: Path) -> tuple[list[str], bool]:
+    """What of an earlier run ``output_dir`` holds: its checkpoint directories, and whether it has final/."""
     out = Path(output_dir)
-    found = []
     ckpts = out / "checkpoints"
-    if ckpts.is_dir():
-        steps = sorted(d.name for d in ckpts.iterdir() if d.name.startswith("step-"))
-        if steps:
-            found.append(f"{len(steps)} checkpoint(s) ({steps[0]} .. {steps[-1]})")
-    if (out / "final").exists():
-        found.append("a final/ model")
-    return found
+    steps = sorted(d.name for d in ckpts.iterdir() if d.name.startswith("step-")) if ckpts.is_dir() else []
+    return steps, (out / "final").exists()
 
 
 def _dangling(p: Path) -> bool:
@@ -89,8 +85,8 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
             for d in doomed:
                 if d.exists() and (src == d.resolve() or d.resolve() in src.parents):
                     raise ConfigError(
-                        f"train.overwrite_output_dir=true would delete '{d}', which holds {pkey}={value}, the "
-                        "model this run starts from.",
+                        f"train.overwrite_output_dir=true would delete '{d}', which holds {pkey}={value}, a "
+                        "model this run reads.",
                         fix=f"copy that model elsewhere and point {pkey} there, or choose another {key}.")
     if not out.exists():
         ancestor = out.parent
@@ -115,15 +111,28 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
             err = _probe_writable(p)
             if err is not None:
                 raise _unwritable(key, p, err)
-    if not resume and not overwrite:
-        found = existing_run(out)
-        if found:
-            raise ConfigError(
-                f"{setting(key)} is '{output_dir}', which already holds an earlier run ({', '.join(found)}). "
-                "A fresh run there would mix its checkpoints with the old ones.",
-                fix="continue that run with train.resume=auto, choose another train.output_dir, or set "
-                "train.overwrite_output_dir=true to delete the old checkpoints and final model first.",
-            )
+    steps, final = existing_run(out)
+    found = ([f"{len(steps)} checkpoint(s) ({steps[0]} .. {steps[-1]})"] if steps else []) + (
+        ["a final/ model"] if final else [])
+    has_checkpoints = any(not s.endswith(".partial") for s in steps)
+    if not resume and not overwrite and found:
+        cont = "continue that run with train.resume=auto, " if has_checkpoints else ""
+        raise ConfigError(
+            f"{setting(key)} is '{output_dir}', which already holds an earlier run ({', '.join(found)}). "
+            "A fresh run there would mix its checkpoints with the old ones or replace its model.",
+            fix=f"{cont}choose another train.output_dir, or set train.overwrite_output_dir=true to delete the old "
+            "checkpoints and final model first.",
+        )
+    if resume == "auto" and found and not has_checkpoints:
+        raise ConfigError(
+            f"train.resume=auto found no checkpoint to resume in '{output_dir}', which holds {', '.join(found)}; "
+            "starting a "
+            "fresh run there would replace that model.",
+            fix="choose another train.output_dir (to train from that model, set model.name_or_path to its final/), "
+            "or set train.resume=null and train.overwrite_output_dir=true to replace it.",
+        )
+    if str(output_dir) and out.is_dir() and (out / LOCK).exists():
+        acquire_run_lock(output_dir, key=key)()  # refuse now if another run holds it
 
 
 def prepare_output_dir(output_dir: str, *, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -136,3 +145,38 @@ def prepare_output_dir(output_dir: str, *, resume: str | None = None, overwrite:
                 shutil.rmtree(out / sub)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     return out
+
+
+LOCK = ".posttrain.lock"
+
+
+def acquire_run_lock(output_dir: str, *, key: str = "train.output_dir") -> Callable[[], None]:
+    """Hold an exclusive lock on ``output_dir`` for the run's lifetime, so that a second run into
+    the same directory is refused instead of mixing checkpoints. The operating system drops the
+    lock when the process ends, however it ends. Returns the function that releases it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return lambda: None
+    path = Path(output_dir).expanduser() / LOCK
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise ConfigError(
+            f"{setting(key)} is '{output_dir}', which another run is writing to right now (process {holder}).",
+            fix=f"wait for that run to finish (or stop it), or choose another {key}.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    fh.flush()
+
+    def release() -> None:
+        if not fh.closed:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    return release

@@ -26,6 +26,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+WORLD_DATA_FILES = ("sft_train.jsonl", "sft_heldout.jsonl", "problems_heldout.jsonl")
+
+
 def write_world_datasets(out: Path, *, n_train: int, n_heldout: int, seed: int = 0) -> dict[str, Path]:
     """Write ``sft_train.jsonl``, ``sft_heldout.jsonl`` and ``problems_heldout.jsonl`` into ``out``."""
     train = generate_problems(n_train, seed=seed, split="train")
