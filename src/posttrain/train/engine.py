@@ -47,7 +47,7 @@ from .checkpoint import (
 from .logging import MetricsLogger
 from .neftune import neftune
 from .optim import build_optimizer, build_scheduler
-from .rundir import acquire_run_lock, prepare_output_dir
+from .rundir import prepare_output_dir, run_lock
 
 
 class Algorithm(Protocol):
@@ -184,62 +184,65 @@ def fit(
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    total_steps = plan.num_steps()
-    if total_steps <= 0:
+    if plan.num_steps() <= 0:
         raise TrainingError("The training plan has no optimizer steps (the dataset is empty after "
                             "filtering, or train.max_steps is 0).", fix="check the data and train.* settings.")
-    out = Path(cfg.output_dir)
-    release_lock: Callable[[], None] = lambda: None  # noqa: E731
-    if accelerator.is_main_process:
+    out, lock = Path(cfg.output_dir), contextlib.nullcontext()
+    if accelerator.is_main_process:  # only rank 0 writes
         out = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
-        release_lock = acquire_run_lock(str(out))
-    try:  # until the training loop's own try: give the lock back on any failure
-        ckpt_dir = out / "checkpoints"
-        warmup_steps = int(round(cfg.warmup_ratio * total_steps))
-        optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                                    min_lr_ratio=cfg.min_lr_ratio)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        device = accelerator.device
-        world = accelerator.num_processes
-        stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
+        lock = run_lock(str(out))
+    with lock:
+        return _fit(model, algorithm, plan, cfg, out, tokenizer=tokenizer, accelerator=accelerator,
+                    evaluate=evaluate, run_config=run_config, log=log, callbacks=callbacks)
 
-        start_step, skipped = 0, 0
-        resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
-        if resume_from is not None:
-            raw = accelerator.unwrap_model(model)
-            check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config)
-            state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
-            start_step, skipped = int(state["step"]), int(state["skipped_steps"])
-            saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
-            for cb, cb_state in zip(stateful, saved_callbacks):
-                cb.load_state_dict(cb_state)
-            log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
 
-        def checkpoint(step: int) -> Path:
-            path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                                   optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
-                                   fingerprint=plan.fingerprint(), config=run_config,
-                                   extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
-            if cfg.save_total_limit:
-                prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)
-            return path
+def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, accelerator, evaluate, run_config,
+         log, callbacks) -> FitResult:
+    """:func:`fit` once the run directory is prepared and locked."""
+    total_steps = plan.num_steps()
+    ckpt_dir = out / "checkpoints"
+    warmup_steps = int(round(cfg.warmup_ratio * total_steps))
+    optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                min_lr_ratio=cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    world = accelerator.num_processes
+    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
 
-        logger = MetricsLogger(out, report_to=cfg.report_to, run_config=run_config,
-                               resume_step=start_step if resume_from is not None else None,
-                               enabled=accelerator.is_main_process)
-        result = FitResult(steps=start_step, skipped_steps=skipped)
-        params = [p for p in model.parameters() if p.requires_grad]
-        bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
-                   disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-        t_start = time.time()
-        tokens_seen = 0
-        last_saved = start_step if resume_from is not None else None
-        model.train()
-    except BaseException:
-        release_lock()
-        raise
+    start_step, skipped = 0, 0
+    resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
+    if resume_from is not None:
+        raw = accelerator.unwrap_model(model)
+        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config)
+        state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
+        start_step, skipped = int(state["step"]), int(state["skipped_steps"])
+        saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
+        for cb, cb_state in zip(stateful, saved_callbacks):
+            cb.load_state_dict(cb_state)
+        log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
+
+    def checkpoint(step: int) -> Path:
+        path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                               optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
+                               fingerprint=plan.fingerprint(), config=run_config,
+                               extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
+        if cfg.save_total_limit:
+            prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)
+        return path
+
+    logger = MetricsLogger(out, report_to=cfg.report_to, run_config=run_config,
+                           resume_step=start_step if resume_from is not None else None,
+                           enabled=accelerator.is_main_process)
+    result = FitResult(steps=start_step, skipped_steps=skipped)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    t_start = time.time()
+    tokens_seen = 0
+    last_saved = start_step if resume_from is not None else None
+    model.train()
     step = start_step
     try:
         with neftune(accelerator.unwrap_model(model), cfg.neftune_alpha):
@@ -355,5 +358,4 @@ def fit(
     finally:
         bar.close()
         logger.close()
-        release_lock()
     return result

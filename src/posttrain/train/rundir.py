@@ -11,6 +11,7 @@ the old run when overwriting).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -180,3 +181,13 @@ def acquire_run_lock(output_dir: str, *, key: str = "train.output_dir") -> Calla
             fh.close()
 
     return release
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str, *, key: str = "train.output_dir"):
+    """:func:`acquire_run_lock` for the duration of a ``with`` block."""
+    release = acquire_run_lock(output_dir, key=key)
+    try:
+        yield
+    finally:
+        release()
