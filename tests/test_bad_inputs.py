@@ -1,4 +1,4 @@
-"""New users' trials, kept as a regression suite: 158 bad inputs through the command line.
+"""New users' trials, kept as a regression suite: 169 bad inputs through the command line.
 
 Every case must end cleanly: exit status 2, one paragraph naming the place (key, file, line,
 field, directory) and the fix, and never a traceback from inside a library. The classes are
@@ -443,7 +443,50 @@ ROUND3 = [
     Case("qs-duplicate-loss", qs("dpo_losses=[dpo,dpo]"), ("twice",)),
     Case("qs-max-length-before-eval", qs("sft.data.max_length=100000"), ("'sft.data.max_length'",)),
 ]
-ALL = CASES + ROUND2 + ROUND3
+def _nan_model(ws):
+    import torch
+
+    m = tiny_model("llama", hidden=32)
+    with torch.no_grad():
+        m.model.norm.weight[0] = float("nan")
+    m.save_pretrained(ws / "m-nan", safe_serialization=True)
+    world_tokenizer().save_pretrained(ws / "m-nan")
+
+
+def _rm_run(ws):
+    if not (ws / "rm-run").exists():
+        assert main(["rm", f"model.name_or_path={ws / 'model'}", f"data.train={ws / 'pairs.jsonl'}", "data.eval=null",
+                     "train.max_steps=1", f"train.output_dir={ws / 'rm-run'}", "train.progress=false"]) == 0
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "train: {lr: 0.001}\n"
+
+# The fourth trial (after the third round of fixes).
+ROUND4 = [
+    Case("user-config-in-output-dir", sft(out="proj"), ("config.yaml", "did not write"),
+         setup=write("proj/config.yaml", "# my config\ntrain:\n  lr: 0.001\n")),
+    Case("metrics-path-is-a-directory", sft(out="mdir"), ("metrics.jsonl", "is a directory"),
+         setup=lambda ws: (ws / "mdir" / "metrics.jsonl").mkdir(parents=True, exist_ok=True)),
+    Case("flex-attention-on-cpu", sft("model.attn_implementation=flex_attention"), ("flex_attention", "sdpa")),
+    Case("nan-weights", sft(lambda ws: f"model.name_or_path={ws / 'm-nan'}"), ("NaN", "model.norm.weight"),
+         setup=_nan_model),
+    Case("weight-decay-destroys", sft("train.weight_decay=1e10"), ("weight_decay",)),
+    Case("chat-template-empty", sft("model.chat_template="), ("'model.chat_template' is empty",)),
+    Case("resume-sft-from-rm-checkpoint", sft(*RESUME, lambda ws: f"train.resume={ws / 'rm-run/checkpoints/step-000001'}"),
+         ("kind of run", "LlamaForSequenceClassification"), setup=_rm_run),
+    Case("conversation-pairs-other-prompt", pref("dpo", data="ufb.jsonl"), ("line 1", "whole conversation"),
+         setup=write("ufb.jsonl", lines({"prompt": "hi", "chosen": [{"role": "user", "content": "hello"},
+                                                                    {"role": "assistant", "content": "a"}],
+                                         "rejected": [{"role": "user", "content": "hello"},
+                                                      {"role": "assistant", "content": "b"}]}))),
+    Case("world-build-tiny-vocab", lambda ws: ["world", "build", "--out", str(ws / "wb2"), "--vocab-size", "10"],
+         ("--vocab-size",), fix=False),
+    Case("data-url", sft("data.train=https://example.com/d.jsonl"), ("https://example.com/d.jsonl", "URLs")),
+    Case("yaml-alias-bomb", lambda ws: ["sft", "--config", _w(ws, "laughs.yaml")], ("expands",),
+         setup=write("laughs.yaml", LAUGHS)),
+]
+ALL = CASES + ROUND2 + ROUND3 + ROUND4
 
 
 def _one_layer(ws):
@@ -453,8 +496,9 @@ def _one_layer(ws):
         _edit_config(d, num_hidden_layers=1)
 
 
-def test_the_trials_have_158_cases():
-    assert (len(CASES), len(ROUND2), len(ROUND3)) == (105, 41, 12) and len({c.id for c in ALL}) == len(ALL)
+def test_the_trials_have_169_cases():
+    assert (len(CASES), len(ROUND2), len(ROUND3), len(ROUND4)) == (105, 41, 12, 11)
+    assert len({c.id for c in ALL}) == len(ALL)
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])

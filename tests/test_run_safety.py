@@ -296,7 +296,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, capsys, da
             f"train.output_dir={tmp_path / 'run'}", "train.progress=false"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert "interrupted at step" in err and "step-000002" in err
+    assert "interrupted after step" in err and "step-000002" in err
     assert "posttrain sft" in err and "train.resume=auto" in err
     monkeypatch.setattr(engine.MetricsLogger, "log", real)
     resume_cmd = err.strip().splitlines()[-1].split()[1:]  # drop 'posttrain'
@@ -610,3 +610,110 @@ def test_settings_that_would_be_ignored_are_noted(tmp_path, data_file):
     run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=logs.append)
     notes = [line for line in logs if line.startswith("note:")]
     assert any("train.eval_every=5" in n for n in notes) and any("data.world_examples=10" in n for n in notes)
+
+
+# --------------------------------------------------------------------------- found by the fourth trial
+
+
+def test_sigterm_ends_like_ctrl_c_with_exit_143(tmp_path, capsys, data_file, monkeypatch):
+    import os
+    import signal
+
+    import posttrain.train.engine as engine
+
+    real = engine.MetricsLogger.log
+
+    def term_at_3(self, record, *, split):
+        if split == "train" and record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would
+        return real(self, record, split=split)
+
+    monkeypatch.setattr(engine.MetricsLogger, "log", term_at_3)
+    code = main(["sft", f"data.train={data_file}", "data.eval=null", "train.max_steps=4", "train.save_every=2",
+                 f"train.output_dir={tmp_path}", "train.progress=false"])
+    assert code == 143
+    err = capsys.readouterr().err
+    assert "step-000002" in err and "train.resume=auto" in err
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_can_simply_be_rerun(tmp_path, data_file, capsys, monkeypatch):
+    import posttrain.train.engine as engine
+
+    argv = ["sft", f"data.train={data_file}", "data.eval=null", "train.max_steps=3", f"train.output_dir={tmp_path}",
+            "train.progress=false"]
+    real = engine.save_pretrained_atomic
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_pretrained_atomic", interrupted)  # Ctrl-C while final/ is written
+    assert main(argv + ["train.save_every=0"]) == 130
+    monkeypatch.setattr(engine, "save_pretrained_atomic", real)
+    (tmp_path / "checkpoints" / "step-000003" / "checkpoint.json").unlink()  # as if cut while writing it
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err  # its own config.yaml / metrics.jsonl do not block a rerun
+
+
+def test_python_api_refuses_misspelled_options_and_wrong_config_classes(tmp_path, data_file):
+    import numpy as np
+
+    from posttrain.algorithms.dpo import DPOConfig
+    from posttrain.algorithms.rm import run_rm
+
+    cfg = SFTConfig()
+    cfg.train.learning_rate = 0.5
+    with pytest.raises(ConfigError, match="'train.learning_rate' does not exist"):
+        run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer())
+    with pytest.raises(ConfigError, match="Expected RMConfig"):
+        run_rm(DPOConfig())
+    cfg = load_config(SFTConfig, None, [f"data.train={data_file}", "data.eval=null", "train.max_steps=1",
+                                        f"train.output_dir={tmp_path}", "train.progress=false"])
+    cfg.train.seed = np.int64(3)  # numpy numbers are numbers
+    assert run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=None).fit.steps == 1
+
+
+def test_string_options_keep_what_was_typed(tmp_path, data_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SFTConfig, None, ["train.output_dir=007", "data.train=1e3", "data.eval=2024-01-01"])
+    assert (cfg.train.output_dir, cfg.data.train, cfg.data.eval) == ("007", "1e3", "2024-01-01")
+
+
+def test_config_files_can_be_layered(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train:\n  lr: 0.5\n  max_steps: 3\n")
+    b.write_text("data:\n  max_length: 64\ntrain:\n  max_steps: 4\n")
+    cfg = load_config(SFTConfig, [a, b], ["train.seed=2"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.data.max_length, cfg.train.seed) == (0.5, 4, 64, 2)
+
+
+def test_conversation_pairs_that_repeat_the_prompt_are_read_as_prompt_plus_replies():
+    from posttrain.data import load_records
+
+    user = {"role": "user", "content": "hi"}
+    rec = {"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "a"}],
+           "rejected": [user, {"role": "assistant", "content": "b"}]}
+    got = load_records([rec]).records[0]
+    assert got["prompt"] == [user] and got["chosen"] == [{"role": "assistant", "content": "a"}]
+
+
+def test_a_dpo_runs_config_yaml_can_be_fed_back(tmp_path):
+    from posttrain.algorithms.dpo import DPOConfig, run_preference
+    from posttrain.world.preferences import preference_records
+
+    f = write_jsonl(tmp_path / "p.jsonl", preference_records(8, seed=1))
+    cfg = load_config(DPOConfig, None, [f"data.train={f}", "data.eval=null", f"train.output_dir={tmp_path / 'r'}",
+                                        "train.max_steps=1", "train.progress=false", "data.max_length=128"])
+    run_preference(cfg, model=tiny_model("llama", hidden=48), tokenizer=world_tokenizer(), log=None)
+    again = load_config(DPOConfig, tmp_path / "r" / "config.yaml")
+    assert again == cfg
+
+
+def test_two_quickstarts_cannot_share_a_directory(tmp_path):
+    from posttrain.quickstart import QuickstartConfig, claim_output_dir, run_quickstart
+    from posttrain.train.rundir import run_lock
+
+    out = claim_output_dir(str(tmp_path / "qs"))
+    with run_lock(str(out), key="output_dir"):
+        with pytest.raises(ConfigError, match="another run is writing"):
+            run_quickstart(load_config(QuickstartConfig, None, [f"output_dir={out}", "stages=[sft]"]), log=None)

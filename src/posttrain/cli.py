@@ -26,6 +26,9 @@ from .config import describe, load_config
 from .errors import ConfigError, PosttrainError, RunInterrupted
 
 
+CONFIG_HELP = "YAML config file (repeat it to layer files: later ones override earlier ones)"
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Supervised fine-tuning with assistant-only / completion-only loss. "
                        "Defaults train the built-in tiny world; for a real model set model.name_or_path and "
                        "a suitable train.lr (e.g. 2e-5).", epilog=_config_help(SFTConfig))
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=_cmd_sft)
 
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a scalar reward model (AutoModelForSequenceClassification, one label) on "
                        "preference or ranked data. Defaults use the tiny world's preference pairs; set "
                        "model.name_or_path to your SFT model.", epilog=_config_help(RMConfig))
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_rm)
 
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter,
                        description="Offline preference optimization; loss.name selects the loss. Start from an SFT "
                        "model (model.name_or_path=runs/sft/final).", epilog=_config_help(DPOConfig))
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_dpo)
 
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "DPOP from the SFT model (stages=[sft,rm,dpo]), then prints a results table and writes "
                        "summary.json, samples.jsonl and learning_curves.png under output_dir (default "
                        "runs/quickstart, replaced on every run).")
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_quickstart)
 
@@ -220,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    terminated = []
+
+    def on_sigterm(signum, frame):  # a scheduler stopping the job: end like Ctrl-C, with the resume hint
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = _install_sigterm(on_sigterm)
     try:
         return args.func(args)
     except PosttrainError as e:
@@ -227,22 +237,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         print(f"\n{_interrupted_message(args, e)}", file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
+    finally:
+        _install_sigterm(previous)
+
+
+def _install_sigterm(handler):
+    """Set the SIGTERM handler (main thread only); returns the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _interrupted_message(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
     """What Ctrl-C stopped, and the command that continues it."""
     if not isinstance(e, RunInterrupted):
         return "interrupted."
-    text = f"interrupted at step {e.step}/{e.total_steps}."
+    text = f"interrupted after step {e.step}/{e.total_steps}."
     if args.command not in ("sft", "rm", "dpo"):
         return text + " Run the command again to start over."
     if e.checkpoint is None:
         return (text + " No checkpoint was written yet, so the run cannot be resumed (train.save_every=N writes "
                 "one every N steps).")
     cmd = ["posttrain", args.command]
-    if args.config:
-        cmd += ["--config", args.config]
+    for c in args.config or []:
+        cmd += ["--config", c]
     cmd += [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
     return (text + f" The latest complete checkpoint is {e.checkpoint}. Continue the run with:\n  "
             + " ".join(shlex.quote(c) for c in cmd))

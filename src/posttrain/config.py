@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+import numpy as np
 import yaml
 
 from .errors import ConfigError, PosttrainError
@@ -61,7 +62,7 @@ class _YAML12Loader(yaml.SafeLoader):
 
 _YAML12Loader.yaml_implicit_resolvers = {
     ch: [r for r in resolvers if r[0] not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float",
-                                              "tag:yaml.org,2002:int")]
+                                              "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YAML12Loader.add_implicit_resolver(
@@ -81,8 +82,53 @@ _YAML12Loader.add_constructor("tag:yaml.org,2002:int", _YAML12Loader.construct_y
 _YAML_READ_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
 
 
+MAX_CONFIG_VALUES = 100_000  # a config is a few hundred values; aliases can make a small file expand to billions
+
+
 def yaml_load(text: str):
-    return yaml.load(text, Loader=_YAML12Loader)
+    data = yaml.load(text, Loader=_YAML12Loader)
+    _check_size(data)
+    return data
+
+
+def _check_size(data: Any) -> None:
+    """Refuse YAML whose aliases expand it beyond any real config (a 'billion laughs' file)."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_CONFIG_VALUES:,} values (through "
+                                 "aliases?), far more than any config")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+class OverrideValue:
+    """A ``key=value`` override: the YAML-parsed value, and the text as typed. String options take
+    the text (so ``train.output_dir=007`` is the directory ``007``, not ``7``), the others the
+    parsed value."""
+
+    def __init__(self, parsed: Any, raw: str):
+        self.parsed, self.raw = parsed, raw
+
+    def __eq__(self, other: object) -> bool:  # compares as the parsed value
+        return self.parsed == (other.parsed if isinstance(other, OverrideValue) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.parsed)
+
+
+def _takes_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return str in get_args(tp)
+    return False
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
@@ -114,6 +160,10 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    if isinstance(value, OverrideValue):
+        value = value.raw if (_takes_text(tp) and value.parsed is not None) else value.parsed
+    if isinstance(value, np.generic):  # numpy numbers from code that builds configs
+        value = value.item()
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -341,14 +391,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def validated(cfg: T) -> T:
+def validated(cfg: T, cls: type | None = None) -> T:
     """A config built or changed in Python, checked exactly like one read from YAML and the
-    command line (types, ranges, cross-key rules); paths may be ``pathlib.Path`` objects. The
-    ``run_*`` entry points call this first."""
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise ConfigError(f"Expected a config object (a dataclass instance), got {type(cfg).__name__}.",
-                          fix="build it with load_config(...) or the config class, e.g. SFTConfig().")
+    command line (types, ranges, cross-key rules, and no attribute that is not an option, such
+    as a misspelled ``cfg.train.learning_rate``); paths may be ``pathlib.Path`` objects. The
+    ``run_*`` entry points call this first, with the class they take."""
+    want = cls.__name__ if cls is not None else "a config object"
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type) or (cls is not None and not isinstance(cfg, cls)):
+        raise ConfigError(f"Expected {want} (a dataclass instance), got {type(cfg).__name__}.",
+                          fix=f"build it with load_config({cls.__name__ if cls else 'SFTConfig'}, ...) or the class "
+                          "itself.")
+    _check_attributes(cfg, "")
     return from_dict(type(cfg), _plain(dataclasses.asdict(cfg)))
+
+
+def _check_attributes(obj: Any, prefix: str) -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    for attr in vars(obj):
+        if attr not in names:
+            raise _unknown_key(prefix, attr, names)
+    for name in names:
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_attributes(value, f"{prefix}{name}.")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -364,6 +429,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml_load(raw) if raw.strip() != "" else ""
         except _YAML_READ_ERRORS:
             value = raw
+        if not isinstance(value, (dict, list)):
+            value = OverrideValue(value, raw)
         node = out
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -399,32 +466,38 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(cls: type[T], path: str | Path | list | tuple | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> T:
-    """YAML file (optional) + ``key=value`` overrides -> validated ``cls`` instance."""
+    """YAML file(s) (optional; later files override earlier ones) + ``key=value`` overrides ->
+    validated ``cls`` instance."""
     data: dict = dict(base or {})
-    if path is not None:
-        p = Path(path).expanduser()
-        if p.is_dir():
-            raise ConfigError(f"Config file '{p}' is a directory.", fix="give --config the path of a .yaml file.")
-        if not p.is_file():
-            raise ConfigError(f"Config file '{p}' does not exist.", fix="check the path given to --config.")
-        try:
-            loaded = yaml_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"Config file '{p}' is not UTF-8 text (is it a YAML file?).",
-                              fix="save the config as UTF-8 YAML.") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{p}' is not valid YAML: {e}", fix="correct the YAML syntax.") from None
-        except (ValueError, RecursionError) as e:
-            raise ConfigError(f"Config file '{p}' cannot be read: {type(e).__name__}: {str(e)[:200]}",
-                              fix="simplify the YAML (no integers of thousands of digits, no deep nesting).") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file '{p}' must hold a mapping of options at the top level.",
-                              fix="write one 'key: value' (or 'section:' with indented options) per line.")
-        data = deep_merge(data, _nest_dotted(loaded))
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    for one in paths:
+        data = deep_merge(data, _read_config_file(one))
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
+
+
+def _read_config_file(path: str | Path) -> dict:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"Config file '{p}' is a directory.", fix="give --config the path of a .yaml file.")
+    if not p.is_file():
+        raise ConfigError(f"Config file '{p}' does not exist.", fix="check the path given to --config.")
+    try:
+        loaded = yaml_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file '{p}' is not UTF-8 text (is it a YAML file?).",
+                          fix="save the config as UTF-8 YAML.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file '{p}' is not valid YAML: {e}", fix="correct the YAML syntax.") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"Config file '{p}' cannot be read: {type(e).__name__}: {str(e)[:200]}",
+                          fix="simplify the YAML (no integers of thousands of digits, no deep nesting).") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"Config file '{p}' must hold a mapping of options at the top level.",
+                          fix="write one 'key: value' (or 'section:' with indented options) per line.")
+    return _nest_dotted(loaded)
 
 
 def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
@@ -518,6 +591,11 @@ class TrainConfig:
             if r not in ("tensorboard", "wandb"):
                 raise ConfigError(f"Config key 'train.report_to' has value {r!r}; valid values are "
                                   "'tensorboard' and 'wandb'.", fix="remove it or pick one of those.")
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError(
+                f"train.lr * train.weight_decay is {self.lr * self.weight_decay:.3g}; AdamW's decoupled decay multiplies "
+                "every weight by (1 - lr * weight_decay) each step, which is 0 or negative here.",
+                fix="keep train.lr * train.weight_decay well below 1 (e.g. weight_decay=0.1).")
         if self.overwrite_output_dir and self.resume:
             raise ConfigError("train.overwrite_output_dir=true and train.resume are both set: a resumed run continues "
                               "in its directory and deletes nothing.", fix="set only one of them.")

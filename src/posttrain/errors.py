@@ -63,4 +63,4 @@ class RunInterrupted(KeyboardInterrupt):
         self.total_steps = total_steps
         self.output_dir = output_dir
         self.checkpoint = checkpoint
-        super().__init__(f"interrupted at step {step}/{total_steps}")
+        super().__init__(f"interrupted after step {step}/{total_steps}")

@@ -35,7 +35,7 @@ from .models.loading import (
     pick_device,
     tokenizer_for,
 )
-from .train.rundir import check_output_dir
+from .train.rundir import check_output_dir, run_lock
 from .world.datasets import write_jsonl, write_world_datasets
 from .world.evaluate import EvalResult, evaluate_problems
 from .world.preferences import preference_records
@@ -226,7 +226,8 @@ def claim_output_dir(output_dir: str) -> Path:
 
 
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
-    cfg = validated(cfg)
+    cfg = validated(cfg, QuickstartConfig)
+    log = log or (lambda line: None)
     t0 = time.time()
 
     @contextlib.contextmanager
@@ -243,6 +244,11 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         return lambda line: log(fix(line))
 
     out = claim_output_dir(cfg.output_dir)
+    with run_lock(str(out), key="output_dir"):  # one quickstart per directory at a time
+        return _run_quickstart(cfg, out, log, t0, stage_keys, stage_log)
+
+
+def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys, stage_log) -> dict:
     stages = [st for st in STAGES if st in cfg.stages]
     # what can be checked without training, checked before any stage trains
     for stage in stages:

@@ -464,7 +464,8 @@ def evaluate_preferences(model, algo: PreferenceAlgorithm, units: list[Unit], co
 def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
                    eval_times: int | None = None) -> PreferenceResult:
     """Run offline preference optimization as configured (see the module docstring)."""
-    cfg = validated(cfg)
+    cfg = validated(cfg, DPOConfig)
+    log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"loss.reference": cfg.loss.reference}))
     torch.manual_seed(cfg.train.seed)
@@ -507,7 +508,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
                                 row_length=cfg.data.max_length)
 
     # the reference is not in the checkpoints: record which weights it had, so that a resume with a
-    # changed reference model is refused (config.yaml shows it too)
+    # changed reference model is refused
     inputs = {"reference_weights_sha256": weights_digest(reference)} if reference is not None else {}
     if reference is not None and cfg.loss.precompute_reference:
         log("computing reference log-probs once (loss.precompute_reference)")
@@ -540,6 +541,6 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if (eval_units or extra_eval) else None,
-                 run_config={**dataclasses.asdict(cfg), **inputs}, log=log, callbacks=[monitor])
+                 run_config=dataclasses.asdict(cfg), inputs=inputs, log=log, callbacks=[monitor])
     return PreferenceResult(fit=result, final_dir=result.final_dir, encode_summary=summary,
                             eval_metrics=result.eval_history[-1] if result.eval_history else {})

@@ -280,7 +280,8 @@ class RMResult:
 
 def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     """Train a reward model as configured (see the module docstring)."""
-    cfg = validated(cfg)
+    cfg = validated(cfg, RMConfig)
+    log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model))
     torch.manual_seed(cfg.train.seed)

@@ -264,7 +264,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
     (overriding ``train.eval_every``).
     """
-    cfg = validated(cfg)
+    cfg = validated(cfg, SFTConfig)
+    log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model))
     torch.manual_seed(cfg.train.seed)
@@ -297,9 +298,10 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         rng.shuffle(idx)
         k = max(1, int(len(idx) * cfg.data.eval_fraction))
         if k >= len(idx):
+            capped = f" (data.max_examples={cfg.data.max_examples})" if cfg.data.max_examples else ""
             raise ConfigError(
-                f"data.eval_fraction={cfg.data.eval_fraction} holds out {k} of the {len(idx)} training examples, "
-                "leaving none to train on.",
+                f"data.eval_fraction={cfg.data.eval_fraction} holds out {k} of the {len(idx)} training examples"
+                f"{capped}, leaving none to train on.",
                 fix="use more training data, a smaller data.eval_fraction (0 for no eval), or a separate "
                 "data.eval file.")
         held = set(idx[:k])

@@ -466,8 +466,31 @@ def _validate_preference(chk: _Checker, record: Mapping) -> dict:
         out["prompt"] = prompt
     else:
         prompt = _prompt(chk, record["prompt"])
-        chosen = _response(chk, record["chosen"], "chosen", prompt)
-        rejected = _response(chk, record["rejected"], "rejected", prompt)
+        chosen_raw, rejected_raw = record["chosen"], record["rejected"]
+        if isinstance(chosen_raw, (list, tuple)) and isinstance(rejected_raw, (list, tuple)):
+            # the UltraFeedback layout: 'chosen' / 'rejected' are whole conversations that repeat the prompt
+            prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            sides = {"chosen": chk.messages(chosen_raw, "chosen"), "rejected": chk.messages(rejected_raw, "rejected")}
+            repeats = {k: v[: len(prompt_msgs)] == prompt_msgs and len(v) > len(prompt_msgs) for k, v in sides.items()}
+            starts_with_user = {k: bool(v) and v[0]["role"] in ("user", "system") for k, v in sides.items()}
+            if any(repeats.values()):
+                for k, v in sides.items():
+                    if not repeats[k]:
+                        raise chk.fail(k, "'chosen' and 'rejected' must both repeat the prompt's turns or both leave "
+                                       f"them out; '{k}' does not start with the prompt's {len(prompt_msgs)} turn(s).",
+                                       f"make '{k}' start with the same turns as 'prompt', or drop them from both.")
+                prompt = prompt_msgs
+                chosen_raw = sides["chosen"][len(prompt_msgs):]
+                rejected_raw = sides["rejected"][len(prompt_msgs):]
+            elif any(starts_with_user.values()):
+                side = "chosen" if starts_with_user["chosen"] else "rejected"
+                raise chk.fail(
+                    side, f"'{side}' is a whole conversation (it starts with a {sides[side][0]['role']} turn) whose first "
+                    "turns differ from 'prompt'.",
+                    "make 'prompt' the turns that chosen and rejected share (they are then treated as the prompt), or "
+                    "omit 'prompt' so that the shared first turns become the prompt.")
+        chosen = _response(chk, chosen_raw, "chosen", prompt)
+        rejected = _response(chk, rejected_raw, "rejected", prompt)
         out["prompt"] = prompt
     if not chosen or not rejected:
         side = "chosen" if not chosen else "rejected"
@@ -764,6 +787,9 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
     _check_format_name(format, allow_auto=True)
     if isinstance(source, Dataset):
         source_name, items = source.source, zip(source.locations, source.records)
+    elif isinstance(source, str) and "://" in source:
+        raise DataError(f"{source}: posttrain reads data from local files, not URLs.",
+                        fix="download the file first and give its local path.")
     elif isinstance(source, (str, os.PathLike)):
         source_name, items = _open_path(Path(source).expanduser())
     elif isinstance(source, Mapping):

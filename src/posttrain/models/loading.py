@@ -343,6 +343,9 @@ def check_attn_implementation(name: str | None, device: torch.device, *, key: st
         if device.type != "cuda":
             raise ConfigError(f"{setting(key)} is 'flash_attention_2', which needs a CUDA GPU; this run is on "
                               f"{device.type}.", fix=f"set {key}=sdpa.")
+    if name == "flex_attention" and device.type != "cuda":
+        raise ConfigError(f"{setting(key)} is 'flex_attention', whose backward pass torch implements only on CUDA "
+                          f"GPUs; this run is on {device.type}.", fix=f"set {key}=sdpa.")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -406,6 +409,9 @@ def _diagnose_config(source: Source, key: str) -> None:
 
 def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
     """``value`` is a Jinja template string or the path of a file holding one."""
+    if not value.strip():
+        raise ConfigError(f"{setting(key)} is empty.", fix=f"set {key} to a .jinja file or the template text, or "
+                          "leave it unset to use the tokenizer's own template.")
     if "{{" in value or "{%" in value:
         return value
     p = Path(value).expanduser()
@@ -468,6 +474,13 @@ def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_he
             fix=f"point {key} to a {'causal language model' if not new_heads else 'causal LM or reward model'} "
             "directory whose config.json matches its weights (num_hidden_layers, vocab_size, ...).",
         )
+    for pname, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CheckpointError(
+                f"'{name_or_path}' ({setting(key).lower()}) holds weights that are NaN or infinite (first: '{pname}'), "
+                "so every loss and output computed from it would be too.",
+                fix="use an intact copy of the model; a training run that diverged leaves such weights (posttrain "
+                "itself never saves them).")
     if missing or mismatched:
         shown = [str(k) for k in (missing + mismatched)[:4]]
         raise CheckpointError(

@@ -46,7 +46,7 @@ SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"
 RESUME_SAFE_KEYS = frozenset({
     "train.resume", "train.progress", "train.report_to", "train.log_every", "train.eval_every",
     "train.save_every", "train.save_total_limit", "train.max_bad_steps", "train.output_dir",
-    "train.overwrite_output_dir",
+    "train.overwrite_output_dir",  # (a resumed run may not set it; the run that wrote the checkpoint may have)
 })
 
 
@@ -57,6 +57,7 @@ class CorruptCheckpointError(CheckpointError):
 def model_signature(model) -> dict:
     cfg = model.config.to_dict()
     sig = {k: cfg.get(k) for k in SIGNATURE_KEYS}
+    sig["class"] = type(model).__name__  # a reward model's checkpoint is not a language model's
     sig["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
     return sig
 
@@ -335,7 +336,8 @@ def config_differences(saved: dict, current: dict, ignore=RESUME_SAFE_KEYS) -> l
     return out
 
 
-def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None = None) -> dict:
+def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None = None,
+                     inputs: dict | None = None) -> dict:
     """Validate ``path`` for resuming this run; returns its metadata or raises CheckpointError."""
     path = Path(path)
     meta = verify_checkpoint(path)
@@ -345,9 +347,9 @@ def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a!r} vs current {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(
-            f"Checkpoint '{path}' was written by a different model ({detail}).",
-            fix="resume with the same model.name_or_path as the run that wrote it, or start a fresh "
-            "train.output_dir.",
+            f"Checkpoint '{path}' was written by a different model or kind of run ({detail}).",
+            fix="resume with the command (sft / rm / dpo) and model.name_or_path of the run that wrote it, or start "
+            "a fresh train.output_dir.",
         )
     if config is not None and meta.get("config") is not None:
         changed = config_differences(meta["config"], config)
@@ -360,8 +362,20 @@ def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None
                 "it refuses changed settings rather than ignore them.",
                 fix="resume with the original values (the run directory's config.yaml has them), or start a "
                 "fresh run in another train.output_dir (its model.name_or_path can be this checkpoint's model/). "
-                f"Only {', '.join(sorted(RESUME_SAFE_KEYS))} may change on resume.",
+                f"Only {', '.join(sorted(RESUME_SAFE_KEYS - {'train.overwrite_output_dir'}))} may change on resume.",
             )
+    saved_inputs = meta.get("inputs") if isinstance(meta.get("inputs"), dict) else {}
+    changed_inputs = sorted(k for k in set(saved_inputs) | set(inputs or {})
+                            if saved_inputs.get(k) != (inputs or {}).get(k))
+    if changed_inputs:
+        detail = "; ".join(f"{k}: checkpoint {str(saved_inputs.get(k))[:16]}..., now {str((inputs or {}).get(k))[:16]}..."
+                           for k in changed_inputs)
+        raise CheckpointError(
+            f"Resuming '{path}' with inputs that changed since it was written ({detail}): the run reads them but does "
+            "not store them in its checkpoints (for DPO: the reference model's weights), so it could not continue "
+            "the same run.",
+            fix="restore the original files (e.g. the reference model directory), or start a fresh run in another "
+            "train.output_dir.")
     if meta.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"Checkpoint '{path}' was written by a run with a different data plan (the data files' contents, "

@@ -166,6 +166,7 @@ def fit(
     accelerator=None,
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     run_config: dict | None = None,
+    inputs: dict | None = None,
     log: Callable[[str], None] = print,
     callbacks: list[Callable[[dict], None]] = (),
 ) -> FitResult:
@@ -174,7 +175,8 @@ def fit(
     ``callbacks`` see every step's metrics record before it is logged and may add keys to it
     (e.g. the likelihood-displacement monitor of the preference trainer). A callback with
     ``state_dict()`` / ``load_state_dict(state)`` has its state saved in every checkpoint and
-    restored on resume (JSON-serializable values).
+    restored on resume (JSON-serializable values). ``inputs`` identifies what the run reads but
+    does not checkpoint (e.g. ``{"reference_weights_sha256": ...}``); a resume refuses other inputs.
 
     The run ends as a success only if the final model gives a finite loss on a probe batch and
     no more than half of the optimizer steps were skipped as non-finite; otherwise it raises
@@ -193,11 +195,11 @@ def fit(
         lock = run_lock(str(out))
     with lock:
         return _fit(model, algorithm, plan, cfg, out, tokenizer=tokenizer, accelerator=accelerator,
-                    evaluate=evaluate, run_config=run_config, log=log, callbacks=callbacks)
+                    evaluate=evaluate, run_config=run_config, inputs=inputs, log=log, callbacks=callbacks)
 
 
 def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, accelerator, evaluate, run_config,
-         log, callbacks) -> FitResult:
+         inputs, log, callbacks) -> FitResult:
     """:func:`fit` once the run directory is prepared and locked."""
     total_steps = plan.num_steps()
     ckpt_dir = out / "checkpoints"
@@ -215,7 +217,7 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
     resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
     if resume_from is not None:
         raw = accelerator.unwrap_model(model)
-        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config)
+        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config, inputs=inputs)
         state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
         start_step, skipped = int(state["step"]), int(state["skipped_steps"])
         saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
@@ -226,7 +228,7 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
     def checkpoint(step: int) -> Path:
         path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
                                optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
-                               fingerprint=plan.fingerprint(), config=run_config,
+                               fingerprint=plan.fingerprint(), config=run_config, extra={"inputs": inputs or {}},
                                extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
         if cfg.save_total_limit:
             prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)

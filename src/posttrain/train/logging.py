@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .rundir import CONFIG_HEADER
+
 
 class MetricsLogger:
     """Appends one JSON object per record to ``<output_dir>/metrics.jsonl``.
@@ -29,7 +31,9 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
-            (self.path.parent / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            (self.path.parent / "config.yaml").write_text(
+                f"{CONFIG_HEADER}: the settings this run ran with (usable as --config)\n"
+                + yaml.safe_dump(run_config, sort_keys=False))
         if resume_step is not None and self.path.is_file():
             # a resumed run continues the file; rows past the checkpoint came from the run that
             # stopped and are replaced by the resumed ones

@@ -12,6 +12,7 @@ the old run when overwriting).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -41,12 +42,34 @@ def _unwritable(key: str, path: Path, err: OSError) -> ConfigError:
     )
 
 
-def existing_run(output_dir: Path) -> tuple[list[str], bool]:
-    """What of an earlier run ``output_dir`` holds: its checkpoint directories, and whether it has final/."""
+CONFIG_HEADER = "# posttrain run config"  # the first line of every config.yaml a run writes
+
+
+def existing_run(output_dir: Path) -> tuple[list[str], bool, list[str]]:
+    """What of an earlier run ``output_dir`` holds: its complete checkpoints, whether it has final/,
+    and files at the run's own names that posttrain did not write (a user's config.yaml, ...)."""
     out = Path(output_dir)
     ckpts = out / "checkpoints"
-    steps = sorted(d.name for d in ckpts.iterdir() if d.name.startswith("step-")) if ckpts.is_dir() else []
-    return steps, (out / "final").exists()
+    steps = sorted(d.name for d in ckpts.iterdir()
+                   if d.name.startswith("step-") and not d.name.endswith(".partial")
+                   and (d / "checkpoint.json").is_file()) if ckpts.is_dir() else []
+    foreign = []
+    cfg = out / "config.yaml"
+    if cfg.is_file():
+        with open(cfg, encoding="utf-8", errors="replace") as fh:
+            if not fh.readline().startswith(CONFIG_HEADER):
+                foreign.append("config.yaml")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        with open(metrics, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+        try:
+            ours = isinstance(json.loads(first), dict) and "split" in json.loads(first)
+        except ValueError:
+            ours = False
+        if not ours:
+            foreign.append("metrics.jsonl")
+    return steps, (out / "final").exists(), foreign
 
 
 def _dangling(p: Path) -> bool:
@@ -112,10 +135,20 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
             err = _probe_writable(p)
             if err is not None:
                 raise _unwritable(key, p, err)
-    steps, final = existing_run(out)
+    for name in ("config.yaml", "metrics.jsonl", LOCK):
+        if (out / name).is_dir():
+            raise ConfigError(f"'{out / name}' is a directory, but the run writes its {name} file there.",
+                              fix=f"move the directory away or choose another {key}.")
+    steps, final, foreign = existing_run(out)
+    if foreign and not overwrite:
+        raise ConfigError(
+            f"{setting(key)} is '{output_dir}', which holds {' and '.join(foreign)} that a posttrain run did not "
+            "write; the run writes its own there and would replace them.",
+            fix=f"choose another {key} (e.g. a subdirectory), or set train.overwrite_output_dir=true to let the run "
+            "replace them.")
     found = ([f"{len(steps)} checkpoint(s) ({steps[0]} .. {steps[-1]})"] if steps else []) + (
         ["a final/ model"] if final else [])
-    has_checkpoints = any(not s.endswith(".partial") for s in steps)
+    has_checkpoints = bool(steps)
     if not resume and not overwrite and found:
         cont = "continue that run with train.resume=auto, " if has_checkpoints else ""
         raise ConfigError(

@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("docs", "epochs", "batch_size", "seq_len", "vocab_size", "threads", "probe_problems"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.vocab_size < 512:
+        p.error(f"--vocab-size must be at least 512 (256 byte tokens, the special tokens and room for merges), "
+                f"got {args.vocab_size}")
     if args.warmup < 0:
         p.error(f"--warmup must be 0 or more, got {args.warmup}")
     if not (math.isfinite(args.lr) and args.lr > 0):
