@@ -4,6 +4,8 @@
     posttrain sft --config cfg.yaml k=v ...   # supervised fine-tuning
     posttrain rm --config cfg.yaml k=v ...    # reward model (Bradley-Terry, hinge, MSE, listwise)
     posttrain dpo --config cfg.yaml k=v ...   # DPO family, KTO, tilt (loss.name=...)
+    posttrain rl --config cfg.yaml algorithm=grpo k=v ...   # online RL; presets also as commands:
+    posttrain grpo | dr_grpo | dapo | gspo | rloo | remax | reinforce_pp  k=v ...
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
@@ -60,6 +62,20 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     from .algorithms.dpo import DPOConfig, run_preference
 
     result = run_preference(load_config(DPOConfig, args.config, args.overrides))
+    print(f"done: {result.fit.steps} steps in {result.fit.seconds:.0f}s; final model in {result.final_dir}")
+    _print_eval(result.eval_metrics)
+    return 0
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from .algorithms.rl import RLConfig, run_rl
+
+    base = {"algorithm": args.preset} if args.preset else None
+    cfg = load_config(RLConfig, args.config, args.overrides, base=base)
+    if args.preset and cfg.algorithm != args.preset:
+        raise ConfigError(f"`posttrain {args.preset}` runs the {args.preset} preset, but algorithm={cfg.algorithm!r} "
+                          "was also given.", fix=f"use `posttrain rl algorithm={cfg.algorithm}`, or drop the algorithm key.")
+    result = run_rl(cfg)
     print(f"done: {result.fit.steps} steps in {result.fit.seconds:.0f}s; final model in {result.final_dir}")
     _print_eval(result.eval_metrics)
     return 0
@@ -172,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_dpo)
 
+    from .algorithms.rl import PRESETS, RLConfig
+
+    rl_help = ("Online RL on one loop: prompts -> G sampled completions each -> rewards -> advantages -> "
+               "policy loss (+ KL) -> the shared engine. algorithm=<preset> fills the loss.* keys left unset; "
+               "any part can be set on its own. Start from an SFT model (model.name_or_path=runs/sft/final).")
+    p = sub.add_parser("rl", help="online RL (presets: " + ", ".join(PRESETS) + ")", formatter_class=_HelpFormatter,
+                       description=rl_help, epilog=_config_help(RLConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_rl, preset=None)
+    for name in PRESETS:
+        p = sub.add_parser(name, help=f"online RL, the {name} preset (= posttrain rl algorithm={name})",
+                           formatter_class=_HelpFormatter, description=rl_help, epilog=_config_help(RLConfig))
+        p.add_argument("--config", action="append", help=CONFIG_HELP)
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.set_defaults(func=_cmd_rl, preset=name)
+
     p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> reward model + DPO / DPOP, with a table",
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),
                        description="The built-in tiny world end to end on a CPU: writes its datasets, evaluates the "
@@ -242,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         _install_sigterm(previous)
 
 
+def _rl_presets() -> tuple[str, ...]:
+    from .algorithms.rl import PRESETS
+
+    return tuple(PRESETS)
+
+
 def _install_sigterm(handler):
     """Set the SIGTERM handler (main thread only); returns the previous one."""
     import signal
@@ -257,7 +296,7 @@ def _interrupted_message(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
     if not isinstance(e, RunInterrupted):
         return "interrupted."
     text = f"interrupted after step {e.step}/{e.total_steps}."
-    if args.command not in ("sft", "rm", "dpo"):
+    if args.command not in ("sft", "rm", "dpo", "rl", *_rl_presets()):
         return text + " Run the command again to start over."
     if e.checkpoint is None:
         return (text + " No checkpoint was written yet, so the run cannot be resumed (train.save_every=N writes "

@@ -131,12 +131,15 @@ def selected_log_probs(
     position_ids: torch.Tensor | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of ``targets`` ``(M,)`` predicted by the hidden states at flattened ``rows`` ``(M,)``.
 
     Only the M selected positions go through the LM head (with a plain linear head, fused with
     the log-softmax). ``attention_mask`` may be 2-D (padding) or an explicit 4-D mask (e.g. a
     prefix-shared layout, :func:`posttrain.data.collate_shared_prefix`).
+    ``temperature`` scores under ``softmax(logits / temperature)``, the distribution a sampler
+    at that temperature draws from (online RL trains the tempered policy it sampled).
     Returns ``{"log_probs": (M,)[, "entropy": (M,)]}`` in float32.
     """
     head = fused_head(model)
@@ -149,11 +152,17 @@ def selected_log_probs(
         hidden = model.base_model(**kwargs).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            log_probs, entropy = linear_log_probs(picked.float(), head.weight, targets, bias=head.bias,
+            picked, bias = picked.float(), head.bias
+            if temperature != 1.0:  # (h W + b) / T = (h / T) W + b / T
+                picked = picked / temperature
+                bias = None if bias is None else bias / temperature
+            log_probs, entropy = linear_log_probs(picked, head.weight, targets, bias=bias,
                                                   chunk_size=chunk_size, return_entropy=return_entropy)
     else:
         logits = model(**kwargs).logits
         picked = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+        if temperature != 1.0:
+            picked = picked.float() / temperature
         log_probs = token_log_probs(picked[None], targets[None], chunk_size=chunk_size)[0]
         entropy = compute_entropy(picked[None], chunk_size=chunk_size)[0] if return_entropy else None
     out = {"log_probs": log_probs}

@@ -4,8 +4,32 @@ Everything here is a function of tensors (plus explicit scalars) returning tenso
 detached tensors (no ``.item()``, which would sync an accelerator).
 """
 
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimator,
+    gae_advantages,
+    get_advantage_estimator,
+    group_normalized_advantages,
+    raw_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+)
 from .kl import KL_ESTIMATORS, exact_kl, kl_estimate, kl_k1, kl_k2, kl_k3
+from .kl_control import AdaptiveKLController, FixedKLController, kl_penalized_token_rewards
 from .logprobs import compute_entropy, linear_log_probs, token_log_probs
+from .policy import (
+    POLICY_LOSSES,
+    TIS_LEVELS,
+    PolicyLoss,
+    cispo_loss,
+    get_policy_loss,
+    gspo_loss,
+    policy_gradient_loss,
+    ppo_clip_loss,
+    truncated_importance_weights,
+    value_loss,
+)
 from .preference import (
     PREFERENCE_LOSSES,
     PreferenceLoss,
@@ -42,25 +66,39 @@ from .sequence import POOLING_MODES, pool_sequences, sequence_counts, sequence_s
 from .sft import sft_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
     "POOLING_MODES",
     "PREFERENCE_LOSSES",
     "REWARD_LOSSES",
+    "TIS_LEVELS",
+    "AdaptiveKLController",
+    "AdvantageEstimator",
+    "FixedKLController",
+    "PolicyLoss",
     "PreferenceLoss",
     "aggregate_loss",
     "bradley_terry_loss",
+    "cispo_loss",
     "compute_entropy",
     "dpo_loss",
     "dpop_loss",
     "exact_kl",
+    "gae_advantages",
+    "get_advantage_estimator",
+    "get_policy_loss",
     "get_preference_loss",
     "get_reward_loss",
+    "group_normalized_advantages",
+    "gspo_loss",
     "ipo_loss",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_penalized_token_rewards",
     "kto_loss",
     "linear_log_probs",
     "listwise_loss",
@@ -69,10 +107,16 @@ __all__ = [
     "masked_sum",
     "masked_whiten",
     "orpo_loss",
+    "policy_gradient_loss",
     "pool_sequences",
+    "ppo_clip_loss",
+    "raw_advantages",
+    "reinforce_pp_advantages",
+    "remax_advantages",
     "reward_centering",
     "reward_hinge_loss",
     "reward_mse_loss",
+    "rloo_advantages",
     "sequence_counts",
     "sequence_sums",
     "sft_loss",
@@ -82,4 +126,6 @@ __all__ = [
     "tilt_loss",
     "token_log_probs",
     "top1_targets",
+    "truncated_importance_weights",
+    "value_loss",
 ]

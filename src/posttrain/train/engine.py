@@ -141,10 +141,12 @@ def _step_totals(algorithm, micro: list[dict], device, accelerator, world: int) 
 
 @torch.no_grad()
 def probe_loss(model, algorithm, plan, device, accelerator, world: int) -> float:
-    """The loss of ``model`` (eval mode) on the first optimizer step's micro-batches."""
+    """The loss of ``model`` (eval mode) on the first optimizer step's micro-batches, or on the
+    plan's ``probe_batches()`` when it has them (online RL: the last step's, without sampling)."""
     was = model.training
     model.eval()
-    micro = [to_device(b, device) for b in plan.batches(0)]
+    probe = plan.probe_batches() if hasattr(plan, "probe_batches") else plan.batches(0)
+    micro = [to_device(b, device) for b in probe]
     _, totals_t = _step_totals(algorithm, micro, device, accelerator, world)
     total = sum(float(algorithm.loss(model, b, totals_t)[0]) for b in micro)
     model.train(was)

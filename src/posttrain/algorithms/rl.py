@@ -1,0 +1,1070 @@
+"""Online RL on one loop: GRPO and its fixes (Dr. GRPO, DAPO, GSPO), RLOO, ReMax, REINFORCE++.
+
+    posttrain rl --config cfg.yaml algorithm=grpo ...       (or: posttrain grpo ...)
+
+Every method here is the same loop, parametrized by an advantage estimator, a policy loss, a
+KL placement and a loss aggregation (all pure functions in :mod:`posttrain.ops`)::
+
+    prompts --sample G per prompt--> completions (+ rollout log-probs, finished/truncated)
+            --reward functions--> rewards (weighted; None / NaN excluded and counted)
+            --policy / reference forward, the one log-prob path--> old, ref log-probs
+            --advantage estimator--> advantages
+            --loss.epochs x loss.mini_batches--> policy loss (+ KL in the loss, - entropy bonus)
+            --aggregate_loss (global counts)--> the shared engine step
+
+A preset (``algorithm=grpo`` ...) only fills the ``loss.*`` keys left unset (null); any part
+can be changed on its own (``algorithm=grpo loss.policy_loss=cispo``). The loop reads what the
+estimator and the loss *declare* (groups, a greedy baseline, old log-probs) and never tests a
+preset's name.
+
+How the loop sits on the engine: the engine asks the plan for each optimizer step's
+micro-batches. The RL plan samples a new rollout batch at the first optimizer step of each
+*iteration* (``loss.epochs * loss.mini_batches`` optimizer steps train on one rollout batch),
+with the weights of that moment, so the engine's accumulation, clipping, NaN guard,
+checkpoints and logging are shared with every other method. Rollouts are seeded from
+(seed, iteration); checkpoints fall on iteration boundaries and carry the loop's state (the
+prompt cursor, the adaptive KL coefficient, the monitors), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
+from ..data import EncodedExample, load_records
+from ..data.chat import render_prompt
+from ..errors import ConfigError, DataError
+from ..models.loading import (
+    accelerator_for,
+    check_model_fits,
+    check_same_vocabulary,
+    load_causal_lm,
+    read_paths,
+    tokenizer_for,
+)
+from ..models.logprobs import selected_log_probs
+from ..ops import (
+    ADVANTAGE_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    AdaptiveKLController,
+    FixedKLController,
+    aggregate_loss,
+    get_advantage_estimator,
+    get_policy_loss,
+    kl_estimate,
+    masked_sum,
+    truncated_importance_weights,
+)
+from ..rewards import check_reward_fields, compute_rewards, resolve_reward_functions
+from ..rollout.sampler import Rollout, sample_groups
+from ..train.engine import FitResult, fit, to_device
+from ..train.rundir import check_output_dir
+from .sequences import PREFIX_SHARING_ATTENTION, collate_groups, frozen_copy
+
+BUILTIN_PROMPTS = "builtin:world-problems"
+
+# --------------------------------------------------------------------------- presets
+
+#: Named choices of the loop's parts. A preset fills only the ``loss.*`` keys left null.
+PRESETS: dict[str, dict] = {
+    # DeepSeekMath (Shao et al. 2024): group-normalized advantages, PPO clip, k3 KL in the loss,
+    # per-sequence mean of token means
+    "grpo": dict(advantage="grpo", normalize_by_std=True, policy_loss="ppo_clip", clip_eps=0.2,
+                 aggregation="seq_mean_token_mean", kl_beta=0.04, kl_estimator="k3", kl_placement="loss"),
+    # Liu et al. 2025 ("Understanding R1-Zero-like training"): no std division, a constant
+    # normalizer (max completion length) instead of each response's length, no KL
+    "dr_grpo": dict(advantage="grpo", normalize_by_std=False, policy_loss="ppo_clip", clip_eps=0.2,
+                    aggregation="seq_mean_token_sum_norm", kl_beta=0.0),
+    # Yu et al. 2025: clip-higher, dynamic sampling, token-level mean, soft overlong punishment, no KL
+    "dapo": dict(advantage="grpo", normalize_by_std=True, policy_loss="ppo_clip", clip_eps=0.2,
+                 clip_eps_high=0.28, aggregation="token_mean", kl_beta=0.0, dynamic_sampling=True,
+                 overlong_penalty=True),
+    # Zheng et al. 2025: a sequence-level (length-normalized) importance ratio, clipped per sequence
+    "gspo": dict(advantage="grpo", normalize_by_std=True, policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4,
+                 aggregation="seq_mean_token_mean", kl_beta=0.0),
+    # Ahmadian et al. 2024: leave-one-out baseline, sequence-level REINFORCE, k1 KL in the reward
+    "rloo": dict(advantage="rloo", policy_loss="ppo_clip", clip_eps=0.2, aggregation="seq_mean_token_sum",
+                 kl_beta=0.05, kl_estimator="k1", kl_placement="reward"),
+    # Li et al. 2024: the greedy completion's reward as the baseline, k1 KL in the reward
+    "remax": dict(advantage="remax", policy_loss="ppo_clip", clip_eps=0.2, aggregation="seq_mean_token_sum",
+                  kl_beta=0.05, kl_estimator="k1", kl_placement="reward"),
+    # Hu 2025: batch-whitened returns (no critic, no group), k1 KL in the reward, token mean
+    "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", clip_eps=0.2, aggregation="token_mean",
+                         kl_beta=0.01, kl_estimator="k1", kl_placement="reward"),
+}
+
+# what an unset key falls back to when the preset does not name it
+_LOSS_FALLBACK = dict(normalize_by_std=True, clip_eps=0.2, clip_eps_high=None, dual_clip=None, kl_beta=0.0,
+                      kl_estimator="k3", kl_placement="loss", dynamic_sampling=False, overlong_penalty=False)
+
+ONLINE_ADVANTAGES = tuple(sorted(n for n, e in ADVANTAGE_ESTIMATORS.items() if not e.needs_critic))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class RLDataConfig:
+    """Prompts: records with a ``prompt`` (string or messages) and the fields the rewards read."""
+
+    train: str = option(BUILTIN_PROMPTS, "JSONL/Parquet prompt records (e.g. {\"prompt\", \"answer\"}; every "
+                        "other field is passed to the reward functions), or builtin:world-problems.")
+    eval: str | None = option("auto", "Held-out prompts scored greedily with the reward functions; auto: "
+                              "builtin:world-problems-heldout for the world's data, else none.")
+    max_prompt_length: int = option(256, "Prompts longer than this (in tokens, chat-rendered) are dropped "
+                                         "and counted.", min=1)
+    world_examples: int = option(4000, "Problems generated for builtin:world-problems.", min=1, max=1_000_000)
+    world_eval_examples: int = option(200, "Problems generated for the held-out builtin set.", min=1,
+                                      max=1_000_000)
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling: G completions per prompt (HF decoding loop with a shared prompt cache on CPU)."""
+
+    group_size: int = option(8, "Completions per prompt (G). Group estimators (grpo, rloo) need >= 2.", min=1,
+                             max=4096)
+    prompts_per_step: int = option(16, "Prompts per rollout batch (each gives group_size completions).", min=1)
+    max_new_tokens: int = option(64, "Longest completion; longer ones are cut and marked truncated.", min=1)
+    temperature: float = option(1.0, "Sampling temperature; the trained policy is softmax(logits / temperature).",
+                                gt=0.0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, max=1.0)
+    top_k: int = option(0, "Sample among the k most likely tokens (0: all).", min=0)
+    batch_size: int = option(128, "Sequences decoded together.", min=1)
+    mask_truncated: bool = option(False, "Leave completions that hit max_new_tokens out of the loss (counted).")
+    eval_max_new_tokens: int = option(96, "Longest completion when evaluating (greedy).", min=1)
+    samples_every: int = option(10, "Write the rollout's completions to samples.jsonl every N iterations "
+                                    "(0: never).", min=0)
+
+
+@dataclass
+class RewardConfig:
+    """Reward functions: registry names or module:function paths, weighted and summed."""
+
+    functions: list[str] = option(default_factory=lambda: ["world_correct"],
+                                  help="Reward functions (world_correct, format, math_answer, overlong, "
+                                       "reward_model, or package.module:function, which imports and runs that "
+                                       "module).")
+    weights: list[float] | None = option(None, "One weight per function (default 1 each).")
+    gold: list[str] = option(default_factory=list, help="Functions computed and logged beside the reward but "
+                             "not trained on (e.g. world_correct next to a reward_model): the reward-hacking "
+                             "check compares them.")
+    overlong_buffer: int | None = option(None, "DAPO's soft overlong punishment: the last N tokens before "
+                                              "max_new_tokens are penalized linearly (default max_new_tokens/5).",
+                                         min=1)
+    reward_model: str | None = option(None, "Directory of a reward model saved by `posttrain rm` (for the "
+                                            "reward_model function).")
+    reward_model_batch_size: int = option(32, "Sequences per reward-model forward pass.", min=1)
+
+
+@dataclass
+class RLLossConfig:
+    """The loop's parts; null means "what the algorithm preset says"."""
+
+    advantage: str | None = option(None, "Advantage estimator: " + ", ".join(ONLINE_ADVANTAGES) + ".",
+                                   choices=ONLINE_ADVANTAGES)
+    normalize_by_std: bool | None = option(None, "grpo: divide by the group's std (false: Dr. GRPO).")
+    advantage_eps: float = option(1e-6, "Added to the std before dividing.", gt=0.0)
+    subtract_group_mean: bool = option(False, "reinforce_pp: subtract the group mean before whitening "
+                                              "(the 'baseline' variant).")
+    policy_loss: str | None = option(None, "pg, ppo_clip, gspo or cispo.", choices=tuple(sorted(POLICY_LOSSES)))
+    clip_eps: float | None = option(None, "Lower clip range (1 - eps).", gt=0.0, lt=1.0)
+    clip_eps_high: float | None = option(None, "Upper clip range (1 + eps_high; DAPO's clip-higher); null: "
+                                               "clip_eps.", gt=0.0)
+    dual_clip: float | None = option(None, "ppo_clip: bound the loss of negative-advantage tokens at "
+                                           "dual_clip * |A| (> 1).", gt=1.0)
+    aggregation: str | None = option(None, "token_mean, seq_mean_token_mean, seq_mean_token_sum or "
+                                           "seq_mean_token_sum_norm (divides by rollout.max_new_tokens).",
+                                     choices=tuple(sorted(LOSS_AGGREGATIONS)))
+    kl_beta: float | None = option(None, "KL coefficient (0: no reference model is loaded).", min=0.0)
+    kl_estimator: str | None = option(None, "k1, k2 or k3.", choices=("k1", "k2", "k3"))
+    kl_placement: str | None = option(None, "loss: beta * k per token in the loss (GRPO); reward: -beta * k "
+                                            "summed into the sequence reward (RLOO, REINFORCE++).",
+                                      choices=("loss", "reward"))
+    kl_target: float | None = option(None, "Adaptive KL (Ziegler et al.): steer beta toward this KL per "
+                                           "sequence; null keeps beta fixed.", gt=0.0)
+    kl_horizon: int = option(10000, "Adaptive KL horizon (samples).", min=1)
+    entropy_coef: float = option(0.0, "Entropy bonus coefficient.", min=0.0)
+    epochs: int = option(1, "Passes over each rollout batch (PPO's mu).", min=1)
+    mini_batches: int = option(1, "Optimizer steps per pass over a rollout batch.", min=1)
+    dynamic_sampling: bool | None = option(None, "DAPO: drop groups whose rewards are all equal and sample "
+                                                 "more prompts to refill the batch.")
+    dynamic_sampling_rounds: int = option(3, "Extra sampling rounds at most per iteration.", min=0)
+    overlong_penalty: bool | None = option(None, "DAPO: add the soft overlong punishment to the reward.")
+    tis_cap: float | None = option(None, "Truncated importance sampling between the rollout's and the "
+                                         "trainer's log-probs, capped at this value (null: off).", gt=0.0)
+    tis_level: str = option("token", "token or sequence.", choices=("token", "sequence"))
+
+    def resolved(self, algorithm: str) -> RLLossConfig:
+        """A copy with every null filled from the preset (then from the general fallbacks)."""
+        preset = PRESETS[algorithm]
+        values = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in preset:
+                v = preset[f.name]
+            elif v is None and f.name in _LOSS_FALLBACK:
+                v = _LOSS_FALLBACK[f.name]
+            values[f.name] = v
+        return RLLossConfig(**values)
+
+
+@dataclass
+class MonitorConfig:
+    """Failure-mode warnings (printed while training, flags logged every step)."""
+
+    collapse_distinct: float = option(0.2, "Mode collapse: warn when the within-group rate of distinct "
+                                           "completions falls below this ...", min=0.0, max=1.0)
+    collapse_entropy: float = option(0.05, "... and the mean token entropy below this (nats).", min=0.0)
+    kl_max: float = option(10.0, "KL blow-up: warn when the per-sequence KL to the reference exceeds this "
+                                 "(nats) ...", gt=0.0)
+    approx_kl_max: float = option(0.5, "... or the old-vs-new approximate KL per token exceeds this.", gt=0.0)
+    hacking_window: int = option(5, "Reward hacking: iterations per half-window comparing the trained reward "
+                                    "with the gold functions (0: off).", min=0)
+
+
+@dataclass
+class RLConfig:
+    """posttrain rl: online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE++)."""
+
+    algorithm: str = option("grpo", "Preset: " + ", ".join(PRESETS) + ".", choices=tuple(PRESETS))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: RLLossConfig = field(default_factory=RLLossConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        output_dir="runs/rl", lr=1e-5, micro_batch_size=4, max_steps=100, epochs=0.0, warmup_ratio=0.0,
+        min_lr_ratio=1.0, weight_decay=0.0))
+
+    def validate(self) -> None:
+        loss = self.loss.resolved(self.algorithm)
+        est = get_advantage_estimator(loss.advantage)
+        g = self.rollout.group_size
+        if est.needs_groups and g < 2:
+            raise ConfigError(
+                f"loss.advantage={loss.advantage} compares the samples of a prompt with each other, but "
+                f"rollout.group_size is {g}.",
+                fix="set rollout.group_size to 2 or more (4-16 is usual), or use loss.advantage=remax / "
+                "reinforce_pp / none, which work with one sample per prompt.")
+        if self.train.grad_accum != 1:
+            raise ConfigError(
+                f"train.grad_accum={self.train.grad_accum}: in online RL the micro-batches of an optimizer step "
+                "follow from the rollout batch (rollout.prompts_per_step / loss.mini_batches groups, "
+                "train.micro_batch_size groups per forward pass).",
+                fix="remove train.grad_accum; set loss.mini_batches and train.micro_batch_size instead.")
+        if loss.mini_batches > self.rollout.prompts_per_step:
+            raise ConfigError(
+                f"loss.mini_batches={loss.mini_batches} is more than rollout.prompts_per_step="
+                f"{self.rollout.prompts_per_step}: a mini-batch would hold no prompt group.",
+                fix="lower loss.mini_batches or raise rollout.prompts_per_step.")
+        if self.train.epochs != 0:
+            raise ConfigError(
+                f"train.epochs={self.train.epochs}: online RL counts optimizer steps (train.max_steps), since each "
+                "iteration samples new completions.", fix="set train.epochs=0 and train.max_steps=N.")
+        per_iter = loss.epochs * loss.mini_batches
+        if self.train.max_steps % per_iter:
+            raise ConfigError(
+                f"train.max_steps={self.train.max_steps} is not a multiple of loss.epochs * loss.mini_batches = "
+                f"{per_iter} (the optimizer steps of one rollout batch).",
+                fix=f"set train.max_steps to a multiple of {per_iter}.")
+        if self.train.save_every % per_iter:
+            raise ConfigError(
+                f"train.save_every={self.train.save_every} would checkpoint in the middle of a rollout batch "
+                f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
+                fix=f"set train.save_every to a multiple of {per_iter}.")
+        if loss.clip_eps_high is not None and loss.policy_loss in ("pg",):
+            pass  # reported as an unused setting
+        names = set(self.reward.functions)
+        overlap = names & set(self.reward.gold)
+        if overlap:
+            raise ConfigError(f"reward.gold repeats {sorted(overlap)} from reward.functions.",
+                              fix="list a function either as trained reward or as gold metric.")
+        if self.reward.weights is not None and len(self.reward.weights) != len(self.reward.functions):
+            raise ConfigError(
+                f"reward.weights has {len(self.reward.weights)} values for {len(self.reward.functions)} reward "
+                "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
+        if not self.reward.functions:
+            raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
+        if loss.kl_target is not None and loss.kl_beta == 0:
+            raise ConfigError("loss.kl_target is set but loss.kl_beta is 0: the adaptive controller scales beta.",
+                              fix="set loss.kl_beta > 0 as the starting value, or remove loss.kl_target.")
+
+
+# --------------------------------------------------------------------------- prompt data
+
+
+@dataclass
+class PromptItem:
+    """A training prompt: token ids, its text for the reward functions, and the record's fields."""
+
+    ids: list[int]
+    text: str
+    fields: dict
+
+
+def world_problem_records(n: int, *, split: str, seed: int) -> list[dict]:
+    from ..world.datasets import problem_record
+    from ..world.tasks import generate_problems
+
+    return [problem_record(p) for p in generate_problems(n, seed=seed, split=split)]
+
+
+def load_prompt_source(spec: str, cfg: RLDataConfig, seed: int, key: str = "data.train"):
+    if not str(spec).strip():
+        raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_PROMPTS}.")
+    if spec in (BUILTIN_PROMPTS, BUILTIN_PROMPTS + "-heldout"):
+        split = "heldout" if spec.endswith("-heldout") else "train"
+        n = cfg.world_examples if split == "train" else cfg.world_eval_examples
+        return load_records(world_problem_records(n, split=split, seed=seed), "prompt_answer")
+    if spec.startswith("builtin:"):
+        raise ConfigError(f"Unknown built-in prompt set '{spec}'; built-in RL prompts are {BUILTIN_PROMPTS} and "
+                          f"{BUILTIN_PROMPTS}-heldout.", fix="use one of those or a file path.")
+    ds = load_records(spec)
+    if not all("prompt" in r for r in ds.records[:1]):
+        raise DataError(f"{ds.source} holds {ds.format} records, which have no 'prompt' field to sample from.",
+                        fix=f"give {key} records with a 'prompt' (e.g. {{\"prompt\": ..., \"answer\": ...}}).")
+    return ds
+
+
+def prompt_text(prompt) -> str:
+    """What the reward functions see as the prompt: the string, or the last user message's text."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return str(users[-1] if users else prompt[-1].get("content", ""))
+
+
+def encode_prompts(ds, tokenizer, *, max_prompt_length: int) -> tuple[list[PromptItem], int]:
+    """Chat-render every record's prompt; records over ``max_prompt_length`` tokens are dropped
+    (returned count)."""
+    items, dropped = [], 0
+    for i, r in enumerate(ds.records):
+        try:
+            ids = render_prompt(tokenizer, r["prompt"])
+        except DataError as e:
+            raise DataError(f"{ds.where(i, 'prompt')}: {e}", fix="correct the prompt.") from None
+        if len(ids) > max_prompt_length:
+            dropped += 1
+            continue
+        fields = {k: v for k, v in r.items() if k != "prompt"}
+        items.append(PromptItem(ids=ids, text=prompt_text(r["prompt"]), fields=fields))
+    return items, dropped
+
+
+# --------------------------------------------------------------------------- the rollout buffer
+
+
+@dataclass
+class Sample:
+    """One completion of a rollout batch, with what the loss needs."""
+
+    group: int                       # index of its prompt group in the batch
+    example: EncodedExample          # prompt + completion, labels on the completion
+    n_tokens: int                    # completion tokens
+    advantage: float
+    trained: bool                    # False: excluded (invalid reward, or truncated with mask_truncated)
+    rollout_logps: list[float]
+    old_logps: list[float] | None = None
+    ref_logps: list[float] | None = None
+
+
+def _padded(values: torch.Tensor, seq: torch.Tensor, n_seq: int, width: int) -> torch.Tensor:
+    """Flat per-token ``values`` (M,) of sequences ``seq`` (M,) -> ``(n_seq, width)``, each
+    sequence's tokens left-aligned in order (zeros after). Differentiable in ``values``."""
+    order = torch.argsort(seq, stable=True)
+    seq_sorted = seq[order]
+    counts = torch.bincount(seq_sorted, minlength=n_seq)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(seq)
+    pos[order] = torch.arange(len(seq), device=seq.device) - starts[seq_sorted]
+    out = values.new_zeros((n_seq, width))
+    return out.index_put((seq, pos), values)
+
+
+def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(lists), width), dtype=torch.float32)
+    for i, v in enumerate(lists):
+        out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+class OnlineRLAlgorithm:
+    """The per-micro-batch loss of the online loop (see the module docstring)."""
+
+    def __init__(self, loss: RLLossConfig, *, temperature: float, max_new_tokens: int):
+        self.cfg = loss
+        self.spec = get_policy_loss(loss.policy_loss)
+        self.hparams = {h: getattr(loss, h) for h in self.spec.hyperparameters}
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.kl_in_loss = loss.kl_beta > 0 and loss.kl_placement == "loss"
+        self.kl_beta = loss.kl_beta  # the adaptive controller updates this between iterations
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        mask = batch["mask"]
+        return {"tokens": int(mask.sum()), "sequences": int((mask.sum(-1) > 0).sum()),
+                "input_tokens": int(batch["num_input_tokens"])}
+
+    def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
+                                 attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                                 return_entropy=True, temperature=self.temperature)
+        mask = batch["mask"]
+        n_seq, width = mask.shape
+        logp = _padded(out["log_probs"], batch["lp_seq"], n_seq, width)
+        entropy = _padded(out["entropy"].detach(), batch["lp_seq"], n_seq, width)
+        old = batch["old_logps"] if "old_logps" in batch else logp.detach()
+        per_token, m = self.spec.fn(logp, old, batch["advantages"], mask, **self.hparams)
+        if "tis_weights" in batch:
+            per_token = per_token * batch["tis_weights"]
+        n_tok = totals["tokens"].clamp(min=1)
+        metrics = {k: masked_sum(v.detach().float(), mask) / n_tok for k, v in m.items()}
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+            metrics["kl_k1"] = masked_sum(kl_estimate(logp.detach(), ref, "k1"), mask) / n_tok
+            metrics["kl_k3"] = masked_sum(kl_estimate(logp.detach(), ref, "k3"), mask) / n_tok
+            if self.kl_in_loss:
+                per_token = per_token + self.kl_beta * kl_estimate(logp, ref, self.cfg.kl_estimator)
+        if self.cfg.entropy_coef:
+            ent_grad = _padded(out["entropy"], batch["lp_seq"], n_seq, width)
+            per_token = per_token - self.cfg.entropy_coef * ent_grad
+        metrics["entropy"] = masked_sum(entropy, mask) / n_tok
+        loss = aggregate_loss(per_token, mask, self.cfg.aggregation, num_tokens=totals["tokens"],
+                              num_sequences=totals["sequences"], normalize_constant=float(self.max_new_tokens))
+        return loss, metrics
+
+
+def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_implementation: str,
+                    row_length: int, with_old: bool, with_ref: bool, with_tis: bool) -> dict:
+    """A micro-batch of whole prompt groups: prefix-shared documents (one prompt, G completions)
+    where the attention takes a 4-D mask, plus ``(S, L)`` per-token tensors in sequence order."""
+    ids, start = [], 0
+    for g in groups:
+        ids.append(list(range(start, start + len(g))))
+        start += len(g)
+    batch = collate_groups([[s.example for s in g] for g in groups], ids, pad_token_id=pad_token_id, packing=True,
+                           row_length=row_length, share_prefix=True, attn_implementation=attn_implementation)
+    flat = [s for g in groups for s in g]
+    width = max(s.n_tokens for s in flat)
+    mask = torch.zeros((len(flat), width), dtype=torch.float32)
+    for i, s in enumerate(flat):
+        if s.trained:
+            mask[i, : s.n_tokens] = 1.0
+    batch["mask"] = mask
+    batch["advantages"] = torch.tensor([s.advantage for s in flat], dtype=torch.float32)
+    if with_old:
+        batch["old_logps"] = _rows([s.old_logps for s in flat], width)
+    if with_ref:
+        batch["ref_logps"] = _rows([s.ref_logps for s in flat], width)
+    if with_tis:
+        batch["rollout_logps"] = _rows([s.rollout_logps for s in flat], width)
+    batch["num_input_tokens"] = sum(len(s.example) for s in flat)
+    return batch
+
+
+# --------------------------------------------------------------------------- the loop's state
+
+
+class RLState:
+    """What the loop carries between iterations, saved in every checkpoint (engine callback
+    protocol): the prompt cursor, the KL coefficient, and the monitors' windows. As a callback
+    it adds the iteration's rollout metrics to the first step record of each iteration and
+    prints the failure-mode warnings."""
+
+    def __init__(self, monitor: MonitorConfig, kl, *, log=print, gold: bool):
+        self.cursor = 0
+        self.kl = kl
+        self.cfg = monitor
+        self.log = log
+        self.gold = gold
+        self.pending: dict | None = None   # rollout metrics waiting for the next step record
+        self.proxy: list[float] = []
+        self.gold_acc: list[float] = []
+        self.warned: dict[str, bool] = {"collapse": False, "kl": False, "hacking": False}
+
+    # -- engine callback
+    def __call__(self, record: dict) -> None:
+        if self.pending is not None:
+            rollout_s = self.pending.get("time/rollout_total", 0.0)
+            record.update(self.pending)
+            record["time/train"] = max(0.0, record["step_seconds"] - rollout_s)
+            self.pending = None
+            self._check(record)
+        for k in ("collapse", "kl_blowup", "hacking"):
+            record.setdefault(f"warning/{k}", 0)
+
+    def _warn(self, key: str, text: str) -> None:
+        if not self.warned.get(key):
+            self.warned[key] = True
+            self.log(f"warning: {text}")
+
+    def _check(self, r: dict) -> None:
+        c = self.cfg
+        if r.get("distinct_rate", 1.0) < c.collapse_distinct and r.get("entropy", 1.0) < c.collapse_entropy:
+            r["warning/collapse"] = 1
+            self._warn("collapse", f"mode collapse at step {r['step']}: only {r['distinct_rate']:.0%} of the "
+                       f"completions of a prompt differ and the token entropy is {r['entropy']:.3f} nats; the "
+                       "policy has stopped exploring. Lower train.lr, add loss.entropy_coef, raise "
+                       "rollout.temperature or loss.kl_beta.")
+        kl = r.get("rollout/kl_seq")
+        approx = r.get("approx_kl")
+        if (kl is not None and kl > c.kl_max) or (approx is not None and approx > c.approx_kl_max):
+            r["warning/kl_blowup"] = 1
+            self._warn("kl", f"KL blow-up at step {r['step']}: KL to the reference {kl if kl is not None else 0:.3g} "
+                       f"nats per sequence (limit {c.kl_max}), old-vs-new approximate KL "
+                       f"{approx if approx is not None else 0:.3g} per token (limit {c.approx_kl_max}). Lower "
+                       "train.lr, raise loss.kl_beta, or reduce loss.epochs.")
+        if self.gold and c.hacking_window and "reward/mean" in r and "gold/mean" in r:
+            self.proxy.append(r["reward/mean"])
+            self.gold_acc.append(r["gold/mean"])
+            w = c.hacking_window
+            flag = 0
+            if len(self.proxy) >= 2 * w:
+                p0, p1 = sum(self.proxy[-2 * w:-w]) / w, sum(self.proxy[-w:]) / w
+                g0, g1 = sum(self.gold_acc[-2 * w:-w]) / w, sum(self.gold_acc[-w:]) / w
+                if p1 > p0 and g1 < g0:
+                    flag = 1
+                    self._warn("hacking", f"reward hacking at step {r['step']}: the trained reward rose "
+                               f"({p0:.3f} -> {p1:.3f}) while the gold metric fell ({g0:.3f} -> {g1:.3f}). "
+                               "Stop here (the checkpoints before this point are better), raise loss.kl_beta, "
+                               "or improve the reward model.")
+                del self.proxy[:-2 * w], self.gold_acc[:-2 * w]
+            r["warning/hacking"] = flag
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "kl": self.kl.state_dict(), "proxy": self.proxy, "gold": self.gold_acc,
+                "warned": dict(self.warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+        self.kl.load_state_dict(state["kl"])
+        self.proxy = [float(x) for x in state.get("proxy", [])]
+        self.gold_acc = [float(x) for x in state.get("gold", [])]
+        self.warned.update(state.get("warned", {}))
+
+
+# --------------------------------------------------------------------------- the plan (rollouts)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little") % (2**63)
+
+
+class RolloutPlan:
+    """The engine's plan for online RL: iteration ``k`` covers optimizer steps
+    ``k * E * M ... (k + 1) * E * M - 1`` (E = loss.epochs, M = loss.mini_batches). Its first step
+    samples the rollout batch with the current weights; each epoch shuffles the batch's groups
+    (seeded) into M mini-batches of whole groups, each split into micro-batches of
+    ``micro_batch_size`` groups."""
+
+    def __init__(self, runner: RLRunner, total_steps: int):
+        self.r = runner
+        self.total = total_steps
+        self.per_iter = runner.loss.epochs * runner.loss.mini_batches
+        self.iteration = -1
+        self.groups: list[list[Sample]] = []
+        self.last: list[dict] = []
+
+    def num_steps(self) -> int:
+        return self.total
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(["rl", self.total, self.per_iter, self.r.seed]).encode())
+        for p in self.r.prompts:
+            h.update(json.dumps([p.ids, p.fields], sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def _minibatch_groups(self, step: int) -> list[int]:
+        j = step % self.per_iter
+        epoch, mb = divmod(j, self.r.loss.mini_batches)
+        order = list(range(len(self.groups)))
+        random.Random(_seed("rl-epoch", self.r.seed, self.iteration, epoch)).shuffle(order)
+        m = self.r.loss.mini_batches
+        return order[mb::m] if order else []
+
+    def micro_batches(self, group_idx: list[int]) -> list[list[list[Sample]]]:
+        size = self.r.micro_batch_size
+        chosen = [self.groups[i] for i in group_idx]
+        return [chosen[i:i + size] for i in range(0, len(chosen), size)]
+
+    def batches(self, step: int) -> list[dict]:
+        k = step // self.per_iter
+        if k != self.iteration:
+            self.iteration = k
+            self.groups = self.r.rollout(k, self)
+        micro = self.micro_batches(self._minibatch_groups(step))
+        self.last = [self.r.collate(mb) for mb in micro] or [self.r.empty_batch()]
+        return self.last
+
+    def probe_batches(self) -> list[dict]:
+        """The engine's end-of-run probe: the last step's micro-batches (no new rollout)."""
+        return self.last
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class RLRunner:
+    """Everything the rollout side needs: models, prompts, reward functions, settings."""
+
+    def __init__(self, cfg: RLConfig, loss: RLLossConfig, *, model, tokenizer, reference, prompts, rewards, gold,
+                 algorithm: OnlineRLAlgorithm, state: RLState, out_dir: Path, log):
+        self.cfg, self.loss = cfg, loss
+        self.model, self.tokenizer, self.reference = model, tokenizer, reference
+        self.prompts: list[PromptItem] = prompts
+        self.rewards, self.gold = rewards, gold
+        self.algorithm, self.state = algorithm, state
+        self.seed = cfg.train.seed
+        self.micro_batch_size = cfg.train.micro_batch_size
+        self.estimator = get_advantage_estimator(loss.advantage)
+        self.est_hparams = {h: getattr(loss, h if h != "eps" else "advantage_eps") for h in
+                            self.estimator.hyperparameters}
+        self.out_dir = out_dir
+        self.log = log
+        self.attn = str(getattr(model.config, "_attn_implementation", "sdpa"))
+        self.row_length = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        self.needs_old = loss.epochs * loss.mini_batches > 1 or loss.tis_cap is not None or \
+            (loss.kl_beta > 0 and loss.kl_placement == "reward")
+        self.pad_id = tokenizer.pad_token_id
+
+    # -- prompts
+    def _next_prompts(self, n: int) -> list[int]:
+        """The next ``n`` prompt indices in a seeded per-epoch order (the cursor is checkpointed)."""
+        out = []
+        total = len(self.prompts)
+        for _ in range(n):
+            epoch, pos = divmod(self.state.cursor, total)
+            order = list(range(total))
+            random.Random(_seed("rl-prompts", self.seed, epoch)).shuffle(order)
+            out.append(order[pos])
+            self.state.cursor += 1
+        return out
+
+    def collate(self, groups: list[list[Sample]]) -> dict:
+        return collate_samples(groups, pad_token_id=self.pad_id, attn_implementation=self.attn,
+                               row_length=self.row_length, with_old=self.needs_old,
+                               with_ref=self.reference is not None, with_tis=self.loss.tis_cap is not None) | (
+            {"tis_weights": self._tis(groups)} if self.loss.tis_cap is not None else {})
+
+    def _tis(self, groups) -> torch.Tensor:
+        flat = [s for g in groups for s in g]
+        width = max(s.n_tokens for s in flat)
+        mask = torch.zeros((len(flat), width))
+        for i, s in enumerate(flat):
+            mask[i, : s.n_tokens] = 1.0
+        w, _ = truncated_importance_weights(_rows([s.old_logps for s in flat], width),
+                                            _rows([s.rollout_logps for s in flat], width), mask,
+                                            cap=self.loss.tis_cap, level=self.loss.tis_level)
+        return w
+
+    def empty_batch(self) -> dict:
+        """A micro-batch that trains nothing (every group of the rollout was dropped)."""
+        raise DataError("A rollout batch kept no prompt group to train on.",
+                        fix="check the reward functions (do they ever differ within a group?), or turn off "
+                        "loss.dynamic_sampling.")
+
+    # -- one rollout batch
+    @torch.no_grad()
+    def rollout(self, k: int, plan: RolloutPlan) -> list[list[Sample]]:
+        cfg, ro, loss = self.cfg, self.cfg.rollout, self.loss
+        t0 = time.time()
+        times = {"generate": 0.0, "score": 0.0, "logprobs": 0.0}
+        G = ro.group_size
+        kept: list[tuple[list[int], list[Rollout], dict]] = []  # (prompt idx, rollouts, reward rows)
+        metrics_parts = []
+        rounds = 0
+        want = ro.prompts_per_step
+        dropped_groups = 0
+        while True:
+            idx = self._next_prompts(want if rounds == 0 else max(1, want - len(kept)))
+            t = time.time()
+            rolls = sample_groups(self.model, self.tokenizer, [self.prompts[i].ids for i in idx], group_size=G,
+                                  max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                                  top_k=ro.top_k, seed=_seed("rl-sample", self.seed, k, rounds),
+                                  batch_size=ro.batch_size)
+            times["generate"] += time.time() - t
+            t = time.time()
+            scored = self._score(idx, rolls)
+            times["score"] += time.time() - t
+            metrics_parts.append(scored)
+            for gi, i in enumerate(idx):
+                rows = slice(gi * G, (gi + 1) * G)
+                group = (i, rolls[rows], {k2: v[rows] for k2, v in scored.items() if torch.is_tensor(v)})
+                if loss.dynamic_sampling and G > 1 and _zero_variance(group[2]["total"], group[2]["valid"]):
+                    dropped_groups += 1
+                    continue
+                kept.append(group)
+            rounds += 1
+            if not loss.dynamic_sampling or len(kept) >= want or rounds > loss.dynamic_sampling_rounds:
+                break
+        kept = kept[:want]
+        if loss.dynamic_sampling and len(kept) < want:
+            self.log(f"note: iteration {k + 1}: dynamic sampling found {len(kept)} of {want} prompt groups with "
+                     f"differing rewards after {rounds} rounds; training on those.")
+        if not kept:
+            raise DataError(
+                f"Iteration {k + 1}: every sampled group had identical rewards, so there is nothing to learn from "
+                f"after {rounds} sampling rounds.",
+                fix="raise loss.dynamic_sampling_rounds, rollout.temperature or rollout.group_size, or check that "
+                "the reward functions can tell completions apart.")
+        # baseline rollouts (ReMax): the greedy completion of each prompt, scored the same way
+        baseline = None
+        if self.estimator.needs_baseline:
+            t = time.time()
+            pidx = [g[0] for g in kept]
+            greedy = sample_groups(self.model, self.tokenizer, [self.prompts[i].ids for i in pidx], group_size=1,
+                                   max_new_tokens=ro.max_new_tokens, temperature=0.0, batch_size=ro.batch_size)
+            times["generate"] += time.time() - t
+            t = time.time()
+            bs = self._score(pidx, greedy)
+            times["score"] += time.time() - t
+            base = torch.where(bs["valid"], bs["total"], torch.full_like(bs["total"], float("nan")))
+            baseline = base.repeat_interleave(G)
+        # samples
+        groups: list[list[Sample]] = []
+        for gi, (i, rolls, rows) in enumerate(kept):
+            group = []
+            for j, r in enumerate(rolls):
+                ex = EncodedExample(input_ids=r.prompt_ids + r.completion_ids,
+                                    labels=[-100] * len(r.prompt_ids) + r.completion_ids)
+                trained = bool(rows["valid"][j]) and not (ro.mask_truncated and not r.finished)
+                group.append(Sample(group=gi, example=ex, n_tokens=len(r.completion_ids), advantage=0.0,
+                                    trained=trained, rollout_logps=r.log_probs))
+            groups.append(group)
+        total = torch.cat([g[2]["total"] for g in kept])
+        valid = torch.cat([g[2]["valid"] for g in kept])
+        # old / reference log-probs through the training layout
+        t = time.time()
+        if self.needs_old or self.reference is not None:
+            self._attach_logprobs(groups)
+        times["logprobs"] += time.time() - t
+        kl_seq = None
+        if self.reference is not None:
+            flat = [s for g in groups for s in g]
+            pol = [s.old_logps if s.old_logps is not None else s.rollout_logps for s in flat]
+            kl_seq = torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
+        reward_for_adv = total
+        if kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
+            beta = self.state.kl.value
+            flat = [s for g in groups for s in g]
+            est = torch.tensor([float(kl_estimate(torch.tensor(s.old_logps), torch.tensor(s.ref_logps),
+                                                  loss.kl_estimator).sum()) for s in flat])
+            reward_for_adv = total - beta * est
+        adv, adv_metrics = self.estimator.fn(reward_for_adv, valid, group_size=G, baseline=baseline,
+                                             **self.est_hparams)
+        for s, a in zip((s for g in groups for s in g), adv.tolist()):
+            s.advantage = float(a)
+        # adaptive KL: update beta from this iteration's KL (used from the next iteration on)
+        if kl_seq is not None:
+            self.state.kl.update(float(kl_seq[valid].mean()) if valid.any() else 0.0, len(kl_seq))
+            self.algorithm.kl_beta = self.state.kl.value if loss.kl_placement == "loss" else self.algorithm.kl_beta
+        times["total"] = time.time() - t0
+        self.state.pending = self._metrics(k, kept, groups, total, valid, kl_seq, adv_metrics, times,
+                                           dropped_groups, rounds, metrics_parts)
+        self._write_samples(k, kept, groups)
+        return groups
+
+    def _score(self, idx: list[int], rolls: list[Rollout]) -> dict:
+        G = len(rolls) // max(1, len(idx))
+        prompts = [self.prompts[i] for i in idx for _ in range(G)]
+        fields = {}
+        for name in prompts[0].fields:
+            fields[name] = [p.fields.get(name) for p in prompts]
+        common = dict(completion_ids=[r.completion_ids for r in rolls], finished=[r.finished for r in rolls],
+                      max_new_tokens=self.cfg.rollout.max_new_tokens)
+        texts = [p.text for p in prompts]
+        comps = [r.text for r in rolls]
+        res = compute_rewards(self.rewards, texts, comps, **common, **fields)
+        out = {"total": res.total, "valid": res.valid, "invalid_counts": res.invalid_counts}
+        for name, v in res.per_function.items():
+            out[f"fn/{name}"] = v
+        if self.gold:
+            g = compute_rewards(self.gold, texts, comps, **common, **fields)
+            out["gold"] = g.total
+            for name, v in g.per_function.items():
+                out[f"gold/{name}"] = v
+        return out
+
+    def _attach_logprobs(self, groups: list[list[Sample]]) -> None:
+        """Old (policy before this iteration's updates) and reference log-probs, computed on
+        micro-batches laid out exactly as the first epoch's, so the first mini-batch's ratio is
+        exactly 1."""
+        plan_order = list(range(len(groups)))
+        size = self.micro_batch_size
+        was = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(plan_order), size):
+                mb = [groups[i] for i in plan_order[start:start + size]]
+                batch = to_device(collate_samples(mb, pad_token_id=self.pad_id, attn_implementation=self.attn,
+                                                  row_length=self.row_length, with_old=False, with_ref=False,
+                                                  with_tis=False), next(self.model.parameters()).device)
+                flat = [s for g in mb for s in g]
+                if self.needs_old:
+                    for s, v in zip(flat, self._seq_logps(self.model, batch, len(flat))):
+                        s.old_logps = v
+                if self.reference is not None:
+                    for s, v in zip(flat, self._seq_logps(self.reference, batch, len(flat))):
+                        s.ref_logps = v
+        finally:
+            self.model.train(was)
+
+    def _seq_logps(self, model, batch: dict, n_seq: int) -> list[list[float]]:
+        out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
+                                 attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                                 temperature=self.cfg.rollout.temperature)
+        width = batch["mask"].shape[1]
+        padded = _padded(out["log_probs"], batch["lp_seq"], n_seq, width).cpu()
+        counts = torch.bincount(batch["lp_seq"].cpu(), minlength=n_seq).tolist()
+        return [padded[i, : counts[i]].tolist() for i in range(n_seq)]
+
+    def _metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times, dropped_groups, rounds,
+                 parts) -> dict:
+        flat = [s for g in groups for s in g]
+        rolls = [r for g in kept for r in g[1]]
+        lengths = torch.tensor([float(s.n_tokens) for s in flat])
+        truncated = sum(1 for r in rolls if not r.finished)
+        m: dict[str, float] = {"iteration": k + 1}
+        v = valid
+        m["reward/mean"] = float(total[v].mean()) if v.any() else float("nan")
+        m["reward/std"] = float(total[v].std()) if int(v.sum()) > 1 else 0.0
+        for key in kept[0][2]:
+            if key.startswith(("fn/", "gold/")):
+                vals = torch.cat([g[2][key] for g in kept])
+                ok = torch.isfinite(vals)
+                name = key.split("/", 1)[1]
+                prefix = "reward" if key.startswith("fn/") else "gold"
+                m[f"{prefix}/{name}"] = float(vals[ok].mean()) if ok.any() else float("nan")
+        if "gold" in kept[0][2]:
+            gold = torch.cat([g[2]["gold"] for g in kept])
+            ok = torch.isfinite(gold)
+            m["gold/mean"] = float(gold[ok].mean()) if ok.any() else float("nan")
+        invalid = {}
+        for part in parts:
+            for name, c in part["invalid_counts"].items():
+                invalid[name] = invalid.get(name, 0) + c
+        for name, c in invalid.items():
+            m[f"reward/invalid_{name}"] = float(c)
+        m["samples_excluded"] = float(sum(1 for s in flat if not s.trained))
+        m["response_length/mean"] = float(lengths.mean())
+        m["response_length/max"] = float(lengths.max())
+        m["truncated_rate"] = truncated / max(1, len(rolls))
+        distinct = [len({tuple(r.completion_ids) for r in g[1]}) / len(g[1]) for g in kept]
+        m["distinct_rate"] = sum(distinct) / len(distinct)
+        G = self.cfg.rollout.group_size
+        zero = sum(1 for g in kept if _zero_variance(g[2]["total"], g[2]["valid"])) if G > 1 else 0
+        m["zero_variance_groups"] = (zero + dropped_groups) / max(1, len(kept) + dropped_groups)
+        if self.loss.dynamic_sampling:
+            m["dynamic_sampling/rounds"] = float(rounds)
+            m["dynamic_sampling/dropped_groups"] = float(dropped_groups)
+        if kl_seq is not None:
+            m["rollout/kl_seq"] = float(kl_seq[v].mean()) if v.any() else 0.0
+        m["kl_beta"] = float(self.state.kl.value)
+        if any(s.old_logps is not None for s in flat):
+            diffs = [abs(a - b) for s in flat for a, b in zip(s.old_logps, s.rollout_logps)]
+            ratios = [math.exp(a - b) for s in flat for a, b in zip(s.old_logps, s.rollout_logps)]
+            m["mismatch/logprob_abs_diff"] = sum(diffs) / max(1, len(diffs))
+            m["mismatch/max_ratio"] = max(ratios) if ratios else 1.0
+        for key, val in adv_metrics.items():
+            m[f"advantage/{key}"] = float(val.float().mean()) if torch.is_tensor(val) else float(val)
+        for key, val in times.items():
+            m[f"time/rollout_{key}"] = val
+        if truncated / max(1, len(rolls)) > 0.5 and not self.state.warned.get("truncation"):
+            self.state.warned["truncation"] = True
+            self.log(f"warning: {truncated} of {len(rolls)} completions hit rollout.max_new_tokens="
+                     f"{self.cfg.rollout.max_new_tokens} without stopping; their rewards are of unfinished "
+                     "answers. Raise rollout.max_new_tokens, or set rollout.mask_truncated=true.")
+        return m
+
+    def _write_samples(self, k: int, kept, groups) -> None:
+        every = self.cfg.rollout.samples_every
+        if not every or k % every:
+            return
+        path = self.out_dir / "samples.jsonl"
+        with path.open("a", encoding="utf-8") as fh:
+            for (i, rolls, rows), g in zip(kept, groups):
+                for j, (r, s) in enumerate(zip(rolls, g)):
+                    reward = float(rows["total"][j])
+                    fh.write(json.dumps({"iteration": k + 1, "prompt": self.prompts[i].text, "completion": r.text,
+                                         "reward": reward if math.isfinite(reward) else None,
+                                         "advantage": s.advantage, "finished": r.finished,
+                                         "tokens": s.n_tokens}) + "\n")
+
+
+def _zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:
+    vals = total[valid]
+    return vals.numel() < 2 or bool((vals == vals[0]).all())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_prompts(model, tokenizer, prompts: list[PromptItem], functions, *, max_new_tokens: int,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Greedy completions of held-out prompts, scored with ``functions``: mean reward per function
+    (``eval_reward/<name>``) and the mean completion length."""
+    if not prompts:
+        return {}
+    rolls = sample_groups(model, tokenizer, [p.ids for p in prompts], group_size=1, max_new_tokens=max_new_tokens,
+                          temperature=0.0, batch_size=batch_size)
+    fields = {name: [p.fields.get(name) for p in prompts] for name in prompts[0].fields}
+    res = compute_rewards(functions, [p.text for p in prompts], [r.text for r in rolls],
+                          completion_ids=[r.completion_ids for r in rolls], finished=[r.finished for r in rolls],
+                          max_new_tokens=max_new_tokens, **fields)
+    out = {}
+    for name, v in res.per_function.items():
+        ok = torch.isfinite(v)
+        out[f"eval_reward/{name}"] = float(v[ok].mean()) if ok.any() else float("nan")
+    out["eval_response_length"] = sum(len(r.completion_ids) for r in rolls) / len(rolls)
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class RLResult:
+    fit: FitResult
+    final_dir: Path | None
+    loss: RLLossConfig
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
+    notes = []
+    spec = get_policy_loss(loss.policy_loss)
+    for h in ("clip_eps_high", "dual_clip"):
+        if getattr(cfg.loss, h) is not None and h not in spec.hyperparameters:
+            notes.append(f"loss.{h}={getattr(cfg.loss, h)!r} is not used: policy loss '{loss.policy_loss}' "
+                         f"takes {', '.join(spec.hyperparameters) or 'no hyper-parameters'}.")
+    if loss.kl_beta == 0:
+        notes += unused_notes(cfg.loss, "loss.", ["kl_estimator", "kl_placement", "kl_target"], "loss.kl_beta is 0")
+    if not loss.dynamic_sampling:
+        notes += unused_notes(cfg.loss, "loss.", ["dynamic_sampling_rounds"], "dynamic sampling is off")
+    if loss.tis_cap is None:
+        notes += unused_notes(cfg.loss, "loss.", ["tis_level"], "loss.tis_cap is not set")
+    if loss.advantage != "reinforce_pp":
+        notes += unused_notes(cfg.loss, "loss.", ["subtract_group_mean"], "it applies to loss.advantage=reinforce_pp")
+    if "reward_model" not in cfg.reward.functions + cfg.reward.gold:
+        notes += unused_notes(cfg.reward, "reward.", ["reward_model", "reward_model_batch_size"],
+                              "no reward_model function is used")
+    return notes
+
+
+def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
+           eval_times: int | None = None) -> RLResult:
+    """Run online RL as configured (see the module docstring)."""
+    cfg = validated(cfg, RLConfig)
+    log = log or (lambda line: None)
+    loss = cfg.loss.resolved(cfg.algorithm)
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
+                     protect=read_paths(cfg.model, **{"reward.reward_model": cfg.reward.reward_model}))
+    torch.manual_seed(cfg.train.seed)
+    accelerator = accelerator_for(cfg.model)
+    tokenizer = tokenizer or tokenizer_for(cfg.model)
+    if model is None:
+        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
+                               attn_implementation=cfg.model.attn_implementation)
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
+
+    # prompts
+    train_ds = load_prompt_source(cfg.data.train, cfg.data, cfg.train.seed)
+    prompts, dropped = encode_prompts(train_ds, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+    log(f"train prompts {train_ds.source}: {len(prompts)} prompts"
+        + (f", {dropped} longer than data.max_prompt_length={cfg.data.max_prompt_length} dropped" if dropped else ""))
+    if not prompts:
+        raise DataError(f"No training prompts are left from {train_ds.source}.",
+                        fix="raise data.max_prompt_length or check the data.")
+    eval_spec = cfg.data.eval
+    if eval_spec == "auto":
+        eval_spec = BUILTIN_PROMPTS + "-heldout" if cfg.data.train == BUILTIN_PROMPTS else None
+    eval_prompts: list[PromptItem] = []
+    if eval_spec:
+        eval_ds = load_prompt_source(eval_spec, cfg.data, cfg.train.seed, key="data.eval")
+        eval_prompts, _ = encode_prompts(eval_ds, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+
+    # rewards
+    names, weights = list(cfg.reward.functions), list(cfg.reward.weights or [1.0] * len(cfg.reward.functions))
+    if loss.overlong_penalty and "overlong" not in names:
+        names.append("overlong")
+        weights.append(1.0)
+    options = {"overlong_buffer": cfg.reward.overlong_buffer or max(1, cfg.rollout.max_new_tokens // 5),
+               "reward_model": cfg.reward.reward_model, "reward_model_batch_size": cfg.reward.reward_model_batch_size}
+    device = accelerator.device
+    functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer, device=device)
+    gold = resolve_reward_functions(list(cfg.reward.gold), None, options=options, tokenizer=tokenizer,
+                                    device=device) if cfg.reward.gold else []
+    available = set(prompts[0].fields)
+    check_reward_fields(functions + gold, available, train_ds.source)
+
+    # reference (only when the KL term is on)
+    reference = None
+    if loss.kl_beta > 0:
+        reference = frozen_copy(model)
+    kl = (AdaptiveKLController(loss.kl_beta, loss.kl_target, loss.kl_horizon) if loss.kl_target is not None
+          else FixedKLController(loss.kl_beta))
+    algorithm = OnlineRLAlgorithm(loss, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+    state = RLState(cfg.monitor, kl, log=log, gold=bool(gold))
+    out_dir = Path(cfg.train.output_dir)
+    runner = RLRunner(cfg, loss, model=model, tokenizer=tokenizer, reference=reference, prompts=prompts,
+                      rewards=functions, gold=gold, algorithm=algorithm, state=state, out_dir=out_dir, log=log)
+    plan = RolloutPlan(runner, cfg.train.max_steps)
+    parts = {k: getattr(loss, k) for k in ("advantage", "policy_loss", "aggregation", "kl_beta")}
+    log(f"algorithm {cfg.algorithm}: " + ", ".join(f"{k}={v}" for k, v in parts.items())
+        + (f", kl {loss.kl_estimator} in the {loss.kl_placement}" if loss.kl_beta > 0 else "")
+        + f"; {cfg.train.max_steps} optimizer steps, {cfg.train.max_steps // plan.per_iter} rollout batches of "
+        f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} samples")
+    for note in _unused(cfg, loss):
+        log(f"note: {note}")
+
+    eval_fns = functions + gold
+
+    def evaluate(m) -> dict:
+        metrics = evaluate_prompts(m, tokenizer, eval_prompts, eval_fns,
+                                   max_new_tokens=cfg.rollout.eval_max_new_tokens) if eval_prompts else {}
+        if extra_eval is not None:
+            metrics.update(extra_eval(m))
+        return metrics
+
+    has_eval = bool(eval_prompts) or extra_eval is not None
+    engine_cfg = cfg.train.engine()
+    if eval_times:
+        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+    run_config = dataclasses.asdict(cfg)
+    run_config["resolved_loss"] = dataclasses.asdict(loss)
+    inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}
+    result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+                 evaluate=evaluate if has_eval else None, run_config=run_config, inputs=inputs, log=log,
+                 callbacks=[state])
+    return RLResult(fit=result, final_dir=result.final_dir, loss=loss,
+                    eval_metrics=result.eval_history[-1] if result.eval_history else {})
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    for f in sorted(p.glob("*.safetensors")) if p.is_dir() else []:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["PRESETS", "RLConfig", "RLResult", "run_rl"]

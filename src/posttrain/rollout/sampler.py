@@ -1,0 +1,179 @@
+"""Group sampling for online RL: G completions per prompt, with their rollout-time log-probs.
+
+:func:`sample_groups` is the CPU / default rollout backend. It is a plain decoding loop over a
+Hugging Face causal LM with a KV cache, written for the shape of an RL step rather than for
+general generation:
+
+* **The prompt is encoded once per group.** Unique prompts are pre-filled (left-padded) in one
+  forward pass; the cache is then repeated G times, so a group of G samples pays for its
+  prompt once, not G times (``generate(num_return_sequences=G)`` pre-fills G copies).
+* **Finished rows leave the batch.** When a row emits a stop token it is dropped from the cache
+  and from every later forward pass, so a batch whose answers have mostly ended costs only
+  what its unfinished rows cost.
+* **Seeded.** Sampling draws from an explicit ``torch.Generator``, so a rollout is a function of
+  (weights, prompts, seed): a resumed run regenerates exactly what the uninterrupted run did.
+* **Log-probs come with the sample.** Each token's ``log softmax(logits / temperature)`` under the
+  full distribution (top-k / top-p only decide which tokens may be drawn), the quantity the
+  trainer recomputes as the "old" log-prob. The two differ only numerically (cached vs full
+  forward, batch shapes); the loop logs that mismatch and can correct it with truncated
+  importance sampling (:func:`posttrain.ops.truncated_importance_weights`).
+
+Backends return :class:`Rollout` records and nothing else, so a vLLM backend can take this
+one's place without the training loop knowing (no backend types leave ``rollout/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import ConfigError
+from ..models.loading import max_positions
+from .hf import stop_token_ids
+
+
+@dataclass
+class Rollout:
+    """One sampled completion.
+
+    ``completion_ids`` include the stop token when the model stopped by itself
+    (``finished=True``); ``log_probs[i]`` is the rollout-time log-prob of ``completion_ids[i]``;
+    ``text`` is the decoded completion without special tokens.
+    """
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    log_probs: list[float]
+    text: str
+    finished: bool
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with the tokens outside top-k / the top-p nucleus set to -inf. ``(N, V)``."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_groups(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[Rollout]:
+    """``group_size`` completions for each prompt (greedy when ``temperature == 0``).
+
+    Returns ``len(prompts) * group_size`` rollouts in group order: sample ``j`` of prompt ``i``
+    is element ``i * group_size + j``. ``batch_size`` bounds the sequences decoded together
+    (a chunk holds ``max(1, batch_size // group_size)`` prompts). Deterministic given ``seed``.
+    """
+    if not prompts:
+        return []
+    limit = max_positions(model.config)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"Sampling would run past the model's position limit of {limit} tokens: the longest prompt has "
+            f"{longest} tokens and rollout.max_new_tokens is {max_new_tokens}.",
+            fix=f"lower rollout.max_new_tokens to at most {max(0, limit - longest)}, or shorten the prompts "
+            "(data.max_prompt_length).")
+    stops = torch.tensor(stop_token_ids(tokenizer, model), dtype=torch.long)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    per_chunk = max(1, batch_size // group_size)
+    results: list[Rollout] = []
+    try:
+        for start in range(0, len(prompts), per_chunk):
+            chunk = list(range(start, min(start + per_chunk, len(prompts))))
+            results.extend(_sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens,
+                                         temperature, top_p, top_k, generator, stops, pad_id, device))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, temperature, top_p, top_k,
+                  generator, stops, pad_id, device) -> list[Rollout]:
+    batch = [list(prompts[i]) for i in chunk]
+    width = max(len(p) for p in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, p in enumerate(batch):
+        input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[row, width - len(p):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :].float()
+    if group_size > 1:  # one prefill per prompt, G copies of its cache
+        cache.batch_repeat_interleave(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)
+        attention = attention.repeat_interleave(group_size, dim=0)
+    n = logits.shape[0]
+    next_pos = attention.sum(-1)  # logical position of each row's next token
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    finished = [False] * n
+    active = torch.arange(n)  # original row index of each row still in the batch
+    attention = attention.to(device)
+    stops_dev = stops.to(device)
+    for step in range(max_new_tokens):
+        if temperature > 0:
+            scaled = logits / temperature
+            probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
+            chosen = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        else:
+            scaled = logits
+            chosen = logits.argmax(-1)
+        chosen_lp = scaled.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1)
+        done = torch.isin(chosen, stops_dev)
+        for r, (tok, lp, d) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), done.tolist())):
+            row = int(active[r])
+            tokens[row].append(tok)
+            logps[row].append(lp)
+            if d:
+                finished[row] = True
+        if step == max_new_tokens - 1:
+            break
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < len(active):  # drop finished rows from the cache and the batch
+            cache.batch_select_indices(keep)
+            active, chosen, attention, next_pos = active[keep.cpu()], chosen[keep], attention[keep], next_pos[keep.cpu()]
+        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=attention.dtype, device=device)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None].to(device),
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+    results = []
+    for row in range(n):
+        p = chunk[row // group_size]
+        results.append(Rollout(prompt_index=p, prompt_ids=list(prompts[p]), completion_ids=tokens[row],
+                               log_probs=logps[row], text=tokenizer.decode(tokens[row], skip_special_tokens=True),
+                               finished=finished[row]))
+    return results

@@ -1,0 +1,215 @@
+"""The online RL loop: ratio 1 on the first mini-batch, GA=1 vs GA=k, exact resume, every preset
+from the command line on tiny random Llama and Qwen2 models, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.algorithms import rl as rl_mod
+from posttrain.algorithms.rl import PRESETS, RLConfig, _padded, run_rl
+from posttrain.cli import main
+from posttrain.config import load_config
+from posttrain.errors import ConfigError
+
+from .tiny import tiny_model, world_tokenizer
+
+
+def digit_reward(prompts, completions, completion_ids, **_):
+    """A dense reward a random model's samples differ in: the share of digit characters, plus a
+    bonus for stopping (so groups are never all equal)."""
+    out = []
+    for text, ids in zip(completions, completion_ids):
+        digits = sum(ch.isdigit() for ch in text)
+        out.append(digits / max(1, len(text)) + 0.01 * len(ids))
+    return out
+
+
+def raising_reward(prompts, completions, **_):
+    raise RuntimeError("grader crashed")
+
+
+def _cfg(out, **overrides) -> RLConfig:
+    base = {
+        "train.output_dir": str(out), "train.max_steps": 2, "train.progress": False, "train.lr": 1e-3,
+        "data.world_examples": 40, "data.eval": None, "rollout.prompts_per_step": 4, "rollout.group_size": 4,
+        "rollout.max_new_tokens": 12, "reward.functions": ["tests.test_rl:digit_reward"],
+        "rollout.samples_every": 1,
+    }
+    base.update(overrides)
+    return load_config(RLConfig, None, [f"{k}={_yaml(v)}" for k, v in base.items()])
+
+
+def _yaml(v):
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def _run(cfg, seed=0, arch="llama"):
+    return run_rl(cfg, model=tiny_model(arch, seed=seed, hidden=32), tokenizer=world_tokenizer(), log=lambda s: None)
+
+
+def test_padded_matches_explicit_loop():
+    seq = torch.tensor([0, 0, 0, 2, 1, 1, 2, 2, 2])
+    vals = torch.arange(9, dtype=torch.float32)
+    got = _padded(vals, seq, 4, 5)
+    want = torch.zeros(4, 5)
+    pos = [0, 0, 0, 0]
+    for v, s in zip(vals.tolist(), seq.tolist()):
+        want[s, pos[s]] = v
+        pos[s] += 1
+    assert torch.equal(got, want)
+
+
+def test_first_minibatch_ratio_is_exactly_one(tmp_path):
+    """With mu=2 epochs x 2 mini-batches the old log-probs are computed before any update: on the
+    first mini-batch of the first epoch the ratio is exactly 1 (nothing clipped, approx KL 0);
+    later mini-batches see updated weights."""
+    res = _run(_cfg(tmp_path / "r", **{"loss.epochs": 2, "loss.mini_batches": 2, "train.max_steps": 4}))
+    first = res.fit.history[0]
+    assert first["ratio"] == 1.0
+    assert first["approx_kl"] == 0.0
+    assert first["clipped_low"] == 0.0 and first["clipped_high"] == 0.0
+    assert any(h["approx_kl"] > 0 for h in res.fit.history[1:])
+    assert first["reward/std"] > 0  # the test reward really separates samples
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    """micro_batch_size = 1 group (4 micro-batches of uneven token counts) gives the same loss,
+    gradient norm and weights as one micro-batch of all 4 groups."""
+    results = {}
+    for mbs in (4, 1):
+        cfg = _cfg(tmp_path / f"mbs{mbs}", **{"train.micro_batch_size": mbs, "train.max_steps": 1,
+                                              "algorithm": "dapo", "loss.dynamic_sampling": False})
+        model = tiny_model("llama", seed=0, hidden=32)
+        res = run_rl(cfg, model=model, tokenizer=world_tokenizer(), log=lambda s: None)
+        results[mbs] = (res.fit.history[0], torch.cat([p.detach().flatten() for p in model.parameters()]))
+    (h4, w4), (h1, w1) = results[4], results[1]
+    assert h1["loss_tokens"] == h4["loss_tokens"]
+    assert h1["loss"] == pytest.approx(h4["loss"], rel=1e-5, abs=1e-7)
+    assert h1["grad_norm"] == pytest.approx(h4["grad_norm"], rel=1e-5)
+    assert torch.allclose(w1, w4, atol=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopped inside iteration 3 (after the step-2 checkpoint) and resumed: iterations 3-4 have
+    the same rewards and losses as the uninterrupted run, and the final weights are equal."""
+    common = {"train.save_every": 2, "train.max_steps": 4, "loss.kl_beta": 0.05}
+    full_model = tiny_model("llama", seed=0, hidden=32)
+    full = run_rl(_cfg(tmp_path / "full", **common), model=full_model, tokenizer=world_tokenizer(),
+                  log=lambda s: None)
+
+    class Stop(Exception):
+        pass
+
+    original = rl_mod.OnlineRLAlgorithm.loss
+    calls = {"n": 0}
+
+    def stopping_loss(self, model, batch, totals):
+        calls["n"] += 1
+        if calls["n"] > 2:  # one micro-batch per step: stop inside step 3
+            raise Stop
+        return original(self, model, batch, totals)
+
+    cut = _cfg(tmp_path / "cut", **common)
+    rl_mod.OnlineRLAlgorithm.loss = stopping_loss
+    try:
+        with pytest.raises(Stop):
+            _run(cut)
+    finally:
+        rl_mod.OnlineRLAlgorithm.loss = original
+    cut.train.resume = "auto"
+    model = tiny_model("llama", seed=0, hidden=32)
+    resumed = run_rl(cut, model=model, tokenizer=world_tokenizer(), log=lambda s: None)
+    assert [h["step"] for h in resumed.fit.history] == [3, 4]
+    for key in ("loss", "reward/mean", "kl_k1", "grad_norm"):
+        assert [h[key] for h in resumed.fit.history] == [h[key] for h in full.fit.history[2:]], key
+    for a, b in zip(model.parameters(), full_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_no_reference_model_when_beta_is_zero(tmp_path, monkeypatch):
+    made = []
+    real = rl_mod.frozen_copy
+    monkeypatch.setattr(rl_mod, "frozen_copy", lambda m: made.append(1) or real(m))
+    res = _run(_cfg(tmp_path / "r", **{"algorithm": "dr_grpo", "train.max_steps": 1}))
+    assert made == [] and "kl_k1" not in res.fit.history[0]
+    _run(_cfg(tmp_path / "r2", **{"algorithm": "grpo", "train.max_steps": 1}))
+    assert made == [1]
+
+
+def test_presets_resolve_to_their_parts():
+    cfg = RLConfig(algorithm="dr_grpo")
+    loss = cfg.loss.resolved("dr_grpo")
+    assert (loss.advantage, loss.normalize_by_std, loss.aggregation, loss.kl_beta) == \
+        ("grpo", False, "seq_mean_token_sum_norm", 0.0)
+    loss = RLConfig().loss.resolved("dapo")
+    assert (loss.clip_eps, loss.clip_eps_high, loss.aggregation, loss.dynamic_sampling) == \
+        (0.2, 0.28, "token_mean", True)
+    # an explicit value beats the preset
+    cfg = load_config(RLConfig, None, ["algorithm=grpo", "loss.policy_loss=cispo"])
+    assert cfg.loss.resolved(cfg.algorithm).policy_loss == "cispo"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    dirs = {}
+    for arch in ("llama", "qwen2"):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        tiny_model(arch, hidden=32).save_pretrained(d)
+        world_tokenizer().save_pretrained(d)
+        dirs[arch] = d
+    return dirs
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_from_the_command_line(capsys, model_dirs, tmp_path, preset, arch):
+    code, out, err = _cli(capsys, preset, f"model.name_or_path={model_dirs[arch]}",
+                          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.progress=false",
+                          "data.world_examples=20", "data.eval=null", "rollout.prompts_per_step=2",
+                          "rollout.group_size=2", "rollout.max_new_tokens=8",
+                          "reward.functions=[tests.test_rl:digit_reward]")
+    assert code == 0, err
+    assert "done: 2 steps" in out
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["grpo", "rollout.group_size=1"], ["rollout.group_size", "2 or more"]),
+    (["rl", "algorithm=ppo2"], ["algorithm", "grpo"]),
+    (["rl", "loss.advantage=gae"], ["loss.advantage"]),
+    (["grpo", "train.max_steps=3", "loss.epochs=2"], ["train.max_steps", "multiple of 2"]),
+    (["grpo", "train.grad_accum=2"], ["train.grad_accum", "loss.mini_batches"]),
+    (["grpo", "reward.functions=[no_such_reward]"], ["reward.functions", "no_such_reward"]),
+    (["grpo", "reward.functions=[tests.test_rl:raising_reward]"], ["raising_reward", "grader crashed"]),
+    (["dapo", "algorithm=grpo"], ["dapo", "algorithm"]),
+])
+def test_bad_rl_input_is_one_clear_error(capsys, model_dirs, tmp_path, argv, fragments):
+    code, out, err = _cli(capsys, *argv, f"model.name_or_path={model_dirs['llama']}",
+                          f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "data.world_examples=8",
+                          "data.eval=null", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4")
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+def test_config_checks_in_python():
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(RLConfig, None, ["algorithm=rloo", "rollout.group_size=1"])
+    # remax and reinforce_pp work with one sample per prompt
+    load_config(RLConfig, None, ["algorithm=remax", "rollout.group_size=1"])
+    load_config(RLConfig, None, ["algorithm=reinforce_pp", "rollout.group_size=1"])
