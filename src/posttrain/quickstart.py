@@ -9,7 +9,9 @@
    pairwise accuracy;
 5. ``dpo``: for each loss in ``dpo_losses``, preference optimization from the SFT checkpoint on
    the same pairs; evaluate and report the accuracy change over SFT and the displacement check;
-6. print the table and write the run directory: data/, sft/, rm/, dpo-<loss>/ (each with
+6. ``rl``: online RL (``rl.algorithm``, GRPO by default) from the SFT checkpoint on train-split
+   problems with the world's verifier as the reward; evaluate;
+7. print the table and write the run directory: data/, sft/, rm/, dpo-<loss>/, rl/ (each with
    metrics.jsonl, config.yaml, checkpoints/, final/), learning_curves.png, summary.json.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .algorithms.dpo import DPOConfig, PreferenceDataConfig, PreferenceLossConfig, run_preference
+from .algorithms.rl import RLConfig, RLDataConfig, RLLossConfig, RolloutConfig, run_rl
 from .algorithms.rm import RM_LOSS_DATA, RMConfig, run_rm
 from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
 from .config import ModelConfig, TrainConfig, option, reroot, rerooter, validated
@@ -36,12 +39,12 @@ from .models.loading import (
     tokenizer_for,
 )
 from .train.rundir import check_output_dir, run_lock
-from .world.datasets import write_jsonl, write_world_datasets
+from .world.datasets import problem_record, write_jsonl, write_world_datasets
 from .world.evaluate import EvalResult, evaluate_problems
 from .world.preferences import preference_records
 from .world.tasks import generate_problems
 
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "rl")
 
 
 def _default_sft() -> SFTConfig:
@@ -65,6 +68,15 @@ def _default_dpo() -> DPOConfig:
                      train=TrainConfig(output_dir="", lr=5e-5, epochs=1.0, micro_batch_size=8, warmup_ratio=0.1))
 
 
+def _default_rl() -> RLConfig:
+    return RLConfig(algorithm="grpo", model=ModelConfig(name_or_path=""),
+                    data=RLDataConfig(train="", eval=""),
+                    rollout=RolloutConfig(group_size=8, prompts_per_step=16, max_new_tokens=64, samples_every=10),
+                    loss=RLLossConfig(),
+                    train=TrainConfig(output_dir="", lr=2e-5, max_steps=40, epochs=0.0, micro_batch_size=16,
+                                      warmup_ratio=0.0, min_lr_ratio=1.0, weight_decay=0.0))
+
+
 _OWN_DATA = "the quickstart writes the tiny world's data under output_dir; `posttrain sft` / `rm` / `dpo` train on yours"
 # keys of the stage sections that the quickstart sets itself, and what to use instead
 QUICKSTART_OWNED = {
@@ -78,17 +90,19 @@ QUICKSTART_OWNED = {
     "rm.model.name_or_path": "the reward model starts from the SFT model of the same run",
     "dpo.model.name_or_path": "preference optimization starts from the SFT model of the same run",
     "dpo.loss.name": "list the losses in dpo_losses, e.g. dpo_losses=[ipo]",
+    "rl.model.name_or_path": "online RL starts from the SFT model of the same run",
 }
 
 
 @dataclass
 class QuickstartConfig:
-    """posttrain quickstart: the tiny world, from the base model through SFT, a reward model and DPO."""
+    """posttrain quickstart: the tiny world, from the base model through SFT, a reward model, DPO and online RL."""
 
     output_dir: str = option("runs/quickstart", "Run directory.")
     seed: int = option(0, "Seed for data generation and training.", min=0, max=2**32 - 1)
     stages: list[str] = option(default_factory=lambda: list(STAGES),
-                               help="Stages to run, in order: sft, rm, dpo (rm and dpo start from the SFT model).")
+                               help="Stages to run, in order: sft, rm, dpo, rl (rm, dpo and rl start from the SFT "
+                                    "model).")
     train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1, max=1_000_000)
     preference_pairs: int = option(1000, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2,
                                   max=1_000_000)
@@ -99,19 +113,22 @@ class QuickstartConfig:
     curve_points: int = option(3, "Held-out accuracy measurements during SFT (for the plot).", min=0, max=100)
     curve_problems: int = option(100, "Held-out problems per learning-curve measurement.", min=1, max=100_000)
     max_new_tokens: int = option(64, "Generation budget per answer.", min=1)
+    rl_prompts: int = option(4000, "Train-split problems (prompt + answer) the rl stage samples from.", min=1,
+                             max=1_000_000)
     sft: SFTConfig = field(default_factory=_default_sft)
     rm: RMConfig = field(default_factory=_default_rm)
     dpo: DPOConfig = field(default_factory=_default_dpo)
+    rl: RLConfig = field(default_factory=_default_rl)
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"Config key 'stages' has unknown stage(s) {bad}; valid stages are {list(STAGES)}.",
                               fix="write e.g. stages=[sft,rm,dpo].")
-        if ("rm" in self.stages or "dpo" in self.stages) and "sft" not in self.stages:
-            raise ConfigError("Stages rm and dpo start from the SFT model, so 'sft' must be in 'stages'.",
-                              fix="use stages=[sft,rm,dpo] (or stages=[sft]).")
-        defaults = {"sft": _default_sft(), "rm": _default_rm(), "dpo": _default_dpo()}
+        if {"rm", "dpo", "rl"} & set(self.stages) and "sft" not in self.stages:
+            raise ConfigError("Stages rm, dpo and rl start from the SFT model, so 'sft' must be in 'stages'.",
+                              fix="use stages=[sft,rm,dpo,rl] (or stages=[sft]).")
+        defaults = {"sft": _default_sft(), "rm": _default_rm(), "dpo": _default_dpo(), "rl": _default_rl()}
         for key, instead in QUICKSTART_OWNED.items():
             stage, *path = key.split(".")
             mine, default = getattr(self, stage), defaults[stage]
@@ -267,6 +284,9 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
                                            preference_records(cfg.preference_pairs, seed=cfg.seed))
         paths["pairs_heldout"] = write_jsonl(out / "data" / "pairs_heldout.jsonl",
                                              preference_records(cfg.eval_pairs, seed=cfg.seed, split="heldout"))
+    if "rl" in stages:
+        paths["rl_prompts"] = write_jsonl(out / "data" / "problems_train.jsonl",
+                                          [problem_record(p) for p in generate_problems(cfg.rl_prompts, seed=cfg.seed)])
     log(f"data: {cfg.train_examples} SFT conversations, {cfg.eval_problems} held-out problems"
         + (f", {cfg.preference_pairs} + {cfg.eval_pairs} held-out preference pairs" if "pairs_train" in paths else "")
         + f" -> {out / 'data'}")
@@ -359,6 +379,35 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
             notes.append(f"{loss_name}: held-out accuracy {100 * change:+.1f}pt over SFT; likelihood displacement "
                          f"{'DETECTED' if displaced else 'not detected'}{chosen_txt}")
 
+    if "rl" in stages:
+        rl = cfg.rl
+        rl.model.name_or_path = sft_dir
+        rl.data.train, rl.data.eval = str(paths["rl_prompts"]), None
+        rl.train.output_dir, rl.train.seed = str(out / "rl"), cfg.seed
+        rl.train.overwrite_output_dir = True
+        name = f"+{rl.algorithm}"
+        log(f"\n[rl] {rl.algorithm} from the SFT checkpoint: {rl.train.max_steps} steps of {rl.rollout.prompts_per_step} "
+            f"train-split problems x {rl.rollout.group_size} samples, reward = {' + '.join(rl.reward.functions)}")
+        with stage_keys("rl"):
+            policy = load_causal_lm(sft_dir, dtype=rl.model.dtype, device=rl.model.device,
+                                    attn_implementation=rl.model.attn_implementation)
+            rl_result = run_rl(rl, model=policy, tokenizer=tokenizer, log=stage_log("rl"))
+        results[name] = evaluate(policy)
+        hist = [h for h in rl_result.fit.history if "reward/mean" in h]
+        k = max(1, len(hist) // 5)
+        first = sum(h["reward/mean"] for h in hist[:k]) / k
+        last = sum(h["reward/mean"] for h in hist[-k:]) / k
+        kl = hist[-1].get("rollout/kl_seq")
+        summary["rl"] = {"algorithm": rl.algorithm, "accuracy": results[name].accuracy,
+                         "reward_first": first, "reward_last": last, "kl_seq_last": kl,
+                         "entropy_last": hist[-1].get("entropy"), "seconds": round(rl_result.fit.seconds, 1),
+                         "loss": dataclasses.asdict(rl_result.loss)}
+        change = results[name].accuracy - results["SFT"].accuracy
+        kl_txt = f", KL to SFT {kl:.2f} nats per answer" if kl is not None else ""
+        notes.append(f"{rl.algorithm}: held-out accuracy {100 * change:+.1f}pt over SFT; reward on its own samples "
+                     f"{first:.2f} -> {last:.2f} (first / last fifth of {len(hist)} steps){kl_txt}; "
+                     f"{rl_result.fit.seconds / 60:.1f} min")
+
     elapsed = time.time() - t0
     table = results_table(results)
     summary.update({name: r.metrics() for name, r in results.items()})
@@ -378,6 +427,7 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
     log(f"\nexample (held-out): {ex['question']}\n{list(results)[-1]} model: {ex['response']!r}")
     log(f"\nrun directory: {out}/  (summary.json, samples.jsonl"
         + (", learning_curves.png, sft/" if "sft" in stages else "") + (", rm/" if "rm" in stages else "")
-        + "".join(f", dpo-{n}/" for n in (cfg.dpo_losses if "dpo" in stages else [])) + ")")
+        + "".join(f", dpo-{n}/" for n in (cfg.dpo_losses if "dpo" in stages else []))
+        + (", rl/ (curves.png, samples.jsonl)" if "rl" in stages else "") + ")")
     log(f"total time: {elapsed / 60:.1f} min")
     return summary

@@ -34,28 +34,24 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
+from ..config import unused_notes, validated
 from ..data import EncodedExample, load_records
 from ..data.chat import render_prompt
 from ..errors import ConfigError, DataError
 from ..models.loading import (
     accelerator_for,
     check_model_fits,
-    check_same_vocabulary,
     load_causal_lm,
     read_paths,
     tokenizer_for,
 )
 from ..models.logprobs import selected_log_probs
 from ..ops import (
-    ADVANTAGE_ESTIMATORS,
-    LOSS_AGGREGATIONS,
-    POLICY_LOSSES,
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
@@ -69,238 +65,19 @@ from ..rewards import check_reward_fields, compute_rewards, resolve_reward_funct
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
-from .sequences import PREFIX_SHARING_ATTENTION, collate_groups, frozen_copy
-
-BUILTIN_PROMPTS = "builtin:world-problems"
-
-# --------------------------------------------------------------------------- presets
-
-#: Named choices of the loop's parts. A preset fills only the ``loss.*`` keys left null.
-PRESETS: dict[str, dict] = {
-    # DeepSeekMath (Shao et al. 2024): group-normalized advantages, PPO clip, k3 KL in the loss,
-    # per-sequence mean of token means
-    "grpo": dict(advantage="grpo", normalize_by_std=True, policy_loss="ppo_clip", clip_eps=0.2,
-                 aggregation="seq_mean_token_mean", kl_beta=0.04, kl_estimator="k3", kl_placement="loss"),
-    # Liu et al. 2025 ("Understanding R1-Zero-like training"): no std division, a constant
-    # normalizer (max completion length) instead of each response's length, no KL
-    "dr_grpo": dict(advantage="grpo", normalize_by_std=False, policy_loss="ppo_clip", clip_eps=0.2,
-                    aggregation="seq_mean_token_sum_norm", kl_beta=0.0),
-    # Yu et al. 2025: clip-higher, dynamic sampling, token-level mean, soft overlong punishment, no KL
-    "dapo": dict(advantage="grpo", normalize_by_std=True, policy_loss="ppo_clip", clip_eps=0.2,
-                 clip_eps_high=0.28, aggregation="token_mean", kl_beta=0.0, dynamic_sampling=True,
-                 overlong_penalty=True),
-    # Zheng et al. 2025: a sequence-level (length-normalized) importance ratio, clipped per sequence
-    "gspo": dict(advantage="grpo", normalize_by_std=True, policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4,
-                 aggregation="seq_mean_token_mean", kl_beta=0.0),
-    # Ahmadian et al. 2024: leave-one-out baseline, sequence-level REINFORCE, k1 KL in the reward
-    "rloo": dict(advantage="rloo", policy_loss="ppo_clip", clip_eps=0.2, aggregation="seq_mean_token_sum",
-                 kl_beta=0.05, kl_estimator="k1", kl_placement="reward"),
-    # Li et al. 2024: the greedy completion's reward as the baseline, k1 KL in the reward
-    "remax": dict(advantage="remax", policy_loss="ppo_clip", clip_eps=0.2, aggregation="seq_mean_token_sum",
-                  kl_beta=0.05, kl_estimator="k1", kl_placement="reward"),
-    # Hu 2025: batch-whitened returns (no critic, no group), k1 KL in the reward, token mean
-    "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", clip_eps=0.2, aggregation="token_mean",
-                         kl_beta=0.01, kl_estimator="k1", kl_placement="reward"),
-}
-
-# what an unset key falls back to when the preset does not name it
-_LOSS_FALLBACK = dict(normalize_by_std=True, clip_eps=0.2, clip_eps_high=None, dual_clip=None, kl_beta=0.0,
-                      kl_estimator="k3", kl_placement="loss", dynamic_sampling=False, overlong_penalty=False)
-
-ONLINE_ADVANTAGES = tuple(sorted(n for n, e in ADVANTAGE_ESTIMATORS.items() if not e.needs_critic))
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class RLDataConfig:
-    """Prompts: records with a ``prompt`` (string or messages) and the fields the rewards read."""
-
-    train: str = option(BUILTIN_PROMPTS, "JSONL/Parquet prompt records (e.g. {\"prompt\", \"answer\"}; every "
-                        "other field is passed to the reward functions), or builtin:world-problems.")
-    eval: str | None = option("auto", "Held-out prompts scored greedily with the reward functions; auto: "
-                              "builtin:world-problems-heldout for the world's data, else none.")
-    max_prompt_length: int = option(256, "Prompts longer than this (in tokens, chat-rendered) are dropped "
-                                         "and counted.", min=1)
-    world_examples: int = option(4000, "Problems generated for builtin:world-problems.", min=1, max=1_000_000)
-    world_eval_examples: int = option(200, "Problems generated for the held-out builtin set.", min=1,
-                                      max=1_000_000)
-
-
-@dataclass
-class RolloutConfig:
-    """Sampling: G completions per prompt (HF decoding loop with a shared prompt cache on CPU)."""
-
-    group_size: int = option(8, "Completions per prompt (G). Group estimators (grpo, rloo) need >= 2.", min=1,
-                             max=4096)
-    prompts_per_step: int = option(16, "Prompts per rollout batch (each gives group_size completions).", min=1)
-    max_new_tokens: int = option(64, "Longest completion; longer ones are cut and marked truncated.", min=1)
-    temperature: float = option(1.0, "Sampling temperature; the trained policy is softmax(logits / temperature).",
-                                gt=0.0)
-    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, max=1.0)
-    top_k: int = option(0, "Sample among the k most likely tokens (0: all).", min=0)
-    batch_size: int = option(128, "Sequences decoded together.", min=1)
-    mask_truncated: bool = option(False, "Leave completions that hit max_new_tokens out of the loss (counted).")
-    eval_max_new_tokens: int = option(96, "Longest completion when evaluating (greedy).", min=1)
-    samples_every: int = option(10, "Write the rollout's completions to samples.jsonl every N iterations "
-                                    "(0: never).", min=0)
-
-
-@dataclass
-class RewardConfig:
-    """Reward functions: registry names or module:function paths, weighted and summed."""
-
-    functions: list[str] = option(default_factory=lambda: ["world_correct"],
-                                  help="Reward functions (world_correct, format, math_answer, overlong, "
-                                       "reward_model, or package.module:function, which imports and runs that "
-                                       "module).")
-    weights: list[float] | None = option(None, "One weight per function (default 1 each).")
-    gold: list[str] = option(default_factory=list, help="Functions computed and logged beside the reward but "
-                             "not trained on (e.g. world_correct next to a reward_model): the reward-hacking "
-                             "check compares them.")
-    overlong_buffer: int | None = option(None, "DAPO's soft overlong punishment: the last N tokens before "
-                                              "max_new_tokens are penalized linearly (default max_new_tokens/5).",
-                                         min=1)
-    reward_model: str | None = option(None, "Directory of a reward model saved by `posttrain rm` (for the "
-                                            "reward_model function).")
-    reward_model_batch_size: int = option(32, "Sequences per reward-model forward pass.", min=1)
-
-
-@dataclass
-class RLLossConfig:
-    """The loop's parts; null means "what the algorithm preset says"."""
-
-    advantage: str | None = option(None, "Advantage estimator: " + ", ".join(ONLINE_ADVANTAGES) + ".",
-                                   choices=ONLINE_ADVANTAGES)
-    normalize_by_std: bool | None = option(None, "grpo: divide by the group's std (false: Dr. GRPO).")
-    advantage_eps: float = option(1e-6, "Added to the std before dividing.", gt=0.0)
-    subtract_group_mean: bool = option(False, "reinforce_pp: subtract the group mean before whitening "
-                                              "(the 'baseline' variant).")
-    policy_loss: str | None = option(None, "pg, ppo_clip, gspo or cispo.", choices=tuple(sorted(POLICY_LOSSES)))
-    clip_eps: float | None = option(None, "Lower clip range (1 - eps).", gt=0.0, lt=1.0)
-    clip_eps_high: float | None = option(None, "Upper clip range (1 + eps_high; DAPO's clip-higher); null: "
-                                               "clip_eps.", gt=0.0)
-    dual_clip: float | None = option(None, "ppo_clip: bound the loss of negative-advantage tokens at "
-                                           "dual_clip * |A| (> 1).", gt=1.0)
-    aggregation: str | None = option(None, "token_mean, seq_mean_token_mean, seq_mean_token_sum or "
-                                           "seq_mean_token_sum_norm (divides by rollout.max_new_tokens).",
-                                     choices=tuple(sorted(LOSS_AGGREGATIONS)))
-    kl_beta: float | None = option(None, "KL coefficient (0: no reference model is loaded).", min=0.0)
-    kl_estimator: str | None = option(None, "k1, k2 or k3.", choices=("k1", "k2", "k3"))
-    kl_placement: str | None = option(None, "loss: beta * k per token in the loss (GRPO); reward: -beta * k "
-                                            "summed into the sequence reward (RLOO, REINFORCE++).",
-                                      choices=("loss", "reward"))
-    kl_target: float | None = option(None, "Adaptive KL (Ziegler et al.): steer beta toward this KL per "
-                                           "sequence; null keeps beta fixed.", gt=0.0)
-    kl_horizon: int = option(10000, "Adaptive KL horizon (samples).", min=1)
-    entropy_coef: float = option(0.0, "Entropy bonus coefficient.", min=0.0)
-    epochs: int = option(1, "Passes over each rollout batch (PPO's mu).", min=1)
-    mini_batches: int = option(1, "Optimizer steps per pass over a rollout batch.", min=1)
-    dynamic_sampling: bool | None = option(None, "DAPO: drop groups whose rewards are all equal and sample "
-                                                 "more prompts to refill the batch.")
-    dynamic_sampling_rounds: int = option(3, "Extra sampling rounds at most per iteration.", min=0)
-    overlong_penalty: bool | None = option(None, "DAPO: add the soft overlong punishment to the reward.")
-    tis_cap: float | None = option(None, "Truncated importance sampling between the rollout's and the "
-                                         "trainer's log-probs, capped at this value (null: off).", gt=0.0)
-    tis_level: str = option("token", "token or sequence.", choices=("token", "sequence"))
-
-    def resolved(self, algorithm: str) -> RLLossConfig:
-        """A copy with every null filled from the preset (then from the general fallbacks)."""
-        preset = PRESETS[algorithm]
-        values = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v is None and f.name in preset:
-                v = preset[f.name]
-            elif v is None and f.name in _LOSS_FALLBACK:
-                v = _LOSS_FALLBACK[f.name]
-            values[f.name] = v
-        return RLLossConfig(**values)
-
-
-@dataclass
-class MonitorConfig:
-    """Failure-mode warnings (printed while training, flags logged every step)."""
-
-    collapse_distinct: float = option(0.2, "Mode collapse: warn when the within-group rate of distinct "
-                                           "completions falls below this ...", min=0.0, max=1.0)
-    collapse_entropy: float = option(0.05, "... and the mean token entropy below this (nats).", min=0.0)
-    kl_max: float = option(10.0, "KL blow-up: warn when the per-sequence KL to the reference exceeds this "
-                                 "(nats) ...", gt=0.0)
-    approx_kl_max: float = option(0.5, "... or the old-vs-new approximate KL per token exceeds this.", gt=0.0)
-    hacking_window: int = option(5, "Reward hacking: iterations per half-window comparing the trained reward "
-                                    "with the gold functions (0: off).", min=0)
-
-
-@dataclass
-class RLConfig:
-    """posttrain rl: online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE++)."""
-
-    algorithm: str = option("grpo", "Preset: " + ", ".join(PRESETS) + ".", choices=tuple(PRESETS))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: RLDataConfig = field(default_factory=RLDataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    loss: RLLossConfig = field(default_factory=RLLossConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        output_dir="runs/rl", lr=1e-5, micro_batch_size=4, max_steps=100, epochs=0.0, warmup_ratio=0.0,
-        min_lr_ratio=1.0, weight_decay=0.0))
-
-    def validate(self) -> None:
-        loss = self.loss.resolved(self.algorithm)
-        est = get_advantage_estimator(loss.advantage)
-        g = self.rollout.group_size
-        if est.needs_groups and g < 2:
-            raise ConfigError(
-                f"loss.advantage={loss.advantage} compares the samples of a prompt with each other, but "
-                f"rollout.group_size is {g}.",
-                fix="set rollout.group_size to 2 or more (4-16 is usual), or use loss.advantage=remax / "
-                "reinforce_pp / none, which work with one sample per prompt.")
-        if self.train.grad_accum != 1:
-            raise ConfigError(
-                f"train.grad_accum={self.train.grad_accum}: in online RL the micro-batches of an optimizer step "
-                "follow from the rollout batch (rollout.prompts_per_step / loss.mini_batches groups, "
-                "train.micro_batch_size groups per forward pass).",
-                fix="remove train.grad_accum; set loss.mini_batches and train.micro_batch_size instead.")
-        if loss.mini_batches > self.rollout.prompts_per_step:
-            raise ConfigError(
-                f"loss.mini_batches={loss.mini_batches} is more than rollout.prompts_per_step="
-                f"{self.rollout.prompts_per_step}: a mini-batch would hold no prompt group.",
-                fix="lower loss.mini_batches or raise rollout.prompts_per_step.")
-        if self.train.epochs != 0:
-            raise ConfigError(
-                f"train.epochs={self.train.epochs}: online RL counts optimizer steps (train.max_steps), since each "
-                "iteration samples new completions.", fix="set train.epochs=0 and train.max_steps=N.")
-        per_iter = loss.epochs * loss.mini_batches
-        if self.train.max_steps % per_iter:
-            raise ConfigError(
-                f"train.max_steps={self.train.max_steps} is not a multiple of loss.epochs * loss.mini_batches = "
-                f"{per_iter} (the optimizer steps of one rollout batch).",
-                fix=f"set train.max_steps to a multiple of {per_iter}.")
-        if self.train.save_every % per_iter:
-            raise ConfigError(
-                f"train.save_every={self.train.save_every} would checkpoint in the middle of a rollout batch "
-                f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
-                fix=f"set train.save_every to a multiple of {per_iter}.")
-        if loss.clip_eps_high is not None and loss.policy_loss in ("pg",):
-            pass  # reported as an unused setting
-        names = set(self.reward.functions)
-        overlap = names & set(self.reward.gold)
-        if overlap:
-            raise ConfigError(f"reward.gold repeats {sorted(overlap)} from reward.functions.",
-                              fix="list a function either as trained reward or as gold metric.")
-        if self.reward.weights is not None and len(self.reward.weights) != len(self.reward.functions):
-            raise ConfigError(
-                f"reward.weights has {len(self.reward.weights)} values for {len(self.reward.functions)} reward "
-                "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
-        if not self.reward.functions:
-            raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
-        if loss.kl_target is not None and loss.kl_beta == 0:
-            raise ConfigError("loss.kl_target is set but loss.kl_beta is 0: the adaptive controller scales beta.",
-                              fix="set loss.kl_beta > 0 as the starting value, or remove loss.kl_target.")
-
+from .rl_config import (
+    BUILTIN_PROMPTS,
+    PRESETS,
+    MonitorConfig,
+    RewardConfig,
+    RLConfig,
+    RLDataConfig,
+    RLLossConfig,
+    RolloutConfig,
+)
+from .rl_monitor import RLState
+from .rl_report import plot_rl_curves
+from .sequences import collate_groups, frozen_copy
 
 # --------------------------------------------------------------------------- prompt data
 
@@ -450,7 +227,7 @@ class OnlineRLAlgorithm:
 
 
 def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_implementation: str,
-                    row_length: int, with_old: bool, with_ref: bool, with_tis: bool) -> dict:
+                    row_length: int, with_old: bool, with_ref: bool) -> dict:
     """A micro-batch of whole prompt groups: prefix-shared documents (one prompt, G completions)
     where the attention takes a 4-D mask, plus ``(S, L)`` per-token tensors in sequence order."""
     ids, start = [], 0
@@ -471,91 +248,8 @@ def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_imple
         batch["old_logps"] = _rows([s.old_logps for s in flat], width)
     if with_ref:
         batch["ref_logps"] = _rows([s.ref_logps for s in flat], width)
-    if with_tis:
-        batch["rollout_logps"] = _rows([s.rollout_logps for s in flat], width)
     batch["num_input_tokens"] = sum(len(s.example) for s in flat)
     return batch
-
-
-# --------------------------------------------------------------------------- the loop's state
-
-
-class RLState:
-    """What the loop carries between iterations, saved in every checkpoint (engine callback
-    protocol): the prompt cursor, the KL coefficient, and the monitors' windows. As a callback
-    it adds the iteration's rollout metrics to the first step record of each iteration and
-    prints the failure-mode warnings."""
-
-    def __init__(self, monitor: MonitorConfig, kl, *, log=print, gold: bool):
-        self.cursor = 0
-        self.kl = kl
-        self.cfg = monitor
-        self.log = log
-        self.gold = gold
-        self.pending: dict | None = None   # rollout metrics waiting for the next step record
-        self.proxy: list[float] = []
-        self.gold_acc: list[float] = []
-        self.warned: dict[str, bool] = {"collapse": False, "kl": False, "hacking": False}
-
-    # -- engine callback
-    def __call__(self, record: dict) -> None:
-        if self.pending is not None:
-            rollout_s = self.pending.get("time/rollout_total", 0.0)
-            record.update(self.pending)
-            record["time/train"] = max(0.0, record["step_seconds"] - rollout_s)
-            self.pending = None
-            self._check(record)
-        for k in ("collapse", "kl_blowup", "hacking"):
-            record.setdefault(f"warning/{k}", 0)
-
-    def _warn(self, key: str, text: str) -> None:
-        if not self.warned.get(key):
-            self.warned[key] = True
-            self.log(f"warning: {text}")
-
-    def _check(self, r: dict) -> None:
-        c = self.cfg
-        if r.get("distinct_rate", 1.0) < c.collapse_distinct and r.get("entropy", 1.0) < c.collapse_entropy:
-            r["warning/collapse"] = 1
-            self._warn("collapse", f"mode collapse at step {r['step']}: only {r['distinct_rate']:.0%} of the "
-                       f"completions of a prompt differ and the token entropy is {r['entropy']:.3f} nats; the "
-                       "policy has stopped exploring. Lower train.lr, add loss.entropy_coef, raise "
-                       "rollout.temperature or loss.kl_beta.")
-        kl = r.get("rollout/kl_seq")
-        approx = r.get("approx_kl")
-        if (kl is not None and kl > c.kl_max) or (approx is not None and approx > c.approx_kl_max):
-            r["warning/kl_blowup"] = 1
-            self._warn("kl", f"KL blow-up at step {r['step']}: KL to the reference {kl if kl is not None else 0:.3g} "
-                       f"nats per sequence (limit {c.kl_max}), old-vs-new approximate KL "
-                       f"{approx if approx is not None else 0:.3g} per token (limit {c.approx_kl_max}). Lower "
-                       "train.lr, raise loss.kl_beta, or reduce loss.epochs.")
-        if self.gold and c.hacking_window and "reward/mean" in r and "gold/mean" in r:
-            self.proxy.append(r["reward/mean"])
-            self.gold_acc.append(r["gold/mean"])
-            w = c.hacking_window
-            flag = 0
-            if len(self.proxy) >= 2 * w:
-                p0, p1 = sum(self.proxy[-2 * w:-w]) / w, sum(self.proxy[-w:]) / w
-                g0, g1 = sum(self.gold_acc[-2 * w:-w]) / w, sum(self.gold_acc[-w:]) / w
-                if p1 > p0 and g1 < g0:
-                    flag = 1
-                    self._warn("hacking", f"reward hacking at step {r['step']}: the trained reward rose "
-                               f"({p0:.3f} -> {p1:.3f}) while the gold metric fell ({g0:.3f} -> {g1:.3f}). "
-                               "Stop here (the checkpoints before this point are better), raise loss.kl_beta, "
-                               "or improve the reward model.")
-                del self.proxy[:-2 * w], self.gold_acc[:-2 * w]
-            r["warning/hacking"] = flag
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "kl": self.kl.state_dict(), "proxy": self.proxy, "gold": self.gold_acc,
-                "warned": dict(self.warned)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cursor = int(state["cursor"])
-        self.kl.load_state_dict(state["kl"])
-        self.proxy = [float(x) for x in state.get("proxy", [])]
-        self.gold_acc = [float(x) for x in state.get("gold", [])]
-        self.warned.update(state.get("warned", {}))
 
 
 # --------------------------------------------------------------------------- the plan (rollouts)
@@ -657,10 +351,11 @@ class RLRunner:
         return out
 
     def collate(self, groups: list[list[Sample]]) -> dict:
-        return collate_samples(groups, pad_token_id=self.pad_id, attn_implementation=self.attn,
-                               row_length=self.row_length, with_old=self.needs_old,
-                               with_ref=self.reference is not None, with_tis=self.loss.tis_cap is not None) | (
-            {"tis_weights": self._tis(groups)} if self.loss.tis_cap is not None else {})
+        batch = collate_samples(groups, pad_token_id=self.pad_id, attn_implementation=self.attn,
+                                row_length=self.row_length, with_old=self.needs_old, with_ref=self.reference is not None)
+        if self.loss.tis_cap is not None:
+            batch["tis_weights"] = self._tis(groups)
+        return batch
 
     def _tis(self, groups) -> torch.Tensor:
         flat = [s for g in groups for s in g]
@@ -682,7 +377,7 @@ class RLRunner:
     # -- one rollout batch
     @torch.no_grad()
     def rollout(self, k: int, plan: RolloutPlan) -> list[list[Sample]]:
-        cfg, ro, loss = self.cfg, self.cfg.rollout, self.loss
+        ro, loss = self.cfg.rollout, self.loss
         t0 = time.time()
         times = {"generate": 0.0, "score": 0.0, "logprobs": 0.0}
         G = ro.group_size
@@ -813,8 +508,8 @@ class RLRunner:
             for start in range(0, len(plan_order), size):
                 mb = [groups[i] for i in plan_order[start:start + size]]
                 batch = to_device(collate_samples(mb, pad_token_id=self.pad_id, attn_implementation=self.attn,
-                                                  row_length=self.row_length, with_old=False, with_ref=False,
-                                                  with_tis=False), next(self.model.parameters()).device)
+                                                  row_length=self.row_length, with_old=False, with_ref=False),
+                                  next(self.model.parameters()).device)
                 flat = [s for g in mb for s in g]
                 if self.needs_old:
                     for s, v in zip(flat, self._seq_logps(self.model, batch, len(flat))):
@@ -1055,6 +750,8 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if has_eval else None, run_config=run_config, inputs=inputs, log=log,
                  callbacks=[state])
+    if accelerator.is_main_process and result.history:
+        plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain {cfg.algorithm}")
     return RLResult(fit=result, final_dir=result.final_dir, loss=loss,
                     eval_metrics=result.eval_history[-1] if result.eval_history else {})
 
@@ -1067,4 +764,5 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["PRESETS", "RLConfig", "RLResult", "run_rl"]
+__all__ = ["PRESETS", "MonitorConfig", "RLConfig", "RLDataConfig", "RLLossConfig", "RLResult", "RLState",
+           "RewardConfig", "RolloutConfig", "run_rl"]

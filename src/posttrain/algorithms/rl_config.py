@@ -1,0 +1,245 @@
+"""Configuration of the online RL loop: the sections of ``posttrain rl`` and the named presets.
+
+A preset is a named choice of the loop's parts (advantage estimator, policy loss, loss
+aggregation, KL placement ...); it fills only the ``loss.*`` keys left null, so every part
+can also be set on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig, TrainConfig, option
+from ..errors import ConfigError
+from ..ops import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, get_advantage_estimator
+
+BUILTIN_PROMPTS = "builtin:world-problems"
+
+# --------------------------------------------------------------------------- presets
+
+#: Named choices of the loop's parts. A preset fills only the ``loss.*`` keys left null.
+PRESETS: dict[str, dict] = {
+    # DeepSeekMath (Shao et al. 2024): group-normalized advantages, PPO clip, k3 KL in the loss,
+    # per-sequence mean of token means
+    "grpo": dict(advantage="grpo", normalize_by_std=True, policy_loss="ppo_clip", clip_eps=0.2,
+                 aggregation="seq_mean_token_mean", kl_beta=0.04, kl_estimator="k3", kl_placement="loss"),
+    # Liu et al. 2025 ("Understanding R1-Zero-like training"): no std division, a constant
+    # normalizer (max completion length) instead of each response's length, no KL
+    "dr_grpo": dict(advantage="grpo", normalize_by_std=False, policy_loss="ppo_clip", clip_eps=0.2,
+                    aggregation="seq_mean_token_sum_norm", kl_beta=0.0),
+    # Yu et al. 2025: clip-higher, dynamic sampling, token-level mean, soft overlong punishment, no KL
+    "dapo": dict(advantage="grpo", normalize_by_std=True, policy_loss="ppo_clip", clip_eps=0.2,
+                 clip_eps_high=0.28, aggregation="token_mean", kl_beta=0.0, dynamic_sampling=True,
+                 overlong_penalty=True),
+    # Zheng et al. 2025: a sequence-level (length-normalized) importance ratio, clipped per sequence
+    "gspo": dict(advantage="grpo", normalize_by_std=True, policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4,
+                 aggregation="seq_mean_token_mean", kl_beta=0.0),
+    # Ahmadian et al. 2024: leave-one-out baseline, sequence-level REINFORCE, k1 KL in the reward
+    "rloo": dict(advantage="rloo", policy_loss="ppo_clip", clip_eps=0.2, aggregation="seq_mean_token_sum",
+                 kl_beta=0.05, kl_estimator="k1", kl_placement="reward"),
+    # Li et al. 2024: the greedy completion's reward as the baseline, k1 KL in the reward
+    "remax": dict(advantage="remax", policy_loss="ppo_clip", clip_eps=0.2, aggregation="seq_mean_token_sum",
+                  kl_beta=0.05, kl_estimator="k1", kl_placement="reward"),
+    # Hu 2025: batch-whitened returns (no critic, no group), k1 KL in the reward, token mean
+    "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", clip_eps=0.2, aggregation="token_mean",
+                         kl_beta=0.01, kl_estimator="k1", kl_placement="reward"),
+}
+
+# what an unset key falls back to when the preset does not name it
+_LOSS_FALLBACK = dict(normalize_by_std=True, clip_eps=0.2, clip_eps_high=None, dual_clip=None, kl_beta=0.0,
+                      kl_estimator="k3", kl_placement="loss", dynamic_sampling=False, overlong_penalty=False)
+
+ONLINE_ADVANTAGES = tuple(sorted(n for n, e in ADVANTAGE_ESTIMATORS.items() if not e.needs_critic))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class RLDataConfig:
+    """Prompts: records with a ``prompt`` (string or messages) and the fields the rewards read."""
+
+    train: str = option(BUILTIN_PROMPTS, "JSONL/Parquet prompt records (e.g. {\"prompt\", \"answer\"}; every "
+                        "other field is passed to the reward functions), or builtin:world-problems.")
+    eval: str | None = option("auto", "Held-out prompts scored greedily with the reward functions; auto: "
+                              "builtin:world-problems-heldout for the world's data, else none.")
+    max_prompt_length: int = option(256, "Prompts longer than this (in tokens, chat-rendered) are dropped "
+                                         "and counted.", min=1)
+    world_examples: int = option(4000, "Problems generated for builtin:world-problems.", min=1, max=1_000_000)
+    world_eval_examples: int = option(200, "Problems generated for the held-out builtin set.", min=1,
+                                      max=1_000_000)
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling: G completions per prompt (HF decoding loop with a shared prompt cache on CPU)."""
+
+    group_size: int = option(8, "Completions per prompt (G). Group estimators (grpo, rloo) need >= 2.", min=1,
+                             max=4096)
+    prompts_per_step: int = option(16, "Prompts per rollout batch (each gives group_size completions).", min=1)
+    max_new_tokens: int = option(64, "Longest completion; longer ones are cut and marked truncated.", min=1)
+    temperature: float = option(1.0, "Sampling temperature; the trained policy is softmax(logits / temperature).",
+                                gt=0.0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, max=1.0)
+    top_k: int = option(0, "Sample among the k most likely tokens (0: all).", min=0)
+    batch_size: int = option(128, "Sequences decoded together.", min=1)
+    mask_truncated: bool = option(False, "Leave completions that hit max_new_tokens out of the loss (counted).")
+    eval_max_new_tokens: int = option(96, "Longest completion when evaluating (greedy).", min=1)
+    samples_every: int = option(10, "Write the rollout's completions to samples.jsonl every N iterations "
+                                    "(0: never).", min=0)
+
+
+@dataclass
+class RewardConfig:
+    """Reward functions: registry names or module:function paths, weighted and summed."""
+
+    functions: list[str] = option(default_factory=lambda: ["world_correct"],
+                                  help="Reward functions (world_correct, format, math_answer, overlong, "
+                                       "reward_model, or package.module:function, which imports and runs that "
+                                       "module).")
+    weights: list[float] | None = option(None, "One weight per function (default 1 each).")
+    gold: list[str] = option(default_factory=list, help="Functions computed and logged beside the reward but "
+                             "not trained on (e.g. world_correct next to a reward_model): the reward-hacking "
+                             "check compares them.")
+    overlong_buffer: int | None = option(None, "DAPO's soft overlong punishment: the last N tokens before "
+                                              "max_new_tokens are penalized linearly (default max_new_tokens/5).",
+                                         min=1)
+    reward_model: str | None = option(None, "Directory of a reward model saved by `posttrain rm` (for the "
+                                            "reward_model function).")
+    reward_model_batch_size: int = option(32, "Sequences per reward-model forward pass.", min=1)
+
+
+@dataclass
+class RLLossConfig:
+    """The loop's parts; null means "what the algorithm preset says"."""
+
+    advantage: str | None = option(None, "Advantage estimator: " + ", ".join(ONLINE_ADVANTAGES) + ".",
+                                   choices=ONLINE_ADVANTAGES)
+    normalize_by_std: bool | None = option(None, "grpo: divide by the group's std (false: Dr. GRPO).")
+    advantage_eps: float = option(1e-6, "Added to the std before dividing.", gt=0.0)
+    subtract_group_mean: bool = option(False, "reinforce_pp: subtract the group mean before whitening "
+                                              "(the 'baseline' variant).")
+    policy_loss: str | None = option(None, "pg, ppo_clip, gspo or cispo.", choices=tuple(sorted(POLICY_LOSSES)))
+    clip_eps: float | None = option(None, "Lower clip range (1 - eps).", gt=0.0, lt=1.0)
+    clip_eps_high: float | None = option(None, "Upper clip range (1 + eps_high; DAPO's clip-higher); null: "
+                                               "clip_eps.", gt=0.0)
+    dual_clip: float | None = option(None, "ppo_clip: bound the loss of negative-advantage tokens at "
+                                           "dual_clip * |A| (> 1).", gt=1.0)
+    aggregation: str | None = option(None, "token_mean, seq_mean_token_mean, seq_mean_token_sum or "
+                                           "seq_mean_token_sum_norm (divides by rollout.max_new_tokens).",
+                                     choices=tuple(sorted(LOSS_AGGREGATIONS)))
+    kl_beta: float | None = option(None, "KL coefficient (0: no reference model is loaded).", min=0.0)
+    kl_estimator: str | None = option(None, "k1, k2 or k3.", choices=("k1", "k2", "k3"))
+    kl_placement: str | None = option(None, "loss: beta * k per token in the loss (GRPO); reward: -beta * k "
+                                            "summed into the sequence reward (RLOO, REINFORCE++).",
+                                      choices=("loss", "reward"))
+    kl_target: float | None = option(None, "Adaptive KL (Ziegler et al.): steer beta toward this KL per "
+                                           "sequence; null keeps beta fixed.", gt=0.0)
+    kl_horizon: int = option(10000, "Adaptive KL horizon (samples).", min=1)
+    entropy_coef: float = option(0.0, "Entropy bonus coefficient.", min=0.0)
+    epochs: int = option(1, "Passes over each rollout batch (PPO's mu).", min=1)
+    mini_batches: int = option(1, "Optimizer steps per pass over a rollout batch.", min=1)
+    dynamic_sampling: bool | None = option(None, "DAPO: drop groups whose rewards are all equal and sample "
+                                                 "more prompts to refill the batch.")
+    dynamic_sampling_rounds: int = option(3, "Extra sampling rounds at most per iteration.", min=0)
+    overlong_penalty: bool | None = option(None, "DAPO: add the soft overlong punishment to the reward.")
+    tis_cap: float | None = option(None, "Truncated importance sampling between the rollout's and the "
+                                         "trainer's log-probs, capped at this value (null: off).", gt=0.0)
+    tis_level: str = option("token", "token or sequence.", choices=("token", "sequence"))
+
+    def resolved(self, algorithm: str) -> RLLossConfig:
+        """A copy with every null filled from the preset (then from the general fallbacks)."""
+        preset = PRESETS[algorithm]
+        values = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in preset:
+                v = preset[f.name]
+            elif v is None and f.name in _LOSS_FALLBACK:
+                v = _LOSS_FALLBACK[f.name]
+            values[f.name] = v
+        return RLLossConfig(**values)
+
+
+@dataclass
+class MonitorConfig:
+    """Failure-mode warnings (printed while training, flags logged every step)."""
+
+    collapse_distinct: float = option(0.2, "Mode collapse: warn when the within-group rate of distinct "
+                                           "completions falls below this ...", min=0.0, max=1.0)
+    collapse_entropy: float = option(0.05, "... and the mean token entropy below this (nats).", min=0.0)
+    kl_max: float = option(10.0, "KL blow-up: warn when the per-sequence KL to the reference exceeds this "
+                                 "(nats) ...", gt=0.0)
+    approx_kl_max: float = option(0.5, "... or the old-vs-new approximate KL per token exceeds this.", gt=0.0)
+    hacking_window: int = option(5, "Reward hacking: iterations per half-window comparing the trained reward "
+                                    "with the gold functions (0: off).", min=0)
+
+
+@dataclass
+class RLConfig:
+    """posttrain rl: online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE++)."""
+
+    algorithm: str = option("grpo", "Preset: " + ", ".join(PRESETS) + ".", choices=tuple(PRESETS))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: RLLossConfig = field(default_factory=RLLossConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        output_dir="runs/rl", lr=1e-5, micro_batch_size=4, max_steps=100, epochs=0.0, warmup_ratio=0.0,
+        min_lr_ratio=1.0, weight_decay=0.0))
+
+    def validate(self) -> None:
+        loss = self.loss.resolved(self.algorithm)
+        est = get_advantage_estimator(loss.advantage)
+        g = self.rollout.group_size
+        if est.needs_groups and g < 2:
+            raise ConfigError(
+                f"loss.advantage={loss.advantage} compares the samples of a prompt with each other, but "
+                f"rollout.group_size is {g}.",
+                fix="set rollout.group_size to 2 or more (4-16 is usual), or use loss.advantage=remax / "
+                "reinforce_pp / none, which work with one sample per prompt.")
+        if self.train.grad_accum != 1:
+            raise ConfigError(
+                f"train.grad_accum={self.train.grad_accum}: in online RL the micro-batches of an optimizer step "
+                "follow from the rollout batch (rollout.prompts_per_step / loss.mini_batches groups, "
+                "train.micro_batch_size groups per forward pass).",
+                fix="remove train.grad_accum; set loss.mini_batches and train.micro_batch_size instead.")
+        if loss.mini_batches > self.rollout.prompts_per_step:
+            raise ConfigError(
+                f"loss.mini_batches={loss.mini_batches} is more than rollout.prompts_per_step="
+                f"{self.rollout.prompts_per_step}: a mini-batch would hold no prompt group.",
+                fix="lower loss.mini_batches or raise rollout.prompts_per_step.")
+        if self.train.epochs != 0:
+            raise ConfigError(
+                f"train.epochs={self.train.epochs}: online RL counts optimizer steps (train.max_steps), since each "
+                "iteration samples new completions.", fix="set train.epochs=0 and train.max_steps=N.")
+        per_iter = loss.epochs * loss.mini_batches
+        if self.train.max_steps % per_iter:
+            raise ConfigError(
+                f"train.max_steps={self.train.max_steps} is not a multiple of loss.epochs * loss.mini_batches = "
+                f"{per_iter} (the optimizer steps of one rollout batch).",
+                fix=f"set train.max_steps to a multiple of {per_iter}.")
+        if self.train.save_every % per_iter:
+            raise ConfigError(
+                f"train.save_every={self.train.save_every} would checkpoint in the middle of a rollout batch "
+                f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
+                fix=f"set train.save_every to a multiple of {per_iter}.")
+        if loss.clip_eps_high is not None and loss.policy_loss in ("pg",):
+            pass  # reported as an unused setting
+        names = set(self.reward.functions)
+        overlap = names & set(self.reward.gold)
+        if overlap:
+            raise ConfigError(f"reward.gold repeats {sorted(overlap)} from reward.functions.",
+                              fix="list a function either as trained reward or as gold metric.")
+        if self.reward.weights is not None and len(self.reward.weights) != len(self.reward.functions):
+            raise ConfigError(
+                f"reward.weights has {len(self.reward.weights)} values for {len(self.reward.functions)} reward "
+                "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
+        if not self.reward.functions:
+            raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
+        if loss.kl_target is not None and loss.kl_beta == 0:
+            raise ConfigError("loss.kl_target is set but loss.kl_beta is 0: the adaptive controller scales beta.",
+                              fix="set loss.kl_beta > 0 as the starting value, or remove loss.kl_target.")
