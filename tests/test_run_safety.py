@@ -106,6 +106,34 @@ def test_corrupt_checkpoint_from_the_cli(tmp_path, capsys):
     assert "skipping corrupt checkpoint" in out and "resumed from" in out and "step-000001" in out
 
 
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda s: s["scheduler"].update(optimizer=5), "entries this scheduler does not have"),  # set as an attribute
+    (lambda s: s["scheduler"].update(lr_lambdas=[{"x": 1}, None]), "scheduler.lr_lambdas[0]"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr="fast"), "param_groups[0].lr"),  # TypeError mid-step
+    (lambda s: s["optimizer"]["param_groups"].pop(), "parameter groups"),
+    (lambda s: s.update(step="3"), "step '3'"),  # ran as if at step 3
+    (lambda s: s.update(skipped_steps=-5), "skipped_steps -5"),
+    (lambda s: s.update(extra="x"), "'extra'"),  # AttributeError in the engine
+])
+def test_an_edited_trainer_state_with_a_recomputed_manifest_is_refused(tmp_path, edit, fragment):
+    """The manifest catches damage; a state edited on purpose (manifest recomputed) must still end in a
+    clear error before training, never a traceback mid-run or a run that silently does something else."""
+    from posttrain.train.checkpoint import MARKER, build_manifest
+
+    _fit(tmp_path, save_every=2)
+    ck = tmp_path / "checkpoints" / "step-000002"
+    state = json.loads((ck / "trainer_state.json").read_text())
+    edit(state)
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    meta = json.loads((ck / MARKER).read_text())
+    meta["files"] = build_manifest(ck)
+    (ck / MARKER).write_text(json.dumps(meta))
+    verify_checkpoint(ck)  # the manifest fits: only the state check can catch it
+    with pytest.raises(CheckpointError, match="does not fit this run") as e:
+        _fit(tmp_path, resume=str(ck), save_every=2)
+    assert fragment in str(e.value)
+
+
 # --------------------------------------------------------------------------- resume with changed settings
 
 
@@ -198,6 +226,33 @@ def test_unwritable_output_dir_is_refused_before_training(tmp_path, data_file, m
             run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=lambda s: None)
         assert "Permission denied" in str(e.value)
     assert not trained
+
+
+def test_unwritable_checkpoints_dir_of_a_writable_run_dir_is_refused_before_training(tmp_path, data_file,
+                                                                                     monkeypatch):
+    """Issue 6, item 11: an unwritable checkpoints/ used to fail only when the first checkpoint was saved."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    real = rundir._probe_writable
+    monkeypatch.setattr(rundir, "_probe_writable", lambda d: PermissionError(13, "Permission denied")
+                        if d == out / "checkpoints" else real(d))
+    trained = []
+    monkeypatch.setattr(SFTAlgorithm, "loss", lambda *a, **k: trained.append(1))
+    cfg = load_config(SFTConfig, None, [f"data.train={data_file}", f"train.output_dir={out}", "train.save_every=1"])
+    with pytest.raises(ConfigError, match="cannot be written") as e:
+        run_sft(cfg, model=tiny_model("llama"), tokenizer=world_tokenizer(), log=lambda s: None)
+    assert "checkpoints" in str(e.value) and not trained
+
+
+def test_overwrite_never_deletes_through_a_linked_checkpoints_dir(tmp_path):
+    """A checkpoints/ that is a link (e.g. to another disk): overwrite used to end in shutil's raw OSError."""
+    (tmp_path / "elsewhere" / "step-000001").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "step-000001" / "checkpoint.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        rundir.prepare_output_dir(str(tmp_path / "run"), overwrite=True)
+    assert (tmp_path / "elsewhere" / "step-000001" / "checkpoint.json").is_file()
 
 
 @pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,

@@ -71,27 +71,39 @@ def _edit_json(path: Path, **changes) -> None:
 
 
 def test_no_pickle_loading_or_remote_code_in_the_source():
-    """No torch.load / pickle / trust_remote_code=True anywhere in the package, and every
-    from_pretrained call lives in models/loading.py (which passes trust_remote_code=False)."""
+    """No torch.load / pickle / unsafe YAML / eval / trust_remote_code=True anywhere in the package or the
+    benchmarks, every from_pretrained call lives in models/loading.py (which passes trust_remote_code=False),
+    and the one import of a module named by a config is the reward registry's (a user's own reward function)."""
+    unpickling = ("torch.load", "torch.serialization.load", "pickle.load", "pickle.loads", "pickle.Unpickler",
+                  "np.load", "numpy.load", "marshal.load", "marshal.loads", "yaml.unsafe_load", "yaml.full_load",
+                  "yaml.unsafe_load_all", "eval", "exec")
     offenders = []
-    for path in SRC.rglob("*.py"):
+    for path in [*SRC.rglob("*.py"), *(SRC.parent.parent / "benchmarks").rglob("*.py")]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
-                if name in ("torch.load", "pickle.load", "pickle.loads", "np.load", "numpy.load"):
+                if name in unpickling:
                     offenders.append(f"{path.name}: {name}")
-                if name.endswith("from_pretrained") and path.name != "loading.py" and "world" not in path.parts:
+                if name.endswith("from_pretrained") and path.name != "loading.py":
+                    offenders.append(f"{path.name}: {name}")
+                loaders = [ast.unparse(kw.value) for kw in node.keywords if kw.arg == "Loader"]
+                safe = any("Safe" in v or v == "_YAML12Loader" for v in loaders)
+                if name in ("yaml.load", "yaml.load_all") and not safe:
+                    offenders.append(f"{path.name}: {name} without a safe loader")
+                if name in ("importlib.import_module", "__import__") and path.name != "registry.py":
                     offenders.append(f"{path.name}: {name}")
                 for kw in node.keywords:
                     if kw.arg == "trust_remote_code" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
                         offenders.append(f"{path.name}: trust_remote_code={ast.unparse(kw.value)}")
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                if "pickle" in names or "dill" in names:
-                    offenders.append(f"{path.name}: imports pickle")
+                if {"pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"} & set(names):
+                    offenders.append(f"{path.name}: imports {names}")
     assert not offenders, offenders
     assert "trust_remote_code\": False" in (SRC / "models" / "loading.py").read_text()
+    assert issubclass(__import__("posttrain.config", fromlist=["_YAML12Loader"])._YAML12Loader,
+                      __import__("yaml").SafeLoader)
 
 
 def test_world_build_from_pretrained_calls_are_safe():
@@ -290,6 +302,80 @@ def test_a_directory_with_both_formats_loads_the_safetensors(model_dir, tmp_path
     assert not marker.exists()
 
 
+def test_a_weights_index_that_lists_pickle_shards_is_refused(model_dir, tmp_path):
+    """model.safetensors.index.json naming a .bin shard: transformers would unpickle it (weights_only, or a
+    traceback advising weights_only=False for a malicious one) although the directory "has" safetensors."""
+    from safetensors.torch import load_file
+
+    marker = tmp_path / "PWNED"
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    for name, poisoned in (("plain", False), ("poisoned", True)):
+        d = _copy(model_dir, tmp_path / name)
+        (d / "model.safetensors").unlink()
+        shard = d / "pytorch_model-00001-of-00001.bin"
+        if poisoned:
+            with open(shard, "wb") as fh:
+                pickle.dump(_Payload(marker), fh)
+        else:
+            torch.save(tensors, shard)
+        index = {"metadata": {}, "weight_map": {k: shard.name for k in tensors}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        for load in (load_causal_lm, load_sequence_classifier):
+            with pytest.raises(CheckpointError, match="not safetensors files") as e:
+                load(str(d), device="cpu")
+            assert shard.name in str(e.value) and "weights_only" not in str(e.value)
+    d = _copy(model_dir, tmp_path / "outside")
+    index = {"metadata": {}, "weight_map": {k: "../x.safetensors" for k in tensors}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="inside the directory"):
+        load_causal_lm(str(d), device="cpu")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", ["kernels-community/evil-attn", "eager"])
+def test_config_json_cannot_choose_the_attention_or_a_hub_kernel(model_dir, tmp_path, value):
+    """transformers lets config.json's _attn_implementation override the caller's attn_implementation; a
+    hub kernel named there would be downloaded and run (with the `kernels` package installed)."""
+    from transformers.integrations import hub_kernels
+
+    d = _copy(model_dir, tmp_path / "m")
+    _edit_json(d / "config.json", _attn_implementation=value)
+    fetched = []
+    real = hub_kernels.load_and_register_attn_kernel
+    hub_kernels.load_and_register_attn_kernel = lambda *a, **k: fetched.append(a)
+    try:
+        for load in (load_causal_lm, load_sequence_classifier):
+            assert load(str(d), device="cpu").config._attn_implementation == "sdpa"
+        assert load_causal_lm(str(d), device="cpu", attn_implementation="eager").config._attn_implementation == "eager"
+    finally:
+        hub_kernels.load_and_register_attn_kernel = real
+    assert not fetched
+
+
+def test_chat_templates_are_rendered_in_a_sandbox(model_dir, tmp_path):
+    """A model directory's chat template cannot reach Python: transformers renders it in Jinja2's
+    sandbox (an escape attempt is a clear error), and a Jinja2 with known sandbox escapes is refused."""
+    from posttrain.data.chat import render_prompt
+
+    marker = tmp_path / "PWNED"
+    d = _copy(model_dir, tmp_path / "t")
+    (d / "chat_template.jinja").write_text(
+        "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}{{ messages[0]['content'] }}")
+    tok = load_tokenizer(str(d))
+    with pytest.raises(TokenizerError, match="SecurityError"):
+        render_prompt(tok, [{"role": "user", "content": "q"}])
+    assert not marker.exists()
+    old = loading._jinja_version
+    try:
+        loading._jinja_version = lambda: "3.1.4"
+        with pytest.raises(ConfigError, match="3.1.6"):
+            load_tokenizer(str(model_dir))
+        with pytest.raises(ConfigError, match="3.1.6"):
+            load_tokenizer(str(model_dir), chat_template="{{ messages }}")
+    finally:
+        loading._jinja_version = old
+
+
 @pytest.mark.parametrize("damage, fragment", [
     ("config", "not valid JSON"),
     ("no_config", "no config.json"),
@@ -336,6 +422,19 @@ def test_missing_paths_and_hub_ids_fail_fast_offline(monkeypatch, tmp_path):
         locate(str(f))
 
 
+def test_a_missing_path_under_a_local_folder_is_not_fetched_from_the_hub(monkeypatch, tmp_path):
+    """'runs/sft' mistyped while ./runs exists must not download the hub repo of a user called 'runs' (a
+    stranger's model, trained on silently) even when the hub is reachable."""
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match="no such directory 'runs/sft'") as e:
+        locate("runs/sft")
+    assert "hf download runs/sft --local-dir runs/sft" in str(e.value)
+    assert not locate("some-org/some-model").local  # no such local folder: still a hub id
+
+
 def test_hub_probe_is_quick_when_the_hub_is_unreachable():
     import time
 
@@ -359,3 +458,30 @@ def test_builtin_model_still_loads():
     src = locate("builtin:tiny-world-base")
     assert src.local and Path(src.path, "model.safetensors").is_file()
     assert os.path.isdir(src.path)
+
+
+def test_generation_config_of_a_model_directory_does_not_change_decoding(tmp_path):
+    """A directory's generation_config.json (beams, penalties, strategies that need repository
+    code) never changes posttrain's greedy decoding, and never makes it fail."""
+    import json as _json
+
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.rollout.hf import generate
+
+    from .tiny import tiny_model, world_tokenizer
+
+    clean = tmp_path / "clean"
+    tiny_model("llama", hidden=32).save_pretrained(clean)
+    world_tokenizer().save_pretrained(clean)
+    tok = load_tokenizer(str(clean))
+    prompts = [tok("Mia has 3 apples.")["input_ids"], tok("Tom has 12 cards and")["input_ids"]]
+    want = [g.completion_ids for g in generate(load_causal_lm(str(clean)), tok, prompts, max_new_tokens=12)]
+    for i, extra in enumerate([{"num_beams": 4, "repetition_penalty": 5.0, "no_repeat_ngram_size": 2},
+                               {"num_beam_groups": 2, "num_beams": 4, "diversity_penalty": 1.0},
+                               {"penalty_alpha": 0.6, "top_k": 4}]):
+        d = tmp_path / f"gen{i}"
+        tiny_model("llama", hidden=32).save_pretrained(d)
+        world_tokenizer().save_pretrained(d)
+        (d / "generation_config.json").write_text(_json.dumps(extra))
+        got = [g.completion_ids for g in generate(load_causal_lm(str(d)), tok, prompts, max_new_tokens=12)]
+        assert got == want, extra

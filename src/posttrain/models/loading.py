@@ -10,13 +10,18 @@ for all of them (``docs/security.md``):
   so transformers never asks ``[y/N]`` and never imports a directory's Python files. A
   directory whose ``config.json`` / ``tokenizer_config.json`` names custom code (``auto_map``)
   is loaded with transformers' own classes when its ``model_type`` / tokenizer class is one
-  transformers knows (a note says so), and refused otherwise. There is no opt-in.
+  transformers knows (a note says so), and refused otherwise. There is no opt-in. The caller's
+  attention implementation is set on the config, so a ``config.json`` naming its own (even a hub
+  kernel, which transformers would download and run) is never used; chat templates render only
+  with a Jinja2 whose sandbox has no known escape.
 * **No pickle.** Weights load from safetensors only (``use_safetensors=True``); a directory
   holding only ``pytorch_model.bin`` / ``*.pt`` / ``*.ckpt`` weights is refused with the
-  one-time conversion to run where the file is trusted.
+  one-time conversion to run where the file is trusted; so is a weights index that lists a
+  shard other than a safetensors file.
 * **Fail fast offline.** A name that is not a local directory is a hub id only if it has the
-  ``owner/name`` shape; when the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) it is looked
-  up in the local cache only, and a miss is an immediate error instead of a minute of retries.
+  ``owner/name`` shape and ``owner`` is not a local folder; when the hub cannot be reached (or
+  ``HF_HUB_OFFLINE=1``) it is looked up in the local cache only, and a miss is an immediate
+  error instead of a minute of retries.
 """
 
 from __future__ import annotations
@@ -143,12 +148,17 @@ def locate(name_or_path: str, *, key: str = "model.name_or_path", what: str = "m
             "(holding config.json, the weights and the tokenizer files).",
             fix=f"set {key} to {repr(str(p.parent)) if model_file else 'a Hugging Face model directory'}.",
         )
+    # "runs/sft" where ./runs exists is a mistyped local path, not the hub repo of a user called "runs"
+    shadowed = str(p.parent) not in ("", ".") and p.parent.is_dir()
     looks_like_path = (name.startswith(("/", "./", "../", "~", "."))
-                       or name.endswith(("/", os.sep)) or not _REPO_ID.match(name))
+                       or name.endswith(("/", os.sep)) or not _REPO_ID.match(name) or shadowed)
     if looks_like_path:
         parent = next((q for q in p.parents if q.exists()), None)
         where = "" if parent is None or str(parent) == "." else f" (the closest existing folder is '{parent}')"
-        raise ConfigError(f"{setting(key)}: no such directory '{name}'{where}.", fix=_hint_for_missing(name))
+        hub = (f" It is read as a local path, not as a hub id, because the folder '{p.parent}' exists here; to use "
+               f"the hub model of that name, download it there first (`hf download {name} --local-dir {name}`)."
+               if shadowed and _REPO_ID.match(name) else "")
+        raise ConfigError(f"{setting(key)}: no such directory '{name}'{where}.{hub}", fix=_hint_for_missing(name))
     # a hub id
     if _hub_offline_env() or not hub_reachable():
         files = ("config.json",) if what != "tokenizer" else ("tokenizer_config.json", "tokenizer.json")
@@ -231,8 +241,26 @@ def custom_code_note(directory: Path, *, what: str) -> str | None:
 
 
 def check_weights(directory: Path) -> None:
-    """Refuse a local model directory without safetensors weights (pickle-only, or none)."""
-    if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+    """Refuse a local model directory without safetensors weights (pickle-only, or none), and a
+    sharded one whose index lists other files (transformers would unpickle a listed ``.bin``)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map (the weights index is corrupt or truncated).",
+                                  fix="restore the file from the original model.")
+        bad = sorted({str(f) for f in weight_map.values()
+                      if not (isinstance(f, str) and f.endswith(".safetensors") and ".." not in Path(f).parts)})
+        if bad:
+            raise CheckpointError(
+                f"{index} lists weight files that are not safetensors files inside the directory "
+                f"({', '.join(bad[:3])}). "
+                "posttrain loads weights only from safetensors files, because unpickling a file can run any code its "
+                "author put in it, and there is no opt-in.",
+                fix="re-save the model with save_pretrained (it writes model*.safetensors and a matching index), on a "
+                "machine where you trust the files; see docs/security.md.")
+        return
+    if any(directory.glob("*.safetensors")):
         return
     pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_WEIGHT_SUFFIXES
                      and p.name != "training_args.bin")
@@ -391,7 +419,33 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, chat_temp
     if chat_template is not None:
         tok.chat_template = read_chat_template(chat_template, key="--chat-template" if key.startswith("-")
                                                else "model.chat_template")
+    if tok.chat_template is not None:
+        check_jinja_sandbox()
     return tok
+
+
+SAFE_JINJA = (3, 1, 6)  # 3.1.5 and 3.1.6 fixed ways out of the sandbox (CVE-2024-56326, CVE-2025-27516)
+
+
+def _jinja_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jinja2")
+    except PackageNotFoundError:  # pragma: no cover - transformers needs it to render templates
+        return "0"
+
+
+def check_jinja_sandbox() -> None:
+    """Refuse to render chat templates with a Jinja2 whose sandbox has known escapes: a template comes
+    with the model directory, and transformers' sandbox is all that keeps its author's code from running."""
+    text = _jinja_version()
+    parts = tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+    if parts < SAFE_JINJA:
+        raise ConfigError(
+            f"Jinja2 {text} is installed; chat templates (which come with a model directory) are rendered in "
+            "Jinja2's sandbox, and versions before 3.1.6 let a template's author escape it and run code.",
+            fix="upgrade it: pip install 'jinja2>=3.1.6'.")
 
 
 def _diagnose_config(source: Source, key: str) -> None:
@@ -446,13 +500,19 @@ def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_he
     note = check_model_dir(source, what=what, key=key)
     if note:
         print(note)
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report of missing / unexpected weights: checked below instead
+    config_kwargs = {k: kwargs.pop(k) for k in ("num_labels",) if k in kwargs}
     try:
-        model, info = auto_cls.from_pretrained(source.path, use_safetensors=True, output_loading_info=True,
-                                               **source.kwargs(), **kwargs)
+        config = AutoConfig.from_pretrained(source.path, **source.kwargs(), **config_kwargs)
+        # the caller's attention, never config.json's own _attn_implementation: transformers would let that
+        # override the caller, and a hub kernel named there ("org/kernel") would be downloaded and run
+        config._attn_implementation = kwargs.get("attn_implementation")
+        model, info = auto_cls.from_pretrained(source.path, config=config, use_safetensors=True,
+                                               output_loading_info=True, **source.kwargs(), **kwargs)
     except Exception as e:  # OSError, ValueError, SafetensorError, RuntimeError (shape mismatch), ...
         raise CheckpointError(
             f"Could not load a {what} from '{name_or_path}' ({setting(key).lower()}): {_first_line(e)}",

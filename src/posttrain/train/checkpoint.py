@@ -409,6 +409,78 @@ def find_resumable(directory: Path, log: Callable[[str], None]) -> Path | None:
     return None
 
 
+def _unlike(saved: Any, live: Any, where: str) -> str | None:
+    """Where ``saved`` (a decoded state) differs in kind from ``live`` (this run's own state), or None.
+    Numbers must be numbers, lists / tuples as long, tensors of the same shape; flags (bool / None)
+    may be either; keys only in one of two mappings are not compared."""
+    if live is None or isinstance(live, bool):
+        ok = saved is None or isinstance(saved, bool)
+    elif isinstance(live, (int, float)):
+        ok = isinstance(saved, (int, float)) and not isinstance(saved, bool) and (isinstance(live, float) or
+                                                                                isinstance(saved, int))
+    elif isinstance(live, str):
+        ok = isinstance(saved, str)
+    elif isinstance(live, torch.Tensor):
+        ok = isinstance(saved, torch.Tensor) and saved.shape == live.shape
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            return f"{where} is {type(saved).__name__} of another length"
+        return next((p for i, (a, b) in enumerate(zip(saved, live)) if (p := _unlike(a, b, f"{where}[{i}]"))), None)
+    elif isinstance(live, dict):
+        if not isinstance(saved, dict):
+            return f"{where} is a {type(saved).__name__}, not a mapping"
+        return next((p for k in live if k in saved and (p := _unlike(saved[k], live[k], f"{where}.{k}"))), None)
+    else:
+        ok = True
+    return None if ok else f"{where} is {str(saved)[:40]!r}, where this run has a {type(live).__name__}"
+
+
+def state_problem(state: Any, *, step: int | None, optimizer, scheduler) -> str | None:
+    """What makes a decoded trainer state unfit for this run's optimizer and scheduler (None if it fits):
+    a state edited after it was written, with its manifest recomputed, must end in an error, not in a
+    traceback mid-training or a run that silently does something else."""
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step", "skipped_steps"} <= set(state):
+        return "it lacks the optimizer / scheduler / RNG / step entries"
+    if type(state["step"]) is not int or (step is not None and state["step"] != step):
+        return f"its step {state['step']!r} is not the checkpoint's step {step}"
+    if type(state["skipped_steps"]) is not int or not 0 <= state["skipped_steps"] <= state["step"]:
+        return f"skipped_steps {state['skipped_steps']!r} is not a count between 0 and {state['step']}"
+    extra = state.get("extra", {})
+    if not isinstance(extra, dict) or not isinstance(extra.get("callbacks", []), list):
+        return "its diagnostics state ('extra') is not a mapping holding a list of callback states"
+    sched, live_sched = state["scheduler"], scheduler.state_dict()
+    if not isinstance(sched, dict):
+        return "the scheduler state is not a mapping"
+    unknown = sorted(str(k) for k in set(sched) - set(live_sched))  # load_state_dict would set them as attributes
+    if unknown:
+        return f"the scheduler state has entries this scheduler does not have ({', '.join(unknown[:3])})"
+    problem = _unlike(sched, live_sched, "scheduler")
+    if problem:
+        return problem
+    opt, live_opt = state["optimizer"], optimizer.state_dict()
+    if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list) and isinstance(opt.get("state"), dict)):
+        return "the optimizer state lacks its param_groups / state"
+    groups = opt["param_groups"]
+    if len(groups) != len(live_opt["param_groups"]) or not all(isinstance(g, dict) for g in groups):
+        return f"the optimizer state has {len(groups)} parameter groups, this run has {len(live_opt['param_groups'])}"
+    for i, (g, lg) in enumerate(zip(groups, live_opt["param_groups"])):
+        problem = _unlike(g, lg, f"optimizer.param_groups[{i}]")
+        if problem:
+            return problem
+    shapes = {idx: p.shape for lg, group in zip(live_opt["param_groups"], optimizer.param_groups)
+              for idx, p in zip(lg["params"], group["params"])}
+    for idx, per_param in opt["state"].items():
+        if idx not in shapes or not isinstance(per_param, dict):
+            return f"the optimizer state names parameter {idx!r}, which this run's optimizer does not have"
+        for name, v in per_param.items():
+            if not isinstance(v, (torch.Tensor, int, float)) or isinstance(v, bool):
+                return f"optimizer.state[{idx}].{name} is {str(v)[:40]!r}, not a number or tensor"
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != shapes[idx]:
+                return (f"optimizer.state[{idx}].{name} has shape {tuple(v.shape)}, the parameter has "
+                        f"{tuple(shapes[idx])}")
+    return None
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states from a verified checkpoint; returns the state."""
     from safetensors.torch import load_file
@@ -441,10 +513,20 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     try:
+        step = json.loads((path / MARKER).read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    problem = state_problem(state, step=step, optimizer=optimizer, scheduler=scheduler)
+    if problem:
+        raise CheckpointError(f"Checkpoint '{path}' has a trainer state that does not fit this run: {problem} (the "
+                              "file was edited after it was written, or written by another program).",
+                              fix="resume from an earlier checkpoint, or start a fresh run (its model.name_or_path can "
+                              "be this checkpoint's model/).")
+    try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"Checkpoint '{path}' has a trainer state that does not fit this run: "
                               f"{type(e).__name__}: {e}.", fix="resume with the config of the run that wrote it.") from None
     return state

@@ -99,6 +99,12 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
                           fix=f"choose another {key}, or move the file away.")
     if overwrite and not resume and out.is_dir():
         doomed = [out / "checkpoints", out / "final"]
+        for d in doomed:
+            if d.is_symlink():
+                raise ConfigError(
+                    f"train.overwrite_output_dir=true would delete the old run's {d.name}/, but '{d}' is a symbolic "
+                    f"link (to '{os.readlink(d)}'), and posttrain does not delete through links.",
+                    fix=f"delete the old {d.name} yourself (or remove the link), or choose another {key}.")
         for pkey, value in (protect or {}).items():
             if not value:
                 continue
