@@ -213,3 +213,63 @@ def test_config_checks_in_python():
     # remax and reinforce_pp work with one sample per prompt
     load_config(RLConfig, None, ["algorithm=remax", "rollout.group_size=1"])
     load_config(RLConfig, None, ["algorithm=reinforce_pp", "rollout.group_size=1"])
+
+
+def sometimes_none_reward(prompts, completions, completion_ids, **_):
+    """Every third sample unscorable (None), every fifth NaN: excluded and counted, never NaN in the loss."""
+    out = []
+    for i, ids in enumerate(completion_ids):
+        out.append(None if i % 3 == 0 else float("nan") if i % 5 == 0 else len(ids) / 10)
+    return out
+
+
+def wrong_count_reward(prompts, completions, **_):
+    return [1.0]
+
+
+def test_none_and_nan_rewards_are_excluded_and_counted(tmp_path):
+    res = _run(_cfg(tmp_path / "r", **{"reward.functions": ["tests.test_rl:sometimes_none_reward"],
+                                       "train.max_steps": 2}))
+    n = 16  # 4 prompts x 4 samples
+    bad = sum(1 for i in range(n) if i % 3 == 0 or i % 5 == 0)
+    for h in res.fit.history:
+        assert h["reward/invalid_sometimes_none_reward"] == bad
+        assert h["samples_excluded"] == bad
+        assert torch.isfinite(torch.tensor(h["loss"]))
+    for p in res.final_dir.parent.glob("final/*.safetensors"):
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(p).values())
+
+
+def test_reward_function_with_wrong_count_is_named(tmp_path):
+    from posttrain.rewards import RewardError
+
+    with pytest.raises(RewardError, match="wrong_count_reward"):
+        _run(_cfg(tmp_path / "r", **{"reward.functions": ["tests.test_rl:wrong_count_reward"]}))
+
+
+def test_data_without_the_reward_field_is_refused(tmp_path):
+    from posttrain.errors import DataError
+    from posttrain.world.datasets import write_jsonl
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?", "completion": "5"}] * 4)
+    with pytest.raises(DataError, match="answer"):
+        _run(_cfg(tmp_path / "r", **{"data.train": str(data), "reward.functions": ["world_correct"]}))
+
+
+def test_truncation_warning_names_the_rate(tmp_path):
+    lines = []
+    run_rl(_cfg(tmp_path / "r", **{"rollout.max_new_tokens": 2, "train.max_steps": 1}),
+           model=tiny_model("llama", seed=0, hidden=32), tokenizer=world_tokenizer(), log=lines.append)
+    warning = [ln for ln in lines if "rollout.max_new_tokens=2" in ln]
+    assert warning and "mask_truncated" in warning[0]
+
+
+def test_truncated_importance_sampling_and_kl_in_reward_run(tmp_path):
+    """rloo with k1 in the reward and TIS on: the rollout/trainer mismatch is logged and small."""
+    res = _run(_cfg(tmp_path / "r", **{"algorithm": "rloo", "loss.tis_cap": 2.0, "train.max_steps": 2}))
+    h = res.fit.history[0]
+    assert 0 <= h["mismatch/logprob_abs_diff"] < 1e-3
+    assert h["mismatch/max_ratio"] == pytest.approx(1.0, abs=1e-2)
+    assert h["kl_beta"] == pytest.approx(0.05)

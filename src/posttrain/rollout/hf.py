@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from ..errors import ConfigError
 from ..models.loading import max_positions
@@ -78,6 +79,24 @@ def generate(
     results: list[Generation | None] = [None] * len(prompts)
     sampling = temperature > 0
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt")
+    # a model directory's generation_config.json must not change decoding (beams, penalties, or
+    # strategies that would need repository code): decode with a clean config, restored after
+    saved_config = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=getattr(saved_config, "bos_token_id", None),
+                                               eos_token_id=stops, pad_token_id=pad_id)
+    try:
+        _generate_batches(model, tokenizer, prompts, order, results, batch_size=batch_size, pad_id=pad_id,
+                          stops=stops, device=device, max_new_tokens=max_new_tokens, sampling=sampling,
+                          temperature=temperature, top_p=top_p, top_k=top_k, bar=bar)
+    finally:
+        model.generation_config = saved_config
+        bar.close()
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _generate_batches(model, tokenizer, prompts, order, results, *, batch_size, pad_id, stops, device, max_new_tokens,
+                      sampling, temperature, top_p, top_k, bar) -> None:
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = [list(prompts[i]) for i in idx]
@@ -113,6 +132,3 @@ def generate(
             text = tokenizer.decode(toks, skip_special_tokens=True)
             results[i] = Generation(list(prompts[i]), toks, text, finished)
         bar.update(len(idx))
-    bar.close()
-    model.train(was_training)
-    return results  # type: ignore[return-value]

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import RunInterrupted, TrainingError
+from ..errors import CheckpointError, RunInterrupted, TrainingError
 from .checkpoint import (
     check_checkpoint,
     find_resumable,
@@ -223,8 +223,18 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
         state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
         start_step, skipped = int(state["step"]), int(state["skipped_steps"])
         saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
+        if saved_callbacks and len(saved_callbacks) != len(stateful):
+            raise CheckpointError(
+                f"Checkpoint '{resume_from}' carries the state of {len(saved_callbacks)} diagnostics callback(s), but "
+                f"this run has {len(stateful)}.", fix="resume with the command that wrote it, or start a fresh run.")
         for cb, cb_state in zip(stateful, saved_callbacks):
-            cb.load_state_dict(cb_state)
+            try:
+                cb.load_state_dict(cb_state)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(
+                    f"Checkpoint '{resume_from}' has diagnostics state that does not fit this run "
+                    f"({type(cb).__name__}: {type(e).__name__}: {e}).",
+                    fix="resume from an earlier checkpoint, or start a fresh run.") from None
         log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
 
     def checkpoint(step: int) -> Path:
