@@ -29,6 +29,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/sft_throughput.py
 	$(BIN)/python benchmarks/dpo_throughput.py
+	$(BIN)/python benchmarks/rl_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

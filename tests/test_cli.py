@@ -215,7 +215,7 @@ def test_preference_eval_auto_follows_the_training_source(capsys, model_dir, tmp
     assert "eval: eval_loss=" in out
 
 
-@pytest.mark.parametrize("config", ["dpo_tiny_world.yaml", "rm_tiny_world.yaml"])
+@pytest.mark.parametrize("config", ["dpo_tiny_world.yaml", "rm_tiny_world.yaml", "rl_tiny_world.yaml"])
 def test_configs_that_need_the_quickstart_say_so(capsys, tmp_path, monkeypatch, config):
     monkeypatch.chdir(tmp_path)  # no runs/quickstart here
     code, _, err = _run(capsys, config.split("_")[0], "--config", str(CONFIGS / config))

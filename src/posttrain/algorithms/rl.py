@@ -386,8 +386,13 @@ class RLRunner:
         rounds = 0
         want = ro.prompts_per_step
         dropped_groups = 0
+        drawn = 0
         while True:
-            idx = self._next_prompts(want if rounds == 0 else max(1, want - len(kept)))
+            # later rounds draw enough prompts to fill the batch at the keep rate seen so far
+            missing = want - len(kept)
+            n = want if rounds == 0 else min(4 * want, math.ceil(missing / max(len(kept) / drawn, 0.25)))
+            idx = self._next_prompts(n)
+            drawn += n
             t = time.time()
             rolls = sample_groups(self.model, self.tokenizer, [self.prompts[i].ids for i in idx], group_size=G,
                                   max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,

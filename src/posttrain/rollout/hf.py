@@ -42,6 +42,28 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return ids
 
 
+def check_position_limit(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, key: str) -> None:
+    """Refuse a generation that would run past the model's position limit, naming ``key``."""
+    limit = max_positions(model.config)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"Generation would run past the model's position limit of {limit} tokens: the longest prompt has "
+            f"{longest} tokens and {key.split(' ')[0]} is {max_new_tokens}.",
+            fix=f"lower {key} to at most {max(0, limit - longest)}, or shorten the prompts.")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)``, each ``(N, longest prompt)``."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        attention[row, width - len(p):] = 1
+    return input_ids, attention
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -60,14 +82,7 @@ def generate(
     """Generate one completion per prompt (greedy when ``temperature == 0``)."""
     if not prompts:
         return []
-    limit = max_positions(model.config)
-    longest = max(len(p) for p in prompts)
-    if limit is not None and longest + max_new_tokens > limit:
-        raise ConfigError(
-            f"Generation would run past the model's position limit of {limit} tokens: the longest prompt has "
-            f"{longest} tokens and max_new_tokens is {max_new_tokens}.",
-            fix=f"lower max_new_tokens (--max-new-tokens for posttrain eval) to at most {max(0, limit - longest)}, "
-            "or shorten the prompts.")
+    check_position_limit(model, prompts, max_new_tokens, key="max_new_tokens (--max-new-tokens for posttrain eval)")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
@@ -99,13 +114,8 @@ def _generate_batches(model, tokenizer, prompts, order, results, *, batch_size, 
                       sampling, temperature, top_p, top_k, bar) -> None:
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = [list(prompts[i]) for i in idx]
-        width = max(len(p) for p in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[row, width - len(p) :] = 1
+        input_ids, attention = left_pad([prompts[i] for i in idx], pad_id)
+        width = input_ids.shape[1]
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             do_sample=sampling,

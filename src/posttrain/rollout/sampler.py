@@ -30,9 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..errors import ConfigError
-from ..models.loading import max_positions
-from .hf import stop_token_ids
+from .hf import check_position_limit, left_pad, stop_token_ids
 
 
 @dataclass
@@ -89,14 +87,7 @@ def sample_groups(
     """
     if not prompts:
         return []
-    limit = max_positions(model.config)
-    longest = max(len(p) for p in prompts)
-    if limit is not None and longest + max_new_tokens > limit:
-        raise ConfigError(
-            f"Sampling would run past the model's position limit of {limit} tokens: the longest prompt has "
-            f"{longest} tokens and rollout.max_new_tokens is {max_new_tokens}.",
-            fix=f"lower rollout.max_new_tokens to at most {max(0, limit - longest)}, or shorten the prompts "
-            "(data.max_prompt_length).")
+    check_position_limit(model, prompts, max_new_tokens, key="rollout.max_new_tokens (or data.max_prompt_length)")
     stops = torch.tensor(stop_token_ids(tokenizer, model), dtype=torch.long)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
     device = next(model.parameters()).device
@@ -117,13 +108,7 @@ def sample_groups(
 
 def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, temperature, top_p, top_k,
                   generator, stops, pad_id, device) -> list[Rollout]:
-    batch = [list(prompts[i]) for i in chunk]
-    width = max(len(p) for p in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, p in enumerate(batch):
-        input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention[row, width - len(p):] = 1
+    input_ids, attention = left_pad([prompts[i] for i in chunk], pad_id)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),

@@ -1,0 +1,78 @@
+"""Over-optimization against a learned reward model (reference note 001 section 9.2).
+
+    python benchmarks/rl_overoptimization.py --sft runs/quickstart/sft/final --rm runs/quickstart/rm/final
+
+Online RL whose only reward is the reward model trained by `posttrain rm` (the proxy), with the
+tiny world's verifier logged beside it as the gold metric (``reward.gold=[world_correct]``,
+computed on the same rollouts, never trained on). Plots gold accuracy and proxy reward against
+sqrt(KL to the SFT model) and reports whether the loop's reward-hacking warning fired.
+Writes ``<out>/overoptimization.png`` and ``<out>/overoptimization.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from posttrain.algorithms.rl import RLConfig, run_rl
+from posttrain.config import load_config
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sft", required=True)
+    ap.add_argument("--rm", required=True)
+    ap.add_argument("--out", default="runs/rl-overoptimization")
+    ap.add_argument("--algorithm", default="grpo")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("overrides", nargs="*", help="extra key=value (e.g. train.lr=3e-4 loss.kl_beta=0.01)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    lines: list[str] = []
+    cfg = load_config(RLConfig, None, [
+        f"algorithm={args.algorithm}", f"model.name_or_path={args.sft}", f"train.output_dir={out / 'run'}",
+        "train.overwrite_output_dir=true", f"train.max_steps={args.steps}", "train.progress=false", "data.eval=null",
+        "reward.functions=[reward_model]", f"reward.reward_model={args.rm}", "reward.gold=[world_correct]",
+        "monitor.hacking_window=5", *args.overrides])
+    res = run_rl(cfg, log=lambda line: (lines.append(line), print(line)))
+    rows = [h for h in res.fit.history if "reward/mean" in h]
+    points = [{"step": h["step"], "sqrt_kl": math.sqrt(max(0.0, h.get("rollout/kl_seq", 0.0))),
+               "proxy": h["reward/mean"], "gold": h.get("gold/world_correct"),
+               "hacking_flag": h.get("warning/hacking", 0)} for h in rows]
+    warned = [ln for ln in lines if ln.startswith("warning: reward hacking")]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overoptimization.json").write_text(json.dumps({"points": points, "warning": warned}, indent=2) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(v, k=5):
+        return [sum(v[max(0, i - k + 1): i + 1]) / len(v[max(0, i - k + 1): i + 1]) for i in range(len(v))]
+
+    x = [p["sqrt_kl"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(x, smooth([100 * p["gold"] for p in points]), "o-", ms=3, color="tab:green",
+            label="gold: verifier accuracy on the rollouts (%)")
+    ax.set_xlabel("sqrt(KL to the SFT model)  [sqrt(nats per answer)]")
+    ax.set_ylabel("gold accuracy (%)")
+    ax2 = ax.twinx()
+    ax2.plot(x, smooth([p["proxy"] for p in points]), "s-", ms=3, color="tab:blue", label="proxy: reward model score")
+    ax2.set_ylabel("reward-model score")
+    flagged = [p for p in points if p["hacking_flag"]]
+    if flagged:
+        ax.axvline(flagged[0]["sqrt_kl"], color="tab:red", ls="--", lw=1, label="reward-hacking warning")
+    ax.legend(loc="lower left", fontsize=8)
+    ax2.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{args.algorithm} against a learned reward model (5-step running means)")
+    fig.tight_layout()
+    fig.savefig(out / "overoptimization.png", dpi=110)
+    print(json.dumps({"first": points[0], "last": points[-1], "warning": warned[:1]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
