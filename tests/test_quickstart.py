@@ -42,6 +42,24 @@ def test_quickstart_small(tmp_path):
     assert steps == ["step-000001"]  # the first run's step-000004 was replaced, not mixed in
 
 
+def test_quickstart_rl_stage(tmp_path):
+    """stages=[sft,rl]: online RL (dapo here) from the SFT checkpoint on the world's train problems."""
+    lines = []
+    cfg = load_config(QuickstartConfig, None, [
+        f"output_dir={tmp_path}", "stages=[sft,rl]", "train_examples=32", "eval_problems=6", "curve_points=0",
+        "max_new_tokens=16", "sft.train.max_steps=2", "sft.train.progress=false", "rl_prompts=24",
+        "rl.algorithm=dapo", "rl.train.max_steps=2", "rl.train.progress=false", "rl.rollout.prompts_per_step=2",
+        "rl.rollout.group_size=2", "rl.rollout.max_new_tokens=8"])
+    summary = run_quickstart(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert "+dapo" in text and "dapo: held-out accuracy" in text
+    for name in ("rl/final/config.json", "rl/curves.png", "rl/samples.jsonl", "data/problems_train.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    assert summary["rl"]["algorithm"] == "dapo" and 0.0 <= summary["+dapo"]["accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="rl.model.name_or_path"):
+        load_config(QuickstartConfig, None, ["rl.model.name_or_path=x"])
+
+
 def test_quickstart_stage_validation():
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(QuickstartConfig, None, ["stages=[sft,ppo]"])

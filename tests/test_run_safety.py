@@ -418,6 +418,25 @@ def test_callback_state_is_checkpointed_and_restored(tmp_path):
     assert "flag" not in res.history[0] and cb.flagged
 
 
+class _Picky(_Counter):
+    """A callback whose saved state does not fit (as after a hand edit, or another command's checkpoint)."""
+
+    def load_state_dict(self, state):
+        self.seen = int(state["count"])
+
+
+def test_callback_state_that_does_not_fit_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(RunInterrupted):
+        fit(tiny_model("llama"), _StopAt(4), _plan(), _cfg(tmp_path / "cut", save_every=3),
+            tokenizer=world_tokenizer(), log=lambda s: None, callbacks=[_Counter()])
+    with pytest.raises(CheckpointError, match="diagnostics state that does not fit"):
+        fit(tiny_model("llama"), SFTAlgorithm(), _plan(), _cfg(tmp_path / "cut", resume="auto"),
+            tokenizer=world_tokenizer(), log=lambda s: None, callbacks=[_Picky()])
+    with pytest.raises(CheckpointError, match="1 diagnostics callback"):
+        fit(tiny_model("llama"), SFTAlgorithm(), _plan(), _cfg(tmp_path / "cut", resume="auto"),
+            tokenizer=world_tokenizer(), log=lambda s: None, callbacks=[_Counter(), _Counter()])
+
+
 class _StopAt(SFTAlgorithm):
     def __init__(self, call):
         super().__init__()

@@ -45,6 +45,8 @@ from .world.preferences import preference_records
 from .world.tasks import generate_problems
 
 STAGES = ("sft", "rm", "dpo", "rl")
+# rl stays opt-in until it beats SFT on the held-out set within the quickstart budget (docs/online_rl.md)
+DEFAULT_STAGES = ("sft", "rm", "dpo")
 
 
 def _default_sft() -> SFTConfig:
@@ -100,9 +102,9 @@ class QuickstartConfig:
 
     output_dir: str = option("runs/quickstart", "Run directory.")
     seed: int = option(0, "Seed for data generation and training.", min=0, max=2**32 - 1)
-    stages: list[str] = option(default_factory=lambda: list(STAGES),
+    stages: list[str] = option(default_factory=lambda: list(DEFAULT_STAGES),
                                help="Stages to run, in order: sft, rm, dpo, rl (rm, dpo and rl start from the SFT "
-                                    "model).")
+                                    "model; rl is not in the default list yet: add it with stages=[sft,rm,dpo,rl]).")
     train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1, max=1_000_000)
     preference_pairs: int = option(1000, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2,
                                   max=1_000_000)

@@ -290,7 +290,8 @@ class RolloutPlan:
         order = list(range(len(self.groups)))
         random.Random(_seed("rl-epoch", self.r.seed, self.iteration, epoch)).shuffle(order)
         m = self.r.loss.mini_batches
-        return order[mb::m] if order else []
+        # dynamic sampling can keep fewer groups than mini-batches: an empty share takes the whole batch
+        return order[mb::m] or order
 
     def micro_batches(self, group_idx: list[int]) -> list[list[list[Sample]]]:
         size = self.r.micro_batch_size
@@ -303,7 +304,7 @@ class RolloutPlan:
             self.iteration = k
             self.groups = self.r.rollout(k, self)
         micro = self.micro_batches(self._minibatch_groups(step))
-        self.last = [self.r.collate(mb) for mb in micro] or [self.r.empty_batch()]
+        self.last = [self.r.collate(mb) for mb in micro]
         return self.last
 
     def probe_batches(self) -> list[dict]:
@@ -368,12 +369,6 @@ class RLRunner:
                                             cap=self.loss.tis_cap, level=self.loss.tis_level)
         return w
 
-    def empty_batch(self) -> dict:
-        """A micro-batch that trains nothing (every group of the rollout was dropped)."""
-        raise DataError("A rollout batch kept no prompt group to train on.",
-                        fix="check the reward functions (do they ever differ within a group?), or turn off "
-                        "loss.dynamic_sampling.")
-
     # -- one rollout batch
     @torch.no_grad()
     def rollout(self, k: int, plan: RolloutPlan) -> list[list[Sample]]:
@@ -387,6 +382,7 @@ class RLRunner:
         want = ro.prompts_per_step
         dropped_groups = 0
         drawn = 0
+        dropped: list = []
         while True:
             # later rounds draw enough prompts to fill the batch at the keep rate seen so far
             missing = want - len(kept)
@@ -408,6 +404,7 @@ class RLRunner:
                 group = (i, rolls[rows], {k2: v[rows] for k2, v in scored.items() if torch.is_tensor(v)})
                 if loss.dynamic_sampling and G > 1 and _zero_variance(group[2]["total"], group[2]["valid"]):
                     dropped_groups += 1
+                    dropped.append(group)
                     continue
                 kept.append(group)
             rounds += 1
@@ -417,12 +414,11 @@ class RLRunner:
         if loss.dynamic_sampling and len(kept) < want:
             self.log(f"note: iteration {k + 1}: dynamic sampling found {len(kept)} of {want} prompt groups with "
                      f"differing rewards after {rounds} rounds; training on those.")
-        if not kept:
-            raise DataError(
-                f"Iteration {k + 1}: every sampled group had identical rewards, so there is nothing to learn from "
-                f"after {rounds} sampling rounds.",
-                fix="raise loss.dynamic_sampling_rounds, rollout.temperature or rollout.group_size, or check that "
-                "the reward functions can tell completions apart.")
+        if not kept:  # nothing to learn from: train on zero-advantage groups (a no-op gradient), say so
+            kept = dropped[:want]
+            self.log(f"warning: iteration {k + 1}: every sampled group had identical rewards after {rounds} sampling "
+                     "rounds, so this iteration's gradient is zero. Raise loss.dynamic_sampling_rounds, "
+                     "rollout.temperature or rollout.group_size, or check that the rewards can tell completions apart.")
         # baseline rollouts (ReMax): the greedy completion of each prompt, scored the same way
         baseline = None
         if self.estimator.needs_baseline:
