@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl_help = ("Online RL on one loop: prompts -> G sampled completions each -> rewards -> advantages -> "
                "policy loss (+ KL) -> the shared engine. algorithm=<preset> fills the loss.* keys left unset; "
-               "any part can be set on its own. Start from an SFT model (model.name_or_path=runs/sft/final).")
+               "any part can be set on its own. Start from an SFT model (model.name_or_path=runs/sft/final).\n\n"
+               "presets (the loss.* values each fills in):\n"
+               + "\n".join(f"  {name:13} " + " ".join(f"{k}={v}" for k, v in parts.items())
+                           for name, parts in PRESETS.items()))
     p = sub.add_parser("rl", help="online RL (presets: " + ", ".join(PRESETS) + ")", formatter_class=_HelpFormatter,
                        description=rl_help, epilog=_config_help(RLConfig))
     p.add_argument("--config", action="append", help=CONFIG_HELP)
@@ -209,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),
                        description="The built-in tiny world end to end on a CPU: writes its datasets, evaluates the "
                        "shipped base model on held-out problems, runs SFT, trains a reward model and runs DPO and "
-                       "DPOP from the SFT model (stages=[sft,rm,dpo]), then prints a results table and writes "
+                       "DPOP from the SFT model (stages=[sft,rm,dpo]; add rl for online RL from the SFT model), then prints a "
+                       "results table and writes "
                        "summary.json, samples.jsonl and learning_curves.png under output_dir (default "
                        "runs/quickstart, replaced on every run).")
     p.add_argument("--config", action="append", help=CONFIG_HELP)
