@@ -3,6 +3,8 @@ from the command line on tiny random Llama and Qwen2 models, bad input."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -297,3 +299,36 @@ def test_every_preset_matches_its_stored_curve(tmp_path, preset):
     want = STORED[preset]
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-4)
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=1e-6)
+
+
+def test_monitors_warn_on_falls_not_on_levels():
+    """Mode collapse is a fall of entropy (a policy that starts peaked is not collapsing); reward
+    hacking needs the gold metric to fall by more than the margin while the trained reward rises.
+    Both warn once, and their windows survive a checkpoint."""
+    from posttrain.algorithms.rl import MonitorConfig, RLState
+    from posttrain.ops import FixedKLController
+
+    logs = []
+    state = RLState(MonitorConfig(hacking_window=2, hacking_gold_drop=0.03), FixedKLController(0.0), log=logs.append,
+                    gold=True)
+
+    def step(i, entropy, distinct, proxy, gold):
+        state.pending = {"distinct_rate": distinct, "entropy": entropy, "reward/mean": proxy, "gold/mean": gold}
+        rec = {"step": i, "step_seconds": 1.0}
+        state(rec)
+        return rec
+
+    # peaked from the start: no collapse warning
+    assert step(1, 0.02, 0.1, 0.5, 0.80)["warning/collapse"] == 0
+    assert step(2, 0.02, 0.1, 0.5, 0.79)["warning/collapse"] == 0
+    # gold falls by 0.02 only (noise): no hacking warning
+    assert step(3, 0.02, 0.1, 0.6, 0.78)["warning/hacking"] == 0
+    saved = json.loads(json.dumps(state.state_dict()))
+    resumed = RLState(MonitorConfig(hacking_window=2, hacking_gold_drop=0.03), FixedKLController(0.0),
+                      log=logs.append, gold=True)
+    resumed.load_state_dict(saved)
+    state = resumed
+    # proxy up, gold down by more than the margin: hacking; entropy halves: collapse
+    rec = step(4, 0.005, 0.1, 0.7, 0.70)
+    assert rec["warning/hacking"] == 1 and rec["warning/collapse"] == 1
+    assert sum("reward hacking" in ln for ln in logs) == 1 and sum("mode collapse" in ln for ln in logs) == 1

@@ -469,7 +469,7 @@ class RLRunner:
         # adaptive KL: update beta from this iteration's KL (used from the next iteration on)
         if kl_seq is not None:
             self.state.kl.update(float(kl_seq[valid].mean()) if valid.any() else 0.0, len(kl_seq))
-            self.algorithm.kl_beta = self.state.kl.value if loss.kl_placement == "loss" else self.algorithm.kl_beta
+            self.algorithm.kl_beta = self.state.kl.value  # the in-loss coefficient of this iteration's steps
         times["total"] = time.time() - t0
         self.state.pending = self._metrics(k, kept, groups, total, valid, kl_seq, adv_metrics, times,
                                            dropped_groups, rounds, metrics_parts)

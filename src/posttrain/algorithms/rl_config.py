@@ -168,12 +168,16 @@ class MonitorConfig:
 
     collapse_distinct: float = option(0.2, "Mode collapse: warn when the within-group rate of distinct "
                                            "completions falls below this ...", min=0.0, max=1.0)
-    collapse_entropy: float = option(0.05, "... and the mean token entropy below this (nats).", min=0.0)
+    collapse_entropy: float = option(0.05, "... and the mean token entropy below this (nats) ...", min=0.0)
+    collapse_fall: float = option(0.5, "... and below this fraction of the first iteration's entropy (a policy "
+                                       "that starts peaked is not collapsing).", gt=0.0, max=1.0)
     kl_max: float = option(10.0, "KL blow-up: warn when the per-sequence KL to the reference exceeds this "
                                  "(nats) ...", gt=0.0)
     approx_kl_max: float = option(0.5, "... or the old-vs-new approximate KL per token exceeds this.", gt=0.0)
     hacking_window: int = option(5, "Reward hacking: iterations per half-window comparing the trained reward "
-                                    "with the gold functions (0: off).", min=0)
+                                    "with the gold functions (0: off) ...", min=0)
+    hacking_gold_drop: float = option(0.03, "... warning when the trained reward rose while the gold mean fell by "
+                                            "more than this between the two half-windows.", min=0.0)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .rl_config import MonitorConfig
 
+
 class RLState:
     """What the loop carries between iterations, saved in every checkpoint (engine callback
     protocol): the prompt cursor, the KL coefficient, and the monitors' windows. As a callback
@@ -25,6 +26,7 @@ class RLState:
         self.proxy: list[float] = []
         self.gold_acc: list[float] = []
         self.warned: dict[str, bool] = {"collapse": False, "kl": False, "hacking": False}
+        self.entropy0: float | None = None  # the first iteration's entropy (collapse is a fall from it)
 
     # -- engine callback
     def __call__(self, record: dict) -> None:
@@ -44,12 +46,16 @@ class RLState:
 
     def _check(self, r: dict) -> None:
         c = self.cfg
-        if r.get("distinct_rate", 1.0) < c.collapse_distinct and r.get("entropy", 1.0) < c.collapse_entropy:
+        entropy = r.get("entropy")
+        if self.entropy0 is None and entropy is not None:
+            self.entropy0 = float(entropy)
+        if (r.get("distinct_rate", 1.0) < c.collapse_distinct and entropy is not None and entropy < c.collapse_entropy
+                and entropy < c.collapse_fall * (self.entropy0 or 0.0)):
             r["warning/collapse"] = 1
             self._warn("collapse", f"mode collapse at step {r['step']}: only {r['distinct_rate']:.0%} of the "
-                       f"completions of a prompt differ and the token entropy is {r['entropy']:.3f} nats; the "
-                       "policy has stopped exploring. Lower train.lr, add loss.entropy_coef, raise "
-                       "rollout.temperature or loss.kl_beta.")
+                       f"completions of a prompt differ and the token entropy fell to {entropy:.3f} nats (from "
+                       f"{self.entropy0:.3f}); the policy has stopped exploring. Lower train.lr, add "
+                       "loss.entropy_coef, raise rollout.temperature or loss.kl_beta.")
         kl = r.get("rollout/kl_seq")
         approx = r.get("approx_kl")
         if (kl is not None and kl > c.kl_max) or (approx is not None and approx > c.approx_kl_max):
@@ -66,7 +72,7 @@ class RLState:
             if len(self.proxy) >= 2 * w:
                 p0, p1 = sum(self.proxy[-2 * w:-w]) / w, sum(self.proxy[-w:]) / w
                 g0, g1 = sum(self.gold_acc[-2 * w:-w]) / w, sum(self.gold_acc[-w:]) / w
-                if p1 > p0 and g1 < g0:
+                if p1 > p0 and g1 < g0 - c.hacking_gold_drop:
                     flag = 1
                     self._warn("hacking", f"reward hacking at step {r['step']}: the trained reward rose "
                                f"({p0:.3f} -> {p1:.3f}) while the gold metric fell ({g0:.3f} -> {g1:.3f}). "
@@ -77,7 +83,7 @@ class RLState:
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "kl": self.kl.state_dict(), "proxy": self.proxy, "gold": self.gold_acc,
-                "warned": dict(self.warned)}
+                "warned": dict(self.warned), "entropy0": self.entropy0}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
@@ -85,3 +91,4 @@ class RLState:
         self.proxy = [float(x) for x in state.get("proxy", [])]
         self.gold_acc = [float(x) for x in state.get("gold", [])]
         self.warned.update(state.get("warned", {}))
+        self.entropy0 = None if state.get("entropy0") is None else float(state["entropy0"])
