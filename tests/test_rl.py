@@ -235,7 +235,7 @@ def test_none_and_nan_rewards_are_excluded_and_counted(tmp_path):
     n = 16  # 4 prompts x 4 samples
     bad = sum(1 for i in range(n) if i % 3 == 0 or i % 5 == 0)
     for h in res.fit.history:
-        assert h["reward/invalid_sometimes_none_reward"] == bad
+        assert h["reward/invalid_tests.test_rl:sometimes_none_reward"] == bad
         assert h["samples_excluded"] == bad
         assert torch.isfinite(torch.tensor(h["loss"]))
     for p in res.final_dir.parent.glob("final/*.safetensors"):
