@@ -147,7 +147,6 @@ def encode_prompts(ds, tokenizer, *, max_prompt_length: int) -> tuple[list[Promp
 class Sample:
     """One completion of a rollout batch, with what the loss needs."""
 
-    group: int                       # index of its prompt group in the batch
     example: EncodedExample          # prompt + completion, labels on the completion
     n_tokens: int                    # completion tokens
     advantage: float
@@ -284,27 +283,30 @@ class RolloutPlan:
             h.update(json.dumps([p.ids, p.fields], sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 
-    def _minibatch_groups(self, step: int) -> list[int]:
-        j = step % self.per_iter
-        epoch, mb = divmod(j, self.r.loss.mini_batches)
-        order = list(range(len(self.groups)))
-        random.Random(_seed("rl-epoch", self.r.seed, self.iteration, epoch)).shuffle(order)
+    def micro_batch_layout(self, iteration: int, epoch: int, mb: int, n_groups: int) -> list[list[int]]:
+        """The group indices of each micro-batch of mini-batch ``mb`` in ``epoch`` of ``iteration``
+        (the epoch's seeded shuffle, every ``M``-th group, chunks of ``micro_batch_size``)."""
+        order = list(range(n_groups))
+        random.Random(_seed("rl-epoch", self.r.seed, iteration, epoch)).shuffle(order)
         m = self.r.loss.mini_batches
         # dynamic sampling can keep fewer groups than mini-batches: an empty share takes the whole batch
-        return order[mb::m] or order
-
-    def micro_batches(self, group_idx: list[int]) -> list[list[list[Sample]]]:
+        chosen = order[mb::m] or order
         size = self.r.micro_batch_size
-        chosen = [self.groups[i] for i in group_idx]
         return [chosen[i:i + size] for i in range(0, len(chosen), size)]
+
+    def first_epoch_layout(self, iteration: int, n_groups: int) -> list[list[int]]:
+        """Every micro-batch of the first epoch, in training order."""
+        return [ids for mb in range(self.r.loss.mini_batches)
+                for ids in self.micro_batch_layout(iteration, 0, mb, n_groups)]
 
     def batches(self, step: int) -> list[dict]:
         k = step // self.per_iter
         if k != self.iteration:
             self.iteration = k
             self.groups = self.r.rollout(k, self)
-        micro = self.micro_batches(self._minibatch_groups(step))
-        self.last = [self.r.collate(mb) for mb in micro]
+        epoch, mb = divmod(step % self.per_iter, self.r.loss.mini_batches)
+        layout = self.micro_batch_layout(self.iteration, epoch, mb, len(self.groups))
+        self.last = [self.r.collate([self.groups[i] for i in ids]) for ids in layout]
         return self.last
 
     def probe_batches(self) -> list[dict]:
@@ -434,13 +436,13 @@ class RLRunner:
             baseline = base.repeat_interleave(G)
         # samples
         groups: list[list[Sample]] = []
-        for gi, (i, rolls, rows) in enumerate(kept):
+        for _, rolls, rows in kept:
             group = []
             for j, r in enumerate(rolls):
                 ex = EncodedExample(input_ids=r.prompt_ids + r.completion_ids,
                                     labels=[-100] * len(r.prompt_ids) + r.completion_ids)
                 trained = bool(rows["valid"][j]) and not (ro.mask_truncated and not r.finished)
-                group.append(Sample(group=gi, example=ex, n_tokens=len(r.completion_ids), advantage=0.0,
+                group.append(Sample(example=ex, n_tokens=len(r.completion_ids), advantage=0.0,
                                     trained=trained, rollout_logps=r.log_probs))
             groups.append(group)
         total = torch.cat([g[2]["total"] for g in kept])
@@ -448,7 +450,7 @@ class RLRunner:
         # old / reference log-probs through the training layout
         t = time.time()
         if self.needs_old or self.reference is not None:
-            self._attach_logprobs(groups)
+            self._attach_logprobs(groups, plan.first_epoch_layout(k, len(groups)))
         times["logprobs"] += time.time() - t
         kl_seq = None
         if self.reference is not None:
@@ -466,7 +468,8 @@ class RLRunner:
                                              **self.est_hparams)
         for s, a in zip((s for g in groups for s in g), adv.tolist()):
             s.advantage = float(a)
-        # adaptive KL: update beta from this iteration's KL (used from the next iteration on)
+        # adaptive KL: update beta from this iteration's KL (KL in the reward: from the next iteration on;
+        # KL in the loss: already for this iteration's optimizer steps)
         if kl_seq is not None:
             self.state.kl.update(float(kl_seq[valid].mean()) if valid.any() else 0.0, len(kl_seq))
             self.algorithm.kl_beta = self.state.kl.value  # the in-loss coefficient of this iteration's steps
@@ -497,17 +500,19 @@ class RLRunner:
                 out[f"gold/{name}"] = v
         return out
 
-    def _attach_logprobs(self, groups: list[list[Sample]]) -> None:
-        """Old (policy before this iteration's updates) and reference log-probs, computed on
-        micro-batches laid out exactly as the first epoch's, so the first mini-batch's ratio is
-        exactly 1."""
-        plan_order = list(range(len(groups)))
-        size = self.micro_batch_size
+    def _attach_logprobs(self, groups: list[list[Sample]], layout: list[list[int]]) -> None:
+        """Old (policy before this iteration's updates) and reference log-probs, computed on the
+        first epoch's micro-batches (``layout``), so the first mini-batch's ratio is exactly 1."""
         was = self.model.training
         self.model.eval()
+        done: set[int] = set()
         try:
-            for start in range(0, len(plan_order), size):
-                mb = [groups[i] for i in plan_order[start:start + size]]
+            for ids in layout:
+                ids = [i for i in ids if i not in done]  # an empty mini-batch share repeats the batch
+                done.update(ids)
+                if not ids:
+                    continue
+                mb = [groups[i] for i in ids]
                 batch = to_device(collate_samples(mb, pad_token_id=self.pad_id, attn_implementation=self.attn,
                                                   row_length=self.row_length, with_old=False, with_ref=False),
                                   next(self.model.parameters()).device)

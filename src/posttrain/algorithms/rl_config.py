@@ -231,8 +231,6 @@ class RLConfig:
                 f"train.save_every={self.train.save_every} would checkpoint in the middle of a rollout batch "
                 f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
                 fix=f"set train.save_every to a multiple of {per_iter}.")
-        if loss.clip_eps_high is not None and loss.policy_loss in ("pg",):
-            pass  # reported as an unused setting
         names = set(self.reward.functions)
         overlap = names & set(self.reward.gold)
         if overlap:
