@@ -1,4 +1,4 @@
-"""Online RL on one loop: GRPO and its fixes (Dr. GRPO, DAPO, GSPO), RLOO, ReMax, REINFORCE++.
+"""Online RL on one loop: GRPO and its fixes (Dr. GRPO, DAPO, GSPO), RLOO, ReMax, REINFORCE++, PPO.
 
     posttrain rl --config cfg.yaml algorithm=grpo ...       (or: posttrain grpo ...)
 
@@ -7,10 +7,10 @@ KL placement and a loss aggregation (all pure functions in :mod:`posttrain.ops`)
 
     prompts --sample G per prompt--> completions (+ rollout log-probs, finished/truncated)
             --reward functions--> rewards (weighted; None / NaN excluded and counted)
-            --policy / reference forward, the one log-prob path--> old, ref log-probs
-            --advantage estimator--> advantages
+            --policy / reference forward, the one log-prob path--> old, ref log-probs (+ critic values)
+            --advantage estimator--> advantages (per token with a critic: GAE)
             --loss.epochs x loss.mini_batches--> policy loss (+ KL in the loss, - entropy bonus)
-            --aggregate_loss (global counts)--> the shared engine step
+            --aggregate_loss (global counts)--> the shared engine step (+ value loss with a critic)
 
 A preset (``algorithm=grpo`` ...) only fills the ``loss.*`` keys left unset (null); any part
 can be changed on its own (``algorithm=grpo loss.policy_loss=cispo``). The loop reads what the
@@ -56,18 +56,24 @@ from ..ops import (
     FixedKLController,
     aggregate_loss,
     get_advantage_estimator,
+    gae_advantages,
     get_policy_loss,
     kl_estimate,
+    kl_penalized_token_rewards,
     masked_sum,
     truncated_importance_weights,
+    value_loss,
 )
 from ..rewards import check_reward_fields, compute_rewards, resolve_reward_functions
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
+from .critic import PolicyWithCritic, check_critic_fits, critic_from_policy, critic_values
 from .rl_config import (
     BUILTIN_PROMPTS,
     PRESETS,
+    CRITIC_INITS,
+    CriticConfig,
     MonitorConfig,
     RewardConfig,
     RLConfig,
@@ -154,6 +160,10 @@ class Sample:
     rollout_logps: list[float]
     old_logps: list[float] | None = None
     ref_logps: list[float] | None = None
+    # with a critic (token-level advantages): per completion token
+    old_values: list[float] | None = None
+    token_advantages: list[float] | None = None
+    returns: list[float] | None = None
 
 
 def _padded(values: torch.Tensor, seq: torch.Tensor, n_seq: int, width: int) -> torch.Tensor:
@@ -182,8 +192,10 @@ def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
 class OnlineRLAlgorithm:
     """The per-micro-batch loss of the online loop (see the module docstring)."""
 
-    def __init__(self, loss: RLLossConfig, *, temperature: float, max_new_tokens: int):
+    def __init__(self, loss: RLLossConfig, *, temperature: float, max_new_tokens: int,
+                 critic: CriticConfig | None = None):
         self.cfg = loss
+        self.critic_cfg = critic
         self.spec = get_policy_loss(loss.policy_loss)
         self.hparams = {h: getattr(loss, h) for h in self.spec.hyperparameters}
         self.temperature = temperature
@@ -197,6 +209,8 @@ class OnlineRLAlgorithm:
                 "input_tokens": int(batch["num_input_tokens"])}
 
     def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        critic = getattr(model, "critic", None)
+        model = getattr(model, "policy", model)
         out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
                                  attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
                                  return_entropy=True, temperature=self.temperature)
@@ -222,11 +236,20 @@ class OnlineRLAlgorithm:
         metrics["entropy"] = masked_sum(entropy, mask) / n_tok
         loss = aggregate_loss(per_token, mask, self.cfg.aggregation, num_tokens=totals["tokens"],
                               num_sequences=totals["sequences"], normalize_constant=float(self.max_new_tokens))
+        if critic is not None:
+            values = _padded(critic_values(critic, batch), batch["lp_seq"], n_seq, width)
+            v_loss, vm = value_loss(values, batch["old_values"], batch["returns"], mask,
+                                    clip_eps=self.critic_cfg.value_clip)
+            v_loss = masked_sum(v_loss, mask) / n_tok  # token mean over the whole optimizer step
+            metrics["value_loss"] = v_loss.detach()
+            metrics["value_clipped"] = masked_sum(vm["value_clipped"], mask) / n_tok
+            metrics["policy_loss"] = loss.detach()
+            loss = loss + self.critic_cfg.vf_coef * v_loss
         return loss, metrics
 
 
 def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_implementation: str,
-                    row_length: int, with_old: bool, with_ref: bool) -> dict:
+                    row_length: int, with_old: bool, with_ref: bool, with_values: bool = False) -> dict:
     """A micro-batch of whole prompt groups: prefix-shared documents (one prompt, G completions)
     where the attention takes a 4-D mask, plus ``(S, L)`` per-token tensors in sequence order."""
     ids, start = [], 0
@@ -242,7 +265,12 @@ def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_imple
         if s.trained:
             mask[i, : s.n_tokens] = 1.0
     batch["mask"] = mask
-    batch["advantages"] = torch.tensor([s.advantage for s in flat], dtype=torch.float32)
+    if with_values:  # token-level advantages from GAE, the critic's targets and its old predictions
+        batch["advantages"] = _rows([s.token_advantages for s in flat], width)
+        batch["returns"] = _rows([s.returns for s in flat], width)
+        batch["old_values"] = _rows([s.old_values for s in flat], width)
+    else:
+        batch["advantages"] = torch.tensor([s.advantage for s in flat], dtype=torch.float32)
     if with_old:
         batch["old_logps"] = _rows([s.old_logps for s in flat], width)
     if with_ref:
@@ -317,21 +345,25 @@ class RolloutPlan:
 # --------------------------------------------------------------------------- the runner
 
 
+# estimator keyword -> loss.* config key where the names differ
+_ESTIMATOR_KEYS = {"eps": "advantage_eps", "whiten": "whiten_advantages"}
+
+
 class RLRunner:
     """Everything the rollout side needs: models, prompts, reward functions, settings."""
 
     def __init__(self, cfg: RLConfig, loss: RLLossConfig, *, model, tokenizer, reference, prompts, rewards, gold,
-                 algorithm: OnlineRLAlgorithm, state: RLState, out_dir: Path, log):
+                 algorithm: OnlineRLAlgorithm, state: RLState, out_dir: Path, log, critic=None):
         self.cfg, self.loss = cfg, loss
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
+        self.critic = critic
         self.prompts: list[PromptItem] = prompts
         self.rewards, self.gold = rewards, gold
         self.algorithm, self.state = algorithm, state
         self.seed = cfg.train.seed
         self.micro_batch_size = cfg.train.micro_batch_size
         self.estimator = get_advantage_estimator(loss.advantage)
-        self.est_hparams = {h: getattr(loss, h if h != "eps" else "advantage_eps") for h in
-                            self.estimator.hyperparameters}
+        self.est_hparams = {h: getattr(loss, _ESTIMATOR_KEYS.get(h, h)) for h in self.estimator.hyperparameters}
         self.out_dir = out_dir
         self.log = log
         self.attn = str(getattr(model.config, "_attn_implementation", "sdpa"))
@@ -355,7 +387,8 @@ class RLRunner:
 
     def collate(self, groups: list[list[Sample]]) -> dict:
         batch = collate_samples(groups, pad_token_id=self.pad_id, attn_implementation=self.attn,
-                                row_length=self.row_length, with_old=self.needs_old, with_ref=self.reference is not None)
+                                row_length=self.row_length, with_old=self.needs_old, with_ref=self.reference is not None,
+                                with_values=self.critic is not None)
         if self.loss.tis_cap is not None:
             batch["tis_weights"] = self._tis(groups)
         return batch
@@ -449,7 +482,7 @@ class RLRunner:
         valid = torch.cat([g[2]["valid"] for g in kept])
         # old / reference log-probs through the training layout
         t = time.time()
-        if self.needs_old or self.reference is not None:
+        if self.needs_old or self.reference is not None or self.critic is not None:
             self._attach_logprobs(groups, plan.first_epoch_layout(k, len(groups)))
         times["logprobs"] += time.time() - t
         kl_seq = None
@@ -458,16 +491,19 @@ class RLRunner:
             pol = [s.old_logps if s.old_logps is not None else s.rollout_logps for s in flat]
             kl_seq = torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
         reward_for_adv = total
-        if kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
+        if self.estimator.token_level:
+            adv_metrics = self._token_advantages(groups, total, valid)
+        elif kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
             beta = self.state.kl.value
             flat = [s for g in groups for s in g]
             est = torch.tensor([float(kl_estimate(torch.tensor(s.old_logps), torch.tensor(s.ref_logps),
                                                   loss.kl_estimator).sum()) for s in flat])
             reward_for_adv = total - beta * est
-        adv, adv_metrics = self.estimator.fn(reward_for_adv, valid, group_size=G, baseline=baseline,
-                                             **self.est_hparams)
-        for s, a in zip((s for g in groups for s in g), adv.tolist()):
-            s.advantage = float(a)
+        if not self.estimator.token_level:
+            adv, adv_metrics = self.estimator.fn(reward_for_adv, valid, group_size=G, baseline=baseline,
+                                                 **self.est_hparams)
+            for s, a in zip((s for g in groups for s in g), adv.tolist()):
+                s.advantage = float(a)
         # adaptive KL: update beta from this iteration's KL (KL in the reward: from the next iteration on;
         # KL in the loss: already for this iteration's optimizer steps)
         if kl_seq is not None:
@@ -478,6 +514,41 @@ class RLRunner:
                                            dropped_groups, rounds, metrics_parts)
         self._write_samples(k, kept, groups)
         return groups
+
+    def _token_advantages(self, groups: list[list[Sample]], total: torch.Tensor, valid: torch.Tensor) -> dict:
+        """GAE over per-token rewards: the sequence reward at the last token, ``-beta * k`` on every
+        token when the KL sits in the reward; values from the critic before this iteration's updates.
+        Excluded samples take part in no statistic (whitening included)."""
+        loss = self.loss
+        flat = [s for g in groups for s in g]
+        width = max(s.n_tokens for s in flat)
+        mask = torch.zeros((len(flat), width))
+        for i, s in enumerate(flat):
+            if s.trained:
+                mask[i, : s.n_tokens] = 1.0
+        scores = torch.where(valid, total, torch.zeros_like(total)).float()
+        kl = torch.zeros_like(mask)
+        beta = 0.0
+        if self.reference is not None and loss.kl_placement == "reward":
+            beta = self.state.kl.value
+            kl = kl_estimate(_rows([s.old_logps for s in flat], width), _rows([s.ref_logps for s in flat], width),
+                             loss.kl_estimator)
+        token_rewards = kl_penalized_token_rewards(scores, kl, mask, beta)
+        values = _rows([s.old_values for s in flat], width)
+        adv, returns = gae_advantages(token_rewards, values, mask, **self.est_hparams)
+        for i, s in enumerate(flat):
+            s.token_advantages = adv[i, : s.n_tokens].tolist()
+            s.returns = returns[i, : s.n_tokens].tolist()
+        n = mask.sum().clamp(min=1)
+        v_mean, r_mean = float(masked_sum(values, mask) / n), float(masked_sum(returns, mask) / n)
+        r_var = float(masked_sum((returns - r_mean) ** 2, mask) / n)
+        resid = returns - values
+        resid_mean = float(masked_sum(resid, mask) / n)
+        resid_var = float(masked_sum((resid - resid_mean) ** 2, mask) / n)
+        return {"value_mean": v_mean, "return_mean": r_mean,
+                # 1 - Var(R - V) / Var(R): how much of the returns the old values explain (1 = all)
+                "explained_variance": 1.0 - resid_var / r_var if r_var > 0 else float("nan"),
+                "token_mean": float(masked_sum(adv, mask) / n)}
 
     def _score(self, idx: list[int], rolls: list[Rollout]) -> dict:
         G = len(rolls) // max(1, len(idx))
@@ -523,8 +594,19 @@ class RLRunner:
                 if self.reference is not None:
                     for s, v in zip(flat, self._seq_logps(self.reference, batch, len(flat))):
                         s.ref_logps = v
+                if self.critic is not None:
+                    for s, v in zip(flat, self._seq_values(batch, len(flat))):
+                        s.old_values = v
         finally:
             self.model.train(was)
+            if self.critic is not None:
+                self.critic.train(was)
+
+    def _seq_values(self, batch: dict, n_seq: int) -> list[list[float]]:
+        self.critic.eval()
+        values = _padded(critic_values(self.critic, batch), batch["lp_seq"], n_seq, batch["mask"].shape[1]).cpu()
+        counts = torch.bincount(batch["lp_seq"].cpu(), minlength=n_seq).tolist()
+        return [values[i, : counts[i]].tolist() for i in range(n_seq)]
 
     def _seq_logps(self, model, batch: dict, n_seq: int) -> list[list[float]]:
         out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
@@ -602,10 +684,13 @@ class RLRunner:
             for (i, rolls, rows), g in zip(kept, groups):
                 for j, (r, s) in enumerate(zip(rolls, g)):
                     reward = float(rows["total"][j])
-                    fh.write(json.dumps({"iteration": k + 1, "prompt": self.prompts[i].text, "completion": r.text,
-                                         "reward": reward if math.isfinite(reward) else None,
-                                         "advantage": s.advantage, "finished": r.finished,
-                                         "tokens": s.n_tokens}) + "\n")
+                    record = {"iteration": k + 1, "prompt": self.prompts[i].text, "completion": r.text,
+                              "reward": reward if math.isfinite(reward) else None,
+                              "advantage": s.advantage, "finished": r.finished, "tokens": s.n_tokens}
+                    if s.token_advantages is not None:  # per completion token (GAE with a critic)
+                        record.update(advantage=None, token_advantages=s.token_advantages, returns=s.returns,
+                                      values=s.old_values)
+                    fh.write(json.dumps(record) + "\n")
 
 
 def _zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:
@@ -675,8 +760,10 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     cfg = validated(cfg, RLConfig)
     log = log or (lambda line: None)
     loss = cfg.loss.resolved(cfg.algorithm)
+    critic_dir = cfg.critic.init if cfg.critic.init not in (None, "none", *CRITIC_INITS) else None
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
-                     protect=read_paths(cfg.model, **{"reward.reward_model": cfg.reward.reward_model}))
+                     protect=read_paths(cfg.model, **{"reward.reward_model": cfg.reward.reward_model,
+                                                      "critic.init": critic_dir}))
     torch.manual_seed(cfg.train.seed)
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
@@ -723,11 +810,18 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
         reference = frozen_copy(model)
     kl = (AdaptiveKLController(loss.kl_beta, loss.kl_target, loss.kl_horizon) if loss.kl_target is not None
           else FixedKLController(loss.kl_beta))
-    algorithm = OnlineRLAlgorithm(loss, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+    algorithm = OnlineRLAlgorithm(loss, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  critic=cfg.critic)
+    # the critic (only for estimators that need one): trained beside the policy by the same engine
+    critic, trained = None, model
+    if get_advantage_estimator(loss.advantage).needs_critic:
+        critic = build_critic(cfg, model, tokenizer, device=str(accelerator.device), log=log)
+        trained = PolicyWithCritic(model, critic, critic_lr=cfg.critic.lr or cfg.train.lr)
     state = RLState(cfg.monitor, kl, log=log, gold=bool(gold))
     out_dir = Path(cfg.train.output_dir)
     runner = RLRunner(cfg, loss, model=model, tokenizer=tokenizer, reference=reference, prompts=prompts,
-                      rewards=functions, gold=gold, algorithm=algorithm, state=state, out_dir=out_dir, log=log)
+                      rewards=functions, gold=gold, algorithm=algorithm, state=state, out_dir=out_dir, log=log,
+                      critic=critic)
     plan = RolloutPlan(runner, cfg.train.max_steps)
     parts = {k: getattr(loss, k) for k in ("advantage", "policy_loss", "aggregation", "kl_beta")}
     log(f"algorithm {cfg.algorithm}: " + ", ".join(f"{k}={v}" for k, v in parts.items())
@@ -740,6 +834,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     eval_fns = functions + gold
 
     def evaluate(m) -> dict:
+        m = getattr(m, "policy", m)
         metrics = evaluate_prompts(m, tokenizer, eval_prompts, eval_fns,
                                    max_new_tokens=cfg.rollout.eval_max_new_tokens) if eval_prompts else {}
         if extra_eval is not None:
@@ -753,13 +848,34 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}
-    result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    if critic_dir:
+        inputs["critic_init_sha256"] = _file_digest(critic_dir)
+    result = fit(trained, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if has_eval else None, run_config=run_config, inputs=inputs, log=log,
                  callbacks=[state])
     if accelerator.is_main_process and result.history:
         plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain {cfg.algorithm}")
     return RLResult(fit=result, final_dir=result.final_dir, loss=loss,
                     eval_metrics=result.eval_history[-1] if result.eval_history else {})
+
+
+def build_critic(cfg: RLConfig, policy, tokenizer, *, device: str, log):
+    """The value model as ``critic.init`` says (see :mod:`posttrain.algorithms.critic`)."""
+    from .rm import load_reward_model
+
+    init = cfg.critic.init or "policy"
+    if init == "policy":
+        critic = critic_from_policy(policy, pad_token_id=tokenizer.pad_token_id)
+        log("critic: the policy's backbone with a zero value head")
+    else:
+        path = cfg.reward.reward_model if init == "reward_model" else init
+        key = "reward.reward_model" if init == "reward_model" else "critic.init"
+        critic = load_reward_model(path, tokenizer, dtype=cfg.model.dtype, device=device,
+                                   attn_implementation=cfg.model.attn_implementation, key=key)
+        check_critic_fits(critic, policy, source=init)
+        log(f"critic: from {path}")
+    critic.train()
+    return critic
 
 
 def _file_digest(path: str) -> str:

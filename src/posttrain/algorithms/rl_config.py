@@ -44,13 +44,18 @@ PRESETS: dict[str, dict] = {
     # Hu 2025: batch-whitened returns (no critic, no group), k1 KL in the reward, token mean
     "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", clip_eps=0.2, aggregation="token_mean",
                          kl_beta=0.01, kl_estimator="k1", kl_placement="reward"),
+    # Ouyang et al. 2022 (InstructGPT) / Ziegler et al. 2019: a critic, GAE over per-token rewards
+    # (-beta * k1 on every token, the sequence reward at the last one), whitened advantages, token mean
+    "ppo": dict(advantage="gae", policy_loss="ppo_clip", clip_eps=0.2, aggregation="token_mean", kl_beta=0.05,
+                kl_estimator="k1", kl_placement="reward", whiten_advantages=True),
 }
 
 # what an unset key falls back to when the preset does not name it
 _LOSS_FALLBACK = dict(normalize_by_std=True, clip_eps=0.2, clip_eps_high=None, dual_clip=None, kl_beta=0.0,
-                      kl_estimator="k3", kl_placement="loss", dynamic_sampling=False, overlong_penalty=False)
+                      kl_estimator="k3", kl_placement="loss", dynamic_sampling=False, overlong_penalty=False,
+                      whiten_advantages=False)
 
-ONLINE_ADVANTAGES = tuple(sorted(n for n, e in ADVANTAGE_ESTIMATORS.items() if not e.needs_critic))
+ONLINE_ADVANTAGES = tuple(sorted(ADVANTAGE_ESTIMATORS))
 
 
 # --------------------------------------------------------------------------- config
@@ -118,6 +123,11 @@ class RLLossConfig:
                                    choices=ONLINE_ADVANTAGES)
     normalize_by_std: bool | None = option(None, "grpo: divide by the group's std (false: Dr. GRPO).")
     advantage_eps: float = option(1e-6, "Added to the std before dividing.", gt=0.0)
+    gamma: float = option(1.0, "gae: discount per token.", min=0.0, max=1.0)
+    lam: float = option(0.95, "gae: lambda of the advantage estimate (1: Monte-Carlo return - V; 0: one-step TD).",
+                        min=0.0, max=1.0)
+    whiten_advantages: bool | None = option(None, "gae: whiten the advantages over the batch's tokens (returns stay "
+                                                  "unwhitened).")
     subtract_group_mean: bool = option(False, "reinforce_pp: subtract the group mean before whitening "
                                               "(the 'baseline' variant).")
     policy_loss: str | None = option(None, "pg, ppo_clip, gspo or cispo.", choices=tuple(sorted(POLICY_LOSSES)))
@@ -132,7 +142,7 @@ class RLLossConfig:
     kl_beta: float | None = option(None, "KL coefficient (0: no reference model is loaded).", min=0.0)
     kl_estimator: str | None = option(None, "k1, k2 or k3.", choices=("k1", "k2", "k3"))
     kl_placement: str | None = option(None, "loss: beta * k per token in the loss (GRPO); reward: -beta * k "
-                                            "summed into the sequence reward (RLOO, REINFORCE++).",
+                                            "summed into the sequence reward (RLOO, REINFORCE++; per token with gae, PPO).",
                                       choices=("loss", "reward"))
     kl_target: float | None = option(None, "Adaptive KL (Ziegler et al.): steer beta toward this KL per "
                                            "sequence; null keeps beta fixed.", gt=0.0)
@@ -162,6 +172,23 @@ class RLLossConfig:
         return RLLossConfig(**values)
 
 
+CRITIC_INITS = ("policy", "reward_model")
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model (only for loss.advantage=gae)."""
+
+    init: str | None = option(None, "policy: the policy's backbone with a new zero head; reward_model: a copy of "
+                                    "reward.reward_model; or a directory (a saved critic such as <run>/final/critic, "
+                                    "or a reward model). Null: policy when loss.advantage needs a critic.")
+    lr: float | None = option(None, "Critic learning rate (null: train.lr); follows the same schedule.", gt=0.0)
+    value_clip: float | None = option(0.2, "Clip the new values to old +- this in the value loss (null: no clip).",
+                                      gt=0.0)
+    vf_coef: float = option(0.1, "Weight of the value loss in the summed loss (policy and critic share one "
+                                 "gradient-norm clip).", gt=0.0)
+
+
 @dataclass
 class MonitorConfig:
     """Failure-mode warnings (printed while training, flags logged every step)."""
@@ -182,7 +209,7 @@ class MonitorConfig:
 
 @dataclass
 class RLConfig:
-    """posttrain rl: online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE++)."""
+    """posttrain rl: online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE++, PPO)."""
 
     algorithm: str = option("grpo", "Preset: " + ", ".join(PRESETS) + ".", choices=tuple(PRESETS))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,6 +217,7 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: RLLossConfig = field(default_factory=RLLossConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="runs/rl", lr=1e-5, micro_batch_size=4, max_steps=100, epochs=0.0, warmup_ratio=0.0,
@@ -205,6 +233,23 @@ class RLConfig:
                 f"rollout.group_size is {g}.",
                 fix="set rollout.group_size to 2 or more (4-16 is usual), or use loss.advantage=remax / "
                 "reinforce_pp / none, which work with one sample per prompt.")
+        if est.needs_critic and self.critic.init == "none":
+            raise ConfigError(
+                f"loss.advantage={loss.advantage} estimates advantages with a value model, but critic.init is none.",
+                fix="set critic.init=policy (or reward_model, or a saved critic's directory), or pick an estimator "
+                "without a critic (loss.advantage=grpo / rloo / remax / reinforce_pp).")
+        if not est.needs_critic:
+            set_keys = [f"critic.{k}={getattr(self.critic, k)!r}" for k in ("init", "lr")
+                        if getattr(self.critic, k) not in (None, "none")]
+            if set_keys:
+                raise ConfigError(
+                    f"{', '.join(set_keys)} configures a critic, but loss.advantage={loss.advantage} uses none "
+                    "(only gae does): it would be trained for nothing.",
+                    fix="remove the critic.* keys, or use algorithm=ppo / loss.advantage=gae.")
+        if self.critic.init == "reward_model" and not self.reward.reward_model:
+            raise ConfigError("critic.init=reward_model but reward.reward_model is not set.",
+                              fix="set reward.reward_model to a directory saved by `posttrain rm`, or use "
+                              "critic.init=policy.")
         if self.train.grad_accum != 1:
             raise ConfigError(
                 f"train.grad_accum={self.train.grad_accum}: in online RL the micro-batches of an optimizer step "

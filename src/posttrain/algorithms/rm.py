@@ -98,11 +98,11 @@ class RMConfig:
 
 
 def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", device: str = "auto",
-                      attn_implementation: str | None = "sdpa"):
+                      attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
     """A one-label ``AutoModelForSequenceClassification`` from a causal LM (new score head) or an RM dir
     (safetensors only, no repository code: :mod:`posttrain.models.loading`)."""
     model = load_sequence_classifier(name_or_path, num_labels=1, dtype=dtype, device=device,
-                                     attn_implementation=attn_implementation)
+                                     attn_implementation=attn_implementation, key=key)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

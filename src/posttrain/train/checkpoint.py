@@ -486,32 +486,41 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = sorted((path / "model").glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"Checkpoint '{path}' has no model weights.", fix="use another checkpoint.")
-    state_dict = {}
+    # a composite model (policy + critic) keeps each part's save_pretrained output in a subdirectory
+    parts = model.checkpoint_parts() if hasattr(model, "checkpoint_parts") else [("", model)]
+    loaded = []
+    for sub, part in parts:
+        directory = path / "model" / sub if sub else path / "model"
+        weights = sorted(directory.glob("*.safetensors"))
+        if not weights:
+            raise CheckpointError(f"Checkpoint '{path}' has no model weights in '{directory}'.",
+                                  fix="use another checkpoint.")
+        state_dict = {}
+        try:
+            for w in weights:
+                state_dict.update(load_file(str(w)))
+        except Exception as e:  # OSError, or safetensors' own error type for a damaged file
+            raise CorruptCheckpointError(f"Checkpoint '{path}' cannot be read: {type(e).__name__}: {e}.",
+                                         fix="resume from an earlier checkpoint (train.resume=auto).") from None
+        loaded.append((part, state_dict))
     try:
-        for w in weights:
-            state_dict.update(load_file(str(w)))
         state = load_state(path, STATE)
     except (StateFormatError, OSError) as e:
         raise CorruptCheckpointError(f"Checkpoint '{path}' cannot be read: {e}.",
                                      fix="resume from an earlier checkpoint (train.resume=auto).") from None
-    except Exception as e:  # safetensors' own error type for a damaged file
-        raise CorruptCheckpointError(f"Checkpoint '{path}' cannot be read: {type(e).__name__}: {e}.",
-                                     fix="resume from an earlier checkpoint (train.resume=auto).") from None
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    # tied weights are saved once; anything else missing is an error
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
-    if really_missing or unexpected:
-        raise CheckpointError(
-            f"Checkpoint '{path}' does not match the model: missing {really_missing[:5]}, "
-            f"unexpected {list(unexpected)[:5]}.",
-            fix="resume with the model that wrote this checkpoint.",
-        )
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    for part, state_dict in loaded:
+        missing, unexpected = part.load_state_dict(state_dict, strict=False)
+        # tied weights are saved once; anything else missing is an error
+        tied = set(getattr(part, "_tied_weights_keys", None) or [])
+        really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+        if really_missing or unexpected:
+            raise CheckpointError(
+                f"Checkpoint '{path}' does not match the model: missing {really_missing[:5]}, "
+                f"unexpected {list(unexpected)[:5]}.",
+                fix="resume with the model that wrote this checkpoint.",
+            )
+        if getattr(part.config, "tie_word_embeddings", False):
+            part.tie_weights()
     try:
         step = json.loads((path / MARKER).read_text(encoding="utf-8"))["step"]
     except (OSError, ValueError, KeyError, TypeError):
