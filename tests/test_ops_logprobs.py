@@ -250,3 +250,25 @@ def test_linear_log_probs_gradcheck_float64():
         return linear_log_probs(h, w, labels, bias=b, chunk_size=4, return_entropy=True)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_default_chunk_rows_come_from_a_byte_budget():
+    from posttrain.ops.logprobs import CHUNK_BYTES, default_chunk_rows
+
+    assert CHUNK_BYTES == 32 << 20
+    assert default_chunk_rows(32768) == 256 and default_chunk_rows(131072) == 64
+    assert default_chunk_rows(10**9) == 16  # a floor, never row by row
+    assert default_chunk_rows(512) == 16384
+
+
+def test_default_chunking_equals_explicit_chunks():
+    """chunk_size=None picks rows from the byte budget; the values equal any explicit chunking."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 8, generator=g)
+    w = torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (3, 7), generator=g)
+    logits = h @ w.T
+    assert torch.allclose(token_log_probs(logits, y), token_log_probs(logits, y, chunk_size=2), atol=1e-6)
+    assert torch.allclose(compute_entropy(logits), compute_entropy(logits, chunk_size=3), atol=1e-6)
+    lp, _ = linear_log_probs(h, w, y)
+    assert torch.allclose(lp, linear_log_probs(h, w, y, chunk_size=5)[0], atol=1e-5)

@@ -252,3 +252,9 @@ def test_ppo_keeps_training_when_rewards_are_missing(tmp_path):
     for h in res.fit.history:
         assert h["samples_excluded"] > 0
         assert math.isfinite(h["loss"]) and math.isfinite(h["value_loss"])
+
+
+def short_reward(prompts, completions, completion_ids, **_):
+    """Shorter is better: a signal a random tiny model can learn within a few dozen steps (it only has
+    to make its end-of-turn token likelier)."""
+    return [-len(ids) / 12 for ids in completion_ids]

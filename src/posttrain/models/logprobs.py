@@ -20,17 +20,16 @@ from __future__ import annotations
 import torch
 
 from ..ops import compute_entropy, linear_log_probs, token_log_probs
+from ..ops.logprobs import default_chunk_rows
 
 # Config attributes that change logits after the linear head; such models use the logits path.
 _POST_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
-CHUNK_BYTES = 128 << 20
-
-
 def chunk_rows(vocab_size: int) -> int:
-    """Rows per log-softmax chunk so one fp32 ``(rows, V)`` buffer stays near 128 MiB."""
-    return max(64, CHUNK_BYTES // (4 * max(1, vocab_size)))
+    """Rows per log-softmax chunk: the ops' byte budget (one fp32 ``(rows, V)`` buffer of at most
+    ``posttrain.ops.logprobs.CHUNK_BYTES``)."""
+    return default_chunk_rows(vocab_size)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from .logprobs import _compute_dtype, _log_probs, _row_ranges, _rows
+from .logprobs import _compute_dtype, _log_probs, _resolve_chunk, _row_ranges, _rows
 
 
 def _log_ratio(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, clamp: float | None) -> torch.Tensor:
@@ -138,7 +138,7 @@ class _ExactKL(torch.autograd.Function):
 
 
 def exact_kl(
-    logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_size: int = 4096
+    logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Exact per-position KL(π_θ ‖ π_ref) summed over the whole vocabulary.
 
@@ -162,4 +162,4 @@ def exact_kl(
         raise ValueError(
             f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must match"
         )
-    return _ExactKL.apply(logits, ref_logits, chunk_size)
+    return _ExactKL.apply(logits, ref_logits, _resolve_chunk(chunk_size, logits.shape[-1]))

@@ -13,8 +13,11 @@ only ``(N, V)`` allocation is the returned gradient, in the logits' own dtype.
 :func:`linear_log_probs` goes further and never builds the ``(N, V)`` logits at all.
 
 Choosing ``chunk_size``: one buffer is ``chunk_size · V · 4`` bytes, e.g. 512 MiB for 1024 rows
-at V = 131072, and the saving disappears once ``chunk_size`` reaches ``N``. For large
-vocabularies pass a few hundred rows (see BENCHMARKS.md); smaller chunks cost some speed.
+at V = 131072, and the saving disappears once ``chunk_size`` reaches ``N``. The default
+(``chunk_size=None``) takes the rows from a byte budget, :func:`default_chunk_rows`: one fp32
+``(rows, V)`` buffer of at most ``CHUNK_BYTES`` (32 MiB), i.e. 256 rows at V = 32768 and 64 at
+V = 131072, which keeps the peak near the fused 256-row figures of BENCHMARKS.md whatever the
+vocabulary; small vocabularies get whole batches in one chunk.
 
 Precision: the math runs in float32 (float64 inputs stay float64), whatever the input dtype
 (bf16 / fp16 logits are upcast one chunk at a time). Outputs are float32 (or float64).
@@ -28,6 +31,20 @@ from __future__ import annotations
 import torch
 
 # ---- chunking helpers (shared with kl.py) --------------------------------------------------
+
+#: Byte budget of one fp32 ``(rows, V)`` chunk buffer when ``chunk_size`` is not given.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 16
+
+
+def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so one fp32 ``(rows, V)`` buffer stays within ``budget_bytes`` (at least
+    ``MIN_CHUNK_ROWS``, so tiny budgets do not degenerate into row-by-row loops)."""
+    return max(MIN_CHUNK_ROWS, budget_bytes // (4 * max(1, int(vocab_size))))
+
+
+def _resolve_chunk(chunk_size: int | None, vocab_size: int) -> int:
+    return default_chunk_rows(vocab_size) if chunk_size is None else chunk_size
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -119,7 +136,7 @@ class _TokenLogProbs(torch.autograd.Function):
 
 
 def token_log_probs(
-    logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 4096
+    logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Log-probability of each label under the softmax of its logits row.
 
@@ -135,7 +152,7 @@ def token_log_probs(
     ``(N, V)`` fp32 intermediates.
     """
     _check_labels(logits.shape, labels)
-    return _TokenLogProbs.apply(logits, labels, chunk_size)
+    return _TokenLogProbs.apply(logits, labels, _resolve_chunk(chunk_size, logits.shape[-1]))
 
 
 # ---- entropy on existing logits -------------------------------------------------------------
@@ -172,7 +189,7 @@ class _Entropy(torch.autograd.Function):
         return grad, None
 
 
-def compute_entropy(logits: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
+def compute_entropy(logits: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
     """Entropy of the softmax distribution of each logits row.
 
     Shapes: ``logits`` ``(B, T, V)`` (or ``(..., V)``; any float dtype) -> ``(B, T)`` float32.
@@ -184,7 +201,7 @@ def compute_entropy(logits: torch.Tensor, *, chunk_size: int = 4096) -> torch.Te
     0 for a one-hot distribution, ``log V`` for a uniform one. ``-inf`` logits are allowed
     (they contribute 0).
     """
-    return _Entropy.apply(logits, chunk_size)
+    return _Entropy.apply(logits, _resolve_chunk(chunk_size, logits.shape[-1]))
 
 
 # ---- fused LM head: hidden states -> log-probs (+ entropy) ----------------------------------
@@ -273,7 +290,7 @@ def linear_log_probs(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused LM head + log-softmax + gather (+ entropy), without the ``(N, V)`` logits.
@@ -302,7 +319,8 @@ def linear_log_probs(
         raise ValueError(
             f"weight must be (V, H) with H = {hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
-    out = _LinearLogProbs.apply(hidden, weight, bias, labels, chunk_size, return_entropy)
+    out = _LinearLogProbs.apply(hidden, weight, bias, labels, _resolve_chunk(chunk_size, weight.shape[0]),
+                                return_entropy)
     if return_entropy:
         return out[0], out[1]
     return out, None
