@@ -9,12 +9,11 @@ from posttrain.algorithms.dpo import (
     DisplacementMonitor,
     DPOConfig,
     PreferenceAlgorithm,
-    frozen_copy,
     run_preference,
     units_from_records,
 )
 from posttrain.algorithms.rm import RMConfig, run_rm, sequence_rewards
-from posttrain.algorithms.sequences import UnitPlan
+from posttrain.algorithms.sequences import UnitPlan, frozen_copy
 from posttrain.config import load_config
 from posttrain.data import load_records
 from posttrain.ops import get_preference_loss
@@ -168,7 +167,7 @@ def test_reference_free_losses_load_no_reference(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a reference model was built for a reference-free loss")
 
-    monkeypatch.setattr(dpo_mod, "frozen_copy", boom)
+    monkeypatch.setattr(dpo_mod, "reference_policy", boom)
     for loss in ("simpo", "orpo", "tilt"):
         cfg = _dpo_cfg(tmp_path / loss, loss, **{"train.max_steps": 1})
         run_preference(cfg, model=tiny_model("llama", hidden=48), tokenizer=world_tokenizer(), log=lambda s: None)

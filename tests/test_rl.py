@@ -137,8 +137,8 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_no_reference_model_when_beta_is_zero(tmp_path, monkeypatch):
     made = []
-    real = rl_mod.frozen_copy
-    monkeypatch.setattr(rl_mod, "frozen_copy", lambda m: made.append(1) or real(m))
+    real = rl_mod.reference_policy
+    monkeypatch.setattr(rl_mod, "reference_policy", lambda m: made.append(1) or real(m))
     res = _run(_cfg(tmp_path / "r", **{"algorithm": "dr_grpo", "train.max_steps": 1}))
     assert made == [] and "kl_k1" not in res.fit.history[0]
     _run(_cfg(tmp_path / "r2", **{"algorithm": "grpo", "train.max_steps": 1}))

@@ -402,6 +402,7 @@ def test_broken_model_directories_are_named(model_dir, tmp_path, damage, fragmen
 
 
 def test_missing_paths_and_hub_ids_fail_fast_offline(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a checkout where `make quickstart` ran has runs/quickstart/sft/final
     monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ConfigError, match="no such directory 'runs/quickstart/sft/final'") as e:

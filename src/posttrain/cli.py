@@ -5,8 +5,9 @@
     posttrain rm --config cfg.yaml k=v ...    # reward model (Bradley-Terry, hinge, MSE, listwise)
     posttrain dpo --config cfg.yaml k=v ...   # DPO family, KTO, tilt (loss.name=...)
     posttrain rl --config cfg.yaml algorithm=grpo k=v ...   # online RL; presets also as commands:
-    posttrain grpo | dr_grpo | dapo | gspo | rloo | remax | reinforce_pp  k=v ...
+    posttrain grpo | dr_grpo | dapo | gspo | rloo | remax | reinforce_pp | ppo  k=v ...
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
+    posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
 
@@ -109,6 +110,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.samples:
         for s in res.samples[: args.samples]:
             print(f"\nQ: {s['question']}\nA: {s['response']!r}  [{'correct' if s['correct'] else 'wrong'}]")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .models.loading import load_tokenizer
+    from .models.peft import ADAPTER_CONFIG, adapter_base, is_adapter_dir, merge_adapter_dir
+    from .train.checkpoint import save_pretrained_atomic
+
+    src = Path(args.adapter)
+    if not is_adapter_dir(src):
+        raise ConfigError(f"'{src}' is not a LoRA adapter directory (it needs {ADAPTER_CONFIG} and no config.json).",
+                          fix="pass the final/ (or checkpoints/step-N/model/) directory of a model.peft.method=lora run.")
+    out = Path(args.output)
+    if out.resolve() == src.resolve():
+        raise ConfigError("--output is the adapter directory itself.", fix="choose another --output directory.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"--output '{out}' exists and is not empty.",
+                          fix="choose another --output directory, or add --overwrite.")
+    base = args.base or adapter_base(src)
+    model = merge_adapter_dir(src, base=base, dtype=args.dtype, device=args.device)
+    tok_dir = src if (src / "tokenizer_config.json").exists() or (src / "tokenizer.json").exists() else base
+    tokenizer = load_tokenizer(str(tok_dir), key="--adapter")
+    save_pretrained_atomic(model, tokenizer, out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"merged {src} into {base}: {type(model).__name__} with {n:,} parameters written to {out}")
     return 0
 
 
@@ -230,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of the tokenizer's own")
     p.add_argument("--samples", type=_nonnegative_int, default=0, help="print this many question/answer samples")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter (a model.peft run's final/) into a full model directory")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output", required=True, help="directory for the merged Hugging Face model (+ tokenizer)")
+    p.add_argument("--base", default=None, help="base model (default: base_model_name_or_path of the adapter)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.set_defaults(func=_cmd_export)
 
     world = sub.add_parser("world", help="the built-in tiny world")
     wsub = world.add_subparsers(dest="world_command", metavar="subcommand")

@@ -530,6 +530,35 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
 # --------------------------------------------------------------------------- shared sections
 
 
+PEFT_METHODS = ("none", "lora")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+
+
+@dataclasses.dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (``model.peft``): LoRA adapters through peft."""
+
+    method: str = option("none", "none (train every weight) or lora (train low-rank adapters only).",
+                         choices=PEFT_METHODS)
+    r: int = option(16, "LoRA rank.", min=1, max=65536)
+    alpha: float = option(32.0, "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).",
+                          gt=0.0)
+    dropout: float = option(0.0, "Dropout on the adapter's input.", min=0.0, lt=1.0)
+    target_modules: list[str] = option(default_factory=lambda: ["all-linear"],
+                                       help="Module names to adapt (e.g. [q_proj,v_proj]), or [all-linear]: every "
+                                            "linear layer except the output head.")
+    rslora: bool = option(False, "Rank-stabilized LoRA: scale by alpha / sqrt(r).")
+    dora: bool = option(False, "DoRA: weight-decomposed LoRA (magnitude and direction).")
+    init: str = option("default", "Adapter initialization: default (A Kaiming-uniform, B zero), gaussian, pissa, "
+                                  "olora (pissa and olora change the base weights: the reference is then the "
+                                  "model with the adapter disabled, which differs from the loaded model).",
+                       choices=LORA_INITS)
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The model to train and its tokenizer."""
@@ -546,6 +575,7 @@ class ModelConfig:
     pad_token: str | None = option(None, "Set the tokenizer's pad token (e.g. its EOS token) when it has none.")
     chat_template: str | None = option(None, "A Jinja chat template (file path or string) to use instead of "
                                              "the tokenizer's own.")
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
 
 @dataclasses.dataclass

@@ -48,6 +48,7 @@ from ..models.loading import (
     read_paths,
     tokenizer_for,
 )
+from ..models.peft import apply_peft
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit, to_device
@@ -56,7 +57,7 @@ from .sequences import (
     UnitPlan,
     collate_examples,
     collate_groups,
-    frozen_copy,
+    reference_policy,
     reference_log_probs,
     sequence_log_probs,
 )
@@ -476,6 +477,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
+    model = apply_peft(model, cfg.model.peft, log=log)
     kind = spec.data
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
                                                 needed_by=f"loss '{cfg.loss.name}'")
@@ -487,7 +489,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
                                        attn_implementation=cfg.model.attn_implementation, key="loss.reference")
             check_same_vocabulary(reference, model, key="loss.reference")
         else:
-            reference = frozen_copy(model)
+            reference = reference_policy(model)
         for p in reference.parameters():
             p.requires_grad_(False)
         reference.eval()

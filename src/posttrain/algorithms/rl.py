@@ -50,6 +50,7 @@ from ..models.loading import (
     read_paths,
     tokenizer_for,
 )
+from ..models.peft import apply_peft
 from ..models.logprobs import selected_log_probs
 from ..ops import (
     AdaptiveKLController,
@@ -83,7 +84,7 @@ from .rl_config import (
 )
 from .rl_monitor import RLState
 from .rl_report import plot_rl_curves
-from .sequences import collate_groups, frozen_copy
+from .sequences import collate_groups, reference_policy
 
 # --------------------------------------------------------------------------- prompt data
 
@@ -773,6 +774,11 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     if tokenizer.pad_token_id is None:
         raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
+    # the critic (only for estimators that need one) copies the policy's backbone before any adapter is added
+    critic = None
+    if get_advantage_estimator(loss.advantage).needs_critic:
+        critic = build_critic(cfg, model, tokenizer, device=str(accelerator.device), log=log)
+    model = apply_peft(model, cfg.model.peft, log=log)
 
     # prompts
     train_ds = load_prompt_source(cfg.data.train, cfg.data, cfg.train.seed)
@@ -807,15 +813,14 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     # reference (only when the KL term is on)
     reference = None
     if loss.kl_beta > 0:
-        reference = frozen_copy(model)
+        reference = reference_policy(model)
     kl = (AdaptiveKLController(loss.kl_beta, loss.kl_target, loss.kl_horizon) if loss.kl_target is not None
           else FixedKLController(loss.kl_beta))
     algorithm = OnlineRLAlgorithm(loss, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                                   critic=cfg.critic)
     # the critic (only for estimators that need one): trained beside the policy by the same engine
-    critic, trained = None, model
-    if get_advantage_estimator(loss.advantage).needs_critic:
-        critic = build_critic(cfg, model, tokenizer, device=str(accelerator.device), log=log)
+    trained = model
+    if critic is not None:
         trained = PolicyWithCritic(model, critic, critic_lr=cfg.critic.lr or cfg.train.lr)
     state = RLState(cfg.monitor, kl, log=log, gold=bool(gold))
     out_dir = Path(cfg.train.output_dir)

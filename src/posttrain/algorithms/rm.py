@@ -47,6 +47,7 @@ from ..models.loading import (
     read_paths,
     tokenizer_for,
 )
+from ..models.peft import apply_peft, hf_model
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
@@ -112,6 +113,9 @@ def score_head(model) -> torch.nn.Module:
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Linear):
             return head
+        # with LoRA the head trains in full, inside peft's ModulesToSaveWrapper (a callable module)
+        if isinstance(getattr(head, "original_module", None), torch.nn.Linear):
+            return head
     raise CheckpointError(f"{type(model).__name__} has no linear 'score' head.",
                           fix="use a decoder model whose AutoModelForSequenceClassification has a 'score' layer.")
 
@@ -123,8 +127,9 @@ def sequence_rewards(model, batch: dict, *, pooling: str, eos_token_id: int | No
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
-    hidden = model.base_model(**kwargs).last_hidden_state
-    values = score_head(model)(hidden).squeeze(-1).float()
+    with hf_model(model) as m:
+        hidden = m.base_model(**kwargs).last_hidden_state
+        values = score_head(m)(hidden).squeeze(-1).float()
     ids = batch["input_ids"]
     if pooling == "last":
         # transformers' rule: the rightmost token that is not the pad token
@@ -292,6 +297,7 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
         model = load_reward_model(cfg.model.name_or_path, tokenizer, dtype=cfg.model.dtype,
                                   device=str(accelerator.device), attn_implementation=cfg.model.attn_implementation)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
+    model = apply_peft(model, cfg.model.peft, task="SEQ_CLS", log=log)
     model.config.pad_token_id = tokenizer.pad_token_id  # what transformers' forward pools by
     model.config.posttrain_pooling = cfg.loss.pooling
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,

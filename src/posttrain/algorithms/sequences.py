@@ -5,7 +5,8 @@
   path; padded and packed batches give the same numbers.
 * :class:`UnitPlan` — deterministic micro-batches of *units* (a pair, an unpaired example, a
   K-set), so the members of a unit always share a micro-batch.
-* :func:`frozen_copy` — the reference model: a frozen, eval-mode copy of the initial policy.
+* :func:`reference_policy` — the reference model: a frozen, eval-mode copy of the initial policy
+  (:func:`frozen_copy`), or for a LoRA model the same model with its adapter disabled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ..data import EncodedExample, collate_sequences, collate_shared_prefix, prediction_index
 from ..models.logprobs import selected_log_probs
+from ..models.peft import AdapterDisabled, is_peft
 from ..ops import sequence_counts, sequence_sums
 from ..train.plan import StepPlan
 
@@ -51,6 +53,14 @@ def reference_log_probs(ref_model, batch: dict) -> torch.Tensor:
     logps = sequence_log_probs(ref_model, batch)["logps"]
     ref_model.train(was)
     return logps
+
+
+def reference_policy(model):
+    """The frozen reference of ``model``: the same weights with the adapter disabled for a LoRA model
+    (no copy; :class:`posttrain.models.peft.AdapterDisabled`), else an independent frozen copy."""
+    if is_peft(model):
+        return AdapterDisabled(model)
+    return frozen_copy(model)
 
 
 def frozen_copy(model):

@@ -40,6 +40,7 @@ from ..data import (
 )
 from ..errors import ConfigError
 from ..models.loading import accelerator_for, check_model_fits, load_causal_lm, read_paths, tokenizer_for
+from ..models.peft import apply_peft
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
 from ..train.engine import FitResult, fit, to_device
@@ -275,6 +276,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
                                attn_implementation=cfg.model.attn_implementation)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
+    model = apply_peft(model, cfg.model.peft, log=log)
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
     uses_messages = train_ds.format == "conversational" or any(
         isinstance(r.get("prompt"), list) or isinstance(r.get("completion"), list) for r in train_ds.records)

@@ -555,8 +555,19 @@ def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_he
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
                    attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
-    """Load an ``AutoModelForCausalLM`` on ``device`` in ``dtype`` (safetensors only, no repository code)."""
+    """Load an ``AutoModelForCausalLM`` on ``device`` in ``dtype`` (safetensors only, no repository code).
+
+    A LoRA adapter directory (``adapter_config.json`` without ``config.json``, e.g. the ``final/``
+    of a ``model.peft.method=lora`` run) loads as its base model with the adapter merged in, so a
+    run can start from it (with a new adapter, its reference is the merged model)."""
     from transformers import AutoModelForCausalLM
+
+    from .peft import is_adapter_dir, merge_adapter_dir
+
+    if is_adapter_dir(name_or_path):
+        print(f"note: {name_or_path} ({key}) is a LoRA adapter: loading its base model with the adapter merged in")
+        return merge_adapter_dir(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                 key=key)
 
     dev = pick_device(device, key="--device" if key.startswith("-") else "model.device")
     check_attn_implementation(attn_implementation, dev)
@@ -567,12 +578,41 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "aut
     return model.to(dev)
 
 
+def load_adapter_into(model, directory, *, key: str):
+    """``model`` with the adapter of ``directory`` loaded (frozen, not merged), safetensors only."""
+    from peft import PeftModel
+
+    from .peft import ADAPTER_WEIGHTS, _quiet, _require_peft
+
+    _require_peft()
+
+    d = Path(directory)
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        pickled = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        raise CheckpointError(
+            f"'{d}' ({key}) has no {ADAPTER_WEIGHTS}" + (f" (only {', '.join(pickled)}, a pickle format posttrain "
+                                                         "never loads)" if pickled else "") + ".",
+            fix="save the adapter with safe_serialization=True (peft's default), where the file is trusted.")
+    try:
+        with _quiet():
+            return PeftModel.from_pretrained(model, str(d), is_trainable=False, use_safetensors=True)
+    except Exception as e:  # peft raises ValueError / KeyError / RuntimeError for a mismatched adapter
+        raise CheckpointError(f"The adapter in '{d}' ({key}) does not fit its base model: {type(e).__name__}: {e}",
+                              fix="pass the base model the adapter was trained on (--base).") from None
+
+
 def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: str = "auto", device: str = "auto",
                              attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
     """An ``AutoModelForSequenceClassification`` (a reward model, or a causal LM's backbone with a
     new head); transformers' note about newly initialized head weights is silenced."""
     from transformers import AutoModelForSequenceClassification
 
+    from .peft import is_adapter_dir
+
+    if is_adapter_dir(name_or_path):
+        raise CheckpointError(
+            f"'{name_or_path}' ({setting(key).lower()}) is a LoRA adapter, not a full model.",
+            fix=f"merge it into its base model first: posttrain export {name_or_path} --output <dir>, and pass <dir>.")
     dev = pick_device(device)
     check_attn_implementation(attn_implementation, dev)
     kwargs = {"num_labels": num_labels, "dtype": pick_dtype(dtype, dev)}

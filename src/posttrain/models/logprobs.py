@@ -21,6 +21,7 @@ import torch
 
 from ..ops import compute_entropy, linear_log_probs, token_log_probs
 from ..ops.logprobs import default_chunk_rows
+from .peft import hf_model
 
 # Config attributes that change logits after the linear head; such models use the logits path.
 _POST_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -72,6 +73,14 @@ def token_log_probs_from_model(
     restarting at 0 inside a row mark packed documents (attention then stays inside each
     document; see :mod:`posttrain.data.collate`).
     """
+    with hf_model(model) as model:
+        return _token_log_probs_from_model(model, input_ids, targets, attention_mask=attention_mask,
+                                           position_ids=position_ids, return_entropy=return_entropy, fused=fused,
+                                           chunk_size=chunk_size)
+
+
+def _token_log_probs_from_model(model, input_ids, targets, *, attention_mask, position_ids, return_entropy, fused,
+                                chunk_size) -> dict[str, torch.Tensor]:
     batch_shape = input_ids.shape
     if position_ids is not None and attention_mask is None and input_ids.shape[0] > 1 and \
             str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
@@ -139,8 +148,17 @@ def selected_log_probs(
     prefix-shared layout, :func:`posttrain.data.collate_shared_prefix`).
     ``temperature`` scores under ``softmax(logits / temperature)``, the distribution a sampler
     at that temperature draws from (online RL trains the tempered policy it sampled).
-    Returns ``{"log_probs": (M,)[, "entropy": (M,)]}`` in float32.
+    Returns ``{"log_probs": (M,)[, "entropy": (M,)]}`` in float32. ``model`` may be a ``PeftModel``
+    or the adapter-disabled reference view (:mod:`posttrain.models.peft`).
     """
+    with hf_model(model) as model:
+        return _selected_log_probs(model, input_ids, rows, targets, attention_mask=attention_mask,
+                                   position_ids=position_ids, return_entropy=return_entropy, chunk_size=chunk_size,
+                                   temperature=temperature)
+
+
+def _selected_log_probs(model, input_ids, rows, targets, *, attention_mask, position_ids, return_entropy, chunk_size,
+                        temperature) -> dict[str, torch.Tensor]:
     head = fused_head(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:

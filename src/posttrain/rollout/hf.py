@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 
 from ..errors import ConfigError
 from ..models.loading import max_positions
+from ..models.peft import base_model_of
 
 
 @dataclass
@@ -82,6 +83,7 @@ def generate(
     """Generate one completion per prompt (greedy when ``temperature == 0``)."""
     if not prompts:
         return []
+    model = base_model_of(model)  # a PeftModel decodes through its transformers model (LoRA layers inside)
     check_position_limit(model, prompts, max_new_tokens, key="max_new_tokens (--max-new-tokens for posttrain eval)")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

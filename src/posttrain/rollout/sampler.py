@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..models.peft import base_model_of
 from .hf import check_position_limit, left_pad, stop_token_ids
 
 
@@ -87,6 +88,7 @@ def sample_groups(
     """
     if not prompts:
         return []
+    model = base_model_of(model)  # a PeftModel decodes through its transformers model (LoRA layers inside)
     check_position_limit(model, prompts, max_new_tokens, key="rollout.max_new_tokens (or data.max_prompt_length)")
     stops = torch.tensor(stop_token_ids(tokenizer, model), dtype=torch.long)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])

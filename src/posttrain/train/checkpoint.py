@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, PosttrainError
+from ..models.peft import is_peft, load_adapter_state
 from .safestate import StateFormatError, load_state, save_state
 
 MARKER = "checkpoint.json"
@@ -509,6 +510,9 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
         raise CorruptCheckpointError(f"Checkpoint '{path}' cannot be read: {e}.",
                                      fix="resume from an earlier checkpoint (train.resume=auto).") from None
     for part, state_dict in loaded:
+        if is_peft(part):  # a LoRA run's checkpoint holds the adapter only, under peft's names
+            load_adapter_state(part, state_dict, str(path))
+            continue
         missing, unexpected = part.load_state_dict(state_dict, strict=False)
         # tied weights are saved once; anything else missing is an error
         tied = set(getattr(part, "_tied_weights_keys", None) or [])
