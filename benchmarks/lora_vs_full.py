@@ -35,8 +35,7 @@ def _rss_mib() -> float:
 
 
 def _prepare(model_name: str, workdir: Path) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_models import llama_25m
 
     from posttrain.models.loading import load_causal_lm, load_tokenizer
 
@@ -47,13 +46,7 @@ def _prepare(model_name: str, workdir: Path) -> str:
     if model_name == "tiny-world-base":
         model = load_causal_lm("builtin:tiny-world-base", device="cpu")
     else:
-        torch.manual_seed(0)
-        base = load_causal_lm("builtin:tiny-world-base", device="cpu").config
-        cfg = LlamaConfig(vocab_size=base.vocab_size, hidden_size=512, intermediate_size=1408,
-                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                          max_position_embeddings=512, tie_word_embeddings=True,
-                          eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
-        model = LlamaForCausalLM(cfg)
+        model = llama_25m()
     model.save_pretrained(init)
     tok.save_pretrained(init)
     return str(init)

@@ -63,8 +63,7 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: str = "fp32") -> fl
 
 def make_inputs(workdir: Path, model_name: str, n_train: int, n_eval: int) -> dict:
     """Write data files and the initial model (shared by every variant of this model)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_models import llama_25m
 
     from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.world.datasets import sft_record, write_jsonl
@@ -77,13 +76,7 @@ def make_inputs(workdir: Path, model_name: str, n_train: int, n_eval: int) -> di
     if model_name == "tiny-world-base":
         model = load_causal_lm("builtin:tiny-world-base", device="cpu")
     else:  # a bigger random Llama: compute-bound, so per-step overheads matter less
-        torch.manual_seed(0)
-        base = load_causal_lm("builtin:tiny-world-base", device="cpu").config
-        cfg = LlamaConfig(vocab_size=base.vocab_size, hidden_size=512, intermediate_size=1408,
-                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                          max_position_embeddings=512, tie_word_embeddings=True,
-                          eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
-        model = LlamaForCausalLM(cfg)
+        model = llama_25m()
     model.save_pretrained(init)
     tok.save_pretrained(init)
     return {"init": str(init), "train": str(workdir / "train.jsonl"), "eval": str(workdir / "eval.jsonl")}

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.algorithms import rl as rl_mod
 from posttrain.algorithms.critic import PolicyWithCritic, critic_from_policy
 from posttrain.algorithms.rl import RLRunner, Sample, run_rl
 from posttrain.data import EncodedExample
@@ -19,7 +18,7 @@ from posttrain.errors import ConfigError
 from posttrain.ops import FixedKLController
 from posttrain.train.optim import build_optimizer
 
-from .test_rl import _cfg, _cli, _run, model_dirs  # noqa: F401  (model_dirs is a fixture)
+from .test_rl import _cfg, _cli, _run, full_and_resumed, model_dirs  # noqa: F401  (model_dirs is a fixture)
 from .tiny import tiny_model, world_tokenizer
 
 
@@ -138,35 +137,9 @@ def test_grad_accumulation_with_a_critic_equals_one_big_batch(tmp_path):
 
 
 def test_resume_with_a_critic_continues_exactly(tmp_path):
-    common = {"algorithm": "ppo", "train.save_every": 2, "train.max_steps": 4, "critic.lr": 3e-3}
-    full_model = tiny_model("llama", seed=0, hidden=32)
-    full = run_rl(_cfg(tmp_path / "full", **common), model=full_model, tokenizer=world_tokenizer(),
-                  log=lambda s: None)
+    full, full_model, resumed, model = full_and_resumed(
+        tmp_path, {"algorithm": "ppo", "train.save_every": 2, "train.max_steps": 4, "critic.lr": 3e-3})
     assert (tmp_path / "full" / "checkpoints" / "step-000002" / "model" / "critic" / "model.safetensors").exists()
-
-    class Stop(Exception):
-        pass
-
-    original = rl_mod.OnlineRLAlgorithm.loss
-    calls = {"n": 0}
-
-    def stopping_loss(self, model, batch, totals):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise Stop
-        return original(self, model, batch, totals)
-
-    cut = _cfg(tmp_path / "cut", **common)
-    rl_mod.OnlineRLAlgorithm.loss = stopping_loss
-    try:
-        with pytest.raises(Stop):
-            _run(cut)
-    finally:
-        rl_mod.OnlineRLAlgorithm.loss = original
-    cut.train.resume = "auto"
-    model = tiny_model("llama", seed=0, hidden=32)
-    resumed = run_rl(cut, model=model, tokenizer=world_tokenizer(), log=lambda s: None)
-    assert [h["step"] for h in resumed.fit.history] == [3, 4]
     for key in ("loss", "value_loss", "reward/mean", "kl_k1", "grad_norm", "advantage/value_mean"):
         assert [h[key] for h in resumed.fit.history] == [h[key] for h in full.fit.history[2:]], key
     for a, b in zip(model.parameters(), full_model.parameters()):

@@ -98,10 +98,9 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     assert torch.allclose(w1, w4, atol=1e-6)
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Stopped inside iteration 3 (after the step-2 checkpoint) and resumed: iterations 3-4 have
-    the same rewards and losses as the uninterrupted run, and the final weights are equal."""
-    common = {"train.save_every": 2, "train.max_steps": 4, "loss.kl_beta": 0.05}
+def full_and_resumed(tmp_path, common: dict, stop_after: int = 2):
+    """An uninterrupted 4-step run, and the same run stopped inside step 3 (after the step-2
+    checkpoint; ``stop_after`` loss calls) then resumed: ``(full, full_model, resumed, model)``."""
     full_model = tiny_model("llama", seed=0, hidden=32)
     full = run_rl(_cfg(tmp_path / "full", **common), model=full_model, tokenizer=world_tokenizer(),
                   log=lambda s: None)
@@ -114,7 +113,7 @@ def test_resume_continues_exactly(tmp_path):
 
     def stopping_loss(self, model, batch, totals):
         calls["n"] += 1
-        if calls["n"] > 2:  # one micro-batch per step: stop inside step 3
+        if calls["n"] > stop_after:  # one micro-batch per step: stop inside step 3
             raise Stop
         return original(self, model, batch, totals)
 
@@ -129,6 +128,14 @@ def test_resume_continues_exactly(tmp_path):
     model = tiny_model("llama", seed=0, hidden=32)
     resumed = run_rl(cut, model=model, tokenizer=world_tokenizer(), log=lambda s: None)
     assert [h["step"] for h in resumed.fit.history] == [3, 4]
+    return full, full_model, resumed, model
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopped inside iteration 3 (after the step-2 checkpoint) and resumed: iterations 3-4 have
+    the same rewards and losses as the uninterrupted run, and the final weights are equal."""
+    full, full_model, resumed, model = full_and_resumed(
+        tmp_path, {"train.save_every": 2, "train.max_steps": 4, "loss.kl_beta": 0.05})
     for key in ("loss", "reward/mean", "kl_k1", "grad_norm"):
         assert [h[key] for h in resumed.fit.history] == [h[key] for h in full.fit.history[2:]], key
     for a, b in zip(model.parameters(), full_model.parameters()):

@@ -28,7 +28,6 @@ from pathlib import Path
 from .config import describe, load_config
 from .errors import ConfigError, PosttrainError, RunInterrupted
 
-
 CONFIG_HELP = "YAML config file (repeat it to layer files: later ones override earlier ones)"
 
 
@@ -115,7 +114,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .models.loading import load_tokenizer
-    from .models.peft import ADAPTER_CONFIG, adapter_base, is_adapter_dir, merge_adapter_dir
+    from .models.peft import (
+        ADAPTER_CONFIG,
+        adapter_base,
+        is_adapter_dir,
+        merge_adapter_dir,
+    )
     from .train.checkpoint import save_pretrained_atomic
 
     src = Path(args.adapter)

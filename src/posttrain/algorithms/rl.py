@@ -50,14 +50,14 @@ from ..models.loading import (
     read_paths,
     tokenizer_for,
 )
-from ..models.peft import apply_peft
 from ..models.logprobs import selected_log_probs
+from ..models.peft import apply_peft
 from ..ops import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
-    get_advantage_estimator,
     gae_advantages,
+    get_advantage_estimator,
     get_policy_loss,
     kl_estimate,
     kl_penalized_token_rewards,
@@ -69,11 +69,16 @@ from ..rewards import check_reward_fields, compute_rewards, resolve_reward_funct
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
-from .critic import PolicyWithCritic, check_critic_fits, critic_from_policy, critic_values
+from .critic import (
+    PolicyWithCritic,
+    check_critic_fits,
+    critic_from_policy,
+    critic_values,
+)
 from .rl_config import (
     BUILTIN_PROMPTS,
-    PRESETS,
     CRITIC_INITS,
+    PRESETS,
     CriticConfig,
     MonitorConfig,
     RewardConfig,

@@ -1,0 +1,20 @@
+"""Models the benchmarks share (imported by the scripts beside this file)."""
+
+from __future__ import annotations
+
+
+def llama_25m(seed: int = 0):
+    """A randomly initialized 22.9M-parameter Llama on the tiny world's tokenizer (hidden 512,
+    8 layers, 8 query / 2 key-value heads, tied embeddings): big enough to be compute-bound on a CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.models.loading import load_causal_lm
+
+    torch.manual_seed(seed)
+    base = load_causal_lm("builtin:tiny-world-base", device="cpu").config
+    cfg = LlamaConfig(vocab_size=base.vocab_size, hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+    return LlamaForCausalLM(cfg)
