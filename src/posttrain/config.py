@@ -553,10 +553,21 @@ class PeftConfig:
                                   "olora (pissa and olora change the base weights: the reference is then the "
                                   "model with the adapter disabled, which differs from the loaded model).",
                        choices=LORA_INITS)
+    quantize: str = option("none", "QLoRA: nf4 loads the base model's linear layers in 4-bit NF4 with double "
+                                   "quantization (bitsandbytes: pip install 'posttrain[qlora]'); needs method=lora.",
+                           choices=("none", "nf4"))
+    compute_dtype: str = option("float32", "QLoRA: dtype the 4-bit layers compute in (bfloat16 on GPUs).",
+                                choices=("float32", "bfloat16", "float16"))
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    def validate(self) -> None:
+        if self.quantize != "none" and self.method != "lora":
+            raise ConfigError(f"model.peft.quantize={self.quantize} quantizes the frozen base weights for QLoRA, but "
+                              f"model.peft.method is {self.method}: quantized weights cannot be trained.",
+                              fix="set model.peft.method=lora, or model.peft.quantize=none.")
 
 
 @dataclasses.dataclass

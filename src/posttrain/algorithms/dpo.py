@@ -475,7 +475,8 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
-                               attn_implementation=cfg.model.attn_implementation)
+                               attn_implementation=cfg.model.attn_implementation,
+                               quantize=cfg.model.peft.quantize, compute_dtype=cfg.model.peft.compute_dtype)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
     kind = spec.data

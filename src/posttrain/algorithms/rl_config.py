@@ -246,6 +246,12 @@ class RLConfig:
                     f"{', '.join(set_keys)} configures a critic, but loss.advantage={loss.advantage} uses none "
                     "(only gae does): it would be trained for nothing.",
                     fix="remove the critic.* keys, or use algorithm=ppo / loss.advantage=gae.")
+        if est.needs_critic and self.critic.init in (None, "policy") and self.model.peft.quantize != "none":
+            raise ConfigError(
+                f"critic.init={self.critic.init or 'policy'} copies the policy's backbone, but model.peft.quantize="
+                f"{self.model.peft.quantize} loads it in 4 bits, which a critic cannot train.",
+                fix="set critic.init to a reward model or saved critic directory (it loads in full precision), or "
+                "model.peft.quantize=none.")
         if self.critic.init == "reward_model" and not self.reward.reward_model:
             raise ConfigError("critic.init=reward_model but reward.reward_model is not set.",
                               fix="set reward.reward_model to a directory saved by `posttrain rm`, or use "

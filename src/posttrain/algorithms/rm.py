@@ -97,6 +97,12 @@ class RMConfig:
                                                                    micro_batch_size=8, epochs=1.0,
                                                                    warmup_ratio=0.05))
 
+    def validate(self) -> None:
+        if self.model.peft.quantize != "none":
+            raise ConfigError(f"model.peft.quantize={self.model.peft.quantize}: QLoRA is not supported for reward "
+                              "models yet (the score head would sit on a 4-bit backbone).",
+                              fix="use model.peft.method=lora with model.peft.quantize=none.")
+
 
 def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", device: str = "auto",
                       attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):

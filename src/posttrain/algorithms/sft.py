@@ -274,7 +274,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
-                               attn_implementation=cfg.model.attn_implementation)
+                               attn_implementation=cfg.model.attn_implementation,
+                               quantize=cfg.model.peft.quantize, compute_dtype=cfg.model.peft.compute_dtype)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)

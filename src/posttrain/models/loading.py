@@ -553,8 +553,23 @@ def _from_pretrained(auto_cls, name_or_path: str, *, key: str, what: str, new_he
     return model
 
 
+def quantization_config(quantize: str, compute_dtype: str):
+    """transformers' ``BitsAndBytesConfig`` for QLoRA (``nf4``: 4-bit NormalFloat with double
+    quantization), or None; a clear error when bitsandbytes is missing."""
+    if quantize in (None, "none"):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.peft.quantize={quantize} needs the bitsandbytes package, which is not installed.",
+                          fix="pip install 'posttrain[qlora]' (bitsandbytes), or set model.peft.quantize=none.")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+
+
 def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
-                   attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
+                   attn_implementation: str | None = "sdpa", key: str = "model.name_or_path",
+                   quantize: str = "none", compute_dtype: str = "float32"):
     """Load an ``AutoModelForCausalLM`` on ``device`` in ``dtype`` (safetensors only, no repository code).
 
     A LoRA adapter directory (``adapter_config.json`` without ``config.json``, e.g. the ``final/``
@@ -574,6 +589,11 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "aut
     kwargs = {"dtype": pick_dtype(dtype, dev)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    quant = quantization_config(quantize, compute_dtype)
+    if quant is not None:  # 4-bit weights are placed at load time and cannot be moved afterwards
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, key=key, what="model",
+                                 quantization_config=quant, device_map={"": str(dev)}, **kwargs)
+        return model
     model = _from_pretrained(AutoModelForCausalLM, name_or_path, key=key, what="model", **kwargs)
     return model.to(dev)
 

@@ -52,6 +52,13 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _logical_numel(p) -> int:
+    """Parameters a tensor stands for: a 4-bit tensor packs two weights per byte (its quant_state
+    knows the unpacked shape)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+
 def apply_peft(model, cfg: PeftConfig, *, task: str = "CAUSAL_LM", log=None):
     """``model`` wrapped with a fresh LoRA adapter (``task``: CAUSAL_LM, or SEQ_CLS for a reward model
     whose ``score`` head then trains in full), or ``model`` unchanged when ``cfg.method`` is none."""
@@ -66,6 +73,11 @@ def apply_peft(model, cfg: PeftConfig, *, task: str = "CAUSAL_LM", log=None):
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
                       use_rslora=cfg.rslora, use_dora=cfg.dora, init_lora_weights=init, task_type=task,
                       bias="none")
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms / embeddings in fp32, base frozen
+        from peft import prepare_model_for_kbit_training
+
+        with _quiet():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
         with _quiet():
             wrapped = get_peft_model(model, lora)
@@ -75,7 +87,7 @@ def apply_peft(model, cfg: PeftConfig, *, task: str = "CAUSAL_LM", log=None):
                           "or to [all-linear].") from None
     if log is not None:
         n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in wrapped.parameters())
+        n_all = sum(_logical_numel(p) for p in wrapped.parameters())
         log(f"LoRA r={cfg.r} alpha={cfg.alpha}{' rslora' if cfg.rslora else ''}{' dora' if cfg.dora else ''} on "
             f"{target if isinstance(target, str) else ','.join(target)}: {n_train:,} trainable of {n_all:,} "
             f"parameters ({100 * n_train / max(1, n_all):.2f}%)")
