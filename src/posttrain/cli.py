@@ -8,6 +8,7 @@
     posttrain grpo | dr_grpo | dapo | gspo | rloo | remax | reinforce_pp | ppo  k=v ...
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
+    posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
 
@@ -142,6 +143,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .config import yaml_load
+    from .merge import parse_merge_config, run_merge
+
+    path = Path(args.config)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"Cannot read the merge config '{path}': {e.strerror}.", fix="check the path.") from None
+    try:
+        data = yaml_load(text)
+    except Exception as e:  # yaml.YAMLError (syntax, a !!python tag) or the size check
+        if isinstance(e, PosttrainError):
+            raise
+        raise ConfigError(f"The merge config '{path}' is not valid YAML: {str(e).splitlines()[0]}.",
+                          fix="fix the YAML syntax (python tags are not allowed).") from None
+    cfg = parse_merge_config(data, source=str(path))
+    run_merge(cfg, args.output, overwrite=args.overwrite)
+    return 0
+
+
 def _cmd_world_data(args: argparse.Namespace) -> int:
     from .train.rundir import check_output_dir
     from .world.datasets import WORLD_DATA_FILES, write_world_datasets
@@ -269,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("merge", help="merge models from a mergekit-style YAML (linear / WiSE-FT, slerp, "
+                       "task_arithmetic, ties, dare_linear, dare_ties)")
+    p.add_argument("config", help="merge YAML: merge_method, base_model, models (with parameters), parameters, dtype")
+    p.add_argument("output", help="directory for the merged Hugging Face model (+ tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_cmd_merge)
 
     world = sub.add_parser("world", help="the built-in tiny world")
     wsub = world.add_subparsers(dest="world_command", metavar="subcommand")
