@@ -18,7 +18,7 @@ from posttrain.errors import ConfigError
 from posttrain.ops import FixedKLController
 from posttrain.train.optim import build_optimizer
 
-from .test_rl import _cfg, _cli, _run, full_and_resumed, model_dirs  # noqa: F401  (model_dirs is a fixture)
+from .test_rl import _cfg, _run, assert_cli_error, full_and_resumed, model_dirs  # noqa: F401  (a fixture)
 from .tiny import tiny_model, world_tokenizer
 
 
@@ -208,13 +208,7 @@ def test_a_critic_with_another_vocabulary_is_refused(tmp_path):
     (["ppo", "critic.value_clip=-1"], ["critic.value_clip"]),
 ])
 def test_bad_critic_config_is_one_clear_error(capsys, model_dirs, tmp_path, argv, fragments):  # noqa: F811
-    code, out, err = _cli(capsys, *argv, f"model.name_or_path={model_dirs['llama']}",
-                          f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "data.world_examples=8",
-                          "data.eval=null", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4")
-    assert code == 2, (out, err)
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in err, (f, err)
+    assert_cli_error(capsys, model_dirs, tmp_path, argv, fragments)
 
 
 def test_ppo_keeps_training_when_rewards_are_missing(tmp_path):

@@ -210,6 +210,11 @@ def test_every_preset_runs_from_the_command_line(capsys, model_dirs, tmp_path, p
     (["dapo", "algorithm=grpo"], ["dapo", "algorithm"]),
 ])
 def test_bad_rl_input_is_one_clear_error(capsys, model_dirs, tmp_path, argv, fragments):
+    assert_cli_error(capsys, model_dirs, tmp_path, argv, fragments)
+
+
+def assert_cli_error(capsys, model_dirs, tmp_path, argv, fragments):
+    """``posttrain <argv>`` on a tiny Llama exits with status 2 and an error naming every fragment."""
     code, out, err = _cli(capsys, *argv, f"model.name_or_path={model_dirs['llama']}",
                           f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "data.world_examples=8",
                           "data.eval=null", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4")
