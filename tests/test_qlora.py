@@ -35,7 +35,7 @@ def _bnb_problem() -> str | None:
 
 
 PROBLEM = _bnb_problem()
-pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
+needs_4bit = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def _load(model_dir, quantize="nf4"):
     return load_causal_lm(str(model_dir), quantize=quantize, compute_dtype="float32")
 
 
+@needs_4bit
 def test_nf4_base_is_four_bit_and_close_to_full_precision(model_dir):
     import bitsandbytes as bnb
 
@@ -67,6 +68,7 @@ def test_nf4_base_is_four_bit_and_close_to_full_precision(model_dir):
     assert 0 < err < 0.2, err
 
 
+@needs_4bit
 def test_adapter_disabled_reference_equals_the_quantized_base(model_dir):
     from posttrain.config import PeftConfig
     from posttrain.models.peft import AdapterDisabled, apply_peft
@@ -82,6 +84,7 @@ def test_adapter_disabled_reference_equals_the_quantized_base(model_dir):
         assert not torch.allclose(_logps(policy, ids), _logps(base, ids), atol=1e-3)
 
 
+@needs_4bit
 def test_qlora_sft_resumes_exactly(capsys, model_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -120,3 +123,16 @@ def test_qlora_config_errors():
         load_config(RLConfig, None, ["algorithm=ppo", "model.peft.method=lora", "model.peft.quantize=nf4"])
     with pytest.raises(ConfigError, match="reward models"):
         load_config(RMConfig, None, ["model.peft.method=lora", "model.peft.quantize=nf4"])
+
+
+def test_qlora_without_bitsandbytes_is_one_clear_error(monkeypatch):
+    """Runs everywhere (no 4-bit kernel needed): the missing package is named with the install command."""
+    import importlib.util
+
+    from posttrain.models import loading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"posttrain\[qlora\]"):
+        loading.quantization_config("nf4", "float32")
