@@ -16,6 +16,7 @@ from .advantages import (
     rloo_advantages,
 )
 from .kl import KL_ESTIMATORS, exact_kl, kl_estimate, kl_k1, kl_k2, kl_k3
+from .distill import DIVERGENCES, token_divergence
 from .kl_control import AdaptiveKLController, FixedKLController, kl_penalized_token_rewards
 from .logprobs import compute_entropy, linear_log_probs, token_log_probs
 from .policy import (
@@ -99,6 +100,8 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_penalized_token_rewards",
+    "DIVERGENCES",
+    "token_divergence",
     "kto_loss",
     "linear_log_probs",
     "listwise_loss",
