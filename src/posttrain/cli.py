@@ -9,6 +9,7 @@
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
+    posttrain distill teacher.name_or_path=runs/sft/final ...   # token-level KD or SeqKD into model.name_or_path
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
 
@@ -164,6 +165,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .algorithms.distill import DistillConfig, run_distill
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    res = run_distill(cfg)
+    print(f"done: {res.fit.steps} steps in {res.fit.seconds:.0f}s; final model in {res.final_dir}")
+    return 0
+
+
 def _cmd_world_data(args: argparse.Namespace) -> int:
     from .train.rundir import check_output_dir
     from .world.datasets import WORLD_DATA_FILES, write_world_datasets
@@ -222,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=_cmd_sft)
+
+    from .algorithms.distill import DistillConfig
+
+    p = sub.add_parser("distill", help="distillation from a teacher: token-level KD (forward / reverse KL, JSD) "
+                       "or SeqKD", formatter_class=_HelpFormatter,
+                       description="Token-level KD on SFT data (loss.mode=token, loss.divergence=forward_kl / "
+                       "reverse_kl / jsd) or SFT on the teacher's answers (loss.mode=seqkd); teacher.name_or_path "
+                       "must share the student's tokenizer.", epilog=_config_help(DistillConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("rm", help="reward-model training (Bradley-Terry, hinge, MSE, listwise)",
                        formatter_class=_HelpFormatter,

@@ -258,14 +258,16 @@ class SFTResult:
 
 
 def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
-            eval_times: int | None = None) -> SFTResult:
+            eval_times: int | None = None, algorithm=None, inputs: dict | None = None) -> SFTResult:
     """Run SFT as configured; ``model`` / ``tokenizer`` may be passed in to skip loading.
 
     ``extra_eval(model) -> dict`` adds metrics to every evaluation (the quickstart uses it for
     held-out accuracy); ``eval_times`` spreads that many evaluations evenly over the run
-    (overriding ``train.eval_every``).
+    (overriding ``train.eval_every``). ``algorithm`` replaces the masked NLL with another
+    per-token loss over the same batches (token-level distillation; its config class is then
+    ``type(cfg)``), and ``inputs`` names what the run reads but does not checkpoint (a teacher).
     """
-    cfg = validated(cfg, SFTConfig)
+    cfg = validated(cfg, SFTConfig if algorithm is None else type(cfg))
     log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model))
@@ -319,7 +321,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     log(f"plan: {plan.num_steps()} optimizer steps ({plan.steps_per_epoch} per epoch), "
         f"{'packed rows' if cfg.data.packing else 'padded batches'} of {cfg.train.micro_batch_size} "
         f"x {cfg.train.grad_accum} accumulation")
-    algorithm = SFTAlgorithm(cfg.loss.normalization, cfg.loss.normalize_constant)
+    if algorithm is None:
+        algorithm = SFTAlgorithm(cfg.loss.normalization, cfg.loss.normalize_constant)
 
     def evaluate(m) -> dict:
         metrics = {}
@@ -346,7 +349,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     if eval_times:
         engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
     result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
-                 evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), log=log)
+                 evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log)
     return SFTResult(fit=result, output_dir=Path(cfg.train.output_dir), final_dir=result.final_dir,
                      encode_summary=report.summary(), padding_summary=stats.summary(),
                      eval_metrics=result.eval_history[-1] if result.eval_history else {})

@@ -186,3 +186,30 @@ def _selected_log_probs(model, input_ids, rows, targets, *, attention_mask, posi
     if return_entropy:
         out["entropy"] = entropy
     return out
+
+
+def selected_logits(
+    model,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The full next-token logits at flattened ``rows`` ``(M,)`` -> ``(M, V)`` float32 (with gradient
+    when the model has one). Only the M selected positions go through the output head, so the
+    ``(B, T, V)`` logits of the whole batch never exist (distillation needs whole distributions;
+    :func:`posttrain.ops.token_divergence` then works through them in chunks)."""
+    with hf_model(model) as m:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        head = fused_head(m)
+        if head is not None:
+            hidden = m.base_model(**kwargs).last_hidden_state
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+            with torch.autocast(device_type=picked.device.type, enabled=False):
+                return torch.nn.functional.linear(picked.float(), head.weight.float(),
+                                                  None if head.bias is None else head.bias.float())
+        logits = m(**kwargs).logits
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows).float()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .logprobs import _resolve_chunk
@@ -40,16 +39,21 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 def _divergence_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, divergence: str, beta: float,
                      temperature: float) -> torch.Tensor:
     """(n, V), (n, V) -> (n,): the divergence of each row (see the module docstring), times τ²."""
-    log_s = F.log_softmax(s_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(t_logits.float() / temperature, dim=-1)
+    z_s, z_t = s_logits.float() / temperature, t_logits.float() / temperature
+    lse_s = torch.logsumexp(z_s, dim=-1, keepdim=True)
+    lse_t = torch.logsumexp(z_t, dim=-1, keepdim=True)
+    # d = log p_S - log p_T, formed from the logit difference (not from two rounded log-softmaxes), so
+    # small divergences keep their relative precision in float32
+    d = (z_s - z_t) - (lse_s - lse_t)
     if divergence == "forward_kl":
-        out = (log_t.exp() * (log_t - log_s)).sum(-1)
+        out = -(torch.exp(z_t - lse_t) * d).sum(-1)
     elif divergence == "reverse_kl":
-        out = (log_s.exp() * (log_s - log_t)).sum(-1)
+        out = (torch.exp(z_s - lse_s) * d).sum(-1)
     else:
-        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
-        kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
-        kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
+        # a = log m - log p_T = log(beta + (1 - beta) e^d), accurate for small d
+        a = torch.log1p((1 - beta) * torch.expm1(d))
+        kl_t = -(torch.exp(z_t - lse_t) * a).sum(-1)
+        kl_s = (torch.exp(z_s - lse_s) * (d - a)).sum(-1)
         out = beta * kl_t + (1 - beta) * kl_s
     return out * temperature**2
 

@@ -1,0 +1,213 @@
+"""Distillation — ``posttrain distill``: a student learns from a teacher that shares its tokenizer.
+
+Two modes (``loss.mode``):
+
+- ``token`` (token-level KD, Hinton et al. 2015): on the SFT data's trained tokens, the loss is
+  ``kd_weight * D(teacher || student) + (1 - kd_weight) * CE(data)`` with D one of
+  ``forward_kl`` / ``reverse_kl`` / ``jsd`` (:func:`posttrain.ops.token_divergence`, at
+  ``loss.temperature`` with the tau^2 factor). It runs on the SFT machinery (same data formats,
+  packing, masking, engine); the teacher is frozen and only its logits at the trained positions
+  are computed, as are the student's (the ``(B, T, V)`` logits of a batch never exist whole, and
+  the divergence works through them in chunks).
+- ``seqkd`` (sequence-level KD, Kim & Rush 2016): the teacher answers every prompt of
+  ``data.train`` (``loss.samples`` per prompt, greedy or at ``loss.sample_temperature``),
+  answers can be filtered with reward functions (``loss.filter``, e.g. ``world_correct``: keep
+  only verified answers), the kept answers are written to ``<output_dir>-seqkd_data.jsonl``, and
+  the student is trained on them with plain SFT.
+
+On-policy distillation (the student samples, the teacher scores) belongs to the online loop and
+is not here yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, TrainConfig, option, validated
+from ..errors import ConfigError
+from ..models.loading import (
+    accelerator_for,
+    check_same_vocabulary,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_for,
+)
+from ..models.logprobs import selected_logits, shift_labels
+from ..ops import DIVERGENCES, masked_sum, token_divergence
+from ..train.checkpoint import weights_digest
+from .sft import SFTDataConfig, SFTResult, run_sft
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: a causal LM with the student's tokenizer."""
+
+    name_or_path: str = option("", "Teacher model directory (or hub id / builtin:tiny-world-base).")
+    dtype: str = option("auto", "Teacher weight dtype.", choices=("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DistillLossConfig:
+    """What the student learns from."""
+
+    mode: str = option("token", "token: token-level KD on the data; seqkd: SFT on the teacher's answers.",
+                       choices=("token", "seqkd"))
+    divergence: str = option("forward_kl", "token: forward_kl (KL(teacher||student)), reverse_kl or jsd.",
+                             choices=DIVERGENCES)
+    beta: float = option(0.5, "token, jsd: mixture weight of the teacher (0.5: the symmetric JSD).", gt=0.0, lt=1.0)
+    temperature: float = option(1.0, "token: softmax temperature of both models (the loss is scaled by its "
+                                     "square).", gt=0.0)
+    kd_weight: float = option(1.0, "token: weight of the divergence; 1 - kd_weight goes to the data's NLL.",
+                              min=0.0, max=1.0)
+    samples: int = option(1, "seqkd: teacher answers per prompt.", min=1, max=64)
+    sample_temperature: float = option(0.0, "seqkd: 0 = greedy answers, else sampling temperature.", min=0.0)
+    max_new_tokens: int = option(128, "seqkd: longest teacher answer (cut answers are dropped, counted).", min=1)
+    filter: list[str] = option(default_factory=list, help="seqkd: reward functions an answer must score > 0 on "
+                               "to be kept (e.g. [world_correct]); empty: keep all.")
+    # SFT's normalization, so the SFT machinery can run this config
+    normalization: str = option("tokens", "How the token losses are normalized (as in sft).",
+                                choices=("tokens",))
+    normalize_constant: float | None = option(None, "Unused (sft compatibility).")
+
+
+@dataclass
+class DistillConfig:
+    """posttrain distill: token-level KD or SeqKD from a teacher into the student (model)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill", lr=1e-3,
+                                                                   micro_batch_size=4, epochs=1.0))
+
+    def validate(self) -> None:
+        if not self.teacher.name_or_path:
+            raise ConfigError("teacher.name_or_path is not set.", fix="set it to the teacher model's directory.")
+
+
+class TokenKDAlgorithm:
+    """``kd_weight * divergence + (1 - kd_weight) * NLL`` per trained token, normalized by the
+    step's token count (so accumulation changes nothing)."""
+
+    def __init__(self, teacher, loss: DistillLossConfig):
+        self.teacher, self.cfg = teacher, loss
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        return {"tokens": int((batch["labels"][:, 1:] != -100).sum()), "sequences": int(batch["num_sequences"]),
+                "input_tokens": int(batch["num_input_tokens"])}
+
+    def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = shift_labels(batch["labels"]).reshape(-1)
+        rows = torch.nonzero(targets != -100).squeeze(-1)
+        kw = {"attention_mask": batch.get("attention_mask"), "position_ids": batch.get("position_ids")}
+        student = selected_logits(model, batch["input_ids"], rows, **kw)
+        with torch.no_grad():
+            was = self.teacher.training
+            self.teacher.eval()
+            teacher = selected_logits(self.teacher, batch["input_ids"], rows, **kw)
+            self.teacher.train(was)
+        c = self.cfg
+        kd = token_divergence(student, teacher, divergence=c.divergence, beta=c.beta, temperature=c.temperature)
+        nll = -torch.log_softmax(student, -1).gather(-1, targets[rows][:, None]).squeeze(-1)
+        n = totals["tokens"].clamp(min=1)
+        ones = torch.ones_like(kd)
+        kd_mean, nll_mean = masked_sum(kd, ones) / n, masked_sum(nll, ones) / n
+        loss = c.kd_weight * kd_mean + (1 - c.kd_weight) * nll_mean if c.kd_weight < 1 else kd_mean
+        return loss, {"kd": kd_mean.detach(), "nll": nll_mean.detach()}
+
+
+def check_same_tokenizer(teacher_path: str, tokenizer, *, key: str = "teacher.name_or_path") -> None:
+    """Teacher and student must tokenize identically: the divergence compares the same token ids."""
+    try:
+        other = load_tokenizer(teacher_path, key=key)
+    except ConfigError:
+        return  # a teacher directory without tokenizer files: the vocabulary-size check still applies
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"The teacher's tokenizer ({key}) differs from the student's: token-level distillation "
+                          "compares the two models' probabilities of the same token ids.",
+                          fix="use a teacher and a student with the same tokenizer (e.g. the same model family), or "
+                          "loss.mode=seqkd with a student that can read the teacher's text.")
+
+
+def run_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=None, log=print) -> SFTResult:
+    """Run distillation as configured (see the module docstring)."""
+    cfg = validated(cfg, DistillConfig)
+    tokenizer = tokenizer or tokenizer_for(cfg.model)
+    accelerator = accelerator_for(cfg.model)
+    if teacher is None:
+        teacher = load_causal_lm(cfg.teacher.name_or_path, dtype=cfg.teacher.dtype, device=str(accelerator.device),
+                                 attn_implementation=cfg.model.attn_implementation, key="teacher.name_or_path")
+        check_same_tokenizer(cfg.teacher.name_or_path, tokenizer)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cfg.loss.mode == "seqkd":
+        return _run_seqkd(cfg, teacher, tokenizer, model=model, log=log)
+    if model is not None:
+        check_same_vocabulary(teacher, model, key="teacher.name_or_path")
+    log(f"token-level KD: {cfg.loss.divergence} at temperature {cfg.loss.temperature}"
+        + (f", beta {cfg.loss.beta}" if cfg.loss.divergence == "jsd" else "")
+        + (f", {1 - cfg.loss.kd_weight:g} x NLL" if cfg.loss.kd_weight < 1 else ""))
+    algo = TokenKDAlgorithm(teacher, cfg.loss)
+    return run_sft(cfg, model=model, tokenizer=tokenizer, log=log, algorithm=algo,
+                   inputs={"teacher_weights_sha256": weights_digest(teacher)})
+
+
+def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResult:
+    from ..rewards import compute_rewards, resolve_reward_functions
+    from ..rollout.sampler import sample_groups
+    from ..train.rundir import check_output_dir
+    from .rl import encode_prompts, load_prompt_source
+    from .rl_config import RLDataConfig
+    from .sft import SFTConfig
+
+    check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
+    c = cfg.loss
+    # the world's SFT conversations -> the same problems as prompts (with their answers for a filter)
+    spec = "builtin:world-problems" if cfg.data.train == "builtin:world-sft" else cfg.data.train
+    rl_data = RLDataConfig(train=spec, world_examples=cfg.data.world_examples)
+    ds = load_prompt_source(spec, rl_data, cfg.train.seed)
+    prompts, dropped = encode_prompts(ds, tokenizer, max_prompt_length=cfg.data.max_length)
+    functions = resolve_reward_functions(list(c.filter), None, options={}, tokenizer=tokenizer) if c.filter else []
+    log(f"seqkd: the teacher answers {len(prompts)} prompts x {c.samples}"
+        + (f" (filter: {', '.join(c.filter)})" if c.filter else ""))
+    rolls = sample_groups(teacher, tokenizer, [p.ids for p in prompts], group_size=c.samples,
+                          max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature, seed=cfg.train.seed)
+    keep = [r.finished for r in rolls]
+    if functions:
+        flat = [p for p in prompts for _ in range(c.samples)]
+        fields = {k: [p.fields.get(k) for p in flat] for k in flat[0].fields}
+        res = compute_rewards(functions, [p.text for p in flat], [r.text for r in rolls],
+                              completion_ids=[r.completion_ids for r in rolls], finished=keep,
+                              max_new_tokens=c.max_new_tokens, **fields)
+        keep = [k and bool(v) and float(t) > 0 for k, v, t in zip(keep, res.valid.tolist(), res.total.tolist())]
+    records, seen = [], set()
+    for i, (r, k) in enumerate(zip(rolls, keep)):
+        p = prompts[i // c.samples]
+        if k and (p.text, r.text) not in seen:
+            seen.add((p.text, r.text))
+            records.append({"prompt": [{"role": "user", "content": p.text}], "completion":
+                            [{"role": "assistant", "content": r.text}]})
+    cut = sum(1 for r in rolls if not r.finished)
+    log(f"seqkd: kept {len(records)} of {len(rolls)} answers ({cut} cut at max_new_tokens, "
+        f"{len(rolls) - cut - len(records)} filtered or duplicate)")
+    if not records:
+        raise ConfigError("seqkd kept none of the teacher's answers.",
+                          fix="check the teacher, raise loss.max_new_tokens, or relax loss.filter.")
+    out = Path(cfg.train.output_dir)
+    data_file = out.with_name(out.name + "-seqkd_data.jsonl")  # beside the run directory, which sft prepares
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    with data_file.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    sft = SFTConfig(model=cfg.model, data=dataclasses.replace(cfg.data, train=str(data_file)), train=cfg.train)
+    if sft.data.eval == "auto":
+        sft.data.eval = None
+    log(f"seqkd: the kept answers are in {data_file}")
+    return run_sft(sft, model=model, tokenizer=tokenizer, log=log)
