@@ -69,10 +69,6 @@ class DistillLossConfig:
     max_new_tokens: int = option(128, "seqkd: longest teacher answer (cut answers are dropped, counted).", min=1)
     filter: list[str] = option(default_factory=list, help="seqkd: reward functions an answer must score > 0 on "
                                "to be kept (e.g. [world_correct]); empty: keep all.")
-    # SFT's normalization, so the SFT machinery can run this config
-    normalization: str = option("tokens", "How the token losses are normalized (as in sft).",
-                                choices=("tokens",))
-    normalize_constant: float | None = option(None, "Unused (sft compatibility).")
 
 
 @dataclass
