@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..models.logprobs import forward_kwargs
 from ..train.optim import parameter_groups
 
 CRITIC_DIR = "critic"
@@ -82,9 +83,7 @@ def check_critic_fits(critic, policy, *, source: str) -> None:
 def critic_values(critic, batch: dict) -> torch.Tensor:
     """Values at the batch's selected rows (``lp_rows``, the positions that predict each completion
     token): ``(M,)`` float32, with gradient."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = batch["position_ids"]
+    kwargs = forward_kwargs(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     hidden = critic.base_model(**kwargs).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["lp_rows"])
     return critic_head(critic)(picked).squeeze(-1).float()

@@ -47,6 +47,7 @@ from ..models.loading import (
     read_paths,
     tokenizer_for,
 )
+from ..models.logprobs import forward_kwargs
 from ..models.peft import apply_peft, hf_model
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
 from ..train.engine import FitResult, fit, to_device
@@ -130,9 +131,7 @@ def sequence_rewards(model, batch: dict, *, pooling: str, eos_token_id: int | No
                      pad_token_id: int | None) -> torch.Tensor:
     """``(S,)`` scalar rewards of the batch's sequences (float32), pooled as transformers' forward of
     the saved model pools them (see the module docstring)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = batch["position_ids"]
+    kwargs = forward_kwargs(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     with hf_model(model) as m:
         hidden = m.base_model(**kwargs).last_hidden_state
         values = score_head(m)(hidden).squeeze(-1).float()

@@ -33,6 +33,16 @@ def chunk_rows(vocab_size: int) -> int:
     return default_chunk_rows(vocab_size)
 
 
+def forward_kwargs(input_ids, attention_mask=None, position_ids=None) -> dict:
+    """The keyword arguments of every training / scoring forward pass. ``use_cache=False`` matters
+    for packing: with a cache transformers ignores ``position_ids`` when building the mask, and
+    the documents of a row would attend to each other."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    return kwargs
+
+
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """``(B, T)`` HF labels -> ``(B, T)`` targets: ``targets[:, t] = labels[:, t + 1]``, last = ignore."""
     targets = torch.full_like(labels, ignore_index)
@@ -92,9 +102,7 @@ def _token_log_probs_from_model(model, input_ids, targets, *, attention_mask, po
         chunk_size = chunk_rows(model.config.vocab_size)
     # use_cache=False matters for packing: with a cache transformers ignores position_ids when
     # building the mask and documents in a row would attend to each other
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
+    kwargs = forward_kwargs(input_ids, attention_mask, position_ids)
     if head is not None:
         hidden = model.base_model(**kwargs).last_hidden_state
         # under bf16/fp16 autocast the head and its log-softmax still run in fp32
@@ -160,9 +168,7 @@ def selected_log_probs(
 def _selected_log_probs(model, input_ids, rows, targets, *, attention_mask, position_ids, return_entropy, chunk_size,
                         temperature) -> dict[str, torch.Tensor]:
     head = fused_head(model)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
+    kwargs = forward_kwargs(input_ids, attention_mask, position_ids)
     if chunk_size is None:
         chunk_size = chunk_rows(model.config.vocab_size)
     if head is not None:
@@ -201,9 +207,7 @@ def selected_logits(
     ``(B, T, V)`` logits of the whole batch never exist (distillation needs whole distributions;
     :func:`posttrain.ops.token_divergence` then works through them in chunks)."""
     with hf_model(model) as m:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
+        kwargs = forward_kwargs(input_ids, attention_mask, position_ids)
         head = fused_head(m)
         if head is not None:
             hidden = m.base_model(**kwargs).last_hidden_state
