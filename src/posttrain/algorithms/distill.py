@@ -38,7 +38,7 @@ from ..models.loading import (
     tokenizer_for,
 )
 from ..models.logprobs import selected_logits, shift_labels
-from ..ops import DIVERGENCES, masked_sum, token_divergence
+from ..ops import DIVERGENCES, token_divergence
 from ..train.checkpoint import weights_digest
 from .sft import SFTDataConfig, SFTResult, run_sft
 
@@ -103,17 +103,13 @@ class TokenKDAlgorithm:
         rows = torch.nonzero(targets != -100).squeeze(-1)
         kw = {"attention_mask": batch.get("attention_mask"), "position_ids": batch.get("position_ids")}
         student = selected_logits(model, batch["input_ids"], rows, **kw)
-        with torch.no_grad():
-            was = self.teacher.training
-            self.teacher.eval()
+        with torch.no_grad():  # the teacher is frozen and in eval mode (run_distill)
             teacher = selected_logits(self.teacher, batch["input_ids"], rows, **kw)
-            self.teacher.train(was)
         c = self.cfg
         kd = token_divergence(student, teacher, divergence=c.divergence, beta=c.beta, temperature=c.temperature)
         nll = -torch.log_softmax(student, -1).gather(-1, targets[rows][:, None]).squeeze(-1)
         n = totals["tokens"].clamp(min=1)
-        ones = torch.ones_like(kd)
-        kd_mean, nll_mean = masked_sum(kd, ones) / n, masked_sum(nll, ones) / n
+        kd_mean, nll_mean = kd.sum() / n, nll.sum() / n  # every selected row is a trained token
         loss = c.kd_weight * kd_mean + (1 - c.kd_weight) * nll_mean if c.kd_weight < 1 else kd_mean
         return loss, {"kd": kd_mean.detach(), "nll": nll_mean.detach()}
 

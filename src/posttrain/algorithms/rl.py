@@ -185,6 +185,13 @@ def _padded(values: torch.Tensor, seq: torch.Tensor, n_seq: int, width: int) -> 
     return out.index_put((seq, pos), values)
 
 
+def _per_sequence(values: torch.Tensor, batch: dict, n_seq: int) -> list[list[float]]:
+    """Flat per-token ``values`` (M,) of a collated batch -> one list per sequence, in token order."""
+    padded = _padded(values, batch["lp_seq"], n_seq, batch["mask"].shape[1]).cpu()
+    counts = torch.bincount(batch["lp_seq"].cpu(), minlength=n_seq).tolist()
+    return [padded[i, : counts[i]].tolist() for i in range(n_seq)]
+
+
 def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros((len(lists), width), dtype=torch.float32)
     for i, v in enumerate(lists):
@@ -582,6 +589,8 @@ class RLRunner:
         first epoch's micro-batches (``layout``), so the first mini-batch's ratio is exactly 1."""
         was = self.model.training
         self.model.eval()
+        if self.critic is not None:
+            self.critic.eval()
         done: set[int] = set()
         try:
             for ids in layout:
@@ -609,19 +618,13 @@ class RLRunner:
                 self.critic.train(was)
 
     def _seq_values(self, batch: dict, n_seq: int) -> list[list[float]]:
-        self.critic.eval()
-        values = _padded(critic_values(self.critic, batch), batch["lp_seq"], n_seq, batch["mask"].shape[1]).cpu()
-        counts = torch.bincount(batch["lp_seq"].cpu(), minlength=n_seq).tolist()
-        return [values[i, : counts[i]].tolist() for i in range(n_seq)]
+        return _per_sequence(critic_values(self.critic, batch), batch, n_seq)
 
     def _seq_logps(self, model, batch: dict, n_seq: int) -> list[list[float]]:
         out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
                                  attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
                                  temperature=self.cfg.rollout.temperature)
-        width = batch["mask"].shape[1]
-        padded = _padded(out["log_probs"], batch["lp_seq"], n_seq, width).cpu()
-        counts = torch.bincount(batch["lp_seq"].cpu(), minlength=n_seq).tolist()
-        return [padded[i, : counts[i]].tolist() for i in range(n_seq)]
+        return _per_sequence(out["log_probs"], batch, n_seq)
 
     def _metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times, dropped_groups, rounds,
                  parts) -> dict:
