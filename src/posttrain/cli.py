@@ -6,6 +6,8 @@
     posttrain dpo --config cfg.yaml k=v ...   # DPO family, KTO, tilt (loss.name=...)
     posttrain rl --config cfg.yaml algorithm=grpo k=v ...   # online RL; presets also as commands:
     posttrain grpo | dr_grpo | dapo | gspo | rloo | remax | reinforce_pp | ppo  k=v ...
+    posttrain rft model.name_or_path=runs/sft/final ...   # rejection-sampling fine-tuning (expert iteration)
+    posttrain online-dpo model.name_or_path=runs/sft/final ...   # online / iterative DPO on sampled pairs
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
@@ -174,6 +176,24 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rft(args: argparse.Namespace) -> int:
+    from .algorithms.rft import RFTConfig, run_rft
+
+    res = run_rft(load_config(RFTConfig, args.config, args.overrides))
+    print(f"done: {len(res.rounds) - 1} rounds; final model in {res.final_dir}")
+    _print_eval(res.eval_metrics)
+    return 0
+
+
+def _cmd_online_dpo(args: argparse.Namespace) -> int:
+    from .algorithms.online_dpo import OnlineDPOConfig, run_online_dpo
+
+    res = run_online_dpo(load_config(OnlineDPOConfig, args.config, args.overrides))
+    print(f"done: {res.fit.steps} steps in {res.fit.seconds:.0f}s; final model in {res.final_dir}")
+    _print_eval(res.eval_metrics)
+    return 0
+
+
 def _cmd_world_data(args: argparse.Namespace) -> int:
     from .train.rundir import check_output_dir
     from .world.datasets import WORLD_DATA_FILES, write_world_datasets
@@ -280,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", help=CONFIG_HELP)
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=_cmd_rl, preset=name)
+
+    from .algorithms.rft import RFTConfig
+
+    p = sub.add_parser("rft", help="rejection-sampling fine-tuning (expert iteration) on the model's own samples",
+                       formatter_class=_HelpFormatter,
+                       description="Rounds of: sample K completions per prompt -> score them with the reward "
+                       "functions -> keep those at or above select.threshold (distinct, at most "
+                       "select.max_per_prompt per prompt) -> SFT on the kept set. Start from an SFT model "
+                       "(model.name_or_path=runs/sft/final). Per round: pass@K, kept fraction, prompts with nothing "
+                       "kept, held-out accuracy (rounds.jsonl); each round's kept set in round_<r>/kept.jsonl.",
+                       epilog=_config_help(RFTConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_rft)
+
+    from .algorithms.online_dpo import OnlineDPOConfig
+
+    p = sub.add_parser("online-dpo", help="online / iterative DPO on pairs sampled from the current policy",
+                       formatter_class=_HelpFormatter,
+                       description="Every online.steps_per_rollout optimizer steps: sample rollout.group_size "
+                       "completions per prompt, score them with the reward functions, pair the best with the worst "
+                       "(ties skipped and counted), and train with a paired loss of the DPO family (loss.name). "
+                       "online.reference: initial (the starting policy) or refresh (the policy at each iteration's "
+                       "start). Start from an SFT model (model.name_or_path=runs/sft/final).",
+                       epilog=_config_help(OnlineDPOConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_online_dpo)
 
     p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> reward model + DPO / DPOP, with a table",
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),

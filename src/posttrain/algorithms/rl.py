@@ -566,19 +566,13 @@ class RLRunner:
     def _score(self, idx: list[int], rolls: list[Rollout]) -> dict:
         G = len(rolls) // max(1, len(idx))
         prompts = [self.prompts[i] for i in idx for _ in range(G)]
-        fields = {}
-        for name in prompts[0].fields:
-            fields[name] = [p.fields.get(name) for p in prompts]
-        common = dict(completion_ids=[r.completion_ids for r in rolls], finished=[r.finished for r in rolls],
-                      max_new_tokens=self.cfg.rollout.max_new_tokens)
-        texts = [p.text for p in prompts]
-        comps = [r.text for r in rolls]
-        res = compute_rewards(self.rewards, texts, comps, **common, **fields)
+        max_new = self.cfg.rollout.max_new_tokens
+        res = score_rollouts(self.rewards, prompts, rolls, max_new_tokens=max_new)
         out = {"total": res.total, "valid": res.valid, "invalid_counts": res.invalid_counts}
         for name, v in res.per_function.items():
             out[f"fn/{name}"] = v
         if self.gold:
-            g = compute_rewards(self.gold, texts, comps, **common, **fields)
+            g = score_rollouts(self.gold, prompts, rolls, max_new_tokens=max_new)
             out["gold"] = g.total
             for name, v in g.per_function.items():
                 out[f"gold/{name}"] = v
@@ -707,6 +701,52 @@ def _zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:
     return vals.numel() < 2 or bool((vals == vals[0]).all())
 
 
+def score_rollouts(functions, prompts: list[PromptItem], rolls: list[Rollout], *, max_new_tokens: int):
+    """Rewards of ``rolls`` (``rolls[i]`` completes ``prompts[i]``): every function sees the prompt
+    text, the completion text, ``completion_ids``, ``finished``, ``max_new_tokens`` and the
+    prompt record's other fields. Returns a :class:`posttrain.rewards.base.RewardResult`."""
+    fields = {name: [p.fields.get(name) for p in prompts] for name in (prompts[0].fields if prompts else ())}
+    return compute_rewards(functions, [p.text for p in prompts], [r.text for r in rolls],
+                           completion_ids=[r.completion_ids for r in rolls], finished=[r.finished for r in rolls],
+                           max_new_tokens=max_new_tokens, **fields)
+
+
+def load_prompt_sets(data: RLDataConfig, tokenizer, *, seed: int, log) -> tuple[list[PromptItem], list[PromptItem], str]:
+    """The training prompts (chat-rendered, over-long ones dropped and counted), the held-out
+    prompts (``data.eval``; ``auto``: the world's held-out problems for the world's prompts) and
+    the training source's name."""
+    train_ds = load_prompt_source(data.train, data, seed)
+    prompts, dropped = encode_prompts(train_ds, tokenizer, max_prompt_length=data.max_prompt_length)
+    log(f"train prompts {train_ds.source}: {len(prompts)} prompts"
+        + (f", {dropped} longer than data.max_prompt_length={data.max_prompt_length} dropped" if dropped else ""))
+    if not prompts:
+        raise DataError(f"No training prompts are left from {train_ds.source}.",
+                        fix="raise data.max_prompt_length or check the data.")
+    eval_spec = data.eval
+    if eval_spec == "auto":
+        eval_spec = BUILTIN_PROMPTS + "-heldout" if data.train == BUILTIN_PROMPTS else None
+    eval_prompts: list[PromptItem] = []
+    if eval_spec:
+        eval_ds = load_prompt_source(eval_spec, data, seed, key="data.eval")
+        eval_prompts, _ = encode_prompts(eval_ds, tokenizer, max_prompt_length=data.max_prompt_length)
+    return prompts, eval_prompts, train_ds.source
+
+
+def build_rewards(reward: RewardConfig, tokenizer, device, *, max_new_tokens: int, overlong: bool = False):
+    """The trained reward functions (``reward.functions`` with their weights, plus DAPO's overlong
+    punishment when ``overlong``) and the gold functions (logged only)."""
+    names, weights = list(reward.functions), list(reward.weights or [1.0] * len(reward.functions))
+    if overlong and "overlong" not in names:
+        names.append("overlong")
+        weights.append(1.0)
+    options = {"overlong_buffer": reward.overlong_buffer or max(1, max_new_tokens // 5),
+               "reward_model": reward.reward_model, "reward_model_batch_size": reward.reward_model_batch_size}
+    functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer, device=device)
+    gold = resolve_reward_functions(list(reward.gold), None, options=options, tokenizer=tokenizer,
+                                    device=device) if reward.gold else []
+    return functions, gold
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -719,10 +759,7 @@ def evaluate_prompts(model, tokenizer, prompts: list[PromptItem], functions, *, 
         return {}
     rolls = sample_groups(model, tokenizer, [p.ids for p in prompts], group_size=1, max_new_tokens=max_new_tokens,
                           temperature=0.0, batch_size=batch_size)
-    fields = {name: [p.fields.get(name) for p in prompts] for name in prompts[0].fields}
-    res = compute_rewards(functions, [p.text for p in prompts], [r.text for r in rolls],
-                          completion_ids=[r.completion_ids for r in rolls], finished=[r.finished for r in rolls],
-                          max_new_tokens=max_new_tokens, **fields)
+    res = score_rollouts(functions, prompts, rolls, max_new_tokens=max_new_tokens)
     out = {}
     for name, v in res.per_function.items():
         ok = torch.isfinite(v)
@@ -789,35 +826,10 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
         critic = build_critic(cfg, model, tokenizer, device=str(accelerator.device), log=log)
     model = apply_peft(model, cfg.model.peft, log=log)
 
-    # prompts
-    train_ds = load_prompt_source(cfg.data.train, cfg.data, cfg.train.seed)
-    prompts, dropped = encode_prompts(train_ds, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
-    log(f"train prompts {train_ds.source}: {len(prompts)} prompts"
-        + (f", {dropped} longer than data.max_prompt_length={cfg.data.max_prompt_length} dropped" if dropped else ""))
-    if not prompts:
-        raise DataError(f"No training prompts are left from {train_ds.source}.",
-                        fix="raise data.max_prompt_length or check the data.")
-    eval_spec = cfg.data.eval
-    if eval_spec == "auto":
-        eval_spec = BUILTIN_PROMPTS + "-heldout" if cfg.data.train == BUILTIN_PROMPTS else None
-    eval_prompts: list[PromptItem] = []
-    if eval_spec:
-        eval_ds = load_prompt_source(eval_spec, cfg.data, cfg.train.seed, key="data.eval")
-        eval_prompts, _ = encode_prompts(eval_ds, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
-
-    # rewards
-    names, weights = list(cfg.reward.functions), list(cfg.reward.weights or [1.0] * len(cfg.reward.functions))
-    if loss.overlong_penalty and "overlong" not in names:
-        names.append("overlong")
-        weights.append(1.0)
-    options = {"overlong_buffer": cfg.reward.overlong_buffer or max(1, cfg.rollout.max_new_tokens // 5),
-               "reward_model": cfg.reward.reward_model, "reward_model_batch_size": cfg.reward.reward_model_batch_size}
-    device = accelerator.device
-    functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer, device=device)
-    gold = resolve_reward_functions(list(cfg.reward.gold), None, options=options, tokenizer=tokenizer,
-                                    device=device) if cfg.reward.gold else []
-    available = set(prompts[0].fields)
-    check_reward_fields(functions + gold, available, train_ds.source)
+    prompts, eval_prompts, train_source = load_prompt_sets(cfg.data, tokenizer, seed=cfg.train.seed, log=log)
+    functions, gold = build_rewards(cfg.reward, tokenizer, accelerator.device, max_new_tokens=cfg.rollout.max_new_tokens,
+                                    overlong=loss.overlong_penalty)
+    check_reward_fields(functions + gold, set(prompts[0].fields), train_source)
 
     # reference (only when the KL term is on)
     reference = None
