@@ -8,6 +8,7 @@
     posttrain grpo | dr_grpo | dapo | gspo | rloo | remax | reinforce_pp | ppo  k=v ...
     posttrain rft model.name_or_path=runs/sft/final ...   # rejection-sampling fine-tuning (expert iteration)
     posttrain online-dpo model.name_or_path=runs/sft/final ...   # online / iterative DPO on sampled pairs
+    posttrain prm model.name_or_path=runs/sft/final labels.source=mc labels.policy=runs/sft/final   # PRM
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
@@ -194,6 +195,15 @@ def _cmd_online_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prm(args: argparse.Namespace) -> int:
+    from .algorithms.prm import PRMConfig, run_prm
+
+    res = run_prm(load_config(PRMConfig, args.config, args.overrides))
+    print(f"done: {res.fit.steps} steps in {res.fit.seconds:.0f}s; process reward model in {res.final_dir}")
+    _print_eval(res.eval_metrics)
+    return 0
+
+
 def _cmd_world_data(args: argparse.Namespace) -> int:
     from .train.rundir import check_output_dir
     from .world.datasets import WORLD_DATA_FILES, write_world_datasets
@@ -328,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_online_dpo)
+
+    from .algorithms.prm import PRMConfig
+
+    p = sub.add_parser("prm", help="process reward model: a score at every step, from gold or Monte-Carlo step labels",
+                       formatter_class=_HelpFormatter,
+                       description="Train an AutoModelForTokenClassification (one label) whose logit at each step's "
+                       "last token scores that step, with BCE to the step labels: the records' own "
+                       "(labels.source=given) or Monte-Carlo estimates from labels.policy's rollouts "
+                       "(labels.source=mc, saved as step_labels.jsonl). Data: stepwise records {prompt, completions: "
+                       "[steps], labels} or builtin:world-steps.", epilog=_config_help(PRMConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_prm)
 
     p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> reward model + DPO / DPOP, with a table",
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),

@@ -97,7 +97,7 @@ class RFTConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     select: RFTSelectConfig = field(default_factory=RFTSelectConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        output_dir="runs/rft", lr=1e-4, micro_batch_size=8, epochs=1.0, warmup_ratio=0.0, min_lr_ratio=1.0))
+        output_dir="runs/rft", lr=3e-5, micro_batch_size=8, epochs=1.0, warmup_ratio=0.0, min_lr_ratio=1.0))
 
     def validate(self) -> None:
         if self.select.threshold is None and self.select.max_per_prompt == 0:

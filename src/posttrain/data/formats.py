@@ -58,6 +58,7 @@ FORMATS: tuple[str, ...] = (
     "unpaired",
     "prompt_answer",
     "ranked",
+    "stepwise",
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -69,6 +70,7 @@ _FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "prompt_answer": ("prompt", "answer"),
     "ranked": ("prompt", "responses", "rewards"),
+    "stepwise": ("prompt", "completions"),
 }
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -344,7 +346,7 @@ def _present(record: Mapping, key: str) -> bool:
 
 
 # keys that identify a format; a record holding keys of two of these groups is ambiguous
-_EXCLUSIVE_KEYS = (("messages",), ("chosen", "rejected"), ("responses",), ("completion",))
+_EXCLUSIVE_KEYS = (("messages",), ("chosen", "rejected"), ("responses",), ("completion",), ("completions",))
 
 
 def detect_format(record: Mapping) -> str | None:
@@ -355,6 +357,8 @@ def detect_format(record: Mapping) -> str | None:
         return "preference"
     if _present(record, "responses"):
         return "ranked"
+    if _present(record, "prompt") and _present(record, "completions"):
+        return "stepwise"
     if _present(record, "prompt") and _present(record, "completion") and _present(record, "label"):
         return "unpaired"
     if _present(record, "prompt") and _present(record, "answer"):
@@ -577,6 +581,42 @@ def _validate_ranked(chk: _Checker, record: Mapping) -> dict:
     return {**record, "prompt": prompt, "responses": out_responses, "rewards": out_rewards}
 
 
+def _validate_stepwise(chk: _Checker, record: Mapping) -> dict:
+    """TRL's stepwise-supervision layout: ``completions`` is the list of a solution's steps (or the
+    whole solution as one string, which the trainer splits at its step delimiter) and the
+    optional ``labels`` one label per step (true/false, or a number in [0, 1] such as a
+    Monte-Carlo success rate)."""
+    prompt = _prompt(chk, record["prompt"])
+    steps = record["completions"]
+    if isinstance(steps, str):  # one string, split into steps by the trainer's delimiter
+        steps = [chk.text(steps, "completions", nonempty=True, what="the solution")]
+    elif not isinstance(steps, (list, tuple)) or not steps:
+        raise chk.fail("completions", f"expected a non-empty list of solution steps (strings), found "
+                       f"{_type_name(steps)} ({_short(steps)}).",
+                       'write the steps as a list, e.g. "completions": ["3 + 4 = 7", "#### 7"].')
+    whole = isinstance(record["completions"], str)
+    out_steps = [chk.text(v, f"completions[{i}]", nonempty=True, what=f"step {i}") for i, v in enumerate(steps)]
+    out = {**record, "prompt": prompt, "completions": out_steps[0] if whole else out_steps}
+    labels = record.get("labels")
+    if labels is not None:
+        if not isinstance(labels, (list, tuple)) or (not whole and len(labels) != len(out_steps)):
+            raise chk.fail("labels", f"expected one label per step ({len(out_steps)}), found "
+                           f"{len(labels) if isinstance(labels, (list, tuple)) else _type_name(labels)}.",
+                           "give exactly one label per entry of 'completions', in the same order.")
+        values = []
+        for i, v in enumerate(labels):
+            if isinstance(v, bool):
+                values.append(1.0 if v else 0.0)
+                continue
+            x = chk.number(v, f"labels[{i}]", what=f"the label of step {i}")
+            if not 0.0 <= x <= 1.0:
+                raise chk.fail(f"labels[{i}]", f"a step label must lie in [0, 1] (a probability or true/false), "
+                               f"found {x}.", "write true/false or the step's success rate.")
+            values.append(x)
+        out["labels"] = values
+    return out
+
+
 _VALIDATORS = {
     "conversational": _validate_conversational,
     "prompt_completion": _validate_prompt_completion,
@@ -584,6 +624,7 @@ _VALIDATORS = {
     "unpaired": _validate_unpaired,
     "prompt_answer": _validate_prompt_answer,
     "ranked": _validate_ranked,
+    "stepwise": _validate_stepwise,
 }
 
 

@@ -622,10 +622,13 @@ def load_adapter_into(model, directory, *, key: str):
 
 
 def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: str = "auto", device: str = "auto",
-                             attn_implementation: str | None = "sdpa", key: str = "model.name_or_path"):
+                             attn_implementation: str | None = "sdpa", key: str = "model.name_or_path",
+                             per_token: bool = False):
     """An ``AutoModelForSequenceClassification`` (a reward model, or a causal LM's backbone with a
-    new head); transformers' note about newly initialized head weights is silenced."""
-    from transformers import AutoModelForSequenceClassification
+    new head); transformers' note about newly initialized head weights is silenced. With
+    ``per_token`` an ``AutoModelForTokenClassification`` (a process reward model: a score at
+    every token)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from .peft import is_adapter_dir
 
@@ -638,7 +641,8 @@ def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: s
     kwargs = {"num_labels": num_labels, "dtype": pick_dtype(dtype, dev)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _from_pretrained(AutoModelForSequenceClassification, name_or_path, key=key, what="model",
+    auto_cls = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    model = _from_pretrained(auto_cls, name_or_path, key=key, what="model",
                              new_heads=("score", "classifier"), dropped_heads=("lm_head",), **kwargs)
     return model.to(dev)
 

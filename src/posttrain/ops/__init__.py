@@ -44,6 +44,7 @@ from .preference import (
     slic_hinge_loss,
     tilt_loss,
 )
+from .process import STEP_AGGREGATIONS, aggregate_step_scores, mc_step_labels, prm_step_loss
 from .reductions import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
@@ -74,8 +75,12 @@ __all__ = [
     "POOLING_MODES",
     "PREFERENCE_LOSSES",
     "REWARD_LOSSES",
+    "STEP_AGGREGATIONS",
     "TIS_LEVELS",
     "AdaptiveKLController",
+    "aggregate_step_scores",
+    "mc_step_labels",
+    "prm_step_loss",
     "AdvantageEstimator",
     "FixedKLController",
     "PolicyLoss",

@@ -167,3 +167,31 @@ def ranked_records(n: int, *, k: int = 4, seed: int, split: str = "train") -> li
         out.append({"prompt": _user(p), "responses": [_assistant(t) for t in texts],
                     "rewards": [score_solution(p, t) for t in texts]})
     return out
+
+
+def first_wrong_line(p: Problem, text: str) -> int | None:
+    """The index of the first line of ``text`` that differs from ``p``'s worked solution (one line
+    per step, then ``#### answer``), or None when the solution is the worked one."""
+    ref = p.solution.splitlines()
+    lines = text.splitlines()
+    for i, (a, b) in enumerate(zip(ref, lines)):
+        if a.strip() != b.strip():
+            return i
+    return None if len(ref) == len(lines) else min(len(ref), len(lines))
+
+
+def step_records(n: int, *, seed: int, split: str = "train", correct_fraction: float = 0.5) -> list[dict]:
+    """``{"prompt", "completions", "labels", "answer", "first_error"}`` stepwise records: the worked
+    solution (every step right) or a one-slip solution, whose steps are right up to the slip and
+    wrong from it on (the slip propagates to the answer). ``labels`` are these gold step labels,
+    known by construction; ``first_error`` is the slipped step's index (None when correct)."""
+    rng = random.Random(f"world-steps-{split}-{seed}")
+    out = []
+    for p in generate_problems(n, seed=seed + 4000, split=split):
+        text = p.solution if rng.random() < correct_fraction else wrong_solution(p, rng)
+        steps = text.splitlines()
+        first = first_wrong_line(p, text)
+        labels = [first is None or i < first for i in range(len(steps))]
+        out.append({"prompt": _user(p), "completions": steps, "labels": labels, "answer": str(p.answer),
+                    "first_error": first})
+    return out
