@@ -3,9 +3,10 @@
     python benchmarks/online_vs_offline_dpo.py --sft runs/quickstart/sft/final     # ~15 min here
 
 Every variant starts from the quickstart's SFT model and takes the same number of optimizer
-steps on the same number of pairs (``--steps`` x 8 pairs, lr 5e-5, beta 0.1):
+steps on the same number of pairs (``--steps`` x 8 pairs, lr 5e-5, beta 0.1; the default 125
+steps are the quickstart's DPO stage: one epoch of its 1000 pairs):
 
-- offline DPO / DPOP: the world's fixed preference pairs (the quickstart's DPO stage);
+- offline DPO / DPOP: the world's fixed preference pairs (correct vs one-slip solution);
 - online DPO: each step samples 8 prompts x 4 completions from the current policy, scores them
   with the world's verifier and pairs the best with the worst (ties skipped, more prompts
   drawn); reference = the SFT model (``initial``) or the policy at each step's start
@@ -28,7 +29,7 @@ from pathlib import Path
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", required=True, help="the SFT model (e.g. runs/quickstart/sft/final)")
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=125)
     ap.add_argument("--out", default="runs/online-vs-offline-dpo")
     ap.add_argument("--variants", default="offline_dpo,offline_dpop,online_initial,online_refresh")
     args = ap.parse_args(argv)
@@ -69,14 +70,15 @@ def main(argv=None) -> None:
             loss = variant.split("_", 1)[1]
             cfg = load_config(DPOConfig, None, common + [f"train.output_dir={run_dir}", f"loss.name={loss}",
                                                          f"train.max_steps={args.steps}", "train.epochs=0",
-                                                         "train.warmup_ratio=0.1"])
+                                                         "train.warmup_ratio=0.1",
+                                                         f"data.world_examples={8 * args.steps}"])
             res = run_preference(cfg, log=lambda s: None)
         else:
             ref = variant.split("_", 1)[1]
             cfg = load_config(OnlineDPOConfig, None, common + [
                 f"train.output_dir={run_dir}", f"online.reference={ref}", f"train.max_steps={args.steps}",
                 "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=64",
-                "data.eval=null", "rollout.samples_every=25"])
+                "data.eval=null", "rollout.samples_every=25", "train.warmup_ratio=0.1", "train.min_lr_ratio=0.1"])
             res = run_online_dpo(cfg, log=lambda s: None)
         seconds = time.time() - t0
         model = load_causal_lm(str(res.final_dir), device="cpu")

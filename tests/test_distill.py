@@ -136,3 +136,103 @@ def test_teacher_with_another_tokenizer_or_vocabulary_is_refused(tmp_path, capsy
     assert code == 2 and "teacher.name_or_path" in err
     with pytest.raises(ConfigError, match="loss.beta"):
         load_config(DistillConfig, None, ["teacher.name_or_path=x", "loss.beta=1.0"])
+
+
+# --------------------------------------------------------------------------- on-policy distillation
+
+
+def _on_policy_cfg(tmp_path, t, s, name, *extra):
+    return load_config(DistillConfig, None, [
+        f"model.name_or_path={s}", f"teacher.name_or_path={t}", f"train.output_dir={tmp_path / name}",
+        "train.max_steps=3", "train.epochs=0", "train.progress=false", "data.world_examples=12", "data.eval=null",
+        "train.micro_batch_size=2", "loss.mode=on_policy", "loss.divergence=reverse_kl", "loss.max_new_tokens=16",
+        "loss.sample_temperature=1.0", "data.max_length=160", *extra])
+
+
+def test_on_policy_fraction_zero_is_token_kd_on_the_data(tmp_path):
+    t, s = _dirs(tmp_path)
+    a = run_distill(_on_policy_cfg(tmp_path, t, s, "a", "loss.on_policy_fraction=0"), log=lambda x: None)
+    cfg = _on_policy_cfg(tmp_path, t, s, "b")
+    cfg.loss.mode = "token"
+    b = run_distill(cfg, log=lambda x: None)
+    assert [h["loss"] for h in a.fit.history] == [h["loss"] for h in b.fit.history]
+
+
+def test_on_policy_steps_train_on_the_students_own_samples(tmp_path):
+    """Greedy sampling (temperature 0): an on-policy step's batch holds each prompt followed by the
+    student's greedy completion, exactly; a student equal to its teacher has zero divergence there."""
+    from posttrain.algorithms import distill as dmod
+    from posttrain.models.loading import load_causal_lm
+    from posttrain.rollout.sampler import sample_groups
+
+    t, s = _dirs(tmp_path)
+    seen = []
+    real = dmod.OnPolicyPlan.batches
+
+    def spy(self, step):
+        out = real(self, step)
+        seen.append((step, self.on_policy(step), [dict(b) for b in out]))
+        return out
+
+    dmod.OnPolicyPlan.batches = spy
+    try:
+        res = run_distill(_on_policy_cfg(tmp_path, s, s, "same", "loss.sample_temperature=0", "train.max_steps=1",
+                                         "data.packing=false"),
+                          log=lambda x: None)
+    finally:
+        dmod.OnPolicyPlan.batches = real
+    assert res.fit.history[0]["kd"] == pytest.approx(0.0, abs=1e-6)  # teacher == student
+    step, on, batches = seen[0]
+    assert on
+    student = load_causal_lm(str(s), device="cpu")
+    tok = world_tokenizer()
+    for b in batches:
+        for row, labels in zip(b["input_ids"].tolist(), b["labels"].tolist()):
+            n = next(i for i, x in enumerate(labels) if x != -100)
+            prompt = row[:n]
+            want = sample_groups(student, tok, [prompt], group_size=1, max_new_tokens=16, temperature=0.0)[0]
+            got = [x for x, lab in zip(row[n:], labels[n:]) if lab != -100]
+            assert got == want.completion_ids
+
+
+def test_on_policy_resume_is_exact_and_too_long_samples_are_refused(tmp_path):
+    from posttrain.algorithms import distill as dmod
+
+    t, s = _dirs(tmp_path)
+    ons = [dmod._step_seed("on-policy", 0, k) / 2**62 < 0.5 for k in range(6)]
+    assert any(ons) and not all(ons)  # a mix of on-policy and data steps
+
+    class Stop(Exception):
+        pass
+
+    real = dmod.TokenKDAlgorithm.loss
+    calls = {"n": 0}
+
+    def stopping(self, model, batch, totals):
+        calls["n"] += 1
+        if calls["n"] > 2:  # one micro-batch per step: inside step 3
+            raise Stop
+        return real(self, model, batch, totals)
+
+    cut = _on_policy_cfg(tmp_path, t, s, "cut", "loss.on_policy_fraction=0.5", "train.save_every=1",
+                         "train.max_steps=6", "train.micro_batch_size=4")
+    cut_full = run_distill(_on_policy_cfg(tmp_path, t, s, "full4", "loss.on_policy_fraction=0.5",
+                                          "train.save_every=1", "train.max_steps=6", "train.micro_batch_size=4"),
+                           log=lambda x: None)
+    dmod.TokenKDAlgorithm.loss = stopping
+    try:
+        with pytest.raises(Stop):
+            run_distill(cut, log=lambda x: None)
+    finally:
+        dmod.TokenKDAlgorithm.loss = real
+    cut.train.resume = "auto"
+    resumed = run_distill(cut, log=lambda x: None)
+    assert [h["step"] for h in resumed.fit.history] == [3, 4, 5, 6]
+    assert [h["loss"] for h in resumed.fit.history] == [h["loss"] for h in cut_full.fit.history[2:]]
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "full4" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(cut_full.fit.history) == 6
+    with pytest.raises(ConfigError, match="loss.max_new_tokens=500 plus the longest prompt"):
+        run_distill(_on_policy_cfg(tmp_path, t, s, "long", "loss.max_new_tokens=500"), log=lambda x: None)

@@ -15,8 +15,15 @@ Two modes (``loss.mode``):
   only verified answers), the kept answers are written to ``<output_dir>-seqkd_data.jsonl``, and
   the student is trained on them with plain SFT.
 
-On-policy distillation (the student samples, the teacher scores) belongs to the online loop and
-is not here yet.
+- ``on_policy`` (on-policy distillation / GKD, Agarwal et al. 2024): the same token-level loss,
+  but on a step drawn as on-policy (probability ``loss.on_policy_fraction``, GKD's lambda;
+  seeded by the step) every example's completion is replaced by one the *current student*
+  samples from its prompt (the conversation up to its first trained token;
+  ``loss.max_new_tokens``, ``loss.sample_temperature``), and the teacher scores those tokens.
+  With ``loss.divergence=reverse_kl`` the student learns where it actually goes, mode-seeking
+  (the teacher's probability of the student's own tokens); other steps train on the data. The
+  plan replaces a step's batches only, so accumulation, checkpoints and an exact resume (the
+  samples are a function of the weights and the step) are the engine's.
 """
 
 from __future__ import annotations
@@ -55,8 +62,9 @@ class TeacherConfig:
 class DistillLossConfig:
     """What the student learns from."""
 
-    mode: str = option("token", "token: token-level KD on the data; seqkd: SFT on the teacher's answers.",
-                       choices=("token", "seqkd"))
+    mode: str = option("token", "token: token-level KD on the data; seqkd: SFT on the teacher's answers; "
+                                "on_policy: token-level KD on the student's own samples (GKD).",
+                       choices=("token", "seqkd", "on_policy"))
     divergence: str = option("forward_kl", "token: forward_kl (KL(teacher||student)), reverse_kl or jsd.",
                              choices=DIVERGENCES)
     beta: float = option(0.5, "token, jsd: mixture weight of the teacher (0.5: the symmetric JSD).", gt=0.0, lt=1.0)
@@ -65,8 +73,13 @@ class DistillLossConfig:
     kd_weight: float = option(1.0, "token: weight of the divergence; 1 - kd_weight goes to the data's NLL.",
                               min=0.0, max=1.0)
     samples: int = option(1, "seqkd: teacher answers per prompt.", min=1, max=64)
-    sample_temperature: float = option(0.0, "seqkd: 0 = greedy answers, else sampling temperature.", min=0.0)
-    max_new_tokens: int = option(128, "seqkd: longest teacher answer (cut answers are dropped, counted).", min=1)
+    sample_temperature: float = option(0.0, "seqkd: 0 = greedy teacher answers, else the sampling temperature; "
+                                            "on_policy: the student's sampling temperature (0: greedy).", min=0.0)
+    max_new_tokens: int = option(128, "seqkd: longest teacher answer (cut answers are dropped, counted); "
+                                      "on_policy: longest student sample (cut samples are trained on as they are).",
+                                 min=1)
+    on_policy_fraction: float = option(1.0, "on_policy: share of optimizer steps on the student's samples (GKD's "
+                                            "lambda); the others use the data's completions.", min=0.0, max=1.0)
     filter: list[str] = option(default_factory=list, help="seqkd: reward functions an answer must score > 0 on "
                                "to be kept (e.g. [world_correct]); empty: keep all.")
 
@@ -147,8 +160,97 @@ def run_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=None,
         + (f", beta {cfg.loss.beta}" if cfg.loss.divergence == "jsd" else "")
         + (f", {1 - cfg.loss.kd_weight:g} x NLL" if cfg.loss.kd_weight < 1 else ""))
     algo = TokenKDAlgorithm(teacher, cfg.loss)
+    hook = None
+    if cfg.loss.mode == "on_policy":
+        c = cfg.loss
+        log(f"on-policy: {c.on_policy_fraction:.0%} of the steps train on the student's own samples "
+            f"(temperature {c.sample_temperature}, at most {c.max_new_tokens} tokens)")
+
+        def hook(plan, student, tok):
+            return OnPolicyPlan(plan, model=student, tokenizer=tok, fraction=c.on_policy_fraction,
+                                max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature,
+                                seed=cfg.train.seed, packing=cfg.data.packing, row_length=cfg.data.max_length,
+                                pad_token_id=tok.pad_token_id)
     return run_sft(cfg, model=model, tokenizer=tokenizer, log=log, algorithm=algo,
-                   inputs={"teacher_weights_sha256": weights_digest(teacher)})
+                   inputs={"teacher_weights_sha256": weights_digest(teacher)}, plan_hook=hook)
+
+
+class OnPolicyPlan:
+    """A step of the SFT plan with every example's completion resampled from the current student
+    (on the steps drawn as on-policy); other steps are the data's. See the module docstring."""
+
+    def __init__(self, base, *, model, tokenizer, fraction: float, max_new_tokens: int, temperature: float,
+                 seed: int, packing: bool, row_length: int, pad_token_id: int):
+        self.base, self.model, self.tokenizer = base, model, tokenizer
+        self.fraction, self.max_new_tokens, self.temperature = fraction, max_new_tokens, temperature
+        self.seed, self.packing, self.row_length, self.pad_token_id = seed, packing, row_length, pad_token_id
+        self.steps_per_epoch = base.steps_per_epoch
+        self.last: list[dict] = []
+        longest = max(_prompt_length(e) for e in base.examples)
+        if longest + max_new_tokens > row_length:
+            raise ConfigError(
+                f"loss.max_new_tokens={max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
+                f"data.max_length={row_length}, so a student sample would not fit its row.",
+                fix=f"lower loss.max_new_tokens to {row_length - longest} or raise data.max_length.")
+
+    def num_steps(self) -> int:
+        return self.base.num_steps()
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        extra = [self.fraction, self.max_new_tokens, self.temperature, self.seed]
+        return hashlib.sha256(json.dumps([self.base.fingerprint(), extra]).encode()).hexdigest()[:16]
+
+    def on_policy(self, step: int) -> bool:
+        return _step_seed("on-policy", self.seed, step) / 2**62 < self.fraction
+
+    def batches(self, step: int) -> list[dict]:
+        from ..data import EncodedExample, best_fit_decreasing
+        from ..rollout.sampler import sample_groups
+        from .sft import _collate
+
+        if not self.on_policy(step):
+            self.last = self.base.batches(step)
+            return self.last
+        micro = self.base.steps[step]
+        units = [[list(u) if self.packing else [u] for u in mb] for mb in micro]
+        idx = [i for mb in units for u in mb for i in u]
+        examples = self.base.examples
+        prompts = [examples[i].input_ids[: _prompt_length(examples[i])] for i in idx]
+        rolls = sample_groups(self.model, self.tokenizer, prompts, group_size=1, max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature, seed=_step_seed("on-policy-sample", self.seed, step))
+        new = {i: EncodedExample(input_ids=p + r.completion_ids, labels=[-100] * len(p) + r.completion_ids)
+               for i, p, r in zip(idx, prompts, rolls)}
+        out = []
+        for mb in units:
+            exs = [new[i] for u in mb for i in u]
+            if self.packing:
+                bins = best_fit_decreasing([len(e) for e in exs], self.row_length)
+                items = [[exs[j] for j in b] for b in bins]
+            else:
+                items = exs
+            out.append(_collate(items, packing=self.packing, pad_token_id=self.pad_token_id, row_length=self.row_length))
+        self.last = out
+        return out
+
+    def probe_batches(self) -> list[dict]:
+        return self.last
+
+
+def _step_seed(*parts) -> int:
+    """A 62-bit integer from ``parts`` (stable across processes, unlike ``hash``)."""
+    import hashlib
+
+    return int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16], 16) >> 2
+
+
+def _prompt_length(e) -> int:
+    """Tokens before the first trained one (the prompt an on-policy sample continues)."""
+    for i, lab in enumerate(e.labels):
+        if lab != -100:
+            return i
+    return len(e.labels)
 
 
 def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResult:

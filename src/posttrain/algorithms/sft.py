@@ -258,7 +258,8 @@ class SFTResult:
 
 
 def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval=None,
-            eval_times: int | None = None, algorithm=None, inputs: dict | None = None) -> SFTResult:
+            eval_times: int | None = None, algorithm=None, inputs: dict | None = None,
+            plan_hook=None) -> SFTResult:
     """Run SFT as configured; ``model`` / ``tokenizer`` may be passed in to skip loading.
 
     ``extra_eval(model) -> dict`` adds metrics to every evaluation (the quickstart uses it for
@@ -266,6 +267,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     (overriding ``train.eval_every``). ``algorithm`` replaces the masked NLL with another
     per-token loss over the same batches (token-level distillation; its config class is then
     ``type(cfg)``), and ``inputs`` names what the run reads but does not checkpoint (a teacher).
+    ``plan_hook(plan, model, tokenizer) -> plan`` may replace the batches (on-policy distillation
+    samples the completions of a step's prompts from the model being trained).
     """
     cfg = validated(cfg, SFTConfig if algorithm is None else type(cfg))
     log = log or (lambda line: None)
@@ -321,6 +324,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     log(f"plan: {plan.num_steps()} optimizer steps ({plan.steps_per_epoch} per epoch), "
         f"{'packed rows' if cfg.data.packing else 'padded batches'} of {cfg.train.micro_batch_size} "
         f"x {cfg.train.grad_accum} accumulation")
+    if plan_hook is not None:
+        plan = plan_hook(plan, model, tokenizer)
     if algorithm is None:
         algorithm = SFTAlgorithm(cfg.loss.normalization, cfg.loss.normalize_constant)
 
