@@ -7,7 +7,8 @@
 For each of the 200 held-out problems the policy samples 16 solutions (temperature 1, seeded);
 for N = 1, 4, 16 the first N are ranked by each selector and the pick is graded by the world's
 verifier. Majority vote picks the most frequent final answer (ties: the earliest sample);
-the oracle is pass@N (any of the N is right). Also reports, on 200 held-out one-slip solutions
+the oracle is pass@N (any of the N is right); "policy_min_logprob" picks the sample whose least
+likely token (under the sampling policy itself) is most likely, a verifier-free baseline. Also reports, on 200 held-out one-slip solutions
 whose first wrong step is known by construction, how often the PRM's lowest-scored step is it
 (vs chance, one over the number of steps). Writes ``<out>/results.json``.
 """
@@ -53,6 +54,8 @@ def main(argv=None) -> None:
     scores = {m: prm.solution_scores(qs, texts, m) for m in ("min", "product", "last")}
     orm = RewardModelScorer(args.orm, device="cpu", log=lambda s: None)
     scores["orm"] = [float("nan") if x is None else float(x) for x in orm(qs, texts)]
+    # the policy's own confidence in its sample (no trained verifier): the lowest token log-prob
+    scores["policy_min_logprob"] = [min(r.log_probs) if r.log_probs else float("nan") for r in rolls]
     answers = [extract_answer(t) for t in texts]
 
     def pick(method: str, i: int, n: int) -> int:
@@ -71,7 +74,7 @@ def main(argv=None) -> None:
         if n > args.n:
             continue
         row = {"n": n}
-        for method in ("min", "product", "last", "orm", "majority"):
+        for method in ("min", "product", "last", "orm", "policy_min_logprob", "majority"):
             row[method] = sum(correct[pick(method, i, n)] for i in range(len(problems))) / len(problems)
         row["oracle"] = sum(any(correct[i * args.n:i * args.n + n]) for i in range(len(problems))) / len(problems)
         rows.append(row)

@@ -9,7 +9,11 @@ quickstart's SFT recipe (packed rows of 4 x 256 tokens, lr 1e-3, warmup 5%, cosi
 - SFT on the world's reference solutions alone;
 - token-level KD on the same data: forward KL, reverse KL, JSD (beta 0.5), temperature 1;
 - SeqKD: SFT on the teacher's greedy answers to the same problems, kept only when the verifier
-  accepts them.
+  accepts them;
+- on-policy distillation: reverse KL on the student's own samples (temperature 1, at most 64
+  tokens) at every step (``loss.on_policy_fraction=1``), starting from the ``sft`` variant's
+  student when ``sft`` runs first (``--variants sft,on_policy``): from the base model it cannot
+  work, since the base model's samples are not chat answers.
 
 Reports held-out accuracy (200 problems, greedy) and wall time; writes ``<out>/results.json``.
 """
@@ -27,6 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--student", default="builtin:tiny-world-base")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="runs/distill-tiny-world")
     ap.add_argument("--variants", default="sft,forward_kl,reverse_kl,jsd,seqkd")
     args = ap.parse_args(argv)
@@ -39,7 +44,7 @@ def main(argv=None) -> None:
     from posttrain.world.tasks import generate_problems
 
     out = Path(args.out)
-    common = [f"model.name_or_path={args.student}", f"train.max_steps={args.steps}", "train.lr=1e-3",
+    common = [f"model.name_or_path={args.student}", f"train.max_steps={args.steps}", f"train.lr={args.lr}",
               "train.micro_batch_size=4", "train.warmup_ratio=0.05", "train.min_lr_ratio=0.1", "train.epochs=0",
               "data.max_length=256", "data.eval=null", "train.progress=false", "train.overwrite_output_dir=true",
               "train.save_every=0"]
@@ -52,17 +57,28 @@ def main(argv=None) -> None:
         if variant == "sft":
             res = run_sft(load_config(SFTConfig, None, common + [f"train.output_dir={run_dir}"]), log=lambda s: None)
         else:
-            mode = ["loss.mode=seqkd", "loss.filter=[world_correct]", "loss.max_new_tokens=96"] \
-                if variant == "seqkd" else [f"loss.divergence={variant}"]
+            if variant == "seqkd":
+                mode = ["loss.mode=seqkd", "loss.filter=[world_correct]", "loss.max_new_tokens=96"]
+            elif variant == "on_policy":
+                # from the SFT variant's student when this run made one (listed before on_policy)
+                sft_student = out / "sft" / "final"
+                mode = ["loss.mode=on_policy", "loss.divergence=reverse_kl", "loss.on_policy_fraction=1",
+                        "loss.sample_temperature=1.0", "loss.max_new_tokens=64"] + (
+                    [f"model.name_or_path={sft_student}"] if sft_student.is_dir() else [])
+            else:
+                mode = [f"loss.divergence={variant}"]
             cfg = load_config(DistillConfig, None, common + [f"train.output_dir={run_dir}",
                                                              f"teacher.name_or_path={args.teacher}", *mode])
             res = run_distill(cfg, log=lambda s: None)
         seconds = time.time() - t0
         acc = evaluate_problems(load_causal_lm(str(res.final_dir), device="cpu"), tok, problems).accuracy
-        rows.append({"variant": variant, "accuracy": acc, "seconds": seconds})
+        rows.append({"variant": variant, "accuracy": acc, "seconds": seconds, "lr": args.lr})
         print(f"| {variant} | {100 * acc:.1f}% | {seconds:.0f} s |", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")
+    results = out / "results.json"
+    old = json.loads(results.read_text())["rows"] if results.is_file() else []
+    keep = [r for r in old if r["variant"] not in {x["variant"] for x in rows}]
+    results.write_text(json.dumps({"steps": args.steps, "lr": args.lr, "rows": keep + rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

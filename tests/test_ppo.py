@@ -64,6 +64,7 @@ def _runner(*, beta, gamma, lam, whiten, estimator="k1"):
     r.reference = object()  # only tested for presence
     r.state = type("S", (), {"kl": FixedKLController(beta)})()
     r.est_hparams = {"gamma": gamma, "lam": lam, "whiten": whiten}
+    r.process = None  # no process reward model
     return r
 
 

@@ -260,3 +260,106 @@ def test_prm_runs_from_the_command_line(capsys, tmp_path, arch):
     assert "done: 2 steps" in printed.out and "eval_step_accuracy" in printed.out
     m = AutoModelForTokenClassification.from_pretrained(out / "final")
     assert m.config.model_type == arch and m.config.num_labels == 1
+
+
+# --------------------------------------------------------------------------- process rewards in the online loop
+
+
+class _FixedScorer:
+    """A StepScorer whose step scores are given: encoding is the real one (world tokenizer, '\\n')."""
+
+    def __init__(self, scores):
+        from posttrain.rewards.process import StepScorer
+
+        self.tokenizer, self.delimiter, self._scores = world_tokenizer(), "\n", scores
+        self.encode = StepScorer.encode.__get__(self)
+
+    def score(self, examples):
+        return [list(s) if e is not None else [] for e, s in zip(examples, self._scores)]
+
+
+def test_process_token_rewards_by_hand():
+    from posttrain.rewards.process import process_token_rewards
+
+    tok = world_tokenizer()
+    text = "12 + 18 = 30\n#### 30"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    e = encode_steps(tok, "How many?", ["12 + 18 = 30", "#### 30"], delimiter="\n")
+    n_prompt = len(e.input_ids) - len(ids) + 1
+    ends = [x - n_prompt for x in e.step_ends]
+    got, bad = process_token_rewards(_FixedScorer([[0.9, 0.6]]), ["How many?"], [ids], mode="delta")
+    want = [0.0] * len(ids)
+    want[ends[0]], want[ends[1]] = 0.9 - 0.5, 0.6 - 0.9
+    assert bad == 0 and got[0] == pytest.approx(want)
+    assert sum(got[0]) == pytest.approx(0.6 - 0.5)  # delta telescopes to s_last - 0.5
+    got, _ = process_token_rewards(_FixedScorer([[0.9, 0.6]]), ["How many?"], [ids], mode="step")
+    want[ends[0]], want[ends[1]] = 0.9, 0.6
+    assert got[0] == pytest.approx(want)
+    # ids that decode to the same text but are not its encoding: the step rewards go to the last token
+    pieces = [t for ch in "12 + 18 = 30\n#### 30" for t in tok(ch, add_special_tokens=False)["input_ids"]]
+    assert pieces != ids[:-1] and tok.decode(pieces) == text
+    got, bad = process_token_rewards(_FixedScorer([[0.9, 0.6]]), ["How many?"], [pieces], mode="delta")
+    assert bad == 1 and got[0][-1] == pytest.approx(0.1) and not any(got[0][:-1])
+    # a completion with no text has no steps and no process reward
+    got, _ = process_token_rewards(_FixedScorer([[]]), ["How many?"], [[tok.eos_token_id]], mode="delta")
+    assert got == [[0.0]]
+
+
+def test_ppo_with_process_rewards_adds_them_to_the_returns(tmp_path):
+    """ppo (gamma = lambda = 1, no KL, no whitening; the critic's zero head gives V = 0 in iteration 1):
+    every token's return is the sequence reward plus the process rewards from that token on, and
+    the process rewards of a completion sum to its last step score - 0.5 (delta mode)."""
+    from posttrain.algorithms.rl import RLConfig, run_rl
+    from posttrain.rewards.process import StepScorer
+
+    prm_dir = tmp_path / "prm"
+    m = _model()
+    torch.nn.init.normal_(m.score.weight, std=0.5)  # scores that differ from 0.5
+    m.save_pretrained(prm_dir)
+    world_tokenizer().save_pretrained(prm_dir)
+    cfg = load_config(RLConfig, None, [
+        "algorithm=ppo", f"train.output_dir={tmp_path / 'rl'}", "train.max_steps=1", "train.progress=false",
+        "data.world_examples=8", "data.eval=null", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=12", "reward.functions=[tests.test_rl:digit_reward]", "rollout.samples_every=1",
+        f"reward.process_reward_model={prm_dir}", "reward.process_weight=0.5", "loss.kl_beta=0", "loss.lam=1",
+        "loss.whiten_advantages=false"])
+    res = run_rl(cfg, model=tiny_model("llama", hidden=32), tokenizer=world_tokenizer(), log=lambda s: None)
+    assert "process/reward_sum" in res.fit.history[0]
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
+    scorer = StepScorer(str(prm_dir), device="cpu")
+    for r in rows:
+        proc = r["process_rewards"]
+        want = [r["reward"] + 0.5 * sum(proc[t:]) for t in range(len(proc))]
+        assert r["returns"] == pytest.approx(want, abs=1e-5)
+        steps = scorer.step_scores([r["prompt"]], [r["completion"]])[0]
+        assert sum(proc) == pytest.approx(steps[-1] - 0.5 if steps else 0.0, abs=1e-5)
+    assert any(any(r["process_rewards"]) for r in rows)
+
+
+def test_process_reward_config_errors():
+    from posttrain.algorithms.rl import RLConfig
+
+    with pytest.raises(ConfigError, match="gives one advantage per sequence"):
+        load_config(RLConfig, None, ["algorithm=grpo", "reward.process_weight=1", "reward.process_reward_model=x"])
+    with pytest.raises(ConfigError, match="reward.process_reward_model is not set"):
+        load_config(RLConfig, None, ["algorithm=ppo", "reward.process_weight=1"])
+
+
+def test_prm_reward_function_scores_whole_solutions(tmp_path):
+    from posttrain.rewards import resolve_reward_functions
+    from posttrain.rewards.process import StepScorer
+
+    d = tmp_path / "prm"
+    m = _model()
+    torch.nn.init.normal_(m.score.weight, std=0.5)
+    m.save_pretrained(d)
+    world_tokenizer().save_pretrained(d)
+    [fn] = resolve_reward_functions(["prm"], None, options={"process_reward_model": str(d),
+                                                            "process_aggregation": "product"})
+    prompts, comps = ["How many?", "How many?"], ["12 + 18 = 30\n#### 30", ""]
+    got = fn.fn(prompts, comps)
+    steps = StepScorer(str(d), device="cpu").step_scores(prompts[:1], comps[:1])[0]
+    assert got[0] == pytest.approx(math.prod(steps), rel=1e-5) and len(steps) == 2
+    assert got[1] is None  # no steps: no score (counted as invalid by the loop)
+    with pytest.raises(ConfigError, match="process_reward_model is not set"):
+        resolve_reward_functions(["prm"], None, options={})

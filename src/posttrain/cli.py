@@ -12,7 +12,7 @@
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
-    posttrain distill teacher.name_or_path=runs/sft/final ...   # token-level KD or SeqKD into model.name_or_path
+    posttrain distill teacher.name_or_path=runs/sft/final ...   # token-level KD, SeqKD or on-policy into model.name_or_path
     posttrain world data --out data/          # write the tiny world's datasets as JSONL
     posttrain world build --out DIR           # rebuild the tiny world's tokenizer + base model
 
@@ -265,11 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .algorithms.distill import DistillConfig
 
-    p = sub.add_parser("distill", help="distillation from a teacher: token-level KD (forward / reverse KL, JSD) "
-                       "or SeqKD", formatter_class=_HelpFormatter,
+    p = sub.add_parser("distill", help="distillation from a teacher: token-level KD (forward / reverse KL, JSD), "
+                       "SeqKD or on-policy", formatter_class=_HelpFormatter,
                        description="Token-level KD on SFT data (loss.mode=token, loss.divergence=forward_kl / "
-                       "reverse_kl / jsd) or SFT on the teacher's answers (loss.mode=seqkd); teacher.name_or_path "
-                       "must share the student's tokenizer.", epilog=_config_help(DistillConfig))
+                       "reverse_kl / jsd), SFT on the teacher's answers (loss.mode=seqkd), or token-level KD on the "
+                       "student's own samples (loss.mode=on_policy, loss.on_policy_fraction = GKD's lambda); "
+                       "teacher.name_or_path must share the student's tokenizer.", epilog=_config_help(DistillConfig))
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_distill)

@@ -127,17 +127,19 @@ class TokenKDAlgorithm:
         return loss, {"kd": kd_mean.detach(), "nll": nll_mean.detach()}
 
 
-def check_same_tokenizer(teacher_path: str, tokenizer, *, key: str = "teacher.name_or_path") -> None:
-    """Teacher and student must tokenize identically: the divergence compares the same token ids."""
+def check_same_tokenizer(teacher_path: str, tokenizer, *, key: str = "teacher.name_or_path",
+                         why: str = "token-level distillation compares the two models' probabilities of the same "
+                                    "token ids", fix: str | None = None) -> None:
+    """Two models that must tokenize identically (teacher and student; a PRM and the policy whose
+    tokens it rewards): the same vocabulary, or a ConfigError saying ``why``."""
     try:
         other = load_tokenizer(teacher_path, key=key)
     except ConfigError:
-        return  # a teacher directory without tokenizer files: the vocabulary-size check still applies
+        return  # a directory without tokenizer files: the vocabulary-size check still applies
     if other.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"The teacher's tokenizer ({key}) differs from the student's: token-level distillation "
-                          "compares the two models' probabilities of the same token ids.",
-                          fix="use a teacher and a student with the same tokenizer (e.g. the same model family), or "
-                          "loss.mode=seqkd with a student that can read the teacher's text.")
+        raise ConfigError(f"The tokenizer of {key} differs from the trained model's: {why}.",
+                          fix=fix or "use a teacher and a student with the same tokenizer (e.g. the same model "
+                          "family), or loss.mode=seqkd with a student that can read the teacher's text.")
 
 
 def run_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=None, log=print) -> SFTResult:

@@ -42,7 +42,7 @@ import torch
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import load_records
 from ..data.chat import render_prompt
-from ..errors import ConfigError, DataError, TokenizerError
+from ..errors import ConfigError, DataError
 from ..models.loading import (
     accelerator_for,
     check_model_fits,
@@ -51,16 +51,24 @@ from ..models.loading import (
     read_paths,
     tokenizer_for,
 )
-from ..models.logprobs import forward_kwargs
-from ..models.peft import apply_peft, hf_model
-from ..ops import aggregate_step_scores, mc_step_labels, prm_step_loss
+from ..models.peft import apply_peft
+from ..ops import mc_step_labels, prm_step_loss
 from ..rewards import compute_rewards, resolve_reward_functions
+from ..rewards.process import (
+    StepExample,
+    StepScorer,
+    collate_steps,
+    encode_steps,
+    score_examples,
+    score_head,
+    split_steps,
+    step_logits,
+)
 from ..rollout.sampler import sample_groups
-from ..train.engine import FitResult, fit, to_device
+from ..train.engine import FitResult, fit
 from ..train.plan import StepPlan
 from ..train.rundir import check_output_dir
 from .rl import prompt_text
-from .rm import score_head
 
 BUILTIN_STEPS = "builtin:world-steps"
 
@@ -135,47 +143,6 @@ class PRMConfig:
 
 
 # --------------------------------------------------------------------------- data
-
-
-@dataclass
-class StepExample:
-    """A tokenized solution: ``input_ids`` (prompt + solution), the index of each step's last token,
-    and one label per step (None when unlabelled)."""
-
-    input_ids: list[int]
-    step_ends: list[int]
-    labels: list[float] | None = None
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def split_steps(completion, delimiter: str) -> list[str]:
-    """The steps of a solution: a list as given, or a string split at ``delimiter`` (empty pieces,
-    e.g. from a trailing delimiter, dropped)."""
-    if isinstance(completion, str):
-        return [s for s in completion.split(delimiter) if s.strip()]
-    return list(completion)
-
-
-def encode_steps(tokenizer, prompt, steps: list[str], *, delimiter: str) -> StepExample:
-    """Chat-rendered prompt ids + the tokens of ``delimiter.join(steps)``; each step's end is the
-    last token whose characters start before the step's end (tokenizer offsets)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TokenizerError(f"{type(tokenizer).__name__} is a slow tokenizer; locating step ends needs a fast "
-                             "tokenizer's character offsets.", fix="load the model's tokenizer.json (a fast tokenizer).")
-    prompt_ids = render_prompt(tokenizer, prompt)
-    text = delimiter.join(steps)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    ends, pos, t = [], 0, 0
-    for i, s in enumerate(steps):
-        end = pos + len(s)
-        while t + 1 < len(offsets) and offsets[t + 1][0] < end:
-            t += 1
-        ends.append(len(prompt_ids) + t)
-        pos = end + len(delimiter)
-    return StepExample(input_ids=prompt_ids + ids, step_ends=ends)
 
 
 def world_step_records(n: int, *, split: str, seed: int) -> list[dict]:
@@ -289,34 +256,6 @@ def monte_carlo_labels(records: list[dict], steps: list[list[str]], *, policy, t
 # --------------------------------------------------------------------------- the algorithm
 
 
-def collate_steps(examples: list[StepExample], *, pad_token_id: int) -> dict:
-    """Right-padded rows plus the flat (row, position, label) of every labelled step."""
-    width = max(len(e) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    rows, pos, lab = [], [], []
-    for b, e in enumerate(examples):
-        ids[b, : len(e)] = torch.tensor(e.input_ids)
-        mask[b, : len(e)] = 1
-        rows += [b] * len(e.step_ends)
-        pos += e.step_ends
-        lab += e.labels if e.labels is not None else [float("nan")] * len(e.step_ends)
-    return {"input_ids": ids, "attention_mask": mask, "step_rows": torch.tensor(rows), "step_pos": torch.tensor(pos),
-            "step_labels": torch.tensor(lab, dtype=torch.float32),
-            "num_steps_per_row": torch.tensor([len(e.step_ends) for e in examples]),
-            "num_input_tokens": sum(len(e) for e in examples)}
-
-
-def step_logits(model, batch: dict) -> torch.Tensor:
-    """``(N,)`` logits of the batch's steps: the score head at each step's last token (the
-    backbone's hidden state; no classifier dropout)."""
-    kwargs = forward_kwargs(batch["input_ids"], batch.get("attention_mask"), None)
-    with hf_model(model) as m:
-        hidden = m.base_model(**kwargs).last_hidden_state
-        at = hidden[batch["step_rows"], batch["step_pos"]]
-        return score_head(m)(at).squeeze(-1).float()
-
-
 class PRMAlgorithm:
     """BCE over the step logits, normalized by the optimizer step's number of labelled steps."""
 
@@ -352,27 +291,6 @@ class StepPlanPRM(StepPlan):
                          max_steps=max_steps, seed=seed, tag="prm")
 
 
-@torch.no_grad()
-def score_examples(model, examples: list[StepExample], *, pad_token_id: int, batch_size: int = 32) -> list[list[float]]:
-    """Step probabilities ``sigmoid(logit)`` of every example's steps."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[list[float]] = []
-    try:
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            batch = to_device(collate_steps(chunk, pad_token_id=pad_token_id), device)
-            probs = torch.sigmoid(step_logits(model, batch)).cpu().tolist()
-            pos = 0
-            for e in chunk:
-                out.append(probs[pos:pos + len(e.step_ends)])
-                pos += len(e.step_ends)
-    finally:
-        model.train(was)
-    return out
-
-
 def step_metrics(scores: list[list[float]], examples: list[StepExample], first_errors: list | None = None) -> dict:
     """Held-out step accuracy (score > 0.5 vs label > 0.5) and, where the first wrong step is known,
     how often the lowest-scored step / the first step scored below 0.5 is it (vs chance)."""
@@ -398,40 +316,6 @@ def step_metrics(scores: list[list[float]], examples: list[StepExample], first_e
             out.update(localization_min=hits_min / n, localization_first_below_half=hits_first / n,
                        localization_chance=chance / n, localization_solutions=n)
     return out
-
-
-class StepScorer:
-    """A saved PRM (``posttrain prm``'s ``final/``) scoring solutions step by step.
-
-    ``score(prompt, completion)`` -> step probabilities; ``solution_scores(prompts, completions,
-    method)`` -> one score per solution (min / product / last step)."""
-
-    def __init__(self, path: str, tokenizer=None, *, delimiter: str = "\n", device: str = "auto",
-                 batch_size: int = 32):
-        from ..models.loading import load_tokenizer
-
-        self.model = load_sequence_classifier(path, num_labels=1, device=device, per_token=True,
-                                              key="the process reward model")
-        self.model.eval()
-        self.tokenizer = tokenizer or load_tokenizer(path)
-        self.delimiter = delimiter
-        self.batch_size = batch_size
-
-    def step_scores(self, prompts: list, completions: list) -> list[list[float]]:
-        examples = [encode_steps(self.tokenizer, p, split_steps(c, self.delimiter) or [c], delimiter=self.delimiter)
-                    for p, c in zip(prompts, completions)]
-        return score_examples(self.model, examples, pad_token_id=self.tokenizer.pad_token_id,
-                              batch_size=self.batch_size)
-
-    def solution_scores(self, prompts: list, completions: list, method: str = "min") -> list[float]:
-        scores = self.step_scores(prompts, completions)
-        width = max(1, max(len(s) for s in scores))
-        probs = torch.zeros((len(scores), width))
-        mask = torch.zeros((len(scores), width))
-        for i, s in enumerate(scores):
-            probs[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return aggregate_step_scores(probs, mask, method).tolist()
 
 
 # --------------------------------------------------------------------------- entry point

@@ -46,6 +46,7 @@ from ..errors import ConfigError, DataError
 from ..models.loading import (
     accelerator_for,
     check_model_fits,
+    check_same_vocabulary,
     load_causal_lm,
     read_paths,
     tokenizer_for,
@@ -170,6 +171,7 @@ class Sample:
     old_values: list[float] | None = None
     token_advantages: list[float] | None = None
     returns: list[float] | None = None
+    process_rewards: list[float] | None = None  # per completion token (PRM step rewards at step ends)
 
 
 def _padded(values: torch.Tensor, seq: torch.Tensor, n_seq: int, width: int) -> torch.Tensor:
@@ -384,6 +386,21 @@ class RLRunner:
         self.needs_old = loss.epochs * loss.mini_batches > 1 or loss.tis_cap is not None or \
             (loss.kl_beta > 0 and loss.kl_placement == "reward")
         self.pad_id = tokenizer.pad_token_id
+        self.process = None
+        if cfg.reward.process_weight > 0:
+            from ..rewards.process import StepScorer
+
+            self.process = StepScorer(cfg.reward.process_reward_model, tokenizer=tokenizer,
+                                      device=str(next(model.parameters()).device),
+                                      batch_size=cfg.reward.reward_model_batch_size, key="reward.process_reward_model")
+            check_same_vocabulary(self.process.model, model, key="reward.process_reward_model")
+            from .distill import check_same_tokenizer
+
+            check_same_tokenizer(cfg.reward.process_reward_model, tokenizer, key="reward.process_reward_model",
+                                 why="process rewards are placed at the policy's token positions",
+                                 fix="train the PRM from the policy's model family (posttrain prm "
+                                 "model.name_or_path=<the policy>), or score whole solutions with reward.functions="
+                                 "[prm] and reward.process_weight=0.")
 
     # -- prompts
     def _next_prompts(self, n: int) -> list[int]:
@@ -493,6 +510,20 @@ class RLRunner:
             groups.append(group)
         total = torch.cat([g[2]["total"] for g in kept])
         valid = torch.cat([g[2]["valid"] for g in kept])
+        process_metrics = {}
+        if self.process is not None:
+            from ..rewards.process import process_token_rewards
+
+            t = time.time()
+            flat_rolls = [r for g in kept for r in g[1]]
+            rewards, mismatched = process_token_rewards(
+                self.process, [self.prompts[i].text for i, rolls, _ in kept for _ in rolls],
+                [r.completion_ids for r in flat_rolls], mode=self.cfg.reward.process_mode)
+            for smp, r in zip((s for g in groups for s in g), rewards):
+                smp.process_rewards = r
+            times["score"] += time.time() - t
+            process_metrics = {"process/reward_sum": sum(sum(r) for r in rewards) / max(1, len(rewards)),
+                               "process/reencode_mismatch": float(mismatched)}
         # old / reference log-probs through the training layout
         t = time.time()
         if self.needs_old or self.reference is not None or self.critic is not None:
@@ -525,6 +556,7 @@ class RLRunner:
         times["total"] = time.time() - t0
         self.state.pending = self._metrics(k, kept, groups, total, valid, kl_seq, adv_metrics, times,
                                            dropped_groups, rounds, metrics_parts)
+        self.state.pending.update(process_metrics)
         self._write_samples(k, kept, groups)
         return groups
 
@@ -547,6 +579,9 @@ class RLRunner:
             kl = kl_estimate(_rows([s.old_logps for s in flat], width), _rows([s.ref_logps for s in flat], width),
                              loss.kl_estimator)
         token_rewards = kl_penalized_token_rewards(scores, kl, mask, beta)
+        if self.process is not None:  # PRM step rewards at the tokens that end the steps
+            token_rewards = token_rewards + self.cfg.reward.process_weight * _rows(
+                [s.process_rewards for s in flat], width) * mask
         values = _rows([s.old_values for s in flat], width)
         adv, returns = gae_advantages(token_rewards, values, mask, **self.est_hparams)
         for i, s in enumerate(flat):
@@ -693,6 +728,8 @@ class RLRunner:
                     if s.token_advantages is not None:  # per completion token (GAE with a critic)
                         record.update(advantage=None, token_advantages=s.token_advantages, returns=s.returns,
                                       values=s.old_values)
+                    if s.process_rewards is not None:
+                        record["process_rewards"] = s.process_rewards
                     fh.write(json.dumps(record) + "\n")
 
 
@@ -740,7 +777,9 @@ def build_rewards(reward: RewardConfig, tokenizer, device, *, max_new_tokens: in
         names.append("overlong")
         weights.append(1.0)
     options = {"overlong_buffer": reward.overlong_buffer or max(1, max_new_tokens // 5),
-               "reward_model": reward.reward_model, "reward_model_batch_size": reward.reward_model_batch_size}
+               "reward_model": reward.reward_model, "reward_model_batch_size": reward.reward_model_batch_size,
+               "process_reward_model": reward.process_reward_model,
+               "process_aggregation": reward.process_aggregation}
     functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer, device=device)
     gold = resolve_reward_functions(list(reward.gold), None, options=options, tokenizer=tokenizer,
                                     device=device) if reward.gold else []
@@ -795,8 +834,16 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
     if loss.advantage != "reinforce_pp":
         notes += unused_notes(cfg.loss, "loss.", ["subtract_group_mean"], "it applies to loss.advantage=reinforce_pp")
     if "reward_model" not in cfg.reward.functions + cfg.reward.gold:
-        notes += unused_notes(cfg.reward, "reward.", ["reward_model", "reward_model_batch_size"],
-                              "no reward_model function is used")
+        notes += unused_notes(cfg.reward, "reward.", ["reward_model"], "no reward_model function is used")
+    if "prm" not in cfg.reward.functions + cfg.reward.gold:
+        notes += unused_notes(cfg.reward, "reward.", ["process_aggregation"], "no prm function is used")
+    if cfg.reward.process_weight == 0:
+        notes += unused_notes(cfg.reward, "reward.", ["process_mode"], "reward.process_weight is 0")
+        if "prm" not in cfg.reward.functions + cfg.reward.gold:
+            notes += unused_notes(cfg.reward, "reward.", ["process_reward_model"], "no prm function is used and "
+                                  "reward.process_weight is 0")
+    if not {"reward_model", "prm"} & set(cfg.reward.functions + cfg.reward.gold) and cfg.reward.process_weight == 0:
+        notes += unused_notes(cfg.reward, "reward.", ["reward_model_batch_size"], "no model scores the rewards")
     return notes
 
 
@@ -809,6 +856,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     critic_dir = cfg.critic.init if cfg.critic.init not in (None, "none", *CRITIC_INITS) else None
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"reward.reward_model": cfg.reward.reward_model,
+                                                      "reward.process_reward_model": cfg.reward.process_reward_model,
                                                       "critic.init": critic_dir}))
     torch.manual_seed(cfg.train.seed)
     accelerator = accelerator_for(cfg.model)
@@ -874,6 +922,8 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}
+    if cfg.reward.process_reward_model:
+        inputs["process_reward_model_sha256"] = _file_digest(cfg.reward.process_reward_model)
     if critic_dir:
         inputs["critic_init_sha256"] = _file_digest(critic_dir)
     result = fit(trained, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,

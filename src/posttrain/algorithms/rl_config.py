@@ -113,6 +113,16 @@ class RewardConfig:
     reward_model: str | None = option(None, "Directory of a reward model saved by `posttrain rm` (for the "
                                             "reward_model function).")
     reward_model_batch_size: int = option(32, "Sequences per reward-model forward pass.", min=1)
+    process_reward_model: str | None = option(None, "Directory of a process reward model saved by `posttrain prm` "
+                                                    "(for the prm function and for process rewards).")
+    process_aggregation: str = option("min", "prm function: a solution's score from its step scores (min, "
+                                             "product or last).", choices=("min", "product", "last"))
+    process_weight: float = option(0.0, "Process rewards: the PRM's per-step rewards, times this weight, at the "
+                                        "tokens that end each step, added to the per-token rewards (needs "
+                                        "loss.advantage=gae); 0: off.", min=0.0)
+    process_mode: str = option("delta", "Process rewards: delta (s_i - s_(i-1), s_0 = 0.5: sums to s_last - 0.5, "
+                                        "no reward for more steps) or step (s_i at each step, Math-Shepherd).",
+                               choices=("delta", "step"))
 
 
 @dataclass
@@ -293,6 +303,16 @@ class RLConfig:
                 "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
         if not self.reward.functions:
             raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
+        if self.reward.process_weight > 0:
+            if not est.token_level:
+                raise ConfigError(
+                    f"reward.process_weight={self.reward.process_weight} places rewards at the tokens ending each step, "
+                    f"but loss.advantage={loss.advantage} gives one advantage per sequence.",
+                    fix="use algorithm=ppo (loss.advantage=gae), or score whole solutions with the prm function "
+                    "(reward.functions=[prm]) and reward.process_weight=0.")
+            if not self.reward.process_reward_model:
+                raise ConfigError("reward.process_weight > 0 but reward.process_reward_model is not set.",
+                                  fix="set reward.process_reward_model to a directory saved by `posttrain prm`.")
         if loss.kl_target is not None and loss.kl_beta == 0:
             raise ConfigError("loss.kl_target is set but loss.kl_beta is 0: the adaptive controller scales beta.",
                               fix="set loss.kl_beta > 0 as the starting value, or remove loss.kl_target.")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..models.loading import (
     accelerator_for,
     check_model_fits,
@@ -50,6 +50,7 @@ from ..models.loading import (
 from ..models.logprobs import forward_kwargs
 from ..models.peft import apply_peft, hf_model
 from ..ops import REWARD_LOSSES, listwise_loss, pool_sequences, reward_centering, softmax_targets, top1_targets
+from ..rewards.process import score_head
 from ..train.engine import FitResult, fit, to_device
 from ..train.rundir import check_output_dir
 from .dpo import PreferenceDataConfig, Unit, data_notes, encode_sources, unit_targets
@@ -113,18 +114,6 @@ def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", devi
                                      attn_implementation=attn_implementation, key=key)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def score_head(model) -> torch.nn.Module:
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
-            return head
-        # with LoRA the head trains in full, inside peft's ModulesToSaveWrapper (a callable module)
-        if isinstance(getattr(head, "original_module", None), torch.nn.Linear):
-            return head
-    raise CheckpointError(f"{type(model).__name__} has no linear 'score' head.",
-                          fix="use a decoder model whose AutoModelForSequenceClassification has a 'score' layer.")
 
 
 def sequence_rewards(model, batch: dict, *, pooling: str, eos_token_id: int | None,

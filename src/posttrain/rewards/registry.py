@@ -3,10 +3,11 @@
 ``reward.functions`` lists names; each is either
 
 * a key of :data:`REWARD_REGISTRY` (``world_correct``, ``format``, ``math_answer``, ``overlong``,
-  ``reward_model``), whose factory is called once with the built-ins' settings (``options``:
-  ``overlong_buffer``, ``overlong_max_length``, ``format_strict``, ``reward_model``,
-  ``reward_model_batch_size``, ``reward_model_dtype``, ``reward_model_format``; each factory
-  reads its own and ignores the rest), or
+  ``reward_model``, ``prm``), whose factory is called once with the built-ins' settings
+  (``options``: ``overlong_buffer``, ``overlong_max_length``, ``format_strict``,
+  ``reward_model``, ``reward_model_batch_size``, ``reward_model_dtype``, ``reward_model_format``,
+  ``process_reward_model``, ``process_aggregation``; each factory reads its own and ignores the
+  rest), or
 * a ``package.module:function`` path to a reward function of the user's (the function itself,
   not a factory). **Resolving it imports that module, which runs its top-level code like any
   Python import**: naming it in the config is the user's explicit choice, as with ``python -c
@@ -34,6 +35,7 @@ from ..errors import ConfigError
 from .answers import format_reward, math_answer_reward, world_correct_reward
 from .base import RewardFn, RewardFunction
 from .length import overlong_reward
+from .process import prm_reward
 from .reward_model import reward_model_reward
 
 REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
@@ -42,6 +44,7 @@ REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "math_answer": math_answer_reward,
     "overlong": overlong_reward,
     "reward_model": reward_model_reward,
+    "prm": prm_reward,
 }
 
 _FUNCTIONS_KEY = "reward.functions"
