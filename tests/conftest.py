@@ -151,3 +151,22 @@ def data_templates():
         "llama3": DATA_LLAMA3_TEMPLATE,
         "llama3_marked": DATA_LLAMA3_TEMPLATE_MARKED,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# Tiny random causal LMs saved as model directories (with the world tokenizer), per test module
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """``{"llama": dir, "qwen2": dir}``: tiny random models the command line can load."""
+    from .tiny import tiny_model, world_tokenizer
+
+    dirs = {}
+    for arch in ("llama", "qwen2"):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        tiny_model(arch, hidden=32).save_pretrained(d)
+        world_tokenizer().save_pretrained(d)
+        dirs[arch] = d
+    return dirs

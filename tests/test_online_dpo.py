@@ -144,17 +144,6 @@ def test_config_errors():
         load_config(OnlineDPOConfig, None, ["online.steps_per_rollout=3", "train.max_steps=10"])
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    dirs = {}
-    for arch in ("llama", "qwen2"):
-        d = tmp_path_factory.mktemp(f"tiny-{arch}")
-        tiny_model(arch, hidden=32).save_pretrained(d)
-        world_tokenizer().save_pretrained(d)
-        dirs[arch] = d
-    return dirs
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
 def test_online_dpo_runs_from_the_command_line(capsys, model_dirs, tmp_path, arch, loss):

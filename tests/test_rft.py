@@ -84,17 +84,6 @@ def test_round_prompts_visit_every_prompt_once_per_pass():
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    dirs = {}
-    for arch in ("llama", "qwen2"):
-        d = tmp_path_factory.mktemp(f"tiny-{arch}")
-        tiny_model(arch, hidden=32).save_pretrained(d)
-        world_tokenizer().save_pretrained(d)
-        dirs[arch] = d
-    return dirs
-
-
 
 
 def _cfg(out, **overrides) -> RFTConfig:

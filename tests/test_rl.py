@@ -168,17 +168,6 @@ def test_presets_resolve_to_their_parts():
     assert cfg.loss.resolved(cfg.algorithm).policy_loss == "cispo"
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    dirs = {}
-    for arch in ("llama", "qwen2"):
-        d = tmp_path_factory.mktemp(f"tiny-{arch}")
-        tiny_model(arch, hidden=32).save_pretrained(d)
-        world_tokenizer().save_pretrained(d)
-        dirs[arch] = d
-    return dirs
-
-
 def _cli(capsys, *argv):
     code = main(list(argv))
     out = capsys.readouterr()

@@ -53,8 +53,8 @@ from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
-from .rl import _seed, build_rewards, evaluate_prompts, load_prompt_sets, score_rollouts
-from .rl_config import RewardConfig, RLDataConfig, RolloutConfig
+from .rl import _seed, build_rewards, load_prompt_sets, prompt_evaluator, score_rollouts
+from .rl_config import RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
 from .rl_report import plot_rl_curves
 from .sequences import collate_examples, reference_policy
 
@@ -124,16 +124,7 @@ class OnlineDPOConfig:
                                   f"online.steps_per_rollout={k} (checkpoints and the end fall on sampling "
                                   "boundaries, so a resume continues exactly).",
                                   fix=f"set train.{key} to a multiple of {k}.")
-        if not self.reward.functions:
-            raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
-        if self.reward.weights is not None and len(self.reward.weights) != len(self.reward.functions):
-            raise ConfigError(
-                f"reward.weights has {len(self.reward.weights)} values for {len(self.reward.functions)} reward "
-                "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
-        overlap = set(self.reward.functions) & set(self.reward.gold)
-        if overlap:
-            raise ConfigError(f"reward.gold repeats {sorted(overlap)} from reward.functions.",
-                              fix="list a function either as trained reward or as gold metric.")
+        check_reward_config(self.reward)
 
 
 # --------------------------------------------------------------------------- pairing
@@ -352,7 +343,8 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
     log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"loss.reference": cfg.loss.reference,
-                                                      "reward.reward_model": cfg.reward.reward_model}))
+                                                      "reward.reward_model": cfg.reward.reward_model,
+                                                      "reward.process_reward_model": cfg.reward.process_reward_model}))
     torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
     accelerator = accelerator_for(cfg.model)
@@ -401,22 +393,14 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
     for note in notes:
         log(f"note: {note}")
 
-    eval_fns = functions + gold
-
-    def evaluate(m) -> dict:
-        metrics = evaluate_prompts(m, tokenizer, eval_prompts, eval_fns,
-                                   max_new_tokens=cfg.rollout.eval_max_new_tokens) if eval_prompts else {}
-        if extra_eval is not None:
-            metrics.update(extra_eval(m))
-        return metrics
-
-    has_eval = bool(eval_prompts) or extra_eval is not None
+    evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
+                                max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
     engine_cfg = cfg.train.engine()
     if eval_times:
         engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
-                 evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,
+                 evaluate=evaluate, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,
                  callbacks=[state, monitor])
     if accelerator.is_main_process and result.history:
         plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain online-dpo "

@@ -52,7 +52,7 @@ from ..rollout.sampler import sample_groups
 from ..train.engine import fit
 from ..train.rundir import check_output_dir
 from .rl import build_rewards, evaluate_prompts, load_prompt_sets, score_rollouts
-from .rl_config import RewardConfig, RLDataConfig
+from .rl_config import RewardConfig, RLDataConfig, check_reward_config
 from .sft import SFTAlgorithm, SFTPlan
 
 # --------------------------------------------------------------------------- config
@@ -108,12 +108,7 @@ class RFTConfig:
         if self.reward.gold:
             raise ConfigError(f"reward.gold={self.reward.gold} is not used by rft (it has no reward-hacking monitor).",
                               fix="score held-out answers with reward.functions, or remove reward.gold.")
-        if self.reward.weights is not None and len(self.reward.weights) != len(self.reward.functions):
-            raise ConfigError(
-                f"reward.weights has {len(self.reward.weights)} values for {len(self.reward.functions)} reward "
-                "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
-        if not self.reward.functions:
-            raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
+        check_reward_config(self.reward)
         if self.train.eval_every:
             raise ConfigError(f"train.eval_every={self.train.eval_every}: rft evaluates once at the end of each "
                               "round.", fix="remove train.eval_every.")

@@ -807,6 +807,24 @@ def evaluate_prompts(model, tokenizer, prompts: list[PromptItem], functions, *, 
     return out
 
 
+def prompt_evaluator(tokenizer, eval_prompts: list[PromptItem], functions, *, max_new_tokens: int, extra_eval=None):
+    """The engine's ``evaluate(model)`` for the sampling methods: greedy held-out completions scored
+    with ``functions`` (:func:`evaluate_prompts`), plus ``extra_eval(model)``; None when there is
+    nothing to evaluate. A policy trained beside a critic is evaluated alone."""
+    if not eval_prompts and extra_eval is None:
+        return None
+
+    def evaluate(m) -> dict:
+        m = getattr(m, "policy", m)
+        metrics = evaluate_prompts(m, tokenizer, eval_prompts, functions,
+                                   max_new_tokens=max_new_tokens) if eval_prompts else {}
+        if extra_eval is not None:
+            metrics.update(extra_eval(m))
+        return metrics
+
+    return evaluate
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -905,17 +923,8 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     for note in _unused(cfg, loss):
         log(f"note: {note}")
 
-    eval_fns = functions + gold
-
-    def evaluate(m) -> dict:
-        m = getattr(m, "policy", m)
-        metrics = evaluate_prompts(m, tokenizer, eval_prompts, eval_fns,
-                                   max_new_tokens=cfg.rollout.eval_max_new_tokens) if eval_prompts else {}
-        if extra_eval is not None:
-            metrics.update(extra_eval(m))
-        return metrics
-
-    has_eval = bool(eval_prompts) or extra_eval is not None
+    evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
+                                max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
     engine_cfg = cfg.train.engine()
     if eval_times:
         engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
@@ -927,7 +936,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     if critic_dir:
         inputs["critic_init_sha256"] = _file_digest(critic_dir)
     result = fit(trained, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
-                 evaluate=evaluate if has_eval else None, run_config=run_config, inputs=inputs, log=log,
+                 evaluate=evaluate, run_config=run_config, inputs=inputs, log=log,
                  callbacks=[state])
     if accelerator.is_main_process and result.history:
         plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain {cfg.algorithm}")

@@ -182,6 +182,20 @@ class RLLossConfig:
         return RLLossConfig(**values)
 
 
+def check_reward_config(reward: RewardConfig) -> None:
+    """The ``reward.*`` rules every sampling method shares: functions named, one weight each, a
+    function either trained on or gold."""
+    if not reward.functions:
+        raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
+    if reward.weights is not None and len(reward.weights) != len(reward.functions):
+        raise ConfigError(f"reward.weights has {len(reward.weights)} values for {len(reward.functions)} reward "
+                          "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
+    overlap = set(reward.functions) & set(reward.gold)
+    if overlap:
+        raise ConfigError(f"reward.gold repeats {sorted(overlap)} from reward.functions.",
+                          fix="list a function either as trained reward or as gold metric.")
+
+
 CRITIC_INITS = ("policy", "reward_model")
 
 
@@ -292,17 +306,7 @@ class RLConfig:
                 f"train.save_every={self.train.save_every} would checkpoint in the middle of a rollout batch "
                 f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
                 fix=f"set train.save_every to a multiple of {per_iter}.")
-        names = set(self.reward.functions)
-        overlap = names & set(self.reward.gold)
-        if overlap:
-            raise ConfigError(f"reward.gold repeats {sorted(overlap)} from reward.functions.",
-                              fix="list a function either as trained reward or as gold metric.")
-        if self.reward.weights is not None and len(self.reward.weights) != len(self.reward.functions):
-            raise ConfigError(
-                f"reward.weights has {len(self.reward.weights)} values for {len(self.reward.functions)} reward "
-                "functions.", fix="give one weight per entry of reward.functions (or none for all 1).")
-        if not self.reward.functions:
-            raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
+        check_reward_config(self.reward)
         if self.reward.process_weight > 0:
             if not est.token_level:
                 raise ConfigError(
