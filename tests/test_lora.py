@@ -21,7 +21,7 @@ from posttrain.models.peft import AdapterDisabled, apply_peft, merge_adapter_dir
 
 from .test_preference_training import _dpo_cfg
 from .test_rl import _cfg as _rl_cfg
-from .test_rl import _cli, model_dirs  # noqa: F401  (model_dirs is a fixture)
+from .test_rl import _cli
 from .test_sft import _config as _sft_cfg
 from .tiny import tiny_model, world_tokenizer
 
@@ -189,7 +189,7 @@ def test_lora_reward_model_trains_its_head_and_exports(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "ppo"])
-def test_lora_runs_every_method_from_the_command_line(capsys, model_dirs, tmp_path, arch, command):  # noqa: F811
+def test_lora_runs_every_method_from_the_command_line(capsys, model_dirs, tmp_path, arch, command):
     from .test_preference_training import _files
 
     common = [f"model.name_or_path={model_dirs[arch]}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",

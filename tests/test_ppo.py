@@ -18,7 +18,7 @@ from posttrain.errors import ConfigError
 from posttrain.ops import FixedKLController
 from posttrain.train.optim import build_optimizer
 
-from .test_rl import _cfg, _run, assert_cli_error, full_and_resumed, model_dirs  # noqa: F401  (a fixture)
+from .test_rl import _cfg, _run, assert_cli_error, full_and_resumed
 from .tiny import tiny_model, world_tokenizer
 
 
@@ -208,7 +208,7 @@ def test_a_critic_with_another_vocabulary_is_refused(tmp_path):
     (["ppo", "critic.init=no/such/dir"], ["critic.init", "no/such/dir"]),
     (["ppo", "critic.value_clip=-1"], ["critic.value_clip"]),
 ])
-def test_bad_critic_config_is_one_clear_error(capsys, model_dirs, tmp_path, argv, fragments):  # noqa: F811
+def test_bad_critic_config_is_one_clear_error(capsys, model_dirs, tmp_path, argv, fragments):
     assert_cli_error(capsys, model_dirs, tmp_path, argv, fragments)
 
 
