@@ -33,7 +33,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from posttrain.algorithms.prm import StepScorer, encode_steps, score_examples, step_metrics
+    from posttrain.algorithms.prm import step_metrics
+    from posttrain.rewards.process import StepScorer, encode_steps, score_examples
     from posttrain.data.chat import render_prompt
     from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.rewards.reward_model import RewardModelScorer
