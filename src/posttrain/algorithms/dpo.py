@@ -45,6 +45,7 @@ from ..models.loading import (
     check_model_fits,
     check_same_vocabulary,
     load_causal_lm,
+    load_policy,
     read_paths,
     tokenizer_for,
 )
@@ -474,9 +475,7 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
-        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
-                               attn_implementation=cfg.model.attn_implementation,
-                               quantize=cfg.model.peft.quantize, compute_dtype=cfg.model.peft.compute_dtype)
+        model = load_policy(cfg.model, accelerator)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
     kind = spec.data

@@ -42,6 +42,7 @@ from ..models.loading import (
     check_model_fits,
     check_same_vocabulary,
     load_causal_lm,
+    load_policy,
     read_paths,
     tokenizer_for,
 )
@@ -350,9 +351,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
-        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
-                               attn_implementation=cfg.model.attn_implementation,
-                               quantize=cfg.model.peft.quantize, compute_dtype=cfg.model.peft.compute_dtype)
+        model = load_policy(cfg.model, accelerator)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     if tokenizer.pad_token_id is None:
         raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")

@@ -39,7 +39,7 @@ from ..data import (
     padding_stats,
 )
 from ..errors import ConfigError
-from ..models.loading import accelerator_for, check_model_fits, load_causal_lm, read_paths, tokenizer_for
+from ..models.loading import accelerator_for, check_model_fits, load_policy, read_paths, tokenizer_for
 from ..models.peft import apply_peft
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
@@ -278,9 +278,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
-        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(accelerator.device),
-                               attn_implementation=cfg.model.attn_implementation,
-                               quantize=cfg.model.peft.quantize, compute_dtype=cfg.model.peft.compute_dtype)
+        model = load_policy(cfg.model, accelerator)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
     train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)

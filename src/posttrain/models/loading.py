@@ -598,6 +598,14 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "aut
     return model.to(dev)
 
 
+def load_policy(model_cfg, accelerator):
+    """The policy a ``model`` config section names, on the accelerator's device (with its dtype,
+    attention implementation and, for QLoRA, its quantization)."""
+    return load_causal_lm(model_cfg.name_or_path, dtype=model_cfg.dtype, device=str(accelerator.device),
+                          attn_implementation=model_cfg.attn_implementation, quantize=model_cfg.peft.quantize,
+                          compute_dtype=model_cfg.peft.compute_dtype)
+
+
 def load_adapter_into(model, directory, *, key: str):
     """``model`` with the adapter of ``directory`` loaded (frozen, not merged), safetensors only."""
     from peft import PeftModel
