@@ -158,3 +158,12 @@ def test_online_dpo_runs_from_the_command_line(capsys, model_dirs, tmp_path, arc
     assert code == 0, printed.err
     assert "done: 2 steps" in printed.out
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.model_type == arch
+
+
+def test_process_reward_placement_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="posttrain online-dpo` scores whole completions"):
+        load_config(OnlineDPOConfig, None, ["reward.process_weight=1", "reward.process_reward_model=x"])
+    from posttrain.algorithms.rft import RFTConfig
+
+    with pytest.raises(ConfigError, match="posttrain rft` scores whole completions"):
+        load_config(RFTConfig, None, ["reward.process_weight=1", "reward.process_reward_model=x"])

@@ -125,7 +125,7 @@ class OnlineDPOConfig:
                                   f"online.steps_per_rollout={k} (checkpoints and the end fall on sampling "
                                   "boundaries, so a resume continues exactly).",
                                   fix=f"set train.{key} to a multiple of {k}.")
-        check_reward_config(self.reward)
+        check_reward_config(self.reward, command="online-dpo")
 
 
 # --------------------------------------------------------------------------- pairing

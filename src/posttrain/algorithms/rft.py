@@ -108,7 +108,7 @@ class RFTConfig:
         if self.reward.gold:
             raise ConfigError(f"reward.gold={self.reward.gold} is not used by rft (it has no reward-hacking monitor).",
                               fix="score held-out answers with reward.functions, or remove reward.gold.")
-        check_reward_config(self.reward)
+        check_reward_config(self.reward, command="rft")
         if self.train.eval_every:
             raise ConfigError(f"train.eval_every={self.train.eval_every}: rft evaluates once at the end of each "
                               "round.", fix="remove train.eval_every.")

@@ -182,9 +182,15 @@ class RLLossConfig:
         return RLLossConfig(**values)
 
 
-def check_reward_config(reward: RewardConfig) -> None:
+def check_reward_config(reward: RewardConfig, *, command: str | None = None) -> None:
     """The ``reward.*`` rules every sampling method shares: functions named, one weight each, a
-    function either trained on or gold."""
+    function either trained on or gold. ``command``: a method without per-token rewards (rft,
+    online-dpo), which refuses process-reward placement instead of ignoring it."""
+    if command is not None and reward.process_weight > 0:
+        raise ConfigError(f"reward.process_weight={reward.process_weight}: `posttrain {command}` scores whole "
+                          "completions, so per-step process rewards have no token to go to.",
+                          fix="score solutions with the PRM as a reward function (reward.functions=[prm] with "
+                          "reward.process_reward_model), and remove reward.process_weight.")
     if not reward.functions:
         raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
     if reward.weights is not None and len(reward.weights) != len(reward.functions):
