@@ -54,7 +54,7 @@ from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
-from .rl import _seed, build_rewards, load_prompt_sets, prompt_evaluator, score_rollouts
+from .rl import _seed, build_rewards, epoch_order_indices, load_prompt_sets, prompt_evaluator, score_rollouts
 from .rl_config import RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
 from .rl_report import plot_rl_curves
 from .sequences import collate_examples, reference_policy
@@ -213,13 +213,9 @@ class PairPlan:
         return h.hexdigest()[:16]
 
     def _next_prompts(self, n: int) -> list[int]:
-        out, total = [], len(self.prompts)
-        for _ in range(n):
-            epoch, pos = divmod(self.state.cursor, total)
-            order = list(range(total))
-            random.Random(_seed("online-dpo-prompts", self.seed, epoch)).shuffle(order)
-            out.append(order[pos])
-            self.state.cursor += 1
+        out = epoch_order_indices(len(self.prompts), self.state.cursor, n,
+                                  lambda epoch: _seed("online-dpo-prompts", self.seed, epoch))
+        self.state.cursor += n
         return out
 
     def collate_units(self, units: list[Unit]) -> dict:

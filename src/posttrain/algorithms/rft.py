@@ -51,7 +51,7 @@ from ..rewards import check_reward_fields
 from ..rollout.sampler import sample_groups
 from ..train.engine import fit
 from ..train.rundir import check_output_dir
-from .rl import build_rewards, evaluate_prompts, load_prompt_sets, score_rollouts
+from .rl import build_rewards, epoch_order_indices, evaluate_prompts, load_prompt_sets, score_rollouts
 from .rl_config import RewardConfig, RLDataConfig, check_reward_config
 from .sft import SFTAlgorithm, SFTPlan
 
@@ -185,13 +185,7 @@ def select_samples(rewards: list[list[float | None]], completions: list[list], f
 def round_prompts(n_prompts: int, *, seed: int, start: int, count: int) -> list[int]:
     """Prompt indices ``start .. start+count-1`` of the endless sequence of seeded shuffles of
     ``range(n_prompts)`` (a new shuffle per pass)."""
-    out = []
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, n_prompts)
-        order = list(range(n_prompts))
-        random.Random(f"rft-prompts-{seed}-{epoch}").shuffle(order)
-        out.append(order[i])
-    return out
+    return epoch_order_indices(n_prompts, start, count, lambda epoch: f"rft-prompts-{seed}-{epoch}")
 
 
 @dataclass
@@ -254,7 +248,7 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
     if 0 < last < s.rounds and not (out / f"round_{last}" / "final").is_dir() and (out / "final").is_dir():
         # the earlier run ended after round `last` (its model was moved to final/): continue with more rounds
         os.replace(out / "final", out / f"round_{last}" / "final")
-    if model is None or (last and not is_adapter_run(cfg)):
+    if model is None or (last and not cfg.model.peft.enabled):
         if model is not None:
             log(f"note: resuming after round {last}: the model passed in is replaced by round {last}'s weights")
         model = _load_policy(cfg, accelerator, done, out)
@@ -426,7 +420,7 @@ def _write_kept(path: Path, prompts, groups, total: torch.Tensor, selection: Sel
             for j in kept:
                 record = {"prompt": [{"role": "user", "content": p.text}],
                           "completion": [{"role": "assistant", "content": rolls[j].text}],
-                          "reward": float(total[g, j]), **{k: v for k, v in p.fields.items()}}
+                          "reward": float(total[g, j]), **p.fields}
                 fh.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
 
@@ -436,7 +430,7 @@ def _load_policy(cfg: RFTConfig, accelerator, done: list[dict], out: Path):
     reloads its base here and the adapter after :func:`apply_peft`)."""
     path = cfg.model.name_or_path
     last = done[-1]["round"] if done else 0
-    if last and not is_adapter_run(cfg):
+    if last and not cfg.model.peft.enabled:
         path = str(out / "final") if last >= cfg.sampling.rounds else str(out / f"round_{last}" / "final")
         if not Path(path).is_dir():
             raise CheckpointError(f"{out / ROUNDS_FILE} says round {last} finished, but {path} is missing.",
@@ -445,10 +439,6 @@ def _load_policy(cfg: RFTConfig, accelerator, done: list[dict], out: Path):
                           attn_implementation=cfg.model.attn_implementation,
                           key="model.name_or_path" if path == cfg.model.name_or_path else "train.resume",
                           quantize=cfg.model.peft.quantize, compute_dtype=cfg.model.peft.compute_dtype)
-
-
-def is_adapter_run(cfg: RFTConfig) -> bool:
-    return cfg.model.peft.method != "none"
 
 
 def _load_adapter(model, directory: Path) -> None:

@@ -301,6 +301,19 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little") % (2**63)
 
 
+def epoch_order_indices(n: int, start: int, count: int, epoch_seed) -> list[int]:
+    """Positions ``start .. start+count-1`` of the endless sequence of shuffles of ``range(n)``,
+    epoch ``e`` shuffled by ``random.Random(epoch_seed(e))`` (a new order per pass over the data)."""
+    out, orders = [], {}
+    for pos in range(start, start + count):
+        epoch, i = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(epoch_seed(epoch)).shuffle(orders[epoch])
+        out.append(orders[epoch][i])
+    return out
+
+
 class RolloutPlan:
     """The engine's plan for online RL: iteration ``k`` covers optimizer steps
     ``k * E * M ... (k + 1) * E * M - 1`` (E = loss.epochs, M = loss.mini_batches). Its first step
@@ -405,14 +418,9 @@ class RLRunner:
     # -- prompts
     def _next_prompts(self, n: int) -> list[int]:
         """The next ``n`` prompt indices in a seeded per-epoch order (the cursor is checkpointed)."""
-        out = []
-        total = len(self.prompts)
-        for _ in range(n):
-            epoch, pos = divmod(self.state.cursor, total)
-            order = list(range(total))
-            random.Random(_seed("rl-prompts", self.seed, epoch)).shuffle(order)
-            out.append(order[pos])
-            self.state.cursor += 1
+        out = epoch_order_indices(len(self.prompts), self.state.cursor, n,
+                                  lambda epoch: _seed("rl-prompts", self.seed, epoch))
+        self.state.cursor += n
         return out
 
     def collate(self, groups: list[list[Sample]]) -> dict:

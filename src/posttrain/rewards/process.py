@@ -25,11 +25,12 @@ from ..train.engine import to_device
 @dataclass
 class StepExample:
     """A tokenized solution: ``input_ids`` (prompt + solution), the index of each step's last token,
-    and one label per step (None when unlabelled)."""
+    one label per step (None when unlabelled), and how many of the ids are the prompt."""
 
     input_ids: list[int]
     step_ends: list[int]
     labels: list[float] | None = None
+    prompt_len: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -60,7 +61,7 @@ def encode_steps(tokenizer, prompt, steps: list[str], *, delimiter: str) -> Step
             t += 1
         ends.append(len(prompt_ids) + t)
         pos = end + len(delimiter)
-    return StepExample(input_ids=prompt_ids + ids, step_ends=ends)
+    return StepExample(input_ids=prompt_ids + ids, step_ends=ends, prompt_len=len(prompt_ids))
 
 
 def collate_steps(examples: list[StepExample], *, pad_token_id: int) -> dict:
@@ -191,10 +192,9 @@ def process_token_rewards(scorer: StepScorer, prompts: list, completion_ids: lis
     examples, offsets, mismatched = [], [], 0
     for p, ids in zip(prompts, completion_ids, strict=True):
         e = scorer.encode(p, tok.decode(ids, skip_special_tokens=True))
-        n_prompt = len(render_prompt(tok, p))
         examples.append(e)
-        ok = e is not None and e.input_ids[n_prompt:] == list(ids[: len(e.input_ids) - n_prompt])
-        offsets.append(n_prompt if ok else None)
+        ok = e is not None and e.input_ids[e.prompt_len:] == list(ids[: len(e.input_ids) - e.prompt_len])
+        offsets.append(e.prompt_len if ok else None)
         mismatched += int(e is not None and not ok)
     out = []
     for ids, e, off, s in zip(completion_ids, examples, offsets, scorer.score(examples)):
