@@ -9,6 +9,7 @@
     posttrain rft model.name_or_path=runs/sft/final ...   # rejection-sampling fine-tuning (expert iteration)
     posttrain online-dpo model.name_or_path=runs/sft/final ...   # online / iterative DPO on sampled pairs
     posttrain prm model.name_or_path=runs/sft/final labels.source=mc labels.policy=runs/sft/final   # PRM
+    posttrain cai model.name_or_path=runs/sft/final revise.model=... judge.model=...   # Constitutional AI loop
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
@@ -204,6 +205,16 @@ def _cmd_prm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cai(args: argparse.Namespace) -> int:
+    from .algorithms.cai import CAIConfig, run_cai
+
+    res = run_cai(load_config(CAIConfig, args.config, args.overrides))
+    print(f"done in {res.summary['seconds']:.0f}s; artefacts in {Path(res.summary['output_dir'])}"
+          + (f"; final model in {res.final_dir}" if res.final_dir else ""))
+    _print_eval(res.eval_metrics)
+    return 0
+
+
 def _cmd_world_data(args: argparse.Namespace) -> int:
     from .train.rundir import check_output_dir
     from .world.datasets import WORLD_DATA_FILES, write_world_datasets
@@ -352,6 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_prm)
+
+    from .algorithms.cai import CAIConfig
+
+    p = sub.add_parser("cai", help="Constitutional AI: critique -> revise loop, SFT data and AI-labelled pairs",
+                       formatter_class=_HelpFormatter,
+                       description="Sample a response per prompt from the policy; for revise.rounds rounds, sample a "
+                       "principle of the constitution and have the reviser critique and revise (one chat "
+                       "conversation); write the final revisions as SFT data (sft.jsonl), have the judge compare "
+                       "response and revision in both orders (pairs.jsonl, for posttrain dpo / rm), measure the judge "
+                       "and the revisions against the verifier, and (select.train=sft) fine-tune the policy on the "
+                       "revisions. Tiny world: train the judge and reviser first with posttrain sft "
+                       "data.train=builtin:world-judge / builtin:world-revise (docs/cai.md).",
+                       epilog=_config_help(CAIConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_cai)
 
     p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> reward model + DPO / DPOP, with a table",
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),

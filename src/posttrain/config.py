@@ -510,8 +510,8 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
         if dataclasses.is_dataclass(tp):
             lines.append("")
             lines.append(f"[{key}]  {(tp.__doc__ or '').strip().splitlines()[0]}")
-            instance = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-            lines.extend(describe(tp, prefix=f"{key}.", instance=instance))
+            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            lines.extend(describe(tp, prefix=f"{key}.", instance=sub))
             continue
         if instance is not None:
             default = getattr(instance, f.name)

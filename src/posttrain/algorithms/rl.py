@@ -102,6 +102,7 @@ class PromptItem:
     ids: list[int]
     text: str
     fields: dict
+    prompt: str | list | None = None   # the record's prompt as given (string or messages)
 
 
 def world_problem_records(n: int, *, split: str, seed: int) -> list[dict]:
@@ -149,7 +150,7 @@ def encode_prompts(ds, tokenizer, *, max_prompt_length: int) -> tuple[list[Promp
             dropped += 1
             continue
         fields = {k: v for k, v in r.items() if k != "prompt"}
-        items.append(PromptItem(ids=ids, text=prompt_text(r["prompt"]), fields=fields))
+        items.append(PromptItem(ids=ids, text=prompt_text(r["prompt"]), fields=fields, prompt=r["prompt"]))
     return items, dropped
 
 

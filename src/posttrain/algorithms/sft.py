@@ -48,6 +48,8 @@ from ..train.plan import StepPlan
 from ..train.rundir import check_output_dir
 
 BUILTIN_DATA = "builtin:world-sft"
+#: the tiny world's AI-feedback roles (posttrain cai): a judge and a critique/revision model
+BUILTIN_FEEDBACK = ("builtin:world-judge", "builtin:world-revise")
 
 
 @dataclass
@@ -55,7 +57,8 @@ class SFTDataConfig:
     """Training / evaluation data and how it is tokenized and batched."""
 
     train: str = option(BUILTIN_DATA, "JSONL/Parquet file of conversational or prompt/completion records, "
-                                      "or builtin:world-sft (tiny-world problems).")
+                                      "or builtin:world-sft (tiny-world problems); builtin:world-judge / "
+                                      "builtin:world-revise train the world's judge / reviser for posttrain cai.")
     eval: str | None = option("auto", "Held-out file for eval loss, or builtin:world-sft-heldout; auto: the "
                               "world's held-out set when train is builtin:world-sft, else none (then "
                               "eval_fraction applies); null: eval_fraction of train.")
@@ -70,7 +73,7 @@ class SFTDataConfig:
                           choices=("response", "all"))
     packing: bool = option(True, "Pack examples into rows of max_length (no cross-document attention).")
     world_examples: int = option(4000, "Examples generated for builtin:world-sft.", min=1, max=1_000_000)
-    world_eval_examples: int = option(200, "Examples generated for builtin:world-sft-heldout.", min=1, max=1_000_000)
+    world_eval_examples: int = option(200, "Examples generated for the builtin *-heldout sets.", min=1, max=1_000_000)
     max_examples: int = option(0, "Use only the first N training records (0: all).", min=0)
 
 
@@ -238,9 +241,18 @@ def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
     if spec == BUILTIN_DATA + "-heldout":
         return load_records(world_sft_records(cfg.world_eval_examples, split="heldout", seed=seed),
                             "conversational")
+    for name in BUILTIN_FEEDBACK:
+        if spec in (name, name + "-heldout"):
+            from ..world import feedback
+
+            make = feedback.judge_records if name.endswith("judge") else feedback.revise_records
+            held = spec.endswith("-heldout")
+            return load_records(make(cfg.world_eval_examples if held else cfg.world_examples, seed=seed,
+                                     split="heldout" if held else "train"), "prompt_completion")
     if spec.startswith("builtin:"):
-        raise ConfigError(f"Unknown built-in dataset '{spec}'; built-in SFT data is {BUILTIN_DATA} and "
-                          f"{BUILTIN_DATA}-heldout.", fix="use one of those or a file path.")
+        names = [BUILTIN_DATA, *BUILTIN_FEEDBACK]
+        raise ConfigError(f"Unknown built-in dataset '{spec}'; built-in SFT data is "
+                          + ", ".join(f"{n} (and {n}-heldout)" for n in names) + ".", fix="use one of those or a file path.")
     return load_records(spec, cfg.format)
 
 
@@ -293,7 +305,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     log(f"train data {train_ds.source}: {report.summary()}")
     eval_spec = cfg.data.eval
     if eval_spec == "auto":  # the world's held-out set only for the world's own data
-        eval_spec = BUILTIN_DATA + "-heldout" if cfg.data.train == BUILTIN_DATA else None
+        eval_spec = (cfg.data.train + "-heldout" if cfg.data.train in (BUILTIN_DATA, *BUILTIN_FEEDBACK)
+                     else None)
     if eval_spec:
         eval_ds = load_sft_source(eval_spec, cfg.data, cfg.train.seed, key="data.eval")
         eval_examples, eval_report = encode_dataset(eval_ds, tokenizer, **encode_kw)

@@ -14,8 +14,8 @@ The building blocks of RLAIF / Constitutional AI (note 001 §13):
 * :func:`load_constitution` — a YAML list of principles, each with a ``critique_request`` and a
   ``revision_request`` (Bai et al. 2022), read with a safe loader.
 
-The ``posttrain cai`` loop that uses them (generate -> critique -> revise -> SFT data and
-AI-labelled pairs) is not built yet.
+The ``posttrain cai`` loop (:mod:`posttrain.algorithms.cai`) uses them: generate -> critique ->
+revise -> SFT data and AI-labelled pairs.
 """
 
 from __future__ import annotations
@@ -135,15 +135,25 @@ class Judge:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.compare_template, self.score_template = compare_template, score_template
+        self.too_long = 0   # questions longer than the judge's context (answered "", so unparseable)
 
     def ask(self, questions: list[str]) -> list[str]:
+        """Greedy answers; a question that does not fit the judge's context gets "" (unparseable)
+        and is counted in ``too_long``."""
         from ..data.chat import render_prompt
+        from ..models.loading import max_positions
         from ..rollout.sampler import sample_groups
 
+        limit = max_positions(self.model.config)
         ids = [render_prompt(self.tokenizer, q) for q in questions]
-        rolls = sample_groups(self.model, self.tokenizer, ids, group_size=1, max_new_tokens=self.max_new_tokens,
-                              temperature=0.0, batch_size=self.batch_size)
-        return [r.text for r in rolls]
+        ok = [i for i, x in enumerate(ids) if limit is None or len(x) + self.max_new_tokens <= limit]
+        self.too_long += len(ids) - len(ok)
+        rolls = sample_groups(self.model, self.tokenizer, [ids[i] for i in ok], group_size=1,
+                              max_new_tokens=self.max_new_tokens, temperature=0.0, batch_size=self.batch_size) if ok else []
+        answers = [""] * len(questions)
+        for i, r in zip(ok, rolls):
+            answers[i] = r.text
+        return answers
 
     def compare(self, prompts, xs, ys, *, principle: str) -> Comparison:
         return compare_both_orders(self.ask, prompts, xs, ys, principle=principle, template=self.compare_template)
@@ -157,16 +167,35 @@ class Judge:
 
 @dataclass(frozen=True)
 class Principle:
+    """One principle of a constitution: the critique and revision requests put to the reviser,
+    and (optionally) the principle as a statement for the judge (default: the critique request)."""
+
     name: str
     critique_request: str
     revision_request: str
+    principle: str | None = None
+
+    @property
+    def statement(self) -> str:
+        """What the judge is asked about (the ``{principle}`` field of its templates)."""
+        return self.principle or self.critique_request
+
+
+_FIELDS = ("name", "critique_request", "revision_request")
 
 
 def load_constitution(path: str | Path) -> list[Principle]:
-    """A YAML list of principles (``name``, ``critique_request``, ``revision_request``), safe-loaded;
-    errors name the file, the entry and the field."""
+    """A YAML list of principles (``name``, ``critique_request``, ``revision_request``, optional
+    ``principle``), safe-loaded; errors name the file, the entry and the field.
+    ``builtin:world`` is the tiny world's constitution."""
     import yaml
 
+    if str(path) == "builtin:world":
+        from ..world.feedback import WORLD_CONSTITUTION
+
+        return list(WORLD_CONSTITUTION)
+    if str(path).startswith("builtin:"):
+        raise ConfigError(f"Unknown built-in constitution '{path}'.", fix="use builtin:world or a YAML file.")
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"The constitution file '{path}' does not exist.", fix="check the path.")
@@ -185,16 +214,21 @@ def load_constitution(path: str | Path) -> list[Principle]:
         if not isinstance(entry, dict):
             raise DataError(f"{p}, principle {i}: expected a mapping, found {type(entry).__name__}.",
                             fix="give every principle name, critique_request and revision_request.")
-        for key in ("name", "critique_request", "revision_request"):
+        for key in _FIELDS + ("principle",):
             value = entry.get(key)
-            if not isinstance(value, str) or not value.strip():
+            if (key in _FIELDS or key in entry) and (not isinstance(value, str) or not value.strip()):
                 raise DataError(f"{p}, principle {i}, field '{key}': missing or empty.",
                                 fix=f"give principle {i} a non-empty '{key}' string.")
-        extra = sorted(set(entry) - {"name", "critique_request", "revision_request"})
+        extra = sorted(set(entry) - set(_FIELDS) - {"principle"})
         if extra:
             raise DataError(f"{p}, principle {i}: unknown field(s) {extra}.",
-                            fix="a principle has name, critique_request and revision_request only.")
-        out.append(Principle(entry["name"], entry["critique_request"], entry["revision_request"]))
+                            fix="a principle has name, critique_request, revision_request and optionally principle.")
+        out.append(Principle(entry["name"], entry["critique_request"], entry["revision_request"],
+                             entry.get("principle")))
+    names = [q.name for q in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{p}: principle name(s) {dup} appear more than once.", fix="give every principle its own name.")
     return out
 
 
