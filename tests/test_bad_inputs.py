@@ -223,7 +223,7 @@ CASES = [
          setup=copy_model("m-nopad", lambda d: _edit_config_tok(d, pad_token=None))),
     # ---- data files (22)
     Case("data-missing", sft(lambda ws: f"data.train={ws / 'nope.jsonl'}"), ("no such file",)),
-    Case("data-dir", sft(lambda ws: f"data.train={ws}"), ("is a directory",)),
+    Case("data-dir", sft(lambda ws: f"data.train={ws / 'model'}"), ("is a directory without data shards",)),
     Case("data-csv", sft(lambda ws: f"data.train={ws / 'd.csv'}"), ("unsupported file type",),
          setup=write("d.csv", "a,b\n")),
     Case("data-bad-json", sft(lambda ws: f"data.train={ws / 'bad.jsonl'}"), ("line 2", "invalid JSON"),

@@ -200,6 +200,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"Config key '{key}' has value {_show(value)}, which is not a mapping.",
+                          fix=f"write '{key}' as a mapping, e.g. {key}={{a: b}} or {key}.a=b.")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.fields import FIELDS_HELP
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
 from ..errors import ConfigError
@@ -74,6 +75,7 @@ class PreferenceDataConfig:
                         "matching the loss) or builtin:world-pairs / world-unpaired / world-ranked.")
     eval: str | None = option("auto", "Held-out file, or builtin:<name>-heldout; auto: the world's held-out "
                               "set when train is a builtin: source, else none; null: none.")
+    fields: dict | str | None = option(None, FIELDS_HELP)
     max_length: int = option(256, "Tokens per prompt + response (and per packed row).", min=8)
     overlong: str = option("truncate", "Over-long responses: truncate (counted) or drop the unit.",
                            choices=("truncate", "drop"))
@@ -194,7 +196,7 @@ def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed
         raise ConfigError(f"Unknown built-in data '{spec}'; built-in preference data: "
                           f"{', '.join(BUILTIN_SOURCES)} (and their -heldout variants).",
                           fix="use one of those or a file path.")
-    return load_records(spec)
+    return load_records(spec, fields=cfg.fields)
 
 
 _KIND_FORMAT = {"paired": "preference", "unpaired": "unpaired", "ranked": "ranked"}

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.fields import FIELDS_HELP
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import load_records
 from ..data.chat import render_prompt
@@ -83,6 +84,7 @@ class PRMDataConfig:
                                        "\"labels\": [...]}) or builtin:world-steps.")
     eval: str | None = option("auto", "Held-out stepwise records (with labels); auto: the world's held-out steps "
                                       "for builtin data, else none.")
+    fields: dict | str | None = option(None, FIELDS_HELP)
     delimiter: str = option("\n", "Splits a 'completions' string into steps (and joins steps into the text the "
                                   "model reads).")
     max_length: int = option(256, "Prompt + solution tokens; longer records are dropped and counted.", min=8)
@@ -161,7 +163,7 @@ def load_step_source(spec: str, data: PRMDataConfig, seed: int, key: str = "data
     if spec.startswith("builtin:"):
         raise ConfigError(f"Unknown built-in step data '{spec}'; it is {BUILTIN_STEPS} (and {BUILTIN_STEPS}-heldout).",
                           fix="use that or a file path.")
-    ds = load_records(spec)
+    ds = load_records(spec, fields=data.fields)
     if ds.format != "stepwise":
         raise DataError(f"{ds.source} holds {ds.format} records; a process reward model trains on stepwise records "
                         "with a 'completions' list of steps.",

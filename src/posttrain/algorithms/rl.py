@@ -122,7 +122,7 @@ def load_prompt_source(spec: str, cfg: RLDataConfig, seed: int, key: str = "data
     if spec.startswith("builtin:"):
         raise ConfigError(f"Unknown built-in prompt set '{spec}'; built-in RL prompts are {BUILTIN_PROMPTS} and "
                           f"{BUILTIN_PROMPTS}-heldout.", fix="use one of those or a file path.")
-    ds = load_records(spec)
+    ds = load_records(spec, fields=cfg.fields)
     if not all("prompt" in r for r in ds.records[:1]):
         raise DataError(f"{ds.source} holds {ds.format} records, which have no 'prompt' field to sample from.",
                         fix=f"give {key} records with a 'prompt' (e.g. {{\"prompt\": ..., \"answer\": ...}}).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..data.fields import FIELDS_HELP
 from ..config import ModelConfig, TrainConfig, option
 from ..errors import ConfigError
 from ..ops import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, get_advantage_estimator
@@ -69,6 +70,7 @@ class RLDataConfig:
                         "other field is passed to the reward functions), or builtin:world-problems.")
     eval: str | None = option("auto", "Held-out prompts scored greedily with the reward functions; auto: "
                               "builtin:world-problems-heldout for the world's data, else none.")
+    fields: dict | str | None = option(None, FIELDS_HELP)
     max_prompt_length: int = option(256, "Prompts longer than this (in tokens, chat-rendered) are dropped "
                                          "and counted.", min=1)
     world_examples: int = option(4000, "Problems generated for builtin:world-problems.", min=1, max=1_000_000)

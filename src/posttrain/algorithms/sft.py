@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.fields import FIELDS_HELP
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import (
     SFT_FORMATS,
@@ -62,6 +63,7 @@ class SFTDataConfig:
     eval: str | None = option("auto", "Held-out file for eval loss, or builtin:world-sft-heldout; auto: the "
                               "world's held-out set when train is builtin:world-sft, else none (then "
                               "eval_fraction applies); null: eval_fraction of train.")
+    fields: dict | str | None = option(None, FIELDS_HELP)
     eval_fraction: float = option(0.0, "Fraction of train held out for eval when data.eval is null.",
                                   min=0.0, max=0.5)
     format: str = option("auto", "auto, conversational or prompt_completion.",
@@ -253,7 +255,7 @@ def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
         names = [BUILTIN_DATA, *BUILTIN_FEEDBACK]
         raise ConfigError(f"Unknown built-in dataset '{spec}'; built-in SFT data is "
                           + ", ".join(f"{n} (and {n}-heldout)" for n in names) + ".", fix="use one of those or a file path.")
-    return load_records(spec, cfg.format)
+    return load_records(spec, cfg.format, fields=cfg.fields)
 
 
 # --------------------------------------------------------------------------- entry point

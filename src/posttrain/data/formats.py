@@ -75,6 +75,7 @@ _FORMAT_KEYS: dict[str, tuple[str, ...]] = {
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
+_ARROW_SUFFIXES = (".arrow",)
 
 
 # --------------------------------------------------------------------------------------
@@ -774,16 +775,79 @@ def _iter_parquet(path: Path, source: str) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
+def _iter_arrow(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    """Rows of an Arrow IPC file: the stream format Hugging Face ``datasets`` writes (its
+    ``.arrow`` cache and ``save_to_disk`` shards), or the random-access file format."""
+    import pyarrow as pa
+
+    try:
+        try:
+            reader = pa.ipc.open_stream(path)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            f = pa.ipc.open_file(path)
+            batches = (f.get_batch(i) for i in range(f.num_record_batches))
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                yield f"row {row}", obj
+                row += 1
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{source}: could not read the file as Arrow ({type(exc).__name__}: {exc}).",
+                        fix="check that the file is a complete Arrow file (e.g. a datasets save_to_disk shard), "
+                        "or convert it to JSON Lines / Parquet.") from None
+
+
+def _dataset_dir_files(path: Path) -> list[Path]:
+    """The data files of a directory: a ``datasets`` ``save_to_disk`` directory (its Arrow shards
+    in ``state.json`` order) or a directory of shards of one type (sorted by name)."""
+    source = str(path)
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(d.name for d in path.iterdir() if d.is_dir())
+        raise DataError(f"{source}: a DatasetDict saved with save_to_disk, with the splits {splits}.",
+                        fix=f"point to one split's directory, e.g. {path / (splits[0] if splits else 'train')}.")
+    state = path / "state.json"
+    if state.is_file():
+        try:
+            names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{state}: not a datasets state file ({type(exc).__name__}: {exc}).",
+                            fix="save the dataset again with save_to_disk.") from None
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"{source}: shard(s) listed in state.json are missing: {missing[:3]}.",
+                            fix="copy the whole directory, or save the dataset again.")
+        return files
+    # .json is left out: a directory's .json files are metadata (configs), not shards
+    shards = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in
+                    (".jsonl", ".ndjson") + _PARQUET_SUFFIXES + _ARROW_SUFFIXES)
+    kinds = {f.suffix.lower() for f in shards}
+    if not shards:
+        raise DataError(f"{source}: is a directory without data shards (.jsonl, .parquet, .arrow) or a "
+                        "datasets save_to_disk state.json.", fix="point to a data file or a directory of shards.")
+    if len(kinds) > 1:
+        raise DataError(f"{source}: holds shards of several types {sorted(kinds)}; a directory is read as one "
+                        "data set of one type.", fix="keep one type of shard in the directory, or point to a file.")
+    return shards
+
+
+def _iter_shards(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    for f in files:
+        _, items = _open_path(f)
+        for location, obj in items:
+            yield f"{f.name}, {location}", obj
+
+
 def _open_path(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
     source = str(path)
     if not path.exists():
         raise DataError(f"{source}: no such file.", fix="check the path (it is relative to the working directory).")
     if path.is_dir():
-        raise DataError(
-            f"{source}: is a directory, not a data file.",
-            fix="point to a .jsonl, .json or .parquet file inside it.",
-        )
+        return source, _iter_shards(_dataset_dir_files(path))
     suffix = path.suffix.lower()
+    if suffix in _ARROW_SUFFIXES:
+        return source, _iter_arrow(path, source)
     if suffix == ".json":
         return source, _read_json_file(path, source)
     if suffix in _JSONL_SUFFIXES:
@@ -792,7 +856,7 @@ def _open_path(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
         return source, _iter_parquet(path, source)
     raise DataError(
         f"{source}: unsupported file type {suffix or '(no extension)'!r}; supported are "
-        f"{list(_JSONL_SUFFIXES + _PARQUET_SUFFIXES)}.",
+        f"{list(_JSONL_SUFFIXES + _PARQUET_SUFFIXES + _ARROW_SUFFIXES)} (or a directory of shards).",
         fix="convert the data to JSON Lines (one JSON object per line) or Parquet, or rename the file "
         "if it already is one of these.",
     )
@@ -808,7 +872,8 @@ def _open_iterable(source_obj: Iterable) -> tuple[str, Iterator[tuple[str, Any]]
 # --------------------------------------------------------------------------------------
 
 
-def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "auto") -> Dataset:
+def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "auto",
+                 fields: Mapping | str | None = None) -> Dataset:
     """Read, validate and normalize a data set.
 
     Args:
@@ -817,6 +882,8 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
             :class:`Dataset`).
         format: one of :data:`FORMATS`, or ``"auto"`` to detect it from the first record's
             keys (all records must then share that format).
+        fields: a field mapping or preset applied to every record first (``data.fields``; see
+            :mod:`posttrain.data.fields`).
 
     Returns:
         A :class:`Dataset`.
@@ -826,6 +893,9 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
             empty data set; the message names the file, the line/row/item and the field.
     """
     _check_format_name(format, allow_auto=True)
+    from .fields import map_record, resolve_fields
+
+    field_map = resolve_fields(fields)
     if isinstance(source, Dataset):
         source_name, items = source.source, zip(source.locations, source.records)
     elif isinstance(source, str) and "://" in source:
@@ -859,6 +929,8 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
                 f"expected a JSON object (a record), found {_type_name(obj)} ({_short(obj)}).",
                 "write exactly one JSON object per record.",
             )
+        if field_map:
+            obj = map_record(obj, field_map, _where(source_name, location))
         if format == "auto":
             groups = [g for g in _EXCLUSIVE_KEYS if any(_present(obj, k) for k in g)]
             if len(groups) > 1:
