@@ -4,9 +4,14 @@ tokenizers are shared, so tests must not modify them (build a fresh one with
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 
 import pytest
+
+# the tokenization cache of every run in the suite goes to a fresh directory, not ~/.cache
+os.environ.setdefault("POSTTRAIN_CACHE", tempfile.mkdtemp(prefix="posttrain-test-cache-"))
 
 # ----------------------------------------------------------------------------------------
 # Offline tokenizers for the data-layer tests: a byte-level BPE trained on a few hundred

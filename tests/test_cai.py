@@ -9,7 +9,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from posttrain.algorithms.cai import (
     CAIConfig,

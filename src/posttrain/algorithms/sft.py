@@ -32,7 +32,6 @@ from ..data import (
     SFT_FORMATS,
     EncodedExample,
     best_fit_decreasing,
-    check_tokenizer,
     encode_dataset,
     load_records,
     packed_collate,
@@ -74,6 +73,12 @@ class SFTDataConfig:
     loss_on: str = option("response", "response: assistant turns / completion only; all: every token.",
                           choices=("response", "all"))
     packing: bool = option(True, "Pack examples into rows of max_length (no cross-document attention).")
+    cache: bool = option(True, "Cache tokenized data files (keyed by the file's content, the tokenizer and these "
+                               "settings) so a second run skips reading and tokenizing; see posttrain.data.cache.")
+    cache_dir: str | None = option(None, "Tokenization cache directory (default $POSTTRAIN_CACHE/tokenized or "
+                                         "~/.cache/posttrain/tokenized).")
+    num_proc: int = option(0, "Worker processes for tokenizing (0: up to 4 for files of 20k+ records; 1: none).",
+                           min=0, max=256)
     world_examples: int = option(4000, "Examples generated for builtin:world-sft.", min=1, max=1_000_000)
     world_eval_examples: int = option(200, "Examples generated for the builtin *-heldout sets.", min=1, max=1_000_000)
     max_examples: int = option(0, "Use only the first N training records (0: all).", min=0)
@@ -258,6 +263,28 @@ def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
     return load_records(spec, cfg.format, fields=cfg.fields)
 
 
+def encode_sft_source(spec: str, data: SFTDataConfig, seed: int, tokenizer, encode_kw: dict, *, log,
+                      progress: bool = False, key: str = "data.train"):
+    """Load, validate and tokenize an SFT source through the tokenization cache (files only:
+    built-in data is generated, not read). Returns ``(examples, report, from_cache)``."""
+    from ..data.cache import cached, content_digest, default_cache_dir, tokenizer_fingerprint
+
+    directory, parts = None, {}
+    path = Path(spec).expanduser()
+    if data.cache and not spec.startswith("builtin:") and path.exists():
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if fingerprint is not None:
+            directory = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+            parts = {"kind": "sft", "data": content_digest(path), "tokenizer": fingerprint, "format": data.format,
+                     "fields": data.fields, **encode_kw}
+
+    def build():
+        ds = load_sft_source(spec, data, seed, key=key)
+        return encode_dataset(ds, tokenizer, **encode_kw, num_proc=data.num_proc, progress=progress)
+
+    return cached(directory, parts, build, log=log)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -295,24 +322,22 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         model = load_policy(cfg.model, accelerator)
     check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
-    train_ds = load_sft_source(cfg.data.train, cfg.data, cfg.train.seed)
-    uses_messages = train_ds.format == "conversational" or any(
-        isinstance(r.get("prompt"), list) or isinstance(r.get("completion"), list) for r in train_ds.records)
-    check_tokenizer(tokenizer, need_chat_template=uses_messages)
     eval_examples: list[EncodedExample] = []
     encode_kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
-    train_examples, report = encode_dataset(train_ds, tokenizer, **encode_kw)
+    progress = cfg.train.progress
+    train_examples, report, hit = encode_sft_source(cfg.data.train, cfg.data, cfg.train.seed, tokenizer, encode_kw,
+                                                    log=log, progress=progress)
     if cfg.data.max_examples:
         train_examples = train_examples[: cfg.data.max_examples]
-    log(f"train data {train_ds.source}: {report.summary()}")
+    log(f"train data {cfg.data.train}: {report.summary()}" + (" (from the tokenization cache)" if hit else ""))
     eval_spec = cfg.data.eval
     if eval_spec == "auto":  # the world's held-out set only for the world's own data
         eval_spec = (cfg.data.train + "-heldout" if cfg.data.train in (BUILTIN_DATA, *BUILTIN_FEEDBACK)
                      else None)
     if eval_spec:
-        eval_ds = load_sft_source(eval_spec, cfg.data, cfg.train.seed, key="data.eval")
-        eval_examples, eval_report = encode_dataset(eval_ds, tokenizer, **encode_kw)
-        log(f"eval data {eval_ds.source}: {eval_report.summary()}")
+        eval_examples, eval_report, hit = encode_sft_source(eval_spec, cfg.data, cfg.train.seed, tokenizer, encode_kw,
+                                                            log=log, progress=progress, key="data.eval")
+        log(f"eval data {eval_spec}: {eval_report.summary()}" + (" (from the tokenization cache)" if hit else ""))
     elif cfg.data.eval_fraction > 0:
         rng = random.Random(f"sft-eval-split-{cfg.train.seed}")
         idx = list(range(len(train_examples)))

@@ -1,0 +1,144 @@
+"""A tokenization cache: a second run on the same data does not read and tokenize it again.
+
+An entry is keyed by the SHA-256 of
+
+* the data file's *content* (every shard's bytes, for a directory), not its name or date,
+* the tokenizer (its serialized vocabulary/merges/normalizer, chat template and special
+  tokens), and
+* the settings that change the result (record format, field mapping, max_length, the
+  over-long policy, loss_on) and this module's version,
+
+so a changed file, tokenizer or setting misses and is tokenized again. An entry is a directory
+``<cache_dir>/<key>/`` holding ``examples.safetensors`` (flat int32 ``input_ids`` / ``labels``,
+int64 ``offsets``, uint8 ``truncated``: no pickle), ``report.json`` (the encode report) and
+``key.json`` (what the key was made of, for people). Entries are written to a temporary
+directory and renamed into place, so a crash never leaves half an entry; an unreadable entry is
+reported, deleted and rebuilt.
+
+The cache directory is ``data.cache_dir``, else ``$POSTTRAIN_CACHE/tokenized``, else
+``~/.cache/posttrain/tokenized``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("POSTTRAIN_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "posttrain") / "tokenized"
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (names and bytes, in name order)."""
+    p = Path(path).expanduser()
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """SHA-256 of what makes a tokenizer encode as it does; None when it cannot be serialized
+    (a slow tokenizer: such runs are not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    parts = {
+        "class": type(tokenizer).__name__,
+        "backend": backend.to_str(),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {k: str(v) for k, v in sorted((getattr(tokenizer, "special_tokens_map", None) or {}).items())},
+        "added": sorted((t.content, i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()),
+        "add_bos": getattr(tokenizer, "add_bos_token", None),
+        "add_eos": getattr(tokenizer, "add_eos_token", None),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps({**parts, "version": CACHE_VERSION}, sort_keys=True, default=str)
+                          .encode()).hexdigest()[:40]
+
+
+def save_entry(directory: Path, examples, report, parts: dict) -> None:
+    """Write an entry atomically (a temporary directory renamed into place)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
+    offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    flat_ids = [t for e in examples for t in e.input_ids]
+    flat_labels = [t for e in examples for t in e.labels]
+    save_file({"input_ids": torch.tensor(flat_ids, dtype=torch.int32),
+               "labels": torch.tensor(flat_labels, dtype=torch.int32),
+               "offsets": offsets,
+               "truncated": torch.tensor([bool(e.truncated) for e in examples], dtype=torch.uint8)},
+              str(tmp / "examples.safetensors"))
+    (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
+    (tmp / "key.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    if directory.exists():   # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, directory)
+
+
+def load_entry(directory: Path):
+    """``(examples, report)`` of an entry; raises ValueError/OSError when it is unreadable."""
+    from safetensors.torch import load_file
+
+    from .tokenize import EncodedExample, EncodeReport
+
+    t = load_file(str(directory / "examples.safetensors"))
+    report = EncodeReport(**json.loads((directory / "report.json").read_text(encoding="utf-8")))
+    offsets = t["offsets"].tolist()
+    ids, labels, trunc = t["input_ids"].tolist(), t["labels"].tolist(), t["truncated"].tolist()
+    if len(offsets) != len(trunc) + 1 or offsets[-1] != len(ids) or len(ids) != len(labels):
+        raise ValueError("the entry's arrays do not fit together")
+    if report.kept != len(trunc):
+        raise ValueError(f"the entry holds {len(trunc)} examples but its report says {report.kept}")
+    examples = [EncodedExample(input_ids=ids[a:b], labels=labels[a:b], truncated=bool(tr))
+                for a, b, tr in zip(offsets[:-1], offsets[1:], trunc)]
+    return examples, report
+
+
+def cached(directory: Path | None, parts: dict, build, *, log):
+    """``build() -> (examples, report)`` through the cache entry of ``parts`` (no cache when
+    ``directory`` is None). Returns ``(examples, report, hit)``."""
+    if directory is None:
+        return (*build(), False)
+    entry = directory / cache_key(parts)
+    if entry.is_dir():
+        try:
+            examples, report = load_entry(entry)
+            return examples, report, True
+        except Exception as e:   # corrupt or from an incompatible version: rebuild
+            log(f"note: the tokenization cache entry {entry} is unreadable ({type(e).__name__}: {e}); "
+                "deleting and tokenizing again")
+            shutil.rmtree(entry, ignore_errors=True)
+    examples, report = build()
+    try:
+        save_entry(entry, examples, report, parts)
+    except OSError as e:
+        log(f"note: could not write the tokenization cache entry {entry} ({e}); continuing without it")
+    return examples, report, False
+
+
+__all__ = ["CACHE_VERSION", "cache_key", "cached", "content_digest", "default_cache_dir", "load_entry", "save_entry",
+           "tokenizer_fingerprint"]

@@ -1,0 +1,94 @@
+"""The tokenization cache: hits give the same examples; a changed file, tokenizer or setting
+misses; a corrupt entry is rebuilt with a message; worker processes give the same result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.algorithms.sft import SFTConfig, encode_sft_source
+from posttrain.config import load_config
+from posttrain.data import cache as cache_mod
+from posttrain.data import tokenize as tok_mod
+from posttrain.data.formats import load_records
+from posttrain.world.datasets import sft_record
+from posttrain.world.tasks import generate_problems
+
+from .tiny import world_tokenizer
+
+
+def _write(path, n, seed=0):
+    path.write_text("".join(json.dumps(sft_record(p)) + "\n" for p in generate_problems(n, seed=seed)))
+    return path
+
+
+def _encode(path, tokenizer, tmp_path, logs, **data):
+    cfg = load_config(SFTConfig, None, [f"data.cache_dir={tmp_path / 'cache'}"] + [f"data.{k}={v}" for k, v in data.items()])
+    kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
+    return encode_sft_source(str(path), cfg.data, 0, tokenizer, kw, log=logs.append)
+
+
+def _same(a, b):
+    return [(e.input_ids, e.labels, e.truncated) for e in a] == [(e.input_ids, e.labels, e.truncated) for e in b]
+
+
+def test_a_second_encode_comes_from_the_cache_and_changes_miss(tmp_path):
+    tok, logs = world_tokenizer(), []
+    f = _write(tmp_path / "d.jsonl", 30)
+    first, rep1, hit1 = _encode(f, tok, tmp_path, logs)
+    again, rep2, hit2 = _encode(f, tok, tmp_path, logs)
+    assert (hit1, hit2) == (False, True)
+    assert _same(first, again) and rep1 == rep2
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and (entries[0] / "examples.safetensors").is_file()
+    assert json.loads((entries[0] / "key.json").read_text())["max_length"] == 512
+    # a changed setting, file content or tokenizer misses
+    assert _encode(f, tok, tmp_path, logs, max_length=64)[2] is False
+    _write(f, 30, seed=1)
+    changed, _, hit = _encode(f, tok, tmp_path, logs)
+    assert hit is False and not _same(changed, first)
+    other = world_tokenizer()
+    other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert _encode(f, other, tmp_path, logs)[2] is False
+    assert _encode(f, tok, tmp_path, logs, cache="false")[2] is False
+    assert len(list((tmp_path / "cache").iterdir())) == 4   # no entry written with the cache off
+
+
+def test_a_corrupt_entry_is_reported_deleted_and_rebuilt(tmp_path):
+    tok, logs = world_tokenizer(), []
+    f = _write(tmp_path / "d.jsonl", 10)
+    first, _, _ = _encode(f, tok, tmp_path, logs)
+    (entry,) = list((tmp_path / "cache").iterdir())
+    (entry / "examples.safetensors").write_bytes(b"garbage")
+    rebuilt, _, hit = _encode(f, tok, tmp_path, logs)
+    assert hit is False and _same(first, rebuilt)
+    assert any("unreadable" in line and "tokenizing again" in line for line in logs)
+    assert _encode(f, tok, tmp_path, logs)[2] is True
+    # an entry whose arrays disagree with its report is unreadable too
+    rep = json.loads((entry / "report.json").read_text())
+    (entry / "report.json").write_text(json.dumps({**rep, "kept": rep["kept"] + 1}))
+    with pytest.raises(ValueError, match="report says"):
+        cache_mod.load_entry(entry)
+
+
+def test_worker_processes_give_the_same_examples(tmp_path, monkeypatch):
+    monkeypatch.setattr(tok_mod, "WORKER_CHUNK", 40)
+    tok = world_tokenizer()
+    ds = load_records(_write(tmp_path / "d.jsonl", 130))
+    one, rep1 = tok_mod.encode_dataset(ds, tok, max_length=73, overlong="drop")
+    two, rep2 = tok_mod.encode_dataset(ds, tok, max_length=73, overlong="drop", num_proc=2)
+    assert _same(one, two) and rep1 == rep2 and rep1.dropped_overlong > 0
+
+
+def test_sft_logs_the_cache_hit(tmp_path, model_dirs, capsys):
+    from posttrain.cli import main
+
+    f = _write(tmp_path / "d.jsonl", 12)
+    args = ["sft", f"model.name_or_path={model_dirs['llama']}", f"data.train={f}", "data.eval=null",
+            f"data.cache_dir={tmp_path / 'c'}", "train.max_steps=1", "train.progress=false"]
+    assert main(args + [f"train.output_dir={tmp_path / 'a'}"]) == 0
+    assert "from the tokenization cache" not in capsys.readouterr().out
+    assert main(args + [f"train.output_dir={tmp_path / 'b'}"]) == 0
+    assert "kept 12 (0 truncated to max_length=512), dropped 0 over-long (policy 'truncate') and 0 with no " \
+           "trainable token left (from the tokenization cache)" in capsys.readouterr().out
