@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     dpo = run_preference(load_config(DPOConfig, None, [
         f"model.name_or_path={args.sft}", f"data.train={out / 'loop' / 'pairs.jsonl'}", "data.eval=null",
-        "loss.name=sigmoid", "loss.beta=0.1", "train.lr=5e-5", "train.micro_batch_size=8",
+        "loss.name=dpo", "loss.beta=0.1", "train.lr=5e-5", "train.micro_batch_size=8",
         f"train.output_dir={out / 'dpo'}", "train.overwrite_output_dir=true", "train.save_every=0",
         "train.progress=false"]), log=lambda s: None)
     results["dpo_on_pairs"] = {"accuracy": accuracy(out / "dpo" / "final"), "steps": dpo.fit.steps,

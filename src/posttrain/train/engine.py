@@ -140,6 +140,20 @@ def _step_totals(algorithm, micro: list[dict], device, accelerator, world: int) 
 
 
 @torch.no_grad()
+def _sum_gradients(params: list, accelerator) -> None:
+    """Sum the step's gradients over processes (one flat all-reduce); a parameter without a
+    gradient on this process contributes zeros."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = accelerator.reduce(flat, reduction="sum")
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i:i + n].view_as(g).to(g.dtype)
+        i += n
+
+
+@torch.no_grad()
 def probe_loss(model, algorithm, plan, device, accelerator, world: int) -> float:
     """The loss of ``model`` (eval mode) on the first optimizer step's micro-batches, or on the
     plan's ``probe_batches()`` when it has them (online RL: the last step's, without sampling)."""
@@ -210,9 +224,16 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
                                 min_lr_ratio=cfg.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
     world = accelerator.num_processes
+    if world > 1:
+        # Data parallel without a DDP wrapper: every process runs the model as is (so the fused
+        # LM-head path, adapters and reference tricks stay unchanged) and the step's gradients are
+        # summed over processes once, after the last micro-batch (_sum_gradients).
+        model = model.to(accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
     stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
 
     start_step, skipped = 0, 0
@@ -266,18 +287,20 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                 totals, totals_t = _step_totals(algorithm, micro, device, accelerator, world)
                 metrics: dict[str, torch.Tensor] = {}
                 loss_total = torch.zeros((), device=device)
-                for i, b in enumerate(micro):
-                    ctx = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                    with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                for b in micro:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                        # the loss is this micro-batch's share of the step's global normalizer
                         loss, m = algorithm.loss(model, b, totals_t)
-                        # DDP averages gradients over processes; the loss is already a share of the
-                        # global normalizer, so undo the average.
-                        accelerator.backward(loss * world)
+                        accelerator.backward(loss)
                     loss_total += loss.detach()
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0) + v.detach()
                 if world > 1:
+                    _sum_gradients(params, accelerator)
                     loss_total = accelerator.reduce(loss_total, reduction="sum")
+                    # metrics are sums over micro-batches: sum them over processes too
+                    metrics = {k: accelerator.reduce(torch.as_tensor(v, device=device, dtype=torch.float32),
+                                                     reduction="sum") for k, v in sorted(metrics.items())}
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 grads first
                 lr = scheduler.get_last_lr()[0]
                 finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))

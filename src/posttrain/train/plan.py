@@ -6,18 +6,45 @@ form micro-batches of ``micro_batch_size`` and ``grad_accum`` micro-batches form
 step. The plan is a list of index lists, so resuming at step ``s`` replays exactly what an
 uninterrupted run would see, and its fingerprint (stored in every checkpoint) detects a
 resume with different data or batching.
+
+Data parallel (``accelerate launch`` / ``torchrun`` with N processes): the plan is the
+single-process plan with ``grad_accum * N`` micro-batches per step, and each process takes every
+N-th micro-batch of a step (rank r: r, r+N, ...). The engine normalizes the loss by the step's
+token / sequence counts summed over all processes, so N processes with accumulation k train
+exactly like one process with accumulation N*k. A step with fewer micro-batches than a
+multiple of N (an epoch's last) has its units re-split into N-multiple micro-batches (the
+gradient does not depend on the split); a step with fewer units than processes is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import random
 from collections.abc import Callable, Iterable
 
 from ..errors import ConfigError, DataError
 
 MAX_PLAN_STEPS = 10_000_000  # the plan is materialized up front; beyond this it would not fit in memory
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process as ``accelerate launch`` / ``torchrun`` set them
+    (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _split(units: list, parts: int) -> list[list]:
+    """``units`` in ``parts`` consecutive, non-empty, near-equal chunks."""
+    q, r = divmod(len(units), parts)
+    out, i = [], 0
+    for j in range(parts):
+        n = q + (j < r)
+        out.append(units[i:i + n])
+        i += n
+    return out
 
 
 class StepPlan:
@@ -30,7 +57,8 @@ class StepPlan:
 
     def __init__(self, *, n_items: int, epoch_units: Callable[[int, random.Random], list],
                  collate: Callable[[list], dict], content: Callable[[], Iterable], micro_batch_size: int,
-                 grad_accum: int, epochs: float, max_steps: int, seed: int, tag: str, extra: list | None = None):
+                 grad_accum: int, epochs: float, max_steps: int, seed: int, tag: str, extra: list | None = None,
+                 rank: int | None = None, world: int | None = None):
         if n_items == 0:
             raise DataError("No training examples are left after encoding.",
                             fix="check the data file and data.max_length / data.overlong.")
@@ -42,6 +70,9 @@ class StepPlan:
         self.seed = seed
         self.tag = tag
         self.extra = extra or []
+        env_rank, env_world = rank_world()
+        self.rank = env_rank if rank is None else rank
+        self.world = env_world if world is None else world
         first = self._epoch(0)
         self.steps_per_epoch = len(first)
         total = max_steps or max(1, round(self.steps_per_epoch * epochs))
@@ -60,18 +91,33 @@ class StepPlan:
     def _epoch(self, epoch: int) -> list[list[list]]:
         units = self.epoch_units(epoch, random.Random(f"{self.tag}-plan-{self.seed}-{epoch}"))
         micro = [units[i : i + self.micro_batch_size] for i in range(0, len(units), self.micro_batch_size)]
-        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+        per_step = self.grad_accum * self.world
+        steps = [micro[i : i + per_step] for i in range(0, len(micro), per_step)]
+        if self.world > 1:
+            for s, mbs in enumerate(steps):
+                if len(mbs) % self.world:
+                    flat = [u for mb in mbs for u in mb]
+                    if len(flat) < self.world:
+                        raise ConfigError(
+                            f"Step {s + 1} of epoch {epoch + 1} has {len(flat)} training unit(s) for {self.world} "
+                            "processes, so some process would have nothing to train on.",
+                            fix="use fewer processes, or change train.micro_batch_size / train.grad_accum / the data "
+                            "size so every step has at least one unit per process.")
+                    parts = self.world * math.ceil(len(mbs) / self.world)
+                    steps[s] = _split(flat, parts if len(flat) >= parts else self.world)
+        return steps
 
     def num_steps(self) -> int:
         return len(self.steps)
 
     def batches(self, step: int) -> list[dict]:
-        return [self.collate(mb) for mb in self.steps[step]]
+        """This process's micro-batches of ``step`` (all of them in a single process)."""
+        return [self.collate(mb) for mb in self.steps[step][self.rank::self.world]]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum, self.seed, self.extra,
-                             self.steps]).encode())
+                             self.steps] + ([self.world] if self.world > 1 else [])).encode())
         for item in self.content():
             h.update(json.dumps(item).encode())
         return h.hexdigest()[:16]
