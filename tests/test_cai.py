@@ -77,6 +77,18 @@ def test_judge_records_answer_by_the_gold_principle():
     assert all(v > 40 for v in kinds.values()), kinds   # both tasks, both answers, both positions
 
 
+def test_reasoning_judge_records_write_the_worked_solution_before_the_answer():
+    probs = {p.question: p for p in generate_problems(60, seed=2 + 6000, split="train")}
+    plain = fb.judge_records(60, seed=2)
+    reasoning = fb.judge_records(60, seed=2, reasoning=True)
+    assert len(plain) == len(reasoning)
+    for a, b in zip(plain, reasoning):
+        answer = a["completion"][0]["content"]
+        question = re.search(r"Question:\n(.*?)\n\nRespons", b["prompt"][0]["content"], re.S).group(1)
+        assert b["completion"][0]["content"] == probs[question].solution + "\n" + answer
+        assert "on the last line" in b["prompt"][0]["content"] and "on the last line" not in a["prompt"][0]["content"]
+
+
 def test_revise_records_train_only_the_revisers_turns():
     recs = fb.revise_records(50, seed=1)
     assert len(recs) == 100
@@ -295,6 +307,8 @@ def test_config_errors(tmp_path):
         load_config(CAIConfig, None, ["train.resume=auto"])
     with pytest.raises(ConfigError, match="select.sft"):
         load_config(CAIConfig, None, ["select.sft=best"])
+    with pytest.raises(ConfigError, match="a reasoning judge needs room"):
+        load_config(CAIConfig, None, ["judge.reasoning=true"])
     with pytest.raises(ConfigError, match=r"judge.score_template names the field\(s\) \['answer'\]"):
         run_cai(_cfg(tmp_path / "r", **{"judge.score_template": "'{principle} {prompt} {response} {answer}'"}),
                 model=tiny_model("llama", seed=0, hidden=32), tokenizer=world_tokenizer(), log=lambda s: None)

@@ -99,3 +99,39 @@ def test_constitution_file(tmp_path):
         load_constitution(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_constitution(tmp_path / "missing.yaml")
+
+
+def test_a_reasoning_judge_is_parsed_on_its_last_line_only():
+    from posttrain.rewards.judge import final_line
+
+    assert final_line("41 * 9 = 369\n#### 369\n\nYes\n") == "Yes"
+    assert final_line("") == "" and final_line("  \n") == ""
+
+    class Scripted(Judge):
+        """The real ask() with the model's decoding replaced by scripted answers."""
+
+        def __init__(self, answers, reasoning):
+            super().__init__(tiny_model("llama", hidden=32), world_tokenizer(), max_new_tokens=4, reasoning=reasoning)
+            self.scripted = answers
+
+        def ask(self, questions):
+            import posttrain.rollout.sampler as sampler
+            from posttrain.rollout.sampler import Rollout
+
+            real = sampler.sample_groups
+            sampler.sample_groups = lambda m, t, ids, **kw: [Rollout(i, [], [], [], a, True)
+                                                             for i, a in enumerate(self.scripted[:len(ids)])]
+            try:
+                return super().ask(questions)
+            finally:
+                sampler.sample_groups = real
+
+    answers = ["7 + 5 = 12\n#### 12\nYes", "working\nmaybe", "No"]
+    verdicts, bad = Scripted(answers, reasoning=True).score(["q"] * 3, ["r"] * 3, principle="p")
+    assert verdicts == [True, None, False] and bad == 1
+    # without reasoning the whole answer must be the word: working before it is unparseable
+    verdicts, bad = Scripted(answers, reasoning=False).score(["q"] * 3, ["r"] * 3, principle="p")
+    assert verdicts == [None, None, False] and bad == 2
+    j = Scripted(["x\nA", "y\nB"], reasoning=True)
+    c = j.compare(["q"], ["one"], ["two"], principle="p")
+    assert c.preferred == [0] and j.last_answers == ["x\nA", "y\nB"]

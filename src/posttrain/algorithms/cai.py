@@ -64,6 +64,8 @@ from ..rewards import check_reward_fields
 from ..rewards.judge import (
     DEFAULT_COMPARE_TEMPLATE,
     DEFAULT_SCORE_TEMPLATE,
+    REASONING_COMPARE_TEMPLATE,
+    REASONING_SCORE_TEMPLATE,
     Comparison,
     Judge,
     Principle,
@@ -121,7 +123,11 @@ class CAIJudgeConfig:
                                                          "{response}; the answer must be Yes or No.")
     compare_template: str = option(DEFAULT_COMPARE_TEMPLATE, "Prompt for comparing; fields {principle}, {prompt}, "
                                                              "{response_a}, {response_b}; the answer must be A or B.")
-    max_new_tokens: int = option(8, "Longest judge answer (it must be one word).", min=1)
+    reasoning: bool = option(False, "Let the judge work the question out before answering (a generative verifier): "
+                                    "only its answer's last line is parsed; the default templates become the "
+                                    "reasoning ones and judge.max_new_tokens must leave room for the working.")
+    max_new_tokens: int = option(8, "Longest judge answer (one word; with reasoning, the working and the word).",
+                                 min=1)
     batch_size: int = option(64, "Questions answered together.", min=1)
 
 
@@ -163,6 +169,10 @@ class CAIConfig:
                               "stage.", fix="remove train.eval_every.")
         if self.select.sft == "judge_yes" and not self.judge.model:
             raise ConfigError("select.sft=judge_yes needs a judge.", fix="set judge.model.")
+        if self.judge.reasoning and self.judge.max_new_tokens < 16:
+            raise ConfigError(f"judge.reasoning=true with judge.max_new_tokens={self.judge.max_new_tokens}: a reasoning "
+                              "judge needs room for its working before the answer.",
+                              fix="raise judge.max_new_tokens (e.g. 96), or set judge.reasoning=false.")
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -321,9 +331,14 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
         reviser = _Role(*_load_role(rv.model, cfg, model, tokenizer, accelerator, "revise.model"),
                         batch_size=rv.batch_size)
     if judge is None:
-        judge = Judge(*_load_role(cfg.judge.model, cfg, model, tokenizer, accelerator, "judge.model"),
-                      max_new_tokens=cfg.judge.max_new_tokens, batch_size=cfg.judge.batch_size,
-                      compare_template=cfg.judge.compare_template, score_template=cfg.judge.score_template)
+        jc = cfg.judge
+        compare_t, score_t = jc.compare_template, jc.score_template
+        if jc.reasoning:   # the reasoning wording unless the user wrote their own templates
+            compare_t = REASONING_COMPARE_TEMPLATE if compare_t == DEFAULT_COMPARE_TEMPLATE else compare_t
+            score_t = REASONING_SCORE_TEMPLATE if score_t == DEFAULT_SCORE_TEMPLATE else score_t
+        judge = Judge(*_load_role(jc.model, cfg, model, tokenizer, accelerator, "judge.model"),
+                      max_new_tokens=jc.max_new_tokens, batch_size=jc.batch_size, compare_template=compare_t,
+                      score_template=score_t, reasoning=jc.reasoning)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"output_dir": str(out), "prompts_source": source, "constitution": cfg.constitution, "principles": names,
                      "revise_model": rv.model, "judge_model": cfg.judge.model}

@@ -49,7 +49,7 @@ from ..train.rundir import check_output_dir
 
 BUILTIN_DATA = "builtin:world-sft"
 #: the tiny world's AI-feedback roles (posttrain cai): a judge and a critique/revision model
-BUILTIN_FEEDBACK = ("builtin:world-judge", "builtin:world-revise")
+BUILTIN_FEEDBACK = ("builtin:world-judge", "builtin:world-judge-reasoning", "builtin:world-revise")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class SFTDataConfig:
     """Training / evaluation data and how it is tokenized and batched."""
 
     train: str = option(BUILTIN_DATA, "JSONL/Parquet file of conversational or prompt/completion records, "
-                                      "or builtin:world-sft (tiny-world problems); builtin:world-judge / "
+                                      "or builtin:world-sft (tiny-world problems); builtin:world-judge(-reasoning) / "
                                       "builtin:world-revise train the world's judge / reviser for posttrain cai.")
     eval: str | None = option("auto", "Held-out file for eval loss, or builtin:world-sft-heldout; auto: the "
                               "world's held-out set when train is builtin:world-sft, else none (then "
@@ -252,10 +252,12 @@ def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
         if spec in (name, name + "-heldout"):
             from ..world import feedback
 
-            make = feedback.judge_records if name.endswith("judge") else feedback.revise_records
             held = spec.endswith("-heldout")
-            return load_records(make(cfg.world_eval_examples if held else cfg.world_examples, seed=seed,
-                                     split="heldout" if held else "train"), "prompt_completion")
+            kw = dict(seed=seed, split="heldout" if held else "train")
+            n = cfg.world_eval_examples if held else cfg.world_examples
+            records = (feedback.revise_records(n, **kw) if name.endswith("revise")
+                       else feedback.judge_records(n, reasoning=name.endswith("reasoning"), **kw))
+            return load_records(records, "prompt_completion")
     if spec.startswith("builtin:"):
         names = [BUILTIN_DATA, *BUILTIN_FEEDBACK]
         raise ConfigError(f"Unknown built-in dataset '{spec}'; built-in SFT data is "

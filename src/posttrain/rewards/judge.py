@@ -38,6 +38,17 @@ DEFAULT_SCORE_TEMPLATE = (
     "Does the response follow the principle? Answer with exactly one word, Yes or No."
 )
 
+#: reasoning judges (``Judge(reasoning=True)``) may work the question out first; only the last
+#: line of the answer is parsed. fields as above.
+REASONING_COMPARE_TEMPLATE = (
+    "Principle: {principle}\n\nQuestion:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+    "Which response follows the principle better? Work it out, then write exactly one letter, A or B, on the last line."
+)
+REASONING_SCORE_TEMPLATE = (
+    "Principle: {principle}\n\nQuestion:\n{prompt}\n\nResponse:\n{response}\n\n"
+    "Does the response follow the principle? Work it out, then write exactly one word, Yes or No, on the last line."
+)
+
 _CHOICE = re.compile(r"^(?:answer\s*:\s*)?\(?([ab])\)?$", re.IGNORECASE)
 _VERDICT = re.compile(r"^(?:answer\s*:\s*)?(yes|no)$", re.IGNORECASE)
 
@@ -125,17 +136,30 @@ def check_template(template: str, fields: set[str], key: str) -> None:
                           fix=f"write the template with every field of {sorted(fields)}.")
 
 
+def final_line(text: str) -> str:
+    """The last non-empty line of a reasoning judge's answer (what is parsed)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 class Judge:
-    """A causal LM judging under a principle (greedy answers of at most ``max_new_tokens``)."""
+    """A causal LM judging under a principle (greedy answers of at most ``max_new_tokens``).
+
+    With ``reasoning=True`` the judge may work the question out before answering (a generative
+    verifier); only its answer's last non-empty line is parsed, as strictly as a whole answer,
+    and the full answers of the last call are kept in ``last_answers``."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 8, batch_size: int = 64,
-                 compare_template: str = DEFAULT_COMPARE_TEMPLATE, score_template: str = DEFAULT_SCORE_TEMPLATE):
+                 compare_template: str = DEFAULT_COMPARE_TEMPLATE, score_template: str = DEFAULT_SCORE_TEMPLATE,
+                 reasoning: bool = False):
         check_template(compare_template, {"principle", "prompt", "response_a", "response_b"}, "judge.compare_template")
         check_template(score_template, {"principle", "prompt", "response"}, "judge.score_template")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.compare_template, self.score_template = compare_template, score_template
         self.too_long = 0   # questions longer than the judge's context (answered "", so unparseable)
+        self.reasoning = reasoning
+        self.last_answers: list[str] = []
 
     def ask(self, questions: list[str]) -> list[str]:
         """Greedy answers; a question that does not fit the judge's context gets "" (unparseable)
@@ -153,7 +177,8 @@ class Judge:
         answers = [""] * len(questions)
         for i, r in zip(ok, rolls):
             answers[i] = r.text
-        return answers
+        self.last_answers = answers
+        return [final_line(a) for a in answers] if self.reasoning else answers
 
     def compare(self, prompts, xs, ys, *, principle: str) -> Comparison:
         return compare_both_orders(self.ask, prompts, xs, ys, principle=principle, template=self.compare_template)
@@ -232,5 +257,6 @@ def load_constitution(path: str | Path) -> list[Principle]:
     return out
 
 
-__all__ = ["DEFAULT_COMPARE_TEMPLATE", "DEFAULT_SCORE_TEMPLATE", "Comparison", "Judge", "Principle",
+__all__ = ["DEFAULT_COMPARE_TEMPLATE", "DEFAULT_SCORE_TEMPLATE", "REASONING_COMPARE_TEMPLATE", "REASONING_SCORE_TEMPLATE",
+           "Comparison", "Judge", "Principle", "final_line",
            "check_template", "compare_both_orders", "load_constitution", "parse_choice", "parse_verdict"]

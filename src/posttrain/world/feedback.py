@@ -26,7 +26,13 @@ from __future__ import annotations
 import random
 import re
 
-from ..rewards.judge import DEFAULT_COMPARE_TEMPLATE, DEFAULT_SCORE_TEMPLATE, Principle
+from ..rewards.judge import (
+    DEFAULT_COMPARE_TEMPLATE,
+    DEFAULT_SCORE_TEMPLATE,
+    REASONING_COMPARE_TEMPLATE,
+    REASONING_SCORE_TEMPLATE,
+    Principle,
+)
 from .preferences import wrong_solution
 from .tasks import Problem, generate_problems
 
@@ -146,12 +152,16 @@ def revise_records(n: int, *, seed: int, split: str = "train") -> list[dict]:
 
 
 def judge_records(n: int, *, seed: int, split: str = "train", compare_fraction: float = 0.5,
-                  score_template: str = DEFAULT_SCORE_TEMPLATE,
-                  compare_template: str = DEFAULT_COMPARE_TEMPLATE) -> list[dict]:
+                  reasoning: bool = False, score_template: str | None = None,
+                  compare_template: str | None = None) -> list[dict]:
     """Prompt/completion records for the judge, in the judge templates' layout: *score* records
     (one response, answer ``Yes`` / ``No``: does it follow the principle) and *compare* records
     (two responses of which exactly one follows the principle, in random order, answer ``A`` /
-    ``B``)."""
+    ``B``). With ``reasoning`` (the reasoning templates) the judge first writes the worked
+    solution of the question, then its answer on the last line: it re-solves the problem and
+    compares, instead of verifying arithmetic in one token."""
+    score_template = score_template or (REASONING_SCORE_TEMPLATE if reasoning else DEFAULT_SCORE_TEMPLATE)
+    compare_template = compare_template or (REASONING_COMPARE_TEMPLATE if reasoning else DEFAULT_COMPARE_TEMPLATE)
     rng = random.Random(f"world-judge-{split}-{seed}")
     out = []
     for p in generate_problems(n, seed=seed + 6000, split=split):
@@ -175,6 +185,8 @@ def judge_records(n: int, *, seed: int, split: str = "train", compare_fraction: 
             text = world_response(p, rng)
             q = score_template.format(principle=pr.principle, prompt=p.question, response=text)
             answer = "Yes" if follows(pr.name, p, text) else "No"
+        if reasoning:
+            answer = p.solution + "\n" + answer
         out.append({"prompt": [{"role": "user", "content": q}],
                     "completion": [{"role": "assistant", "content": answer}]})
     return out
