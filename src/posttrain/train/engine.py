@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, RunInterrupted, TrainingError
+from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from .checkpoint import (
     check_checkpoint,
     find_resumable,
@@ -225,6 +225,12 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
                                 min_lr_ratio=cfg.min_lr_ratio)
     world = accelerator.num_processes
+    kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(f"The accelerate configuration asks for {kind}, which posttrain does not support yet: it "
+                          "would train as plain data parallel with a full model copy per process, not sharded.",
+                          fix="launch without the FSDP / DeepSpeed / Megatron options (accelerate launch "
+                          "--num_processes N -m posttrain ..., or torchrun), or use LoRA to fit the model.")
     if world > 1:
         # Data parallel without a DDP wrapper: every process runs the model as is (so the fused
         # LM-head path, adapters and reference tricks stay unchanged) and the step's gradients are
