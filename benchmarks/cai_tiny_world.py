@@ -40,6 +40,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reasoning-judge", action="store_true",
                     help="train and use a reasoning judge (builtin:world-judge-reasoning, judge.reasoning=true): it "
                     "writes the worked solution before its verdict")
+    ap.add_argument("--pairs", default="compare", choices=("compare", "score"), help="judge.pairs of the loop")
     ap.add_argument("--tag", default="loop", help="subdirectory of <out> for the loop and what trains on it")
     args = ap.parse_args(argv)
 
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
     loop = out / args.tag
     cai = run_cai(load_config(CAIConfig, None, base + [
         f"revise.model={out / 'reviser' / 'final'}", f"judge.model={out / judge_dir / 'final'}",
-        f"train.output_dir={loop}"] + (["judge.reasoning=true", "judge.max_new_tokens=96"] if args.reasoning_judge
+        f"train.output_dir={loop}", f"judge.pairs={args.pairs}"] + (["judge.reasoning=true", "judge.max_new_tokens=96"] if args.reasoning_judge
                                        else [])))
     results["loop"] = {**cai.summary, "seconds": time.time() - t0}
     print(f"loop done in {time.time() - t0:.0f}s")

@@ -40,7 +40,7 @@ print(json.dumps({"seconds": dt, "examples": len(ex), "tokens": sum(len(e) for e
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=1_000_000)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="worker processes of the second run (0: skip that run)")
     ap.add_argument("--out", default="runs/tokenize-cache")
     args = ap.parse_args(argv)
 
@@ -58,8 +58,9 @@ def main(argv=None) -> None:
     size = data.stat().st_size
     results = {"records": args.records, "file_mib": size / 2**20, "cpu": _cpu()}
     with tempfile.TemporaryDirectory() as c1, tempfile.TemporaryDirectory() as c2:
-        for name, cache, workers in (("first, 1 process", c1, 1), (f"first, {args.workers} processes", c2, args.workers),
-                                     ("cached", c1, 1)):
+        runs = [("first, 1 process", c1, 1)] + ([(f"first, {args.workers} processes", c2, args.workers)]
+                                                if args.workers > 1 else []) + [("cached", c1, 1)]
+        for name, cache, workers in runs:
             r = subprocess.run([sys.executable, "-c", CHILD, str(data), cache, str(workers)], capture_output=True,
                                text=True, check=True)
             row = json.loads(r.stdout.strip().splitlines()[-1])

@@ -141,6 +141,15 @@ def test_ai_pairs_skip_unchanged_and_count_disagreement():
     assert sorted(calls) == [("be y", ["o2", "o4"]), ("c", ["o1", "o3"])]
 
 
+def test_score_pairs_label_a_pair_only_when_the_verdicts_differ():
+    from posttrain.algorithms.cai import score_pairs
+
+    res = score_pairs(["o1", "o2", "o3", "o4", "same", "o6"], ["r1", "r2", "r3", "r4", "same", None],
+                      [False, True, True, None, False, False], [True, False, True, True, True, True])
+    assert res.pairs == [("r1", "o1"), ("o2", "r2"), None, None, None, None]
+    assert (res.agreed, res.tied, res.unparseable, res.unchanged) == (2, 1, 1, 1)
+
+
 def test_revision_and_verdict_statistics_by_hand():
     s = revision_stats([False, False, True, True, True, None, False], [True, False, True, False, True, True, None])
     assert (s["wrong"], s["fixed"], s["right"], s["broken"]) == (2, 1, 3, 1)
@@ -284,6 +293,21 @@ def test_a_position_biased_judge_labels_no_pair_and_judge_yes_filters_sft(tmp_pa
     sft = _jsonl(tmp_path / "r" / "sft.jsonl")
     assert [r["completion"][0]["content"] for r in sft] == [r["final"] for r in samples if r["judge_final"]]
     assert res.final_dir is None and not (tmp_path / "r" / "final").exists()
+
+
+def test_score_mode_pairs_follow_the_judges_verdicts(tmp_path):
+    res = _oracle_run(tmp_path / "r", **{"judge.pairs": "score", "select.train": "none"})
+    problems = {p.question: p for p in generate_problems(40, seed=0, split="train")}
+    made = 0
+    for rec in _jsonl(tmp_path / "r" / "samples.jsonl"):
+        p = problems[rec["prompt"]]
+        ok_r, ok_f = fb.follows("arithmetic", p, rec["response"]), fb.follows("arithmetic", p, rec["final"])
+        changed = rec["response"].strip() != rec["final"].strip()
+        expected = None if not changed or ok_r == ok_f else ("revision" if ok_f else "response")
+        assert (rec["judge_response"], rec["judge_final"]) == (ok_r, ok_f) and rec["pair"] == expected
+        made += expected is not None
+    assert res.summary["pairs/made"] == made > 0 and res.summary["pairs/mode"] == "score"
+    assert "| AI-labelled pairs (verdicts differ) |" in (tmp_path / "r" / "cai.md").read_text()
 
 
 def test_no_usable_revision_stops_with_a_clear_error_after_writing_the_artefacts(tmp_path):

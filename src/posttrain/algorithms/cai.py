@@ -11,7 +11,8 @@ The loop of Bai et al. 2022 (note 001 §13)::
               request, revision)--> revisions
             --(a) the final revisions--> sft.jsonl (prompt/completion records)
             --(b) the judge compares response and final revision under the last principle, in
-              both orders (position bias cancels)--> pairs.jsonl (prompt/chosen/rejected records)
+              both orders (position bias cancels; judge.pairs=compare), or accepts one and rejects
+              the other (judge.pairs=score)--> pairs.jsonl (prompt/chosen/rejected records)
             --select.train=sft: fine-tune the policy on sft.jsonl (CAI's supervised stage)
 
 ``pairs.jsonl`` is in the preference format of ``posttrain dpo`` / ``posttrain rm`` (the RL
@@ -128,6 +129,9 @@ class CAIJudgeConfig:
                                     "reasoning ones and judge.max_new_tokens must leave room for the working.")
     max_new_tokens: int = option(8, "Longest judge answer (one word; with reasoning, the working and the word).",
                                  min=1)
+    pairs: str = option("compare", "How pairs are labelled: compare (the judge picks A or B, asked in both orders; a "
+                                   "pair when both orders agree) or score (a pair when the judge accepts one side and "
+                                   "rejects the other under judge.score_principle).", choices=("compare", "score"))
     batch_size: int = option(64, "Questions answered together.", min=1)
 
 
@@ -195,6 +199,7 @@ class PairResult:
     unparseable: int = 0
     inconsistent: int = 0
     agreed: int = 0
+    tied: int = 0   # score mode: both sides got the same verdict
 
     @property
     def agreement_rate(self) -> float:
@@ -225,6 +230,27 @@ def ai_pairs(compare, prompts: list[str], originals: list[str], revisions: list[
             if pick is not None:
                 a, b = (originals[i], revisions[i])
                 out.pairs[i] = (a, b) if pick == 0 else (b, a)
+    return out
+
+
+def score_pairs(originals: list[str], revisions: list[str | None], v_orig: list[bool | None],
+                v_rev: list[bool | None]) -> PairResult:
+    """AI-labelled pairs from pointwise verdicts: a changed (response, revision) is a pair when the
+    judge accepts one side and rejects the other (the accepted side is chosen); equal verdicts
+    are ``tied``, a side without a verdict counts as ``unparseable``. ``agreed`` = pairs made."""
+    out = PairResult(pairs=[None] * len(originals))
+    for i, (o, r) in enumerate(zip(originals, revisions)):
+        if r is None:
+            continue
+        if o.strip() == r.strip():
+            out.unchanged += 1
+        elif v_orig[i] is None or v_rev[i] is None:
+            out.unparseable += 1
+        elif v_orig[i] == v_rev[i]:
+            out.tied += 1
+        else:
+            out.agreed += 1
+            out.pairs[i] = (r, o) if v_rev[i] else (o, r)
     return out
 
 
@@ -446,11 +472,15 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
         summary[f"judge/responses_{k}"] = v
     for k, v in verdict_agreement([v_rev[i] for i in rev_idx], [gold_final[i] for i in rev_idx]).items():
         summary[f"judge/revisions_{k}"] = v
-    pr = ai_pairs(judge.compare, texts, responses, finals, principles)
+    if cfg.judge.pairs == "compare":
+        pr = ai_pairs(judge.compare, texts, responses, finals, principles)
+    else:
+        pr = score_pairs(responses, finals, v_resp, v_rev)
     gold_pairs = [(gold_final[i], gold_response[i]) if pr.pairs[i][0] == finals[i] else (gold_response[i], gold_final[i])
                   for i in range(n) if pr.pairs[i] is not None]
     decided = [(c, r) for c, r in gold_pairs if c is not None and r is not None and c != r]
     summary.update({"pairs/made": sum(p is not None for p in pr.pairs), "pairs/unchanged": pr.unchanged,
+                    "pairs/mode": cfg.judge.pairs, "pairs/tied": pr.tied,
                     "pairs/unparseable_answers": pr.unparseable, "pairs/inconsistent": pr.inconsistent,
                     "pairs/agreement_rate": pr.agreement_rate,
                     "pairs/revision_chosen": sum(1 for i in range(n) if pr.pairs[i] and pr.pairs[i][0] == finals[i]),
@@ -552,6 +582,9 @@ def summary_table(s: dict) -> str:
          f" too long {s.get('revise/too_long')}"),
         ("AI-labelled pairs (both orders agree)", str(s.get("pairs/made")),
          f"agreement {pct('pairs/agreement_rate')}, unchanged {s.get('pairs/unchanged')}, unparseable answers "
+         f"{s.get('pairs/unparseable_answers')}") if s.get("pairs/mode", "compare") == "compare" else
+        ("AI-labelled pairs (verdicts differ)", str(s.get("pairs/made")),
+         f"same verdict {s.get('pairs/tied')}, unchanged {s.get('pairs/unchanged')}, without a verdict "
          f"{s.get('pairs/unparseable_answers')}"),
         ("pairs whose chosen side the verifier prefers", pct("pairs/gold_agreement"),
          f"of {s.get('pairs/gold_decided')} the verifier separates"),
@@ -582,4 +615,5 @@ def _write_summary(out: Path, summary: dict) -> None:
 
 
 __all__ = ["CAIConfig", "CAIResult", "PairResult", "ai_pairs", "revision_stats", "run_cai", "sample_principles",
+           "score_pairs",
            "summary_table", "verdict_agreement"]
