@@ -3,6 +3,7 @@ misses; a corrupt entry is rebuilt with a message; worker processes give the sam
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_a_second_encode_comes_from_the_cache_and_changes_miss(tmp_path):
     _write(f, 30, seed=1)
     changed, _, hit = _encode(f, tok, tmp_path, logs)
     assert hit is False and not _same(changed, first)
-    other = world_tokenizer()
+    other = copy.deepcopy(world_tokenizer())   # world_tokenizer() is shared: never modify it
     other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
     assert _encode(f, other, tmp_path, logs)[2] is False
     assert _encode(f, tok, tmp_path, logs, cache="false")[2] is False
