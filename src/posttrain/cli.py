@@ -10,6 +10,7 @@
     posttrain online-dpo model.name_or_path=runs/sft/final ...   # online / iterative DPO on sampled pairs
     posttrain prm model.name_or_path=runs/sft/final labels.source=mc labels.policy=runs/sft/final   # PRM
     posttrain cai model.name_or_path=runs/sft/final revise.model=... judge.model=...   # Constitutional AI loop
+    posttrain plan --model DIR --method dpo --seq-len 2048 --devices 8 --device-memory 80   # memory planner
     posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
@@ -205,6 +206,25 @@ def _cmd_prm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .memory import PlanInput, estimate, load_model_config, model_shape, table, verdict
+
+    plan = PlanInput(method=args.method, seq_len=args.seq_len, micro_batch=args.micro_batch, devices=args.devices,
+                     device_memory_gib=args.device_memory, sharding=args.sharding, weight_dtype=args.dtype,
+                     activation_dtype="bfloat16" if args.mixed_precision == "bf16" else args.dtype, peft=args.peft,
+                     lora_r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing,
+                     chunked_logprobs=not args.no_chunked_logprobs, reward_model=args.reward_model, kl=not args.no_kl,
+                     rollout_batch=args.rollout_batch, new_tokens=args.new_tokens)
+    plan.check()
+    shape = model_shape(load_model_config(args.model))
+    print(f"{args.model}: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, "
+          f"vocab {shape.vocab}); {args.method}, {args.micro_batch} x {args.seq_len} tokens per micro-batch, "
+          f"{args.devices} device(s) of {args.device_memory:g} GiB, sharding {args.sharding}, peft {args.peft}")
+    print(table(estimate(shape, plan)))
+    print(verdict(shape, plan).advice)
+    return 0
+
+
 def _cmd_cai(args: argparse.Namespace) -> int:
     from .algorithms.cai import CAIConfig, run_cai
 
@@ -363,6 +383,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_prm)
+
+    p = sub.add_parser("plan", help="memory planner: will a run fit, and what makes it fit",
+                       formatter_class=_HelpFormatter,
+                       description="Estimate the bytes per device of weights, gradients, optimizer state, activations, "
+                       "logits, frozen copies (reference, critic, reward model) and the rollouts' KV cache for a "
+                       "model (directory, config.json, cached hub id or builtin:tiny-world-base) and a method, and say "
+                       "whether it fits or the cheapest change that makes it fit (docs/memory.md).")
+    p.add_argument("--model", default="builtin:tiny-world-base")
+    from .memory import METHODS
+
+    p.add_argument("--method", default="sft", choices=METHODS)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (online: the prompt)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences (pairs for preference methods) per forward")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--device-memory", type=float, default=80.0, help="GiB per device")
+    p.add_argument("--sharding", default="none", choices=("none", "zero2", "zero3", "fsdp"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weight dtype")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="bf16: activations in bf16")
+    p.add_argument("--peft", default="none", choices=("none", "lora", "qlora"))
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-chunked-logprobs", action="store_true", help="full (B, T, V) logits")
+    p.add_argument("--reward-model", action="store_true", help="online: a learned reward model in memory")
+    p.add_argument("--no-kl", action="store_true", help="online: no KL term, so no reference model")
+    p.add_argument("--rollout-batch", type=int, default=64, help="online: sequences decoded together")
+    p.add_argument("--new-tokens", type=int, default=512, help="online: longest completion")
+    p.set_defaults(func=_cmd_plan)
 
     from .algorithms.cai import CAIConfig
 
