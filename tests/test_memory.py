@@ -98,6 +98,7 @@ def test_predicted_sft_peak_is_within_15_percent_of_the_measured_one(micro_batch
     measured = _measured_sft_peak(micro_batch, seq_len)
     shape = model_shape(load_model_config("builtin:tiny-world-base"))
     predicted = peak_bytes(estimate(shape, PlanInput(method="sft", seq_len=seq_len, micro_batch=micro_batch)))
+    print("sft", micro_batch, seq_len, predicted / 2**20, measured / 2**20)
     assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)
 
 
@@ -109,3 +110,112 @@ def test_plan_command(capsys):
     assert "| kv_cache |" in out and "| reference |" in out and out.strip().splitlines()[-1].startswith("fits")
     assert main(["plan", "--model", "/nonexistent/model"]) == 2
     assert "'--model': no such directory '/nonexistent/model'" in capsys.readouterr().err
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_fit(monkeypatch, module):
+    """Replace ``module.fit`` so a command builds its model, algorithm and plan and stops there."""
+    box = {}
+
+    def fake_fit(model, algorithm, plan, *args, **kw):
+        box.update(model=model, algorithm=algorithm, plan=plan)
+        raise _Captured
+
+    monkeypatch.setattr(module, "fit", fake_fit)
+    return box
+
+
+def _tracked_step(model, algorithm, micro, reference=None) -> float:
+    """Peak bytes of one optimizer step over the given micro-batches (after a first step made the
+    optimizer state), tensor by tensor; ``reference`` (a frozen copy the step does not run) is
+    counted as held memory."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from posttrain.train.optim import build_optimizer
+
+    opt = build_optimizer(model, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    totals = {k: torch.tensor(float(sum(int(algorithm.counts(b)[k]) for b in micro))) for k in algorithm.counts(micro[0])}
+
+    def step():
+        for b in micro:
+            loss, _ = algorithm.loss(model, b, totals)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    # MemTracker hooks every parameter of the modules it sees run; it refuses frozen ones (the
+    # reference copy), so mark them trainable while tracking: it runs under no_grad and makes no
+    # gradients either way
+    frozen = [q for q in getattr(getattr(algorithm, "reference", None), "parameters", lambda: [])()
+              if not q.requires_grad]
+    for q in frozen:
+        q.requires_grad_(True)
+    tracker = MemTracker()
+    tracker.track_external(model, opt, *([reference] if reference is not None else []))
+    try:
+        with tracker:
+            step()
+    finally:
+        for q in frozen:
+            q.requires_grad_(False)
+    (per_kind,) = tracker.get_tracker_snapshot("peak").values()
+    return sum(v for k, v in per_kind.items() if not str(k).endswith("Total"))
+
+
+def test_predicted_dpo_and_grpo_peaks_are_within_15_percent_of_the_measured_ones(monkeypatch, tmp_path):
+    """The real commands build model, algorithm and plan (their fit is stopped); one step of
+    each is tracked: DPO with its frozen reference copy (pairs without a shared prompt, so the
+    estimate's two full sequences per pair hold), and GRPO's training step on its rollouts."""
+    import json
+
+    import posttrain.algorithms.dpo as dpo
+    import posttrain.algorithms.rl as rl
+    from posttrain.algorithms.dpo import DPOConfig, run_preference
+    from posttrain.algorithms.rl_config import RLConfig
+    from posttrain.config import load_config
+    from posttrain.memory import load_model_config
+
+    shape = model_shape(load_model_config("builtin:tiny-world-base"))
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(str(int(x)) for x in torch.randint(0, 9, (n,), generator=g))
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": text(40), "chosen": text(80), "rejected": text(80)}) + "\n"
+                             for _ in range(8)))
+    box = _capture_fit(monkeypatch, dpo)
+    with pytest.raises(_Captured):
+        run_preference(load_config(DPOConfig, None, [
+            f"data.train={pairs}", "data.eval=null", "data.share_prefix=false", "data.packing=false",
+            "train.micro_batch_size=8", f"train.output_dir={tmp_path / 'dpo'}", "train.progress=false"]),
+            log=lambda s: None)
+    micro = box["plan"].batches(0)
+    lengths = (micro[0]["attention_mask"].sum(-1) if "attention_mask" in micro[0] else None)
+    seq_len = int(lengths.max()) if lengths is not None else micro[0]["input_ids"].shape[1]
+    measured = _tracked_step(box["model"], box["algorithm"], micro)
+    predicted = peak_bytes(estimate(shape, PlanInput(method="dpo", seq_len=seq_len, micro_batch=8)))
+    print("dpo", predicted / 2**20, measured / 2**20)
+    assert abs(predicted - measured) / measured < 0.15, ("dpo", predicted / 2**20, measured / 2**20)
+
+    box = _capture_fit(monkeypatch, rl)
+    with pytest.raises(_Captured):
+        rl.run_rl(load_config(RLConfig, None, [
+            "algorithm=grpo", "rollout.group_size=8", "rollout.prompts_per_step=4", "rollout.max_new_tokens=64",
+            "data.world_examples=16", "data.eval=null", "train.max_steps=1", "loss.kl_beta=0.04",
+            f"train.output_dir={tmp_path / 'grpo'}", "train.progress=false"]), log=lambda s: None)
+    plan = box["plan"]
+    (tmp_path / "grpo").mkdir(exist_ok=True)   # the rollouts' samples.jsonl goes there
+    micro = plan.batches(0)   # samples the rollouts and computes old / reference log-probs (not tracked)
+    reference = plan.r.reference
+    assert reference is not None
+    rows, width = max(b["input_ids"].shape for b in micro)
+    measured = _tracked_step(box["model"], box["algorithm"], micro, reference=reference)
+    predicted = peak_bytes({k: v for k, v in estimate(shape, PlanInput(
+        method="grpo", seq_len=width - 64, micro_batch=rows, new_tokens=64)).items() if k != "kv_cache"})
+    print("grpo", predicted / 2**20, measured / 2**20)
+    assert abs(predicted - measured) / measured < 0.15, ("grpo", predicted / 2**20, measured / 2**20)
