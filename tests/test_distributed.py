@@ -97,3 +97,18 @@ def test_a_step_with_fewer_units_than_processes_is_refused():
     for step in range(3):
         both = sorted(u for b in p0.batches(step) + p1.batches(step) for u in b["u"])
         assert both == sorted(u for b in single.batches(step) for u in b["u"])
+
+
+def test_grpo_under_two_processes_equals_one_process(ws, tmp_path):
+    """Online RL's plan is not split across processes yet: every process samples the same
+    rollouts (same seeds), and the counts summed over processes halve each one's share, so the
+    summed gradient is the single-process one. Only rank 0 writes the samples."""
+    common = [f"model.name_or_path={ws / 'model'}", "algorithm=grpo", "data.world_examples=12", "data.eval=null",
+              "rollout.group_size=4", "rollout.prompts_per_step=3", "rollout.max_new_tokens=8", "train.max_steps=2",
+              "train.micro_batch_size=2", "train.progress=false", "train.save_every=0", "train.lr=1e-3",
+              "loss.kl_beta=0.0"]
+    assert main(["rl", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    _torchrun(["rl", *common, f"train.output_dir={tmp_path / 'two'}"], tmp_path)
+    _assert_same(tmp_path / "one", tmp_path / "two")
+    one = (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
+    assert (tmp_path / "two" / "samples.jsonl").read_text().splitlines() == one

@@ -69,6 +69,7 @@ from ..ops import (
 from ..rewards import check_reward_fields, compute_rewards, resolve_reward_functions
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
+from ..train.plan import rank_world
 from ..train.rundir import check_output_dir
 from .critic import (
     PolicyWithCritic,
@@ -724,7 +725,7 @@ class RLRunner:
 
     def _write_samples(self, k: int, kept, groups) -> None:
         every = self.cfg.rollout.samples_every
-        if not every or k % every:
+        if not every or k % every or rank_world()[0] != 0:   # only rank 0 writes
             return
         path = self.out_dir / "samples.jsonl"
         with path.open("a", encoding="utf-8") as fh:
