@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                 fh.write(base[i % len(base)])
     size = data.stat().st_size
     results = {"records": args.records, "file_mib": size / 2**20, "cpu": _cpu()}
-    with tempfile.TemporaryDirectory() as c1, tempfile.TemporaryDirectory() as c2:
+    with tempfile.TemporaryDirectory(dir=out) as c1, tempfile.TemporaryDirectory(dir=out) as c2:
         runs = [("first, 1 process", c1, 1)] + ([(f"first, {args.workers} processes", c2, args.workers)]
                                                 if args.workers > 1 else []) + [("cached", c1, 1)]
         for name, cache, workers in runs:

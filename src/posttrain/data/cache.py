@@ -74,6 +74,9 @@ def cache_key(parts: dict) -> str:
 
 def save_entry(directory: Path, examples, report, parts: dict) -> None:
     """Write an entry atomically (a temporary directory renamed into place)."""
+    import itertools
+
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -84,10 +87,12 @@ def save_entry(directory: Path, examples, report, parts: dict) -> None:
     lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
     offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lengths, 0)
-    flat_ids = [t for e in examples for t in e.input_ids]
-    flat_labels = [t for e in examples for t in e.labels]
-    save_file({"input_ids": torch.tensor(flat_ids, dtype=torch.int32),
-               "labels": torch.tensor(flat_labels, dtype=torch.int32),
+    total = int(offsets[-1])
+    # streamed into int32 arrays: no intermediate list of every token
+    flat_ids = np.fromiter(itertools.chain.from_iterable(e.input_ids for e in examples), dtype=np.int32, count=total)
+    flat_labels = np.fromiter(itertools.chain.from_iterable(e.labels for e in examples), dtype=np.int32, count=total)
+    save_file({"input_ids": torch.from_numpy(flat_ids),
+               "labels": torch.from_numpy(flat_labels),
                "offsets": offsets,
                "truncated": torch.tensor([bool(e.truncated) for e in examples], dtype=torch.uint8)},
               str(tmp / "examples.safetensors"))
@@ -107,13 +112,15 @@ def load_entry(directory: Path):
 
     t = load_file(str(directory / "examples.safetensors"))
     report = EncodeReport(**json.loads((directory / "report.json").read_text(encoding="utf-8")))
-    offsets = t["offsets"].tolist()
-    ids, labels, trunc = t["input_ids"].tolist(), t["labels"].tolist(), t["truncated"].tolist()
-    if len(offsets) != len(trunc) + 1 or offsets[-1] != len(ids) or len(ids) != len(labels):
+    offsets, trunc = t["offsets"].tolist(), t["truncated"].tolist()
+    ids, labels = t["input_ids"], t["labels"]
+    if len(offsets) != len(trunc) + 1 or offsets[-1] != ids.numel() or ids.numel() != labels.numel():
         raise ValueError("the entry's arrays do not fit together")
     if report.kept != len(trunc):
         raise ValueError(f"the entry holds {len(trunc)} examples but its report says {report.kept}")
-    examples = [EncodedExample(input_ids=ids[a:b], labels=labels[a:b], truncated=bool(tr))
+    # example by example from the flat arrays: no list of every token at once (that would hold
+    # the data twice as Python ints)
+    examples = [EncodedExample(input_ids=ids[a:b].tolist(), labels=labels[a:b].tolist(), truncated=bool(tr))
                 for a, b, tr in zip(offsets[:-1], offsets[1:], trunc)]
     return examples, report
 

@@ -40,7 +40,9 @@ from ..errors import CheckpointError, ConfigError, TokenizerError, setting
 
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "world" / "assets"
-BUILTIN_MODELS = {"tiny-world-base": ASSETS / "tiny-world-base"}
+BUILTIN_MODELS = {"tiny-world-base": ASSETS / "tiny-world-base",
+                  # the ~1M-parameter distillation student (same tokenizer), when it has been built
+                  "tiny-world-student": ASSETS / "tiny-world-student"}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")

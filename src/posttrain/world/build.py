@@ -13,7 +13,11 @@ Steps (all seeded, so the run is reproducible on the same torch build and thread
    ``world_build.json`` with the settings, run time and probe accuracies.
 
 The shipped model was built with the defaults below; its run time and numbers are in
-``world_build.json`` next to the weights and in the README.
+``world_build.json`` next to the weights and in the README. The distillation student
+(``builtin:tiny-world-student``, ~1M parameters) shares the base model's tokenizer:
+
+    python -m posttrain.world.build --out src/posttrain/world/assets/tiny-world-student \
+        --size student --tokenizer builtin:tiny-world-base
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from ..errors import ConfigError
 from ..train.optim import build_optimizer, build_scheduler
+from ..models.loading import load_tokenizer
 from ..train.rundir import check_output_dir
 from .corpus import corpus_documents
 from .evaluate import evaluate_problems
@@ -38,14 +43,19 @@ from .tasks import generate_problems
 from .tokenizer import CHAT_TEMPLATE, ENDOFTEXT, IM_END, train_tokenizer
 
 
-def model_config(vocab_size: int, tokenizer) -> LlamaConfig:
+#: architectures: the base model (4.3M parameters) and the distillation student (~1M)
+SIZES = {
+    "base": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=2),
+    "student": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=5, num_attention_heads=4,
+                    num_key_value_heads=2),
+}
+
+
+def model_config(vocab_size: int, tokenizer, size: str = "base") -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        **SIZES[size],
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
@@ -75,7 +85,10 @@ def build(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     docs = corpus_documents(args.docs, seed=args.seed)
-    tokenizer = train_tokenizer(docs[:20000] + _chat_samples(2000, args.seed), vocab_size=args.vocab_size)
+    if args.tokenizer:   # share an existing model's tokenizer (the student shares the base model's)
+        tokenizer = load_tokenizer(args.tokenizer, key="--tokenizer")
+    else:
+        tokenizer = train_tokenizer(docs[:20000] + _chat_samples(2000, args.seed), vocab_size=args.vocab_size)
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     sep = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     stream: list[int] = []
@@ -93,7 +106,7 @@ def build(args: argparse.Namespace) -> dict:
     print(f"corpus: {len(docs)} docs, {len(stream)} tokens, {n_rows} rows of {args.seq_len}; "
           f"vocab {len(tokenizer)} (embedding {vocab}); {total_steps} steps")
 
-    config = model_config(vocab, tokenizer)
+    config = model_config(vocab, tokenizer, args.size)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
@@ -134,7 +147,7 @@ def build(args: argparse.Namespace) -> dict:
     as_text = evaluate_problems(model, tokenizer, probe, prompts=text_prompts)
     as_chat = evaluate_problems(model, tokenizer, probe)
     report = {
-        "seed": args.seed, "docs": args.docs, "tokens": len(stream), "epochs": args.epochs,
+        "seed": args.seed, "size": args.size, "tokenizer": args.tokenizer or "trained", "docs": args.docs, "tokens": len(stream), "epochs": args.epochs,
         "steps": total_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "lr": args.lr, "threads": args.threads, "parameters": n_params,
         "final_loss": sum(losses[-50:]) / min(50, len(losses)),
@@ -166,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="base", choices=sorted(SIZES),
+                   help="architecture: base (4.3M parameters) or student (~1M, for distillation)")
+    p.add_argument("--tokenizer", default=None,
+                   help="use this model's tokenizer instead of training one (e.g. builtin:tiny-world-base)")
     p.add_argument("--probe-problems", type=int, default=200, help="held-out problems for the final probe")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory that an "
                    "earlier build did not write")
