@@ -85,3 +85,19 @@ def test_format_compliance_is_strict():
     assert not is_format_compliant("#### 19")  # no working
     assert not is_format_compliant("12 + 7 = 19\nThe answer is 19")
     assert not is_format_compliant("so 12 + 7 = 19\n#### 19")
+
+
+def test_the_shipped_student_is_a_1m_model_with_the_base_models_tokenizer():
+    import json
+
+    from posttrain.models.loading import BUILTIN_MODELS, load_causal_lm, load_tokenizer
+
+    student = load_causal_lm("builtin:tiny-world-student", device="cpu")
+    base_tok, student_tok = load_tokenizer("builtin:tiny-world-base"), load_tokenizer("builtin:tiny-world-student")
+    assert 0.9e6 < sum(p.numel() for p in student.parameters()) < 1.1e6
+    assert student_tok.get_vocab() == base_tok.get_vocab() and student_tok.chat_template == base_tok.chat_template
+    assert student.config.vocab_size == load_causal_lm("builtin:tiny-world-base", device="cpu").config.vocab_size
+    report = json.loads((BUILTIN_MODELS["tiny-world-student"] / "world_build.json").read_text())
+    assert report["size"] == "student" and report["tokenizer"] == "builtin:tiny-world-base"
+    total = sum(f.stat().st_size for d in BUILTIN_MODELS.values() for f in d.iterdir())
+    assert total < 25 * 2**20   # the shipped assets stay within 25 MB
