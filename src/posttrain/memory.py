@@ -256,27 +256,9 @@ def table(parts: dict[str, float]) -> str:
 def load_model_config(name_or_path: str):
     """A transformers config from a model directory, a config.json, a hub id (cached or
     reachable) or builtin:tiny-world-base; never runs repository code."""
-    from pathlib import Path
+    from .models.loading import load_model_config as load
 
-    from transformers import AutoConfig
-
-    from .models.loading import locate
-
-    path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        import json
-
-        data = json.loads(path.read_text(encoding="utf-8"))
-        model_type = data.pop("model_type", None)
-        if not model_type:
-            raise ConfigError(f"{path} has no model_type.", fix="give a transformers config.json.")
-        return AutoConfig.for_model(model_type, **data)
-    try:
-        return AutoConfig.from_pretrained(locate(name_or_path, key="--model").path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"No model config for '{name_or_path}' ({str(e).splitlines()[0]}).",
-                          fix="give a local model directory, a config.json, or a hub id that is cached or "
-                          "reachable.") from None
+    return load(name_or_path, key="--model")
 
 
 __all__ = ["METHODS", "STATIC", "ModelShape", "PlanInput", "Verdict", "estimate", "load_model_config",

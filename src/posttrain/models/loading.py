@@ -751,3 +751,23 @@ def accelerator_for(model_cfg):
 def resolve_model_path(name_or_path: str) -> str:
     """The local directory or hub id a model name resolves to (see :func:`locate`)."""
     return locate(name_or_path).path
+
+
+def load_model_config(name_or_path: str, *, key: str = "model.name_or_path"):
+    """Only the transformers config of a model (a directory, a ``config.json``, a cached or
+    reachable hub id, or ``builtin:...``): no weights are read and no repository code runs."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        data = _read_json(path, "config")
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise ConfigError(f"{path} has no model_type.", fix="give a transformers config.json.")
+        return AutoConfig.for_model(model_type, **data)
+    try:
+        return AutoConfig.from_pretrained(locate(name_or_path, key=key).path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: no model config for '{name_or_path}' ({str(e).splitlines()[0]}).",
+                          fix="give a local model directory, a config.json, or a hub id that is cached or "
+                          "reachable.") from None
