@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TrainConfig, option, validated
-from ..data.chat import render_prompt
 from ..data.formats import load_records
 from ..data.tokenize import encode_dataset
 from ..errors import ConfigError, DataError, TrainingError
@@ -56,7 +55,6 @@ from ..models.loading import (
     load_causal_lm,
     load_policy,
     load_tokenizer,
-    max_positions,
     read_paths,
     tokenizer_for,
 )
@@ -70,6 +68,7 @@ from ..rewards.judge import (
     Comparison,
     Judge,
     Principle,
+    chat_replies,
     load_constitution,
 )
 from ..rollout.sampler import sample_groups
@@ -286,23 +285,14 @@ class CAIResult:
 
 
 class _Role:
-    """A chat model answering conversations (the reviser), with a length guard."""
+    """A chat model answering conversations (the reviser): replies, None where one does not fit."""
 
     def __init__(self, model, tokenizer, *, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.limit = max_positions(model.config)
 
     def reply(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float, seed: int):
-        """Rollouts answering each conversation; None where it does not fit the model."""
-        ids = [render_prompt(self.tokenizer, c) for c in conversations]
-        ok = [i for i, x in enumerate(ids) if self.limit is None or len(x) + max_new_tokens <= self.limit]
-        rolls = sample_groups(self.model, self.tokenizer, [ids[i] for i in ok], group_size=1,
-                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                              batch_size=self.batch_size) if ok else []
-        out = [None] * len(conversations)
-        for i, r in zip(ok, rolls):
-            out[i] = r
-        return out
+        return chat_replies(self.model, self.tokenizer, conversations, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed, batch_size=self.batch_size)
 
 
 def _user_messages(prompt) -> list[dict]:

@@ -136,6 +136,26 @@ def check_template(template: str, fields: set[str], key: str) -> None:
                           fix=f"write the template with every field of {sorted(fields)}.")
 
 
+def chat_replies(model, tokenizer, conversations: list, *, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0, batch_size: int = 64) -> list:
+    """One reply (a :class:`posttrain.rollout.sampler.Rollout`) to each conversation (a message
+    list, or a string as one user turn), chat-rendered; None where prompt + ``max_new_tokens``
+    would not fit the model's context."""
+    from ..data.chat import render_prompt
+    from ..models.loading import max_positions
+    from ..rollout.sampler import sample_groups
+
+    limit = max_positions(model.config)
+    ids = [render_prompt(tokenizer, c) for c in conversations]
+    ok = [i for i, x in enumerate(ids) if limit is None or len(x) + max_new_tokens <= limit]
+    rolls = sample_groups(model, tokenizer, [ids[i] for i in ok], group_size=1, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed, batch_size=batch_size) if ok else []
+    out = [None] * len(conversations)
+    for i, r in zip(ok, rolls):
+        out[i] = r
+    return out
+
+
 def final_line(text: str) -> str:
     """The last non-empty line of a reasoning judge's answer (what is parsed)."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
@@ -164,19 +184,10 @@ class Judge:
     def ask(self, questions: list[str]) -> list[str]:
         """Greedy answers; a question that does not fit the judge's context gets "" (unparseable)
         and is counted in ``too_long``."""
-        from ..data.chat import render_prompt
-        from ..models.loading import max_positions
-        from ..rollout.sampler import sample_groups
-
-        limit = max_positions(self.model.config)
-        ids = [render_prompt(self.tokenizer, q) for q in questions]
-        ok = [i for i, x in enumerate(ids) if limit is None or len(x) + self.max_new_tokens <= limit]
-        self.too_long += len(ids) - len(ok)
-        rolls = sample_groups(self.model, self.tokenizer, [ids[i] for i in ok], group_size=1,
-                              max_new_tokens=self.max_new_tokens, temperature=0.0, batch_size=self.batch_size) if ok else []
-        answers = [""] * len(questions)
-        for i, r in zip(ok, rolls):
-            answers[i] = r.text
+        rolls = chat_replies(self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens,
+                             batch_size=self.batch_size)
+        self.too_long += sum(r is None for r in rolls)
+        answers = ["" if r is None else r.text for r in rolls]
         self.last_answers = answers
         return [final_line(a) for a in answers] if self.reasoning else answers
 
@@ -258,5 +269,5 @@ def load_constitution(path: str | Path) -> list[Principle]:
 
 
 __all__ = ["DEFAULT_COMPARE_TEMPLATE", "DEFAULT_SCORE_TEMPLATE", "REASONING_COMPARE_TEMPLATE", "REASONING_SCORE_TEMPLATE",
-           "Comparison", "Judge", "Principle", "final_line",
+           "Comparison", "Judge", "Principle", "chat_replies", "final_line",
            "check_template", "compare_both_orders", "load_constitution", "parse_choice", "parse_verdict"]
