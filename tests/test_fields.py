@@ -92,6 +92,14 @@ def test_the_config_key_takes_a_mapping_a_preset_or_dotted_overrides(tmp_path):
     assert cfg.data.fields["answer"] == {"field": "answer", "after": "####"}
     with pytest.raises(ConfigError, match="data.fields"):
         load_config(SFTConfig, None, ["data.fields=[a, b]"])
+    # built-in data needs no mapping: a mapping there would be ignored, so it is refused
+    from posttrain.algorithms.rl import load_prompt_source
+    from posttrain.algorithms.sft import load_sft_source
+
+    with pytest.raises(ConfigError, match="data.train=builtin:world-sft is built-in data"):
+        load_sft_source("builtin:world-sft", load_config(SFTConfig, None, ["data.fields=alpaca"]).data, 0)
+    with pytest.raises(ConfigError, match="data.train=builtin:world-problems is built-in data"):
+        load_prompt_source("builtin:world-problems", load_config(RLConfig, None, ["data.fields=gsm8k"]).data, 0)
 
 
 def test_sft_trains_on_gsm8k_and_alpaca_layouts_from_the_command_line(tmp_path, model_dirs, capsys):

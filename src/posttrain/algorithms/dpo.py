@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.fields import FIELDS_HELP
+from ..data.fields import FIELDS_HELP, check_builtin
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
 from ..errors import ConfigError
@@ -172,6 +172,7 @@ def unit_targets(u: Unit) -> list:
 def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int, key: str = "data.train"):
     from ..world import preferences as wp
 
+    check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.",
                           fix=f"set {key} to a JSONL / Parquet file or one of {', '.join(BUILTIN_SOURCES)}.")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.fields import FIELDS_HELP
+from ..data.fields import FIELDS_HELP, check_builtin
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import load_records
 from ..data.chat import render_prompt
@@ -154,6 +154,7 @@ def world_step_records(n: int, *, split: str, seed: int) -> list[dict]:
 
 
 def load_step_source(spec: str, data: PRMDataConfig, seed: int, key: str = "data.train"):
+    check_builtin(spec, data.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_STEPS}.")
     if spec in (BUILTIN_STEPS, BUILTIN_STEPS + "-heldout"):

@@ -69,6 +69,7 @@ from ..ops import (
 from ..rewards import check_reward_fields, compute_rewards, resolve_reward_functions
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
+from ..data.fields import check_builtin
 from ..train.plan import rank_world
 from ..train.rundir import check_output_dir
 from .critic import (
@@ -114,6 +115,7 @@ def world_problem_records(n: int, *, split: str, seed: int) -> list[dict]:
 
 
 def load_prompt_source(spec: str, cfg: RLDataConfig, seed: int, key: str = "data.train"):
+    check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_PROMPTS}.")
     if spec in (BUILTIN_PROMPTS, BUILTIN_PROMPTS + "-heldout"):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.fields import FIELDS_HELP
+from ..data.fields import FIELDS_HELP, check_builtin
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import (
     SFT_FORMATS,
@@ -231,6 +231,7 @@ def world_sft_records(n: int, *, split: str, seed: int) -> list[dict]:
 
 
 def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
+    check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_DATA}.")
     ds = _load_sft_source(spec, cfg, seed)

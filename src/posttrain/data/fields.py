@@ -130,7 +130,15 @@ def map_record(record: Mapping, fields: dict[str, Any], where: str) -> dict:
     return out
 
 
-__all__ = ["PRESETS", "map_record", "resolve_fields"]
+def check_builtin(spec: str, fields, key: str = "data.train") -> None:
+    """Built-in data is generated in posttrain's formats: a field mapping there would be ignored,
+    so it is refused."""
+    if fields and str(spec).startswith("builtin:"):
+        raise ConfigError(f"data.fields is set, but {key}={spec} is built-in data, which needs no mapping.",
+                          fix="remove data.fields, or point the key to the file the mapping is for.")
+
+
+__all__ = ["PRESETS", "check_builtin", "map_record", "resolve_fields"]
 
 FIELDS_HELP = ("Field mapping applied to every record before it is validated, so public data sets load in their "
                "own layout: {target: source field | '{a} {b}' template | {field: f, after: '####'}}, or a preset "

@@ -141,15 +141,17 @@ def _step_totals(algorithm, micro: list[dict], device, accelerator, world: int) 
 
 @torch.no_grad()
 def _sum_gradients(params: list, accelerator) -> None:
-    """Sum the step's gradients over processes (one flat all-reduce); a parameter without a
-    gradient on this process contributes zeros."""
+    """Sum the step's gradients over processes (one flat all-reduce). A parameter without a
+    gradient on a process contributes zeros there; one without a gradient on every process keeps
+    none (so the optimizer skips it, as in a single process)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [present])
     flat = accelerator.reduce(flat, reduction="sum")
     i = 0
-    for p, g in zip(params, grads):
+    for p, g, seen in zip(params, grads, flat[-len(params):].tolist()):
         n = g.numel()
-        p.grad = flat[i:i + n].view_as(g).to(g.dtype)
+        p.grad = flat[i:i + n].view_as(g).to(g.dtype) if seen else None
         i += n
 
 
