@@ -4,9 +4,11 @@ exactly like one process with accumulation N*k (same losses, same weights)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from posttrain.world.tasks import generate_problems
 from .tiny import tiny_model, world_tokenizer
 
 
+ROOT = Path(__file__).resolve().parents[1]  # so the processes can import tests.test_rl:digit_reward
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +34,8 @@ def _free_port() -> int:
 def _torchrun(args: list[str], tmp_path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "posttrain", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -39,6 +45,10 @@ def _losses(run) -> list[float]:
 
 def _assert_same(one, two):
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-6, abs=1e-7)
+    _assert_same_weights(one, two)
+
+
+def _assert_same_weights(one, two):
     a, b = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -99,16 +109,82 @@ def test_a_step_with_fewer_units_than_processes_is_refused():
         assert both == sorted(u for b in single.batches(step) for u in b["u"])
 
 
-def test_grpo_under_two_processes_equals_one_process(ws, tmp_path):
-    """Online RL's plan is not split across processes yet: every process samples the same
-    rollouts (same seeds), and the counts summed over processes halve each one's share, so the
-    summed gradient is the single-process one. Only rank 0 writes the samples."""
-    common = [f"model.name_or_path={ws / 'model'}", "algorithm=grpo", "data.world_examples=12", "data.eval=null",
-              "rollout.group_size=4", "rollout.prompts_per_step=3", "rollout.max_new_tokens=8", "train.max_steps=2",
-              "train.micro_batch_size=2", "train.progress=false", "train.save_every=0", "train.lr=1e-3",
-              "loss.kl_beta=0.0"]
+def _records(run) -> list[dict]:
+    """Every metrics record, without the wall-clock and throughput fields."""
+    out = []
+    for ln in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(ln)
+        out.append({k: v for k, v in rec.items() if isinstance(v, (int, float))
+                    and not k.startswith(("time/", "step_seconds", "tokens_per", "elapsed", "samples_per"))})
+    return out
+
+
+RL_COMMON = ["data.world_examples=24", "data.eval=null", "rollout.group_size=4", "rollout.max_new_tokens=8",
+             "rollout.samples_every=1", "reward.functions=[tests.test_rl:digit_reward]", "train.progress=false",
+             "train.save_every=0", "train.lr=1e-3"]
+
+
+@pytest.mark.parametrize("preset,extra", [
+    # 3 groups over 2 processes: uneven shares (groups 0, 2 / group 1), one micro-batch each
+    ("grpo", ["rollout.prompts_per_step=3", "train.micro_batch_size=2", "train.max_steps=2", "loss.kl_beta=0.0"]),
+    # critic, KL in the reward, 2 mini-batches x 2 epochs (old / reference log-probs and values exchanged), and a
+    # mini-batch of one group for two processes (a zero-weight copy on the other)
+    ("ppo", ["rollout.prompts_per_step=2", "train.micro_batch_size=1", "train.max_steps=4", "loss.mini_batches=2",
+             "loss.epochs=2", "loss.kl_beta=0.05"]),
+    # dynamic sampling decided on the whole batch, batch-whitened advantages (global statistics)
+    ("dapo", ["rollout.prompts_per_step=4", "train.micro_batch_size=1", "train.max_steps=2",
+              "loss.advantage=reinforce_pp", "loss.subtract_group_mean=true"]),
+])
+def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, preset, extra):
+    """Each process samples and scores every other prompt group; the groups are exchanged so
+    rewards, advantages and metrics are the single-process ones, and each process trains its
+    share of the micro-batches. Only rank 0 writes the samples."""
+    common = [f"model.name_or_path={ws / 'model'}", f"algorithm={preset}", *RL_COMMON, *extra]
     assert main(["rl", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
     _torchrun(["rl", *common, f"train.output_dir={tmp_path / 'two'}"], tmp_path)
     _assert_same(tmp_path / "one", tmp_path / "two")
-    one = (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
-    assert (tmp_path / "two" / "samples.jsonl").read_text().splitlines() == one
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert b.keys() == a.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    one = [json.loads(ln) for ln in (tmp_path / "one" / "samples.jsonl").read_text().splitlines()]
+    two = [json.loads(ln) for ln in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["reward"]) for r in two] == \
+        [(r["prompt"], r["completion"], r["reward"]) for r in one]
+    adv = "token_advantages" if preset == "ppo" else "advantage"
+    for a, b in zip(one, two):
+        assert b[adv] == pytest.approx(a[adv], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("command,args,accumulation", [
+    ("rft", ["sampling.prompts_per_round=6", "sampling.samples_per_prompt=4", "sampling.max_new_tokens=8",
+             "sampling.rounds=2", "reward.functions=[tests.test_rft:digit_reward]", "select.threshold=null",
+             "select.max_per_prompt=2", "select.require_finished=false", "train.micro_batch_size=2"], True),
+    ("online-dpo", ["online.steps_per_rollout=2", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                    "rollout.max_new_tokens=8", "reward.functions=[tests.test_rft:digit_reward]",
+                    "train.micro_batch_size=1", "train.max_steps=4", "rollout.samples_every=1"], False),
+])
+def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, command, args, accumulation):
+    """RFT and online DPO sample on every process (the same seeded samples; not split yet) and
+    train their share of each step: the same weights, and their JSONL artefacts written once."""
+    common = [f"model.name_or_path={ws / 'model'}", "data.world_examples=24", "data.eval=null", "train.progress=false",
+              "train.lr=1e-3", *args]
+    # rft's SFT stage as sft: 2 processes x accumulation 1 = 1 process x accumulation 2; online DPO's steps are
+    # its iterations' pairs whatever the process count
+    one, two = (["train.grad_accum=2"], ["train.grad_accum=1"]) if accumulation else ([], [])
+    assert main([command, *common, *one, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    _torchrun([command, *common, *two, f"train.output_dir={tmp_path / 'two'}"], tmp_path)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    files = sorted((tmp_path / "one").rglob("*.jsonl"))
+    assert files
+    for f in files:
+        rel = f.relative_to(tmp_path / "one")
+        if rel.name == "metrics.jsonl":
+            assert _losses(tmp_path / "two" / rel.parent) == pytest.approx(_losses(f.parent), rel=1e-6, abs=1e-7)
+        else:  # the same records, but for wall-clock times
+            def untimed(path):
+                return [{k: v for k, v in json.loads(ln).items() if "seconds" not in k}
+                        for ln in path.read_text().splitlines()]
+            assert untimed(tmp_path / "two" / rel) == untimed(f), rel

@@ -117,6 +117,7 @@ def _critic_weights(run_dir):
 
 def test_grad_accumulation_with_a_critic_equals_one_big_batch(tmp_path):
     results = {}
+    w0 = torch.cat([p.detach().flatten() for p in tiny_model("llama", seed=0, hidden=32).parameters()])
     for mbs in (4, 1):
         out = tmp_path / f"mbs{mbs}"
         model = tiny_model("llama", seed=0, hidden=32)
@@ -132,7 +133,9 @@ def test_grad_accumulation_with_a_critic_equals_one_big_batch(tmp_path):
         assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-6)
         assert abs(b["policy_loss"]) < 1e-6
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert torch.allclose(w1, w4, atol=1e-6)
+    # the two runs' updates agree to 0.1% per element: Adam divides by sqrt(v), so the fp32 rounding of a
+    # near-zero gradient (an embedding row seen once) is amplified up to ~1e-6 absolute at lr 1e-3
+    assert ((w1 - w4).abs() <= 1e-3 * (w4 - w0).abs() + 1e-7).all()
     for name in c4:
         assert torch.allclose(c1[name], c4[name], atol=1e-6), name
 

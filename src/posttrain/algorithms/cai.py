@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, validated
 from ..data.formats import load_records
 from ..data.tokenize import encode_dataset
@@ -489,13 +490,13 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
         if pr.pairs[i] is not None:
             pair_records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": pr.pairs[i][0]}],
                                  "rejected": [{"role": "assistant", "content": pr.pairs[i][1]}]})
-    _write_jsonl(out / "samples.jsonl", [
+    write_on_main(_write_jsonl, out / "samples.jsonl", [
         {"prompt": p.text, "response": responses[i], "response_finished": rolls[i].finished, "rounds": history[i],
          "final": finals[i], "judge_response": v_resp[i], "judge_final": v_rev[i],
          "pair": None if pr.pairs[i] is None else ("revision" if pr.pairs[i][0] == finals[i] else "response"),
          "gold_response": gold_response[i], "gold_final": gold_final[i]} for i, p in enumerate(items)])
-    _write_jsonl(out / "sft.jsonl", sft_records)
-    _write_jsonl(out / "pairs.jsonl", pair_records)
+    write_on_main(_write_jsonl, out / "sft.jsonl", sft_records)
+    write_on_main(_write_jsonl, out / "pairs.jsonl", pair_records)
     summary.update({"sft/records": len(sft_records), "pairs/records": len(pair_records)})
     log(f"wrote {out / 'samples.jsonl'}, {len(sft_records)} SFT records to {out / 'sft.jsonl'}, "
         f"{len(pair_records)} pairs to {out / 'pairs.jsonl'}")
@@ -504,7 +505,7 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     after: dict = {}
     if cfg.select.train == "sft":
         if not sft_records:
-            _write_summary(out, summary)
+            write_on_main(_write_summary, out, summary)
             raise TrainingError(
                 f"cai: no final revision to fine-tune on ({counts}; select.sft={cfg.select.sft}). The loop's artefacts "
                 f"are in {out}.", fix="check samples.jsonl: a reviser that answers nothing usable needs another "
@@ -532,7 +533,7 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
         after = evaluate(model)
         summary.update({f"after/{k}": v for k, v in after.items()})
     summary["seconds"] = time.time() - t0
-    _write_summary(out, summary)
+    write_on_main(_write_summary, out, summary)
     table = summary_table(summary)
     log("\n" + table)
     return CAIResult(summary=summary, final_dir=final_dir, eval_metrics=after or before)

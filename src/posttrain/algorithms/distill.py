@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, validated
 from ..errors import ConfigError
 from ..models.loading import (
@@ -299,9 +300,7 @@ def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResu
     out = Path(cfg.train.output_dir)
     data_file = out.with_name(out.name + "-seqkd_data.jsonl")  # beside the run directory, which sft prepares
     data_file.parent.mkdir(parents=True, exist_ok=True)
-    with data_file.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
+    write_on_main(data_file.write_text, "".join(json.dumps(rec) + "\n" for rec in records), encoding="utf-8")
     sft = SFTConfig(model=cfg.model, data=dataclasses.replace(cfg.data, train=str(data_file)), train=cfg.train)
     if sft.data.eval == "auto":
         sft.data.eval = None

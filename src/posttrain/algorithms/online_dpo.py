@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import EncodedExample
 from ..errors import ConfigError, TrainingError
@@ -299,9 +300,7 @@ class PairPlan:
         self.state.pending = m
         every = ro.samples_every
         if every and k % every == 0:
-            with (self.out_dir / "pairs.jsonl").open("a", encoding="utf-8") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec) + "\n")
+            write_on_main(_append_jsonl, self.out_dir / "pairs.jsonl", records)
         return units
 
     def batches(self, step: int) -> list[dict]:
@@ -403,5 +402,11 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
     return OnlineDPOResult(fit=result, final_dir=result.final_dir,
                            eval_metrics=result.eval_history[-1] if result.eval_history else {})
 
+
+
+def _append_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
 
 __all__ = ["OnlineConfig", "OnlineDPOConfig", "OnlineDPOResult", "Pairing", "best_worst_pairs", "run_online_dpo"]

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.plan import write_on_main
 from ..data.fields import FIELDS_HELP, check_builtin
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import load_records
@@ -373,7 +374,7 @@ def run_prm(cfg: PRMConfig, *, model=None, tokenizer=None, policy=None, log=prin
         labels = [mc_step_labels(torch.tensor(c), cfg.labels.k).tolist() for c in counts]
         label_stats = _label_stats(train_ds.records, labels)
         log("monte-carlo labels: " + ", ".join(f"{k} {v:.3f}" for k, v in label_stats.items()))
-        _write_labels(out / "step_labels.jsonl", train_ds.records, train_steps, labels, counts, cfg.labels.k)
+        write_on_main(_write_labels, out / "step_labels.jsonl", train_ds.records, train_steps, labels, counts, cfg.labels.k)
         del policy
     else:
         missing = [i for i, r in enumerate(train_ds.records) if r.get("labels") is None]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import EncodedExample
 from ..errors import CheckpointError, ConfigError, TrainingError
@@ -279,9 +280,9 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
     out.mkdir(parents=True, exist_ok=True)
     rows = _completed_rounds(out) if cfg.train.resume else []
     if not rows:
-        _clear_rounds(out)
+        write_on_main(_clear_rounds, out)
         row0 = {"round": 0, **evaluate(model)}
-        _append(out, row0)
+        write_on_main(_append, out, row0)
         rows = [row0]
         log(f"round 0 (the starting model): held-out {_fmt(row0.get(metric))}")
     else:
@@ -312,7 +313,7 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
             max_per_prompt=sel.max_per_prompt, dedup=sel.dedup, require_finished=sel.require_finished)
         rdir = out / f"round_{r}"
         rdir.mkdir(parents=True, exist_ok=True)
-        _write_kept(rdir / "kept.jsonl", [prompts[i] for i in idx], by_prompt, total, selection)
+        write_on_main(_write_kept, rdir / "kept.jsonl", [prompts[i] for i in idx], by_prompt, total, selection)
         n = len(idx) * K
         valid = res.valid
         row = {"round": r, "samples": n, "prompts": len(idx),
@@ -351,20 +352,15 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
                      run_config={**dataclasses.asdict(cfg), "round": r}, log=log)
         row.update({"train_loss": result.history[-1].get("loss") if result.history else None,
                     "steps": result.steps, **evaluate(model), "seconds": time.time() - t0})
-        _append(out, row)
+        write_on_main(_append, out, row)
         rows.append(row)
         log(f"round {r}: held-out {_fmt(row.get(metric))} (round 0: {_fmt(rows[0].get(metric))}) in "
             f"{row['seconds']:.0f}s")
 
-    final = out / f"round_{s.rounds}" / "final"
-    if final.is_dir():
-        if (out / "final").exists():
-            raise CheckpointError(f"{out / 'final'} already exists, so the last round's model stays in {final}.",
-                                  fix="move or delete it, then move the last round's final/ there yourself.")
-        os.replace(final, out / "final")
+    write_on_main(_move_final, out / f"round_{s.rounds}" / "final", out / "final")
     table = rounds_table(rows, metric)
     log("\n" + table)
-    (out / "rounds.md").write_text(table + "\n", encoding="utf-8")
+    write_on_main((out / "rounds.md").write_text, table + "\n", encoding="utf-8")
     return RFTResult(rounds=rows, final_dir=out / "final" if (out / "final").is_dir() else None,
                      eval_metrics={k: v for k, v in rows[-1].items() if k.startswith("eval_")})
 
@@ -391,6 +387,15 @@ def _check_run_dir(cfg: RFTConfig, out: Path) -> None:
                                   "train.output_dir.")
     check_output_dir(str(out), resume=None if earlier else cfg.train.resume,
                      overwrite=cfg.train.overwrite_output_dir or earlier, protect=protect)
+
+
+def _move_final(final: Path, target: Path) -> None:
+    """The last round's final/ becomes the run's final/."""
+    if final.is_dir():
+        if target.exists():
+            raise CheckpointError(f"{target} already exists, so the last round's model stays in {final}.",
+                                  fix="move or delete it, then move the last round's final/ there yourself.")
+        os.replace(final, target)
 
 
 def _clear_rounds(out: Path) -> None:

@@ -70,7 +70,7 @@ from ..rewards import check_reward_fields, compute_rewards, resolve_reward_funct
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
 from ..data.fields import check_builtin
-from ..train.plan import rank_world
+from ..train.plan import gather_objects, rank_world, split_even
 from ..train.rundir import check_output_dir
 from .critic import (
     PolicyWithCritic,
@@ -323,7 +323,13 @@ class RolloutPlan:
     ``k * E * M ... (k + 1) * E * M - 1`` (E = loss.epochs, M = loss.mini_batches). Its first step
     samples the rollout batch with the current weights; each epoch shuffles the batch's groups
     (seeded) into M mini-batches of whole groups, each split into micro-batches of
-    ``micro_batch_size`` groups."""
+    ``micro_batch_size`` groups.
+
+    With N processes, every process holds the whole rollout batch (each samples and scores a
+    share of the groups, then they exchange them) and process r trains micro-batches r, r+N, ...
+    of each optimizer step. A step with fewer micro-batches than processes has its groups
+    re-split into N micro-batches; with fewer groups than processes, a process without a group
+    runs a zero-weight copy of one (every process must take part in the step's exchanges)."""
 
     def __init__(self, runner: RLRunner, total_steps: int):
         self.r = runner
@@ -332,6 +338,7 @@ class RolloutPlan:
         self.iteration = -1
         self.groups: list[list[Sample]] = []
         self.last: list[dict] = []
+        self.rank, self.world = rank_world()
 
     def num_steps(self) -> int:
         return self.total
@@ -345,19 +352,35 @@ class RolloutPlan:
 
     def micro_batch_layout(self, iteration: int, epoch: int, mb: int, n_groups: int) -> list[list[int]]:
         """The group indices of each micro-batch of mini-batch ``mb`` in ``epoch`` of ``iteration``
-        (the epoch's seeded shuffle, every ``M``-th group, chunks of ``micro_batch_size``)."""
+        (the epoch's seeded shuffle, every ``M``-th group, chunks of ``micro_batch_size``), for all
+        processes. With N processes there are at least N micro-batches; ``~i`` (negative) stands
+        for a zero-weight copy of group ``i``."""
         order = list(range(n_groups))
         random.Random(_seed("rl-epoch", self.r.seed, iteration, epoch)).shuffle(order)
         m = self.r.loss.mini_batches
         # dynamic sampling can keep fewer groups than mini-batches: an empty share takes the whole batch
         chosen = order[mb::m] or order
         size = self.r.micro_batch_size
-        return [chosen[i:i + size] for i in range(0, len(chosen), size)]
+        micro = [chosen[i:i + size] for i in range(0, len(chosen), size)]
+        if len(micro) < self.world:
+            if len(chosen) >= self.world:
+                micro = split_even(chosen, self.world)
+            else:
+                micro = [[g] for g in chosen] + [[~chosen[i % len(chosen)]]
+                                                 for i in range(self.world - len(chosen))]
+        return micro
 
-    def first_epoch_layout(self, iteration: int, n_groups: int) -> list[list[int]]:
-        """Every micro-batch of the first epoch, in training order."""
-        return [ids for mb in range(self.r.loss.mini_batches)
-                for ids in self.micro_batch_layout(iteration, 0, mb, n_groups)]
+    def share(self, micro: list[list[int]]) -> list[list[int]]:
+        """This process's micro-batches of a step's ``micro`` (all of them in a single process)."""
+        return micro[self.rank::self.world]
+
+    def first_epoch_layout(self, iteration: int, n_groups: int, *, mine: bool = False) -> list[list[int]]:
+        """Every micro-batch of the first epoch, in training order (``mine``: this process's)."""
+        out = []
+        for mb in range(self.r.loss.mini_batches):
+            micro = self.micro_batch_layout(iteration, 0, mb, n_groups)
+            out.extend(self.share(micro) if mine else micro)
+        return out
 
     def batches(self, step: int) -> list[dict]:
         k = step // self.per_iter
@@ -365,13 +388,25 @@ class RolloutPlan:
             self.iteration = k
             self.groups = self.r.rollout(k, self)
         epoch, mb = divmod(step % self.per_iter, self.r.loss.mini_batches)
-        layout = self.micro_batch_layout(self.iteration, epoch, mb, len(self.groups))
-        self.last = [self.r.collate([self.groups[i] for i in ids]) for ids in layout]
+        layout = self.share(self.micro_batch_layout(self.iteration, epoch, mb, len(self.groups)))
+        self.last = []
+        for ids in layout:
+            batch = self.r.collate([group_of(self.groups, i) for i in ids])
+            if all(i < 0 for i in ids):  # a zero-weight copy: no work to count
+                batch["num_input_tokens"] = 0
+            self.last.append(batch)
         return self.last
 
     def probe_batches(self) -> list[dict]:
         """The engine's end-of-run probe: the last step's micro-batches (no new rollout)."""
         return self.last
+
+
+def group_of(groups: list[list[Sample]], i: int) -> list[Sample]:
+    """Group ``i``, or for ``~i`` a copy of it that trains nothing (zero weight)."""
+    if i >= 0:
+        return groups[i]
+    return [dataclasses.replace(s, trained=False) for s in groups[~i]]
 
 
 # --------------------------------------------------------------------------- the runner
@@ -466,15 +501,7 @@ class RLRunner:
             n = want if rounds == 0 else min(4 * want, math.ceil(missing / max(len(kept) / drawn, 0.25)))
             idx = self._next_prompts(n)
             drawn += n
-            t = time.time()
-            rolls = sample_groups(self.model, self.tokenizer, [self.prompts[i].ids for i in idx], group_size=G,
-                                  max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
-                                  top_k=ro.top_k, seed=_seed("rl-sample", self.seed, k, rounds),
-                                  batch_size=ro.batch_size)
-            times["generate"] += time.time() - t
-            t = time.time()
-            scored = self._score(idx, rolls)
-            times["score"] += time.time() - t
+            rolls, scored = self._sample_scored(idx, G, ro.temperature, _seed("rl-sample", self.seed, k, rounds), times)
             metrics_parts.append(scored)
             for gi, i in enumerate(idx):
                 rows = slice(gi * G, (gi + 1) * G)
@@ -499,14 +526,7 @@ class RLRunner:
         # baseline rollouts (ReMax): the greedy completion of each prompt, scored the same way
         baseline = None
         if self.estimator.needs_baseline:
-            t = time.time()
-            pidx = [g[0] for g in kept]
-            greedy = sample_groups(self.model, self.tokenizer, [self.prompts[i].ids for i in pidx], group_size=1,
-                                   max_new_tokens=ro.max_new_tokens, temperature=0.0, batch_size=ro.batch_size)
-            times["generate"] += time.time() - t
-            t = time.time()
-            bs = self._score(pidx, greedy)
-            times["score"] += time.time() - t
+            _, bs = self._sample_scored([g[0] for g in kept], 1, 0.0, 0, times)
             base = torch.where(bs["valid"], bs["total"], torch.full_like(bs["total"], float("nan")))
             baseline = base.repeat_interleave(G)
         # samples
@@ -539,7 +559,7 @@ class RLRunner:
         # old / reference log-probs through the training layout
         t = time.time()
         if self.needs_old or self.reference is not None or self.critic is not None:
-            self._attach_logprobs(groups, plan.first_epoch_layout(k, len(groups)))
+            self._attach_logprobs(groups, plan.first_epoch_layout(k, len(groups), mine=True))
         times["logprobs"] += time.time() - t
         kl_seq = None
         if self.reference is not None:
@@ -571,6 +591,41 @@ class RLRunner:
         self.state.pending.update(process_metrics)
         self._write_samples(k, kept, groups)
         return groups
+
+    def _sample_scored(self, idx: list[int], G: int, temperature: float, seed: int, times: dict):
+        """``G`` rollouts of each prompt ``idx[p]`` (group id ``p``) and their scores. With N
+        processes, process r samples and scores groups r, r+N, ... and the shares are exchanged,
+        so every process returns the whole batch (the same as a single process would)."""
+        ro = self.cfg.rollout
+        rank, world = rank_world()
+        mine = list(range(rank, len(idx), world))
+        t = time.time()
+        rolls = sample_groups(self.model, self.tokenizer, [self.prompts[idx[p]].ids for p in mine], group_size=G,
+                              max_new_tokens=ro.max_new_tokens, temperature=temperature, top_p=ro.top_p,
+                              top_k=ro.top_k, seed=seed, batch_size=ro.batch_size, group_ids=mine)
+        times["generate"] += time.time() - t
+        t = time.time()
+        scored = self._score([idx[p] for p in mine], rolls) if mine else None
+        times["score"] += time.time() - t
+        if world == 1:
+            return rolls, scored
+        parts = [part for part in gather_objects((mine, rolls, scored)) if part[0]]
+        full: list[Rollout | None] = [None] * (len(idx) * G)
+        for ps, rs, _ in parts:
+            for n, p in enumerate(ps):
+                full[p * G:(p + 1) * G] = rs[n * G:(n + 1) * G]
+        merged: dict = {"invalid_counts": {}}
+        for key, v in parts[0][2].items():
+            if torch.is_tensor(v):
+                out = torch.empty((len(idx) * G,), dtype=v.dtype)
+                for ps, _, sc in parts:
+                    rows = torch.tensor([p * G + j for p in ps for j in range(G)])
+                    out[rows] = sc[key]
+                merged[key] = out
+        for _, _, sc in parts:
+            for name, c in sc["invalid_counts"].items():
+                merged["invalid_counts"][name] = merged["invalid_counts"].get(name, 0) + c
+        return full, merged
 
     def _token_advantages(self, groups: list[list[Sample]], total: torch.Tensor, valid: torch.Tensor) -> dict:
         """GAE over per-token rewards: the sequence reward at the last token, ``-beta * k`` on every
@@ -635,7 +690,8 @@ class RLRunner:
         done: set[int] = set()
         try:
             for ids in layout:
-                ids = [i for i in ids if i not in done]  # an empty mini-batch share repeats the batch
+                # an empty mini-batch share repeats the batch; ~i is a zero-weight copy
+                ids = [i for i in ids if i >= 0 and i not in done]
                 done.update(ids)
                 if not ids:
                     continue
@@ -657,6 +713,12 @@ class RLRunner:
             self.model.train(was)
             if self.critic is not None:
                 self.critic.train(was)
+        if rank_world()[1] > 1:  # each process computed its own micro-batches: exchange them
+            mine = {i: [(s.old_logps, s.ref_logps, s.old_values) for s in groups[i]] for i in sorted(done)}
+            for part in gather_objects(mine):
+                for i, rows in part.items():
+                    for s, (old, ref, values) in zip(groups[i], rows):
+                        s.old_logps, s.ref_logps, s.old_values = old, ref, values
 
     def _seq_values(self, batch: dict, n_seq: int) -> list[list[float]]:
         return _per_sequence(critic_values(self.critic, batch), batch, n_seq)

@@ -10,8 +10,12 @@ general generation:
 * **Finished rows leave the batch.** When a row emits a stop token it is dropped from the cache
   and from every later forward pass, so a batch whose answers have mostly ended costs only
   what its unfinished rows cost.
-* **Seeded.** Sampling draws from an explicit ``torch.Generator``, so a rollout is a function of
-  (weights, prompts, seed): a resumed run regenerates exactly what the uninterrupted run did.
+* **Seeded per sample.** Sample ``j`` of group ``g`` draws its tokens by inverse-CDF sampling
+  from uniforms of its own generator, seeded by ``(seed, g, j)``; so a rollout is a function of
+  (weights, prompt, seed, group id, j) and not of which other prompts share its batch. A resumed
+  run regenerates exactly what the uninterrupted run did, ``batch_size`` changes nothing but
+  speed, and data-parallel processes that each sample a share of the groups (passing their
+  global ``group_ids``) together draw exactly the single-process samples.
 * **Log-probs come with the sample.** Each token's ``log softmax(logits / temperature)`` under the
   full distribution (top-k / top-p only decide which tokens may be drawn), the quantity the
   trainer recomputes as the "old" log-prob. The two differ only numerically (cached vs full
@@ -24,6 +28,7 @@ one's place without the training loop knowing (no backend types leave ``rollout/
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,15 +84,22 @@ def sample_groups(
     top_k: int = 0,
     seed: int = 0,
     batch_size: int = 64,
+    group_ids: Sequence[int] | None = None,
 ) -> list[Rollout]:
     """``group_size`` completions for each prompt (greedy when ``temperature == 0``).
 
     Returns ``len(prompts) * group_size`` rollouts in group order: sample ``j`` of prompt ``i``
     is element ``i * group_size + j``. ``batch_size`` bounds the sequences decoded together
-    (a chunk holds ``max(1, batch_size // group_size)`` prompts). Deterministic given ``seed``.
+    (a chunk holds ``max(1, batch_size // group_size)`` prompts). Sample ``j`` of prompt ``i``
+    draws from a generator seeded by ``(seed, group_ids[i], j)`` (``group_ids`` defaults to
+    ``0 .. len(prompts)-1``), so a process sampling a share of a batch passes the share's
+    positions in the whole batch and gets the samples the whole batch would have had.
     """
     if not prompts:
         return []
+    group_ids = list(range(len(prompts))) if group_ids is None else [int(g) for g in group_ids]
+    if len(group_ids) != len(prompts):
+        raise ValueError(f"group_ids has {len(group_ids)} entries for {len(prompts)} prompts")
     model = base_model_of(model)  # a PeftModel decodes through its transformers model (LoRA layers inside)
     check_position_limit(model, prompts, max_new_tokens, key="rollout.max_new_tokens (or data.max_prompt_length)")
     stops = torch.tensor(stop_token_ids(tokenizer, model), dtype=torch.long)
@@ -95,21 +107,44 @@ def sample_groups(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
     per_chunk = max(1, batch_size // group_size)
     results: list[Rollout] = []
     try:
         for start in range(0, len(prompts), per_chunk):
             chunk = list(range(start, min(start + per_chunk, len(prompts))))
+            uniforms = None
+            if temperature > 0:
+                uniforms = torch.stack([row_uniforms(seed, group_ids[i], j, max_new_tokens)
+                                        for i in chunk for j in range(group_size)])
             results.extend(_sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens,
-                                         temperature, top_p, top_k, generator, stops, pad_id, device))
+                                         temperature, top_p, top_k, uniforms, stops, pad_id, device))
     finally:
         model.train(was_training)
     return results
 
 
+def row_uniforms(seed: int, group_id: int, j: int, n: int) -> torch.Tensor:
+    """The ``n`` uniforms in [0, 1) that sample ``j`` of group ``group_id`` draws its tokens with."""
+    digest = hashlib.sha256(f"{int(seed)}/{int(group_id)}/{int(j)}".encode()).digest()
+    gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
+    return torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (rows need not sum to 1) by inverse-CDF sampling with the
+    uniforms ``u``: the first token whose cumulative mass exceeds ``u * total``. A token of zero
+    probability is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # u * total can round up to the total: fall back to the last token with mass
+    vocab = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, vocab, torch.zeros_like(vocab)).amax(-1)
+    return torch.minimum(idx, last)
+
+
 def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, temperature, top_p, top_k,
-                  generator, stops, pad_id, device) -> list[Rollout]:
+                  uniforms, stops, pad_id, device) -> list[Rollout]:
     input_ids, attention = left_pad([prompts[i] for i in chunk], pad_id)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
@@ -132,7 +167,7 @@ def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, 
         if temperature > 0:
             scaled = logits / temperature
             probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
-            chosen = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+            chosen = draw_tokens(probs.cpu(), uniforms[active, step]).to(device)
         else:
             scaled = logits
             chosen = logits.argmax(-1)

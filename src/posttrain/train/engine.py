@@ -158,15 +158,20 @@ def _sum_gradients(params: list, accelerator) -> None:
 @torch.no_grad()
 def probe_loss(model, algorithm, plan, device, accelerator, world: int) -> float:
     """The loss of ``model`` (eval mode) on the first optimizer step's micro-batches, or on the
-    plan's ``probe_batches()`` when it has them (online RL: the last step's, without sampling)."""
+    plan's ``probe_batches()`` when it has them (online RL: the last step's, without sampling),
+    summed over processes."""
     was = model.training
     model.eval()
     probe = plan.probe_batches() if hasattr(plan, "probe_batches") else plan.batches(0)
     micro = [to_device(b, device) for b in probe]
     _, totals_t = _step_totals(algorithm, micro, device, accelerator, world)
-    total = sum(float(algorithm.loss(model, b, totals_t)[0]) for b in micro)
+    total = torch.zeros((), device=device)
+    for b in micro:
+        total += algorithm.loss(model, b, totals_t)[0].detach().float()
+    if world > 1:  # every process sees the same sum, so all of them stop (or go on) together
+        total = accelerator.reduce(total, reduction="sum")
     model.train(was)
-    return total
+    return float(total)
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -331,6 +336,8 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                # the step's counts over all processes (totals holds this process's share)
+                totals = {k: int(v) for k, v in totals_t.items()}
                 n_tok = int(totals.get("tokens", 0))
                 tokens_seen += n_tok
                 dt = time.time() - t0
@@ -397,6 +404,9 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
             final = out / "final"
             save_pretrained_atomic(unwrapped, tokenizer, final)
             result.final_dir = final
+        if world > 1:  # every process returns once final/ is complete (a caller may read it next)
+            accelerator.wait_for_everyone()
+            result.final_dir = out / "final"
     except KeyboardInterrupt:  # also while the final checkpoint or final/ is written
         latest = _latest_checkpoint(ckpt_dir)
         raise RunInterrupted(step=result.steps, total_steps=total_steps, output_dir=out, checkpoint=latest) from None

@@ -36,7 +36,36 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _split(units: list, parts: int) -> list[list]:
+def gather_objects(obj) -> list:
+    """``obj`` from every process, in rank order (``[obj]`` in a single process). The objects
+    travel between this run's own processes (``torch.distributed.all_gather_object``)."""
+    _, world = rank_world()
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def write_on_main(write: Callable[..., None], *args, **kwargs) -> None:
+    """Run ``write(*args, **kwargs)`` (a file write) on rank 0 only; with several processes the
+    others wait until it is done, so a file that is read back next is complete for everyone."""
+    rank, world = rank_world()
+    if rank == 0:
+        write(*args, **kwargs)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            from accelerate import PartialState
+
+            PartialState()  # the launcher's process group (gloo on CPU, nccl on GPUs)
+        dist.barrier()
+
+
+def split_even(units: list, parts: int) -> list[list]:
     """``units`` in ``parts`` consecutive, non-empty, near-equal chunks."""
     q, r = divmod(len(units), parts)
     out, i = [], 0
@@ -104,7 +133,7 @@ class StepPlan:
                             fix="use fewer processes, or change train.micro_batch_size / train.grad_accum / the data "
                             "size so every step has at least one unit per process.")
                     parts = self.world * math.ceil(len(mbs) / self.world)
-                    steps[s] = _split(flat, parts if len(flat) >= parts else self.world)
+                    steps[s] = split_even(flat, parts if len(flat) >= parts else self.world)
         return steps
 
     def num_steps(self) -> int:
