@@ -31,12 +31,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], tmp_path) -> None:
+def _torchrun(args: list[str], tmp_path, *, check: bool = True, env_extra: dict | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "posttrain", *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           **(env_extra or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
 
 
 def _losses(run) -> list[float]:
@@ -60,6 +63,8 @@ def ws(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ddp")
     tiny_model("llama", hidden=32).save_pretrained(ws / "model")
     world_tokenizer().save_pretrained(ws / "model")
+    tiny_model("llama", hidden=32, seed=1).save_pretrained(ws / "teacher")  # another model to distil from
+    world_tokenizer().save_pretrained(ws / "teacher")
     (ws / "sft.jsonl").write_text("".join(json.dumps(sft_record(p)) + "\n" for p in generate_problems(36, seed=0)))
     (ws / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_records(22, seed=0)))
     return ws
@@ -188,3 +193,139 @@ def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, c
                 return [{k: v for k, v in json.loads(ln).items() if "seconds" not in k}
                         for ln in path.read_text().splitlines()]
             assert untimed(tmp_path / "two" / rel) == untimed(f), rel
+
+
+def _grad_norms(run) -> list[float]:
+    return [json.loads(ln)["grad_norm"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+            if '"grad_norm"' in ln]
+
+
+FSDP_CASES = {
+    # eval loss computed on the sharded model too; checkpoints gathered every 2 steps
+    "sft": ["data.max_length=128", "train.save_every=2"],
+    "dpo": ["data.max_length=192", "loss.name=dpo", "train.save_every=0"],
+    "rm": ["data.max_length=192", "train.save_every=0"],
+    # token-level KD: the teacher stays whole on every process
+    "distill": ["data.max_length=128", "train.save_every=0", "teacher.name_or_path={ws}/teacher"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(FSDP_CASES))
+def test_fsdp2_two_processes_equal_one_process(ws, tmp_path, command):
+    """train.sharding=fsdp2: decoder layers, backbone and head sharded over 2 processes (gradients
+    reduce-scattered as sums); the same losses, gradient norms and weights as one unsharded
+    process with double accumulation, and final/ is a whole Hugging Face model."""
+    data = ws / ("sft.jsonl" if command in ("sft", "distill") else "pairs.jsonl")
+    common = [f"model.name_or_path={ws / 'model'}", f"data.train={data}", "train.micro_batch_size=2",
+              "train.epochs=1", "train.progress=false", "train.lr=1e-3",
+              *(a.format(ws=ws) for a in FSDP_CASES[command])]
+    common.append(f"data.eval={data}" if command == "sft" else "data.eval=null")
+    assert main([command, *common, "train.grad_accum=4", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    _torchrun([command, *common, "train.grad_accum=2", "train.sharding=fsdp2", f"train.output_dir={tmp_path / 'two'}"],
+              tmp_path)
+    _assert_same(tmp_path / "one", tmp_path / "two")
+    assert _grad_norms(tmp_path / "two") == pytest.approx(_grad_norms(tmp_path / "one"), rel=1e-5)
+    if command == "sft":
+        evals = [[json.loads(ln)["eval_loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+                  if '"eval_loss"' in ln] for d in ("one", "two")]
+        assert evals[0] and evals[1] == pytest.approx(evals[0], rel=1e-5)
+        # a gathered checkpoint holds the whole model and optimizer state, like an unsharded one
+        ckpt = tmp_path / "two" / "checkpoints" / "step-000002"
+        assert load_file(str(ckpt / "model" / "model.safetensors")).keys() == \
+            load_file(str(tmp_path / "one" / "final" / "model.safetensors")).keys()
+
+
+def test_fsdp2_resume_from_a_gathered_checkpoint_is_exact_with_or_without_sharding(ws, tmp_path):
+    import shutil
+
+    common = [f"model.name_or_path={ws / 'model'}", f"data.train={ws / 'sft.jsonl'}", "data.eval=null",
+              "data.max_length=128", "train.micro_batch_size=2", "train.epochs=1", "train.progress=false",
+              "train.lr=1e-3", "train.grad_accum=2", "train.save_every=2"]
+    _torchrun(["sft", *common, "train.sharding=fsdp2", f"train.output_dir={tmp_path / 'full'}"], tmp_path)
+    for name, sharding in (("sharded", "fsdp2"), ("unsharded", "none")):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000002", run / "checkpoints" / "step-000002")
+        _torchrun(["sft", *common, f"train.sharding={sharding}", "train.resume=auto", f"train.output_dir={run}"],
+                  tmp_path)
+        assert _losses(run) == pytest.approx(_losses(tmp_path / "full")[2:], rel=1e-6)
+        _assert_same_weights(tmp_path / "full", run)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["rl", "algorithm=grpo"], "samples from the model while it trains"),
+    (["rft"], "rft samples from the model between its training stages"),
+    (["sft", "model.peft.method=lora"], "with a LoRA / QLoRA adapter"),
+])
+def test_fsdp2_refuses_what_it_cannot_shard(ws, tmp_path, capsys, argv, fragment):
+    extra = [f"data.train={ws / 'sft.jsonl'}", "data.max_length=128"] if argv[0] == "sft" else \
+        ["data.world_examples=8", "reward.functions=[tests.test_rl:digit_reward]"]
+    code = main([*argv, f"model.name_or_path={ws / 'model'}", "data.eval=null", "train.sharding=fsdp2",
+                 "train.progress=false", f"train.output_dir={tmp_path / 'r'}", *extra])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert fragment in err and "train.sharding=none" in err
+
+
+def test_launcher_configurations_map_to_sharding(monkeypatch):
+    from posttrain.errors import ConfigError
+    from posttrain.train.sharding import reshard_from_launcher, sharding_from_launcher
+
+    assert sharding_from_launcher("none") == "none"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert sharding_from_launcher("none") == "fsdp2" and reshard_from_launcher(True) is False
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        sharding_from_launcher("none")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        sharding_from_launcher("none")
+
+
+def test_bf16_from_the_launcher_is_applied_or_refused_on_a_cpu_without_bf16(monkeypatch):
+    import posttrain.train.engine as engine
+    from posttrain.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    assert engine.resolve_mixed_precision("no", cpu) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: True)
+    assert engine.resolve_mixed_precision("no", cpu) == "bf16"  # the launcher's setting is not dropped
+    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="accelerate configuration .* no bf16 units"):
+        engine.resolve_mixed_precision("no", cpu)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(ConfigError, match="train.mixed_precision=bf16 asks for bf16"):
+        engine.resolve_mixed_precision("bf16", cpu)
+    assert engine.resolve_mixed_precision("bf16", torch.device("meta")) == "bf16"  # (not a CPU)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="fp16"):
+        engine.resolve_mixed_precision("no", cpu)
+
+
+def fails_on_rank_one(prompts, completions, **_):
+    """A reward function that raises on the second process only."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("reward server unreachable (simulated on rank 1)")
+    return [0.0] * len(completions)
+
+
+def test_a_crash_on_one_process_stops_the_run_naming_it(ws, tmp_path):
+    """Rank 1 fails while rank 0 waits in the sample exchange: the launcher stops rank 0 and
+    names rank 1 as the root cause; nothing hangs, no final/ is written."""
+    import time
+
+    t0 = time.time()
+    r = _torchrun(["rl", f"model.name_or_path={ws / 'model'}", *RL_COMMON,
+                   "reward.functions=[tests.test_distributed:fails_on_rank_one]", "rollout.prompts_per_step=2",
+                   "train.max_steps=2", f"train.output_dir={tmp_path / 'r'}"], tmp_path, check=False,
+                  env_extra={"POSTTRAIN_DIST_TIMEOUT": "120"})
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and time.time() - t0 < 120
+    assert "reward server unreachable (simulated on rank 1)" in out
+    root = out[out.index("Root Cause"):]
+    assert "rank      : 1" in root
+    assert not (tmp_path / "r" / "final").exists()

@@ -165,6 +165,10 @@ class CAIConfig:
         output_dir="runs/cai", lr=3e-5, micro_batch_size=8, epochs=1.0, warmup_ratio=0.0, min_lr_ratio=1.0))
 
     def validate(self) -> None:
+        if self.train.sharding != "none":
+            raise ConfigError(f"train.sharding={self.train.sharding}: cai samples from the model between its "
+                              "training stages, which sharding does not support.",
+                              fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
         if self.train.resume:
             raise ConfigError(f"train.resume={self.train.resume!r}: cai does not resume (its sampling stage is short "
                               "and is redone).", fix="remove train.resume and rerun into a new train.output_dir.")

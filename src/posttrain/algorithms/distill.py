@@ -182,6 +182,8 @@ class OnPolicyPlan:
     """A step of the SFT plan with every example's completion resampled from the current student
     (on the steps drawn as on-policy); other steps are the data's. See the module docstring."""
 
+    samples_from_model = True  # the engine refuses to shard it (train.sharding)
+
     def __init__(self, base, *, model, tokenizer, fraction: float, max_new_tokens: int, temperature: float,
                  seed: int, packing: bool, row_length: int, pad_token_id: int):
         self.base, self.model, self.tokenizer = base, model, tokenizer

@@ -189,6 +189,8 @@ class PairPlan:
     (K = online.steps_per_rollout); its first step samples and pairs with the current weights,
     then the pairs are shuffled (seeded) into K mini-batches of micro-batches."""
 
+    samples_from_model = True  # the engine refuses to shard it (train.sharding)
+
     def __init__(self, cfg: OnlineDPOConfig, *, model, reference, tokenizer, prompts, functions, gold, algo,
                  state: OnlineState, log, out_dir: Path):
         self.cfg = cfg

@@ -101,6 +101,10 @@ class RFTConfig:
         output_dir="runs/rft", lr=3e-5, micro_batch_size=8, epochs=1.0, warmup_ratio=0.0, min_lr_ratio=1.0))
 
     def validate(self) -> None:
+        if self.train.sharding != "none":
+            raise ConfigError(f"train.sharding={self.train.sharding}: rft samples from the model between its "
+                              "training stages, which sharding does not support.",
+                              fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
         if self.select.threshold is None and self.select.max_per_prompt == 0:
             raise ConfigError(
                 "select.threshold is null and select.max_per_prompt is 0, so every sample would be kept: that is "

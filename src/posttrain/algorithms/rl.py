@@ -331,6 +331,8 @@ class RolloutPlan:
     re-split into N micro-batches; with fewer groups than processes, a process without a group
     runs a zero-weight copy of one (every process must take part in the step's exchanges)."""
 
+    samples_from_model = True  # the engine refuses to shard it (train.sharding)
+
     def __init__(self, runner: RLRunner, total_steps: int):
         self.r = runner
         self.total = total_steps

@@ -48,6 +48,8 @@ RESUME_SAFE_KEYS = frozenset({
     "train.resume", "train.progress", "train.report_to", "train.log_every", "train.eval_every",
     "train.save_every", "train.save_total_limit", "train.max_bad_steps", "train.output_dir",
     "train.overwrite_output_dir",  # (a resumed run may not set it; the run that wrote the checkpoint may have)
+    # checkpoints are written unsharded, so a run may resume with or without sharding
+    "train.sharding", "train.fsdp_reshard_after_forward",
 })
 
 

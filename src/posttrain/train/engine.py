@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +48,18 @@ from .checkpoint import (
 from .logging import MetricsLogger
 from .neftune import neftune
 from .optim import build_optimizer, build_scheduler
+from .plan import init_distributed
 from .rundir import prepare_output_dir, run_lock
+from .sharding import (
+    by_index,
+    decoder_layers,
+    full_optimizer_state,
+    gathered_copy,
+    load_full_optimizer_state,
+    reshard_from_launcher,
+    shard_model,
+    sharding_from_launcher,
+)
 
 
 class Algorithm(Protocol):
@@ -89,6 +101,8 @@ class EngineConfig:
     overwrite_output_dir: bool = False
     seed: int = 0
     mixed_precision: str = "no"
+    sharding: str = "none"
+    fsdp_reshard_after_forward: bool = True
     progress: bool = True
     report_to: tuple[str, ...] = ()
 
@@ -137,6 +151,61 @@ def _step_totals(algorithm, micro: list[dict], device, accelerator, world: int) 
     if world > 1:
         vec = accelerator.reduce(vec, reduction="sum")
     return totals, dict(zip(keys, vec))
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AVX-512 BF16 / AMX class units)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_mixed_precision(configured: str, device) -> str:
+    """``train.mixed_precision``, or bf16 when ``accelerate launch`` was configured with it (posttrain
+    applies the autocast itself, so the launcher's setting must not be silently dropped); fp16 and
+    bf16 on a CPU without bf16 units are refused."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher == "fp16" or configured == "fp16":
+        raise ConfigError("The accelerate configuration asks for fp16 mixed precision; posttrain trains in fp32 or "
+                          "with bf16 autocast (fp16 would need loss scaling).",
+                          fix="set mixed_precision: bf16 (or no) in the accelerate config.")
+    mode = "bf16" if launcher == "bf16" else configured
+    if mode == "bf16" and getattr(device, "type", str(device)) == "cpu" and not cpu_bf16_supported():
+        source = ("the accelerate configuration (mixed_precision: bf16)" if launcher == "bf16"
+                  else "train.mixed_precision=bf16")
+        raise ConfigError(f"{source} asks for bf16 compute, but this CPU has no bf16 units (AVX-512 BF16 / AMX): "
+                          "bf16 would be emulated, many times slower than fp32, and less exact.",
+                          fix="train in fp32 on this machine (train.mixed_precision=no, mixed_precision: no in the "
+                          "accelerate config), or use a GPU or a CPU with bf16 support.")
+    return mode
+
+
+class _StateView:
+    """An optimizer state gathered from the shards, standing in for the optimizer when a
+    checkpoint is written (only ``state_dict()`` is read)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def _check_shardable(model, plan) -> None:
+    """Sharding needs every process to run the same forward passes in the same order, which the
+    sampling methods (their rollouts are split across processes or end at different lengths) and
+    adapters (not wired to FSDP2 here) do not guarantee."""
+    from ..models.peft import is_peft
+
+    if is_peft(model):
+        raise ConfigError("train.sharding=fsdp2 with a LoRA / QLoRA adapter (model.peft) is not supported.",
+                          fix="use train.sharding=none: with an adapter only its small weights have gradients and "
+                          "optimizer state, so data parallel usually fits.")
+    if getattr(plan, "samples_from_model", False):
+        raise ConfigError("train.sharding=fsdp2 is for sft, rm, the dpo family, prm and distill; this command samples "
+                          "from the model while it trains, which sharding does not support yet.",
+                          fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
 
 
 @torch.no_grad()
@@ -208,6 +277,7 @@ def fit(
     """
     from accelerate import Accelerator
 
+    init_distributed()  # (with posttrain's timeout, before accelerate joins the group)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if plan.num_steps() <= 0:
         raise TrainingError("The training plan has no optimizer steps (the dataset is empty after "
@@ -233,12 +303,21 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                                 min_lr_ratio=cfg.min_lr_ratio)
     world = accelerator.num_processes
     kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError(f"The accelerate configuration asks for {kind}, which posttrain does not support yet: it "
-                          "would train as plain data parallel with a full model copy per process, not sharded.",
-                          fix="launch without the FSDP / DeepSpeed / Megatron options (accelerate launch "
-                          "--num_processes N -m posttrain ..., or torchrun), or use LoRA to fit the model.")
-    if world > 1:
+    if kind == "MEGATRON_LM":
+        raise ConfigError("The accelerate configuration asks for Megatron-LM, which posttrain does not support.",
+                          fix="launch with FSDP2 (configs/accelerate/fsdp2.yaml) or plain data parallel.")
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision, accelerator.device)
+    sharding = sharding_from_launcher(cfg.sharding)
+    reshard = reshard_from_launcher(cfg.fsdp_reshard_after_forward)
+    if sharding == "fsdp2":
+        _check_shardable(model, plan)
+        if world == 1:
+            log("note: train.sharding=fsdp2 with one process: nothing to shard, training unsharded")
+            sharding = "none"
+    sharded = sharding == "fsdp2"
+    if sharded:
+        model = model.to(accelerator.device)  # the optimizer is rebuilt over the shards after resuming
+    elif world > 1:
         # Data parallel without a DDP wrapper: every process runs the model as is (so the fused
         # LM-head path, adapters and reference tricks stay unchanged) and the step's gradients are
         # summed over processes once, after the last micro-batch (_sum_gradients).
@@ -270,10 +349,35 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                     f"({type(cb).__name__}: {type(e).__name__}: {e}).",
                     fix="resume from an earlier checkpoint, or start a fresh run.") from None
         log(f"resumed from {resume_from} at step {start_step}/{total_steps}")
+    if sharded:
+        # checkpoints are unsharded: a resumed state was loaded into the whole model and optimizer
+        # above; carry the optimizer state over to the shards by parameter name
+        resumed = full_optimizer_state(model, optimizer, everywhere=True) if resume_from is not None else None
+        shard_model(model, reshard_after_forward=reshard)
+        optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        sched_state = scheduler.state_dict()
+        scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                    min_lr_ratio=cfg.min_lr_ratio)
+        scheduler.load_state_dict(sched_state)
+        if resumed is not None:
+            load_full_optimizer_state(model, optimizer, resumed)
+        log(f"sharded: FSDP2 over {world} processes, {len(decoder_layers(model))} decoder layers + the rest "
+            f"({'reshard' if reshard else 'keep gathered weights'} after forward)")
 
-    def checkpoint(step: int) -> Path:
-        path = save_checkpoint(ckpt_dir, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                               optimizer=optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
+    def checkpoint(step: int, gathered: tuple | None = None) -> Path | None:
+        """Write a checkpoint (rank 0). Under sharding every process takes part in gathering the
+        whole weights (unless already gathered: ``(copy,)``, None on other ranks) and the optimizer
+        state, which are written unsharded."""
+        ckpt_model, ckpt_optimizer = accelerator.unwrap_model(model), optimizer
+        if sharded:
+            ckpt_model = gathered[0] if gathered is not None else gathered_copy(model)
+            named = full_optimizer_state(model, optimizer)  # (collective; whole on rank 0, empty elsewhere)
+            ckpt_optimizer = _StateView(by_index(named)) if accelerator.is_main_process else None
+        if not accelerator.is_main_process:
+            return None
+        path = save_checkpoint(ckpt_dir, model=ckpt_model, tokenizer=tokenizer,
+                               optimizer=ckpt_optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
                                fingerprint=plan.fingerprint(), config=run_config, extra={"inputs": inputs or {}},
                                extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
         if cfg.save_total_limit:
@@ -300,8 +404,10 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                 totals, totals_t = _step_totals(algorithm, micro, device, accelerator, world)
                 metrics: dict[str, torch.Tensor] = {}
                 loss_total = torch.zeros((), device=device)
-                for b in micro:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                for i, b in enumerate(micro):
+                    if sharded:  # reduce-scatter the summed gradients once, after the step's last micro-batch
+                        model.set_requires_gradient_sync(i == len(micro) - 1)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
                         # the loss is this micro-batch's share of the step's global normalizer
                         loss, m = algorithm.loss(model, b, totals_t)
                         accelerator.backward(loss)
@@ -309,12 +415,17 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0) + v.detach()
                 if world > 1:
-                    _sum_gradients(params, accelerator)
+                    if not sharded:  # (FSDP2 has summed them in the backward pass)
+                        _sum_gradients(params, accelerator)
                     loss_total = accelerator.reduce(loss_total, reduction="sum")
                     # metrics are sums over micro-batches: sum them over processes too
                     metrics = {k: accelerator.reduce(torch.as_tensor(v, device=device, dtype=torch.float32),
                                                      reduction="sum") for k, v in sorted(metrics.items())}
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 grads first
+                if sharded:  # the norm over all shards
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 grads first
                 lr = scheduler.get_last_lr()[0]
                 finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
                 if finite:
@@ -370,7 +481,7 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                     eval_record = {"step": step + 1, **eval_metrics}
                     result.eval_history.append(eval_record)
                     logger.log(eval_record, split="eval")
-                if (accelerator.is_main_process and not last and cfg.save_every
+                if ((accelerator.is_main_process or sharded) and not last and cfg.save_every
                         and (step + 1) % cfg.save_every == 0):
                     with tqdm.external_write_mode():
                         checkpoint(step + 1)
@@ -398,11 +509,12 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                 fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), keep "
                 "gradient clipping on (train.max_grad_norm), and check the data.",
             )
+        whole = gathered_copy(model) if sharded else unwrapped  # (every process gathers; rank 0 gets it)
+        if last_saved != total_steps and (accelerator.is_main_process or sharded):
+            checkpoint(total_steps, gathered=(whole,))
         if accelerator.is_main_process:
-            if last_saved != total_steps:
-                checkpoint(total_steps)
             final = out / "final"
-            save_pretrained_atomic(unwrapped, tokenizer, final)
+            save_pretrained_atomic(whole, tokenizer, final)
             result.final_dir = final
         if world > 1:  # every process returns once final/ is complete (a caller may read it next)
             accelerator.wait_for_everyone()

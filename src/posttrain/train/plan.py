@@ -49,6 +49,27 @@ def gather_objects(obj) -> list:
     return out
 
 
+# How long a process waits in a collective for the others (gradient sums, sample exchange, the
+# barrier while rank 0 writes a checkpoint) before it fails instead of hanging. A crashed process
+# ends the run sooner: the launcher (torchrun / accelerate launch) stops the others.
+DIST_TIMEOUT_S = int(os.environ.get("POSTTRAIN_DIST_TIMEOUT", 1800))
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group (gloo on CPU, nccl on GPUs) with posttrain's timeout;
+    a no-op in a single process or when already joined."""
+    if rank_world()[1] == 1:
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    if not dist.is_initialized():
+        PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
+
+
 def write_on_main(write: Callable[..., None], *args, **kwargs) -> None:
     """Run ``write(*args, **kwargs)`` (a file write) on rank 0 only; with several processes the
     others wait until it is done, so a file that is read back next is complete for everyone."""
@@ -58,10 +79,7 @@ def write_on_main(write: Callable[..., None], *args, **kwargs) -> None:
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            from accelerate import PartialState
-
-            PartialState()  # the launcher's process group (gloo on CPU, nccl on GPUs)
+        init_distributed()
         dist.barrier()
 
 

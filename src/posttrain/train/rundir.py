@@ -171,8 +171,10 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
             fix="choose another train.output_dir (to train from that model, set model.name_or_path to its final/), "
             "or set train.resume=null and train.overwrite_output_dir=true to replace it.",
         )
-    if str(output_dir) and out.is_dir() and (out / LOCK).exists():
-        acquire_run_lock(output_dir, key=key)()  # refuse now if another run holds it
+    # refuse now if another run holds the lock (rank 0 only: under several processes it is rank 0
+    # of this very run that takes the lock, and the others may check after it did)
+    if str(output_dir) and out.is_dir() and (out / LOCK).exists() and int(os.environ.get("RANK", 0)) == 0:
+        acquire_run_lock(output_dir, key=key)()
 
 
 def prepare_output_dir(output_dir: str, *, resume: str | None = None, overwrite: bool = False) -> Path:

@@ -1,7 +1,8 @@
 """Sharded data parallel (FSDP2, ``torch.distributed.fsdp.fully_shard``).
 
 With ``train.sharding=fsdp2`` under N processes, each decoder layer of the model is one FSDP
-unit and the root module (embeddings, final norm, head) another: every process keeps 1/N of
+unit, the rest of the backbone (embeddings, final norm) and the output head (``lm_head`` /
+``score``) one each (both in the root unit when the embeddings are tied to the head): every process keeps 1/N of
 each parameter, of its gradient and of the optimizer state; a unit's full parameters are
 gathered just before its forward (and again for the backward) and freed after
 (``train.fsdp_reshard_after_forward=true``, ZeRO-3-like; ``false`` keeps them from the
@@ -61,7 +62,8 @@ def reshard_from_launcher(configured: bool) -> bool:
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The model's repeated blocks (the classes in its ``_no_split_modules``, e.g. LlamaDecoderLayer)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    # (after sharding, fully_shard has swapped each layer's class for a subclass: look along the MRO)
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ConfigError(
             f"train.sharding=fsdp2 needs the model's decoder layer class to shard by, and {type(model).__name__} "
@@ -72,12 +74,26 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 def shard_model(model, *, reshard_after_forward: bool = True) -> None:
     """Shard ``model`` in place over the default process group: one FSDP unit per decoder layer,
     one for the rest. Gradients are summed over processes, not averaged."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    # The backbone and the output head (lm_head / score) are units of their own when they share no
+    # weight, so code that runs the backbone and then the head by themselves (the fused log-prob
+    # path, reward and process-reward heads) gathers each; tied embeddings keep both in the root.
+    base = getattr(model, "base_model", None)
+    heads = [m for m in model.children() if isinstance(m, torch.nn.Linear)]
+    if base is not None and base is not model:
+        base_ids = {id(p) for p in base.parameters()}
+        if not any(id(p) in base_ids for h in heads for p in h.parameters()):
+            fully_shard(base, reshard_after_forward=reshard_after_forward)
+            for h in heads:
+                fully_shard(h, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
-    model.set_gradient_divide_factor(1.0)
+    for unit in model.modules():  # (per unit: these setters do not recurse)
+        if isinstance(unit, FSDPModule):
+            unit.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+            unit.set_gradient_divide_factor(1.0)
 
 
 def is_sharded(model) -> bool:
@@ -86,12 +102,13 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_optimizer_state(model, optimizer) -> dict:
-    """The whole optimizer state keyed by parameter names (collective under sharding)."""
+def full_optimizer_state(model, optimizer, *, everywhere: bool = False) -> dict:
+    """The whole optimizer state keyed by parameter names (collective under sharding): on rank 0
+    only, in CPU memory (for writing it), or ``everywhere`` as it lies (to load it into the shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
 
 
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
@@ -139,5 +156,6 @@ def gathered_copy(model):
             module_name, _, attr = name.rpartition(".")
             owner = copy.get_submodule(module_name) if module_name else copy
             owner.register_buffer(attr, live.detach().to("cpu").clone(), persistent=False)
-    copy.generation_config = model.generation_config
+    if getattr(model, "generation_config", None) is not None:  # (a reward model has none)
+        copy.generation_config = model.generation_config
     return copy.eval()
