@@ -45,6 +45,18 @@ def test_the_verdict_names_the_cheapest_change(llama7b):
     fits = verdict(llama7b, PlanInput(method="sft", seq_len=512, weight_dtype="bfloat16", activation_dtype="bfloat16",
                                       peft="qlora", device_memory_gib=24))
     assert fits.fits
+    # full fine-tuning of 7B in fp32 weights + AdamW (16 bytes/param, ~100 GiB) on 8 x 80 GiB: FSDP2 over the 8
+    # devices (weights, gradients and optimizer state / 8, full logits) fits before LoRA is suggested
+    v = verdict(llama7b, PlanInput(method="sft", seq_len=2048, micro_batch=1, devices=8, device_memory_gib=80,
+                                   activation_dtype="bfloat16"))
+    assert not v.fits and "train.sharding=fsdp2" in v.advice and "LoRA" not in v.advice
+    sharded = peak_bytes(estimate(llama7b, PlanInput(method="sft", seq_len=2048, devices=8, sharding="fsdp",
+                                                     chunked_logprobs=False, activation_dtype="bfloat16")))
+    assert sharded < 80 * GIB
+    # sampling methods are not sharded by posttrain: the planner says so
+    v = verdict(llama7b, PlanInput(method="grpo", seq_len=1024, devices=8, device_memory_gib=40, peft="qlora",
+                                   gradient_checkpointing=True))
+    assert "train.sharding=fsdp2" not in v.advice
     # LoRA makes the reference the adapter-disabled model: no copy
     assert "reference" in estimate(llama7b, PlanInput(method="dpo"))
     assert "reference" not in estimate(llama7b, PlanInput(method="dpo", peft="lora"))

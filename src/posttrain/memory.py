@@ -214,33 +214,41 @@ def verdict(shape: ModelShape, p: PlanInput) -> Verdict:
     budget = p.device_memory_gib * GIB
     if total <= budget:
         return Verdict(total, True, f"fits: {total / GIB:.1f} of {p.device_memory_gib:g} GiB")
-    tries = []
+    # (text, change, kept): a kept change stays applied for the later tries; FSDP2 sharding is tried
+    # on its own, because posttrain does not shard adapters
+    tries: list[tuple[str, dict, bool]] = []
     if not p.chunked_logprobs:
-        tries.append(("chunked log-probs (the default)", {"chunked_logprobs": True}))
+        tries.append(("chunked log-probs (the default)", {"chunked_logprobs": True}, True))
     mb = p.micro_batch
     while mb > 1:
         mb //= 2
-        tries.append((f"micro-batch {mb} ({p.micro_batch // mb}x the gradient accumulation)", {"micro_batch": mb}))
+        tries.append((f"micro-batch {mb} ({p.micro_batch // mb}x the gradient accumulation)", {"micro_batch": mb},
+                      True))
+    if p.devices > 1 and p.sharding in ("none", "zero2") and p.method not in ONLINE and p.peft == "none":
+        # posttrain's FSDP2 computes full logits (no fused, chunked head under sharding)
+        tries.append(("FSDP2 sharding (train.sharding=fsdp2; full logits)",
+                      {"sharding": "fsdp", "chunked_logprobs": False}, False))
     if p.peft == "none":
-        tries.append(("LoRA (model.peft.method=lora)", {"peft": "lora"}))
+        tries.append(("LoRA (model.peft.method=lora)", {"peft": "lora"}, True))
     if p.peft != "qlora":
-        tries.append(("QLoRA (model.peft.quantize=nf4)", {"peft": "qlora"}))
+        tries.append(("QLoRA (model.peft.quantize=nf4)", {"peft": "qlora"}, True))
     # what the estimate knows but posttrain's engine does not do yet
     if not p.gradient_checkpointing:
-        tries.append(("gradient checkpointing (not in posttrain yet)", {"gradient_checkpointing": True}))
+        tries.append(("gradient checkpointing (not in posttrain yet)", {"gradient_checkpointing": True}, True))
     if p.devices > 1 and p.sharding in ("none", "zero2"):
-        tries.append(("sharding weights, gradients and optimizer state (zero3 / fsdp; not in posttrain yet)",
-                      {"sharding": "zero3"}))
+        tries.append(("sharding weights, gradients and optimizer state (zero3; not in posttrain for sampling "
+                      "methods or adapters)", {"sharding": "zero3"}, True))
     applied: dict = {}
-    steps = []
-    for text, change in tries:
-        applied.update(change)
-        steps.append(text)
-        q = PlanInput(**{**p.__dict__, **applied})
+    steps: list[str] = []
+    for text, change, kept in tries:
+        q = PlanInput(**{**p.__dict__, **applied, **change})
         t = peak_bytes(estimate(shape, q))
         if t <= budget:
             return Verdict(total, False, f"does not fit: {total / GIB:.1f} GiB of {p.device_memory_gib:g}; "
-                                         f"with {' + '.join(steps)}: {t / GIB:.1f} GiB")
+                                         f"with {' + '.join(steps + [text])}: {t / GIB:.1f} GiB")
+        if kept:
+            applied.update(change)
+            steps.append(text)
     return Verdict(total, False, f"does not fit: {total / GIB:.1f} GiB of {p.device_memory_gib:g}, not even with "
                                  f"{' + '.join(steps) or 'the changes the planner knows'}; use more or larger devices")
 
