@@ -93,3 +93,51 @@ def test_sft_logs_the_cache_hit(tmp_path, model_dirs, capsys):
     assert main(args + [f"train.output_dir={tmp_path / 'b'}"]) == 0
     assert "kept 12 (0 truncated to max_length=512), dropped 0 over-long (policy 'truncate') and 0 with no " \
            "trainable token left (from the tokenization cache)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind,make", [
+    ("paired", "preference_records"),
+    ("unpaired", "unpaired_records"),
+    ("ranked", "ranked_records"),
+])
+def test_preference_units_round_trip_through_the_cache(tmp_path, kind, make):
+    """Pairs (with margins), KTO examples (label + KL partner) and ranked K-sets (rewards) come
+    back from the cache exactly as encoded; a changed file or max_length misses."""
+    from posttrain.algorithms.dpo import DPOConfig, encode_sources
+    from posttrain.world import preferences as wp
+
+    records = getattr(wp, make)(12, seed=0)
+    if kind == "paired":
+        for i, r in enumerate(records):
+            r["margin"] = float(i) / 4
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = world_tokenizer()
+
+    def run(*extra):
+        logs = []
+        cfg = load_config(DPOConfig, None, [f"data.train={f}", "data.eval=null", f"data.cache_dir={tmp_path / 'c'}",
+                                            *extra])
+        units, _, summary = encode_sources(cfg.data, tok, kind, seed=0, log=logs.append, needed_by="test")
+        return units, summary, logs
+
+    def key(units):
+        return [([(e.input_ids, e.labels, e.truncated) for e in u.sequences],
+                 [(e.input_ids, e.labels, e.truncated) for e in u.kl_sequences], u.desirable, u.rewards, u.margin)
+                for u in units]
+
+    first, s1, logs1 = run()
+    again, s2, logs2 = run()
+    assert "from the tokenization cache" not in logs1[0] and "from the tokenization cache" in logs2[0]
+    assert key(again) == key(first) and s2 == s1 and len(first) > 0
+    if kind == "unpaired":
+        assert all(u.kl_sequences and u.desirable in (True, False) for u in again)
+    if kind == "ranked":
+        assert all(len(u.rewards) == len(u.sequences) >= 2 for u in again)
+    if kind == "paired":
+        assert [u.margin for u in again] == [u.margin for u in first] and again[1].margin == 0.25
+    _, _, logs3 = run("data.max_length=64")
+    assert "from the tokenization cache" not in logs3[0]
+    f.write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
+    shorter, _, logs4 = run()
+    assert "from the tokenization cache" not in logs4[0] and len(shorter) == len(first) - 1

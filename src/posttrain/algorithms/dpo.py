@@ -80,6 +80,10 @@ class PreferenceDataConfig:
     overlong: str = option("truncate", "Over-long responses: truncate (counted) or drop the unit.",
                            choices=("truncate", "drop"))
     packing: bool = option(True, "Pack each micro-batch's sequences into rows (no cross-document attention).")
+    cache: bool = option(True, "Cache tokenized data files (keyed by the file's content, the tokenizer and these "
+                               "settings) so a second run skips reading and tokenizing; see posttrain.data.cache.")
+    cache_dir: str | None = option(None, "Tokenization cache directory (default $POSTTRAIN_CACHE/tokenized or "
+                                         "~/.cache/posttrain/tokenized).")
     share_prefix: bool = option(True, "Encode the prompt of a pair / K-set once: its responses attend to one "
                                       "shared copy (same log-probs, less compute; sdpa/eager attention).")
     world_examples: int = option(2000, "Records generated for builtin: training data.", min=2, max=1_000_000)
@@ -204,33 +208,76 @@ _KIND_FORMAT = {"paired": "preference", "unpaired": "unpaired", "ranked": "ranke
 
 
 def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: int, log, needed_by: str):
-    """Load, check and encode ``data.train`` (and ``data.eval``) as units of ``kind``.
+    """Load, check and encode ``data.train`` (and ``data.eval``) as units of ``kind``, through the
+    tokenization cache for files (:mod:`posttrain.data.cache`).
 
     Returns ``(train_units, eval_units, train_summary)``; refuses data of the wrong kind.
     """
-    def check_kind(ds, key: str) -> None:
-        if ds.format != _KIND_FORMAT[kind]:
-            other = ", or pick a loss for {ds.format} data" if key == "data.train" else ""
-            raise ConfigError(
-                f"{needed_by} needs {_KIND_FORMAT[kind]} records, but {key} ({ds.source}) holds {ds.format} records.",
-                fix=f"give {key} a file of {_KIND_FORMAT[kind]} records{other.format(ds=ds)}.")
-
-    train_ds = load_preference_source(data.train, data, kind, seed)
-    check_kind(train_ds, "data.train")
-    check_tokenizer(tokenizer, need_chat_template=any(isinstance(r.get("prompt"), list) for r in train_ds.records[:1]))
-    enc = dict(max_length=data.max_length, overlong=data.overlong, seed=seed)
-    units, summary = units_from_records(train_ds, tokenizer, kind, **enc)
-    log(f"train data {train_ds.source}: {summary}")
+    units, summary = _encode_source(data.train, data, tokenizer, kind, seed=seed, log=log, needed_by=needed_by,
+                                    key="data.train")
     eval_units: list[Unit] = []
     eval_spec = data.eval
     if eval_spec == "auto":  # the world's held-out set only for the world's own data
         eval_spec = data.train + "-heldout" if data.train in BUILTIN_SOURCES else None
     if eval_spec:
-        eval_ds = load_preference_source(eval_spec, data, kind, seed, key="data.eval")
-        check_kind(eval_ds, "data.eval")
-        eval_units, eval_summary = units_from_records(eval_ds, tokenizer, kind, **enc)
-        log(f"eval data {eval_ds.source}: {eval_summary}")
+        eval_units, _ = _encode_source(eval_spec, data, tokenizer, kind, seed=seed, log=log, needed_by=needed_by,
+                                       key="data.eval")
     return units, eval_units, summary
+
+
+def _encode_source(spec: str, data: PreferenceDataConfig, tokenizer, kind: str, *, seed: int, log, needed_by: str,
+                   key: str) -> tuple[list[Unit], str]:
+    from ..data.cache import cached, content_digest, default_cache_dir, read_entry, save_entry, tokenizer_fingerprint
+
+    def build():
+        ds = load_preference_source(spec, data, kind, seed, key=key)
+        if ds.format != _KIND_FORMAT[kind]:
+            other = ", or pick a loss for {ds.format} data" if key == "data.train" else ""
+            raise ConfigError(
+                f"{needed_by} needs {_KIND_FORMAT[kind]} records, but {key} ({ds.source}) holds {ds.format} records.",
+                fix=f"give {key} a file of {_KIND_FORMAT[kind]} records{other.format(ds=ds)}.")
+        if key == "data.train":
+            check_tokenizer(tokenizer, need_chat_template=any(isinstance(r.get("prompt"), list)
+                                                              for r in ds.records[:1]))
+        units, summary = units_from_records(ds, tokenizer, kind, max_length=data.max_length, overlong=data.overlong,
+                                            seed=seed)
+        return units, summary, ds.source
+
+    directory, parts = None, {}
+    path = Path(spec).expanduser()
+    if data.cache and not spec.startswith("builtin:") and path.exists():
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if fingerprint is not None:
+            directory = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+            parts = {"kind": f"preference-{kind}", "data": content_digest(path), "tokenizer": fingerprint,
+                     "fields": data.fields, "max_length": data.max_length, "overlong": data.overlong,
+                     "seed": seed if kind == "unpaired" else None}  # (the KL partners are drawn with the seed)
+
+    def save(built, entry):
+        units, summary, source = built
+        examples, counts, meta = [], [], []
+        for u in units:
+            examples += [*u.sequences, *u.kl_sequences]
+            counts.append(len(u.sequences) + len(u.kl_sequences))
+            meta.append({"n": len(u.sequences), "desirable": u.desirable, "rewards": u.rewards, "margin": u.margin})
+        save_entry(entry, examples, {"summary": summary, "source": source}, parts, counts=counts, meta=meta)
+
+    def load(entry):
+        e = read_entry(entry)
+        if e["counts"] is None:
+            raise ValueError("the entry holds no preference units")
+        units, i = [], 0
+        for c, m in zip(e["counts"], e["meta"]):
+            seqs = e["examples"][i:i + c]
+            i += c
+            units.append(Unit(seqs[:m["n"]], kl_sequences=seqs[m["n"]:], desirable=m["desirable"],
+                              rewards=m["rewards"], margin=m["margin"]))
+        return units, e["report"]["summary"], e["report"]["source"]
+
+    units, summary, source, hit = cached(directory, parts, build, log=log, save=save, load=load)
+    log(f"{'train' if key == 'data.train' else 'eval'} data {source}: {summary}"
+        + (" (from the tokenization cache)" if hit else ""))
+    return units, summary
 
 
 def data_notes(data: PreferenceDataConfig, *, has_eval: bool) -> list[str]:

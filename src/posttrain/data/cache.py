@@ -6,12 +6,15 @@ An entry is keyed by the SHA-256 of
 * the tokenizer (its serialized vocabulary/merges/normalizer, chat template and special
   tokens), and
 * the settings that change the result (record format, field mapping, max_length, the
-  over-long policy, loss_on) and this module's version,
+  over-long policy, loss_on; for preference data the data kind and seed) and this module's
+  version,
 
 so a changed file, tokenizer or setting misses and is tokenized again. An entry is a directory
 ``<cache_dir>/<key>/`` holding ``examples.safetensors`` (flat int32 ``input_ids`` / ``labels``,
 int64 ``offsets``, uint8 ``truncated``: no pickle), ``report.json`` (the encode report) and
-``key.json`` (what the key was made of, for people). Entries are written to a temporary
+``key.json`` (what the key was made of, for people); units of several sequences (preference
+pairs, KTO examples with their KL partner, ranked K-sets) add int64 ``counts`` (sequences per
+unit) and ``meta.json`` (each unit's margin / label / rewards). Entries are written to a temporary
 directory and renamed into place, so a crash never leaves half an entry; an unreadable entry is
 reported, deleted and rebuilt.
 
@@ -25,7 +28,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 CACHE_VERSION = 1
@@ -72,8 +75,12 @@ def cache_key(parts: dict) -> str:
                           .encode()).hexdigest()[:40]
 
 
-def save_entry(directory: Path, examples, report, parts: dict) -> None:
-    """Write an entry atomically (a temporary directory renamed into place)."""
+def save_entry(directory: Path, examples, report, parts: dict, *, counts: list[int] | None = None,
+               meta: list | None = None) -> None:
+    """Write an entry atomically (a temporary directory renamed into place). ``report`` is an
+    encode report (dataclass) or any JSON value; units of several examples (preference pairs,
+    K-sets) are stored as their examples in order with ``counts`` (examples per unit) and
+    ``meta`` (one JSON value per unit)."""
     import itertools
 
     import numpy as np
@@ -91,12 +98,15 @@ def save_entry(directory: Path, examples, report, parts: dict) -> None:
     # streamed into int32 arrays: no intermediate list of every token
     flat_ids = np.fromiter(itertools.chain.from_iterable(e.input_ids for e in examples), dtype=np.int32, count=total)
     flat_labels = np.fromiter(itertools.chain.from_iterable(e.labels for e in examples), dtype=np.int32, count=total)
-    save_file({"input_ids": torch.from_numpy(flat_ids),
-               "labels": torch.from_numpy(flat_labels),
-               "offsets": offsets,
-               "truncated": torch.tensor([bool(e.truncated) for e in examples], dtype=torch.uint8)},
-              str(tmp / "examples.safetensors"))
-    (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
+    tensors = {"input_ids": torch.from_numpy(flat_ids), "labels": torch.from_numpy(flat_labels), "offsets": offsets,
+               "truncated": torch.tensor([bool(e.truncated) for e in examples], dtype=torch.uint8)}
+    if counts is not None:
+        tensors["counts"] = torch.tensor(counts, dtype=torch.int64)
+        (tmp / "meta.json").write_text(json.dumps(meta if meta is not None else [None] * len(counts)),
+                                       encoding="utf-8")
+    save_file(tensors, str(tmp / "examples.safetensors"))
+    (tmp / "report.json").write_text(json.dumps(asdict(report) if is_dataclass(report) else report),
+                                     encoding="utf-8")
     (tmp / "key.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str), encoding="utf-8")
     if directory.exists():   # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,48 +114,66 @@ def save_entry(directory: Path, examples, report, parts: dict) -> None:
     os.replace(tmp, directory)
 
 
-def load_entry(directory: Path):
-    """``(examples, report)`` of an entry; raises ValueError/OSError when it is unreadable."""
+def read_entry(directory: Path) -> dict:
+    """``{"examples", "report" (JSON), "counts", "meta"}`` of an entry (counts / meta None for
+    one-example units); raises ValueError/OSError when it is unreadable."""
     from safetensors.torch import load_file
 
-    from .tokenize import EncodedExample, EncodeReport
+    from .tokenize import EncodedExample
 
     t = load_file(str(directory / "examples.safetensors"))
-    report = EncodeReport(**json.loads((directory / "report.json").read_text(encoding="utf-8")))
+    report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
     offsets, trunc = t["offsets"].tolist(), t["truncated"].tolist()
     ids, labels = t["input_ids"], t["labels"]
     if len(offsets) != len(trunc) + 1 or offsets[-1] != ids.numel() or ids.numel() != labels.numel():
         raise ValueError("the entry's arrays do not fit together")
-    if report.kept != len(trunc):
-        raise ValueError(f"the entry holds {len(trunc)} examples but its report says {report.kept}")
+    counts = meta = None
+    if "counts" in t:
+        counts = t["counts"].tolist()
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        if sum(counts) != len(trunc) or not isinstance(meta, list) or len(meta) != len(counts):
+            raise ValueError("the entry's units do not fit its examples")
     # example by example from the flat arrays: no list of every token at once (that would hold
     # the data twice as Python ints)
     examples = [EncodedExample(input_ids=ids[a:b].tolist(), labels=labels[a:b].tolist(), truncated=bool(tr))
                 for a, b, tr in zip(offsets[:-1], offsets[1:], trunc)]
-    return examples, report
+    return {"examples": examples, "report": report, "counts": counts, "meta": meta}
 
 
-def cached(directory: Path | None, parts: dict, build, *, log):
-    """``build() -> (examples, report)`` through the cache entry of ``parts`` (no cache when
-    ``directory`` is None). Returns ``(examples, report, hit)``."""
+def load_entry(directory: Path):
+    """``(examples, report)`` of an SFT entry; raises ValueError/OSError when it is unreadable."""
+    from .tokenize import EncodeReport
+
+    entry = read_entry(directory)
+    report = EncodeReport(**entry["report"])
+    if report.kept != len(entry["examples"]):
+        raise ValueError(f"the entry holds {len(entry['examples'])} examples but its report says {report.kept}")
+    return entry["examples"], report
+
+
+def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=None):
+    """``build()`` through the cache entry of ``parts`` (no cache when ``directory`` is None).
+    By default ``build() -> (examples, report)`` (SFT); ``save(built, entry_dir)`` /
+    ``load(entry_dir) -> built`` store other results. Returns ``(*built, hit)``."""
+    save = save or (lambda built, d: save_entry(d, built[0], built[1], parts))
+    load = load or load_entry
     if directory is None:
         return (*build(), False)
     entry = directory / cache_key(parts)
     if entry.is_dir():
         try:
-            examples, report = load_entry(entry)
-            return examples, report, True
+            return (*load(entry), True)
         except Exception as e:   # corrupt or from an incompatible version: rebuild
             log(f"note: the tokenization cache entry {entry} is unreadable ({type(e).__name__}: {e}); "
                 "deleting and tokenizing again")
             shutil.rmtree(entry, ignore_errors=True)
-    examples, report = build()
+    built = build()
     try:
-        save_entry(entry, examples, report, parts)
+        save(built, entry)
     except OSError as e:
         log(f"note: could not write the tokenization cache entry {entry} ({e}); continuing without it")
-    return examples, report, False
+    return (*built, False)
 
 
-__all__ = ["CACHE_VERSION", "cache_key", "cached", "content_digest", "default_cache_dir", "load_entry", "save_entry",
-           "tokenizer_fingerprint"]
+__all__ = ["CACHE_VERSION", "cache_key", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
+           "save_entry", "tokenizer_fingerprint"]

@@ -50,6 +50,8 @@ RESUME_SAFE_KEYS = frozenset({
     "train.overwrite_output_dir",  # (a resumed run may not set it; the run that wrote the checkpoint may have)
     # checkpoints are written unsharded, so a run may resume with or without sharding
     "train.sharding", "train.fsdp_reshard_after_forward",
+    # the tokenization cache and its workers give the same examples
+    "data.cache", "data.cache_dir", "data.num_proc",
 })
 
 
