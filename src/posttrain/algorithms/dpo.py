@@ -227,7 +227,7 @@ def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: in
 
 def _encode_source(spec: str, data: PreferenceDataConfig, tokenizer, kind: str, *, seed: int, log, needed_by: str,
                    key: str) -> tuple[list[Unit], str]:
-    from ..data.cache import cached, content_digest, default_cache_dir, read_entry, save_entry, tokenizer_fingerprint
+    from ..data.cache import cache_location, cached, read_entry, save_entry
 
     def build():
         ds = load_preference_source(spec, data, kind, seed, key=key)
@@ -243,15 +243,9 @@ def _encode_source(spec: str, data: PreferenceDataConfig, tokenizer, kind: str, 
                                             seed=seed)
         return units, summary, ds.source
 
-    directory, parts = None, {}
-    path = Path(spec).expanduser()
-    if data.cache and not spec.startswith("builtin:") and path.exists():
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        if fingerprint is not None:
-            directory = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
-            parts = {"kind": f"preference-{kind}", "data": content_digest(path), "tokenizer": fingerprint,
-                     "fields": data.fields, "max_length": data.max_length, "overlong": data.overlong,
-                     "seed": seed if kind == "unpaired" else None}  # (the KL partners are drawn with the seed)
+    directory, parts = cache_location(spec, data, tokenizer, {
+        "kind": f"preference-{kind}", "max_length": data.max_length, "overlong": data.overlong,
+        "seed": seed if kind == "unpaired" else None})  # (KTO's KL partners are drawn with the seed)
 
     def save(built, entry):
         units, summary, source = built

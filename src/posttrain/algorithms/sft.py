@@ -270,16 +270,9 @@ def encode_sft_source(spec: str, data: SFTDataConfig, seed: int, tokenizer, enco
                       progress: bool = False, key: str = "data.train"):
     """Load, validate and tokenize an SFT source through the tokenization cache (files only:
     built-in data is generated, not read). Returns ``(examples, report, from_cache)``."""
-    from ..data.cache import cached, content_digest, default_cache_dir, tokenizer_fingerprint
+    from ..data.cache import cache_location, cached
 
-    directory, parts = None, {}
-    path = Path(spec).expanduser()
-    if data.cache and not spec.startswith("builtin:") and path.exists():
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        if fingerprint is not None:
-            directory = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
-            parts = {"kind": "sft", "data": content_digest(path), "tokenizer": fingerprint, "format": data.format,
-                     "fields": data.fields, **encode_kw}
+    directory, parts = cache_location(spec, data, tokenizer, {"kind": "sft", "format": data.format, **encode_kw})
 
     def build():
         ds = load_sft_source(spec, data, seed, key=key)

@@ -75,6 +75,20 @@ def cache_key(parts: dict) -> str:
                           .encode()).hexdigest()[:40]
 
 
+def cache_location(spec: str, data, tokenizer, settings: dict) -> tuple[Path | None, dict]:
+    """``(cache directory, key parts)`` for a data file ``spec`` read with ``data``'s cache
+    settings (``data.cache``, ``data.cache_dir``) and ``tokenizer``; ``(None, {})`` when it is not
+    cached (cache off, built-in data, not a file, a tokenizer that cannot be fingerprinted)."""
+    path = Path(spec).expanduser()
+    if not data.cache or spec.startswith("builtin:") or not path.exists():
+        return None, {}
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return None, {}
+    directory = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+    return directory, {"data": content_digest(path), "tokenizer": fingerprint, "fields": data.fields, **settings}
+
+
 def save_entry(directory: Path, examples, report, parts: dict, *, counts: list[int] | None = None,
                meta: list | None = None) -> None:
     """Write an entry atomically (a temporary directory renamed into place). ``report`` is an
@@ -175,5 +189,5 @@ def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=N
     return (*built, False)
 
 
-__all__ = ["CACHE_VERSION", "cache_key", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
+__all__ = ["CACHE_VERSION", "cache_key", "cache_location", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
            "save_entry", "tokenizer_fingerprint"]
