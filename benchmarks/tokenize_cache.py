@@ -30,8 +30,9 @@ cfg = load_config(SFTConfig, None, [f"data.cache_dir={cache}", f"data.num_proc={
 kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
 t0 = time.time()
 ex, rep, hit = encode_sft_source(path, cfg.data, 0, tok, kw, log=print)
+tokens = sum(len(e) for e in ex)  # one pass over every example, as a training plan makes (cached: built lazily)
 dt = time.time() - t0
-print(json.dumps({"seconds": dt, "examples": len(ex), "tokens": sum(len(e) for e in ex), "hit": hit,
+print(json.dumps({"seconds": dt, "examples": len(ex), "tokens": tokens, "hit": hit,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """

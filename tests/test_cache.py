@@ -87,12 +87,28 @@ def test_sft_logs_the_cache_hit(tmp_path, model_dirs, capsys):
 
     f = _write(tmp_path / "d.jsonl", 12)
     args = ["sft", f"model.name_or_path={model_dirs['llama']}", f"data.train={f}", "data.eval=null",
-            f"data.cache_dir={tmp_path / 'c'}", "train.max_steps=1", "train.progress=false"]
+            f"data.cache_dir={tmp_path / 'c'}", "train.max_steps=3", "train.micro_batch_size=2", "train.progress=false"]
     assert main(args + [f"train.output_dir={tmp_path / 'a'}"]) == 0
     assert "from the tokenization cache" not in capsys.readouterr().out
     assert main(args + [f"train.output_dir={tmp_path / 'b'}"]) == 0
     assert "kept 12 (0 truncated to max_length=512), dropped 0 over-long (policy 'truncate') and 0 with no " \
            "trainable token left (from the tokenization cache)" in capsys.readouterr().out
+    # the run on the cached examples (read lazily from the entry's arrays) trains exactly like the first
+    def losses(run):
+        return [json.loads(ln)["loss"] for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in ln]
+    assert losses("b") == losses("a") and len(losses("a")) == 3
+
+
+def test_cached_examples_are_read_lazily_and_index_like_a_list(tmp_path):
+    tok, logs = world_tokenizer(), []
+    f = _write(tmp_path / "d.jsonl", 10)
+    first, _, _ = _encode(f, tok, tmp_path, logs)
+    cached, _, hit = _encode(f, tok, tmp_path, logs)
+    assert hit and isinstance(cached, cache_mod.CachedExamples) and len(cached) == len(first) == 10
+    assert _same(cached[2:5], first[2:5]) and _same([cached[-1]], [first[-1]])
+    with pytest.raises(IndexError):
+        cached[10]
 
 
 @pytest.mark.parametrize("kind,make", [

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 from dataclasses import asdict, is_dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE_VERSION = 1
@@ -128,12 +129,35 @@ def save_entry(directory: Path, examples, report, parts: dict, *, counts: list[i
     os.replace(tmp, directory)
 
 
+class CachedExamples(Sequence):
+    """The examples of a cache entry, built one at a time from its flat token arrays when indexed
+    (a slice gives a list). A cached dataset then costs its int32 arrays, not a Python list per
+    example: the whole dataset is never held as Python objects."""
+
+    def __init__(self, ids, labels, offsets: list[int], truncated: list[int]):
+        self.ids, self.labels, self.offsets, self.truncated = ids, labels, offsets, truncated
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    def __getitem__(self, i):
+        from .tokenize import EncodedExample
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return EncodedExample(input_ids=self.ids[a:b].tolist(), labels=self.labels[a:b].tolist(),
+                              truncated=bool(self.truncated[i]))
+
+
 def read_entry(directory: Path) -> dict:
     """``{"examples", "report" (JSON), "counts", "meta"}`` of an entry (counts / meta None for
     one-example units); raises ValueError/OSError when it is unreadable."""
     from safetensors.torch import load_file
-
-    from .tokenize import EncodedExample
 
     t = load_file(str(directory / "examples.safetensors"))
     report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
@@ -147,10 +171,10 @@ def read_entry(directory: Path) -> dict:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         if sum(counts) != len(trunc) or not isinstance(meta, list) or len(meta) != len(counts):
             raise ValueError("the entry's units do not fit its examples")
-    # example by example from the flat arrays: no list of every token at once (that would hold
-    # the data twice as Python ints)
-    examples = [EncodedExample(input_ids=ids[a:b].tolist(), labels=labels[a:b].tolist(), truncated=bool(tr))
-                for a, b, tr in zip(offsets[:-1], offsets[1:], trunc)]
+    # built example by example when used (SFT: lazily; units: now, they are held anyway)
+    examples = CachedExamples(ids, labels, offsets, trunc)
+    if counts is not None:
+        examples = examples[:]
     return {"examples": examples, "report": report, "counts": counts, "meta": meta}
 
 
@@ -189,5 +213,5 @@ def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=N
     return (*built, False)
 
 
-__all__ = ["CACHE_VERSION", "cache_key", "cache_location", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
+__all__ = ["CACHE_VERSION", "CachedExamples", "cache_key", "cache_location", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
            "save_entry", "tokenizer_fingerprint"]
