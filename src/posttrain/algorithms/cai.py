@@ -45,7 +45,6 @@ from pathlib import Path
 
 import torch
 
-from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, validated
 from ..data.formats import load_records
 from ..data.tokenize import encode_dataset
@@ -74,7 +73,9 @@ from ..rewards.judge import (
 )
 from ..rollout.sampler import sample_groups
 from ..train.engine import fit
+from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
+from ..train.sharding import refuse_sharding
 from .rl import build_rewards, epoch_order_indices, evaluate_prompts, load_prompt_sets, score_rollouts
 from .rl_config import RewardConfig, RLDataConfig
 from .sft import SFTAlgorithm, SFTPlan
@@ -165,10 +166,7 @@ class CAIConfig:
         output_dir="runs/cai", lr=3e-5, micro_batch_size=8, epochs=1.0, warmup_ratio=0.0, min_lr_ratio=1.0))
 
     def validate(self) -> None:
-        if self.train.sharding != "none":
-            raise ConfigError(f"train.sharding={self.train.sharding}: cai samples from the model between its "
-                              "training stages, which sharding does not support.",
-                              fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
+        refuse_sharding(self.train.sharding, "cai")
         if self.train.resume:
             raise ConfigError(f"train.resume={self.train.resume!r}: cai does not resume (its sampling stage is short "
                               "and is redone).", fix="remove train.resume and rerun into a new train.output_dir.")

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, validated
 from ..errors import ConfigError
 from ..models.loading import (
@@ -48,6 +47,7 @@ from ..models.loading import (
 from ..models.logprobs import selected_logits, shift_labels
 from ..ops import DIVERGENCES, token_divergence
 from ..train.checkpoint import weights_digest
+from ..train.plan import write_on_main
 from .sft import SFTDataConfig, SFTResult, run_sft
 
 

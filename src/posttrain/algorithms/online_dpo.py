@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import EncodedExample
 from ..errors import ConfigError, TrainingError
@@ -53,6 +52,7 @@ from ..rewards import check_reward_fields
 from ..rollout.sampler import sample_groups
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
+from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
 from .rl import _seed, build_rewards, epoch_order_indices, load_prompt_sets, prompt_evaluator, score_rollouts

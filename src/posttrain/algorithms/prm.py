@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-from ..train.plan import write_on_main
 from ..data.fields import FIELDS_HELP, check_builtin
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import load_records
@@ -68,7 +67,7 @@ from ..rewards.process import (
 )
 from ..rollout.sampler import sample_groups
 from ..train.engine import FitResult, fit
-from ..train.plan import StepPlan
+from ..train.plan import StepPlan, write_on_main
 from ..train.rundir import check_output_dir
 from .rl import prompt_text
 

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from ..train.plan import write_on_main
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import EncodedExample
 from ..errors import CheckpointError, ConfigError, TrainingError
@@ -51,7 +50,9 @@ from ..models.peft import apply_peft, is_peft
 from ..rewards import check_reward_fields
 from ..rollout.sampler import sample_groups
 from ..train.engine import fit
+from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
+from ..train.sharding import refuse_sharding
 from .rl import build_rewards, epoch_order_indices, evaluate_prompts, load_prompt_sets, score_rollouts
 from .rl_config import RewardConfig, RLDataConfig, check_reward_config
 from .sft import SFTAlgorithm, SFTPlan
@@ -101,10 +102,7 @@ class RFTConfig:
         output_dir="runs/rft", lr=3e-5, micro_batch_size=8, epochs=1.0, warmup_ratio=0.0, min_lr_ratio=1.0))
 
     def validate(self) -> None:
-        if self.train.sharding != "none":
-            raise ConfigError(f"train.sharding={self.train.sharding}: rft samples from the model between its "
-                              "training stages, which sharding does not support.",
-                              fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
+        refuse_sharding(self.train.sharding, "rft")
         if self.select.threshold is None and self.select.max_per_prompt == 0:
             raise ConfigError(
                 "select.threshold is null and select.max_per_prompt is 0, so every sample would be kept: that is "

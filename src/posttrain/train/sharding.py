@@ -52,6 +52,14 @@ def sharding_from_launcher(configured: str) -> str:
     return configured
 
 
+def refuse_sharding(sharding: str, command: str) -> None:
+    """For the commands that sample from the model between their training stages (rft, cai)."""
+    if sharding != "none":
+        raise ConfigError(f"train.sharding={sharding}: {command} samples from the model between its training stages, "
+                          "which sharding does not support.",
+                          fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
+
+
 def reshard_from_launcher(configured: bool) -> bool:
     value = os.environ.get("FSDP_RESHARD_AFTER_FORWARD")
     if value is None:
