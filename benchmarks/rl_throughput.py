@@ -354,7 +354,7 @@ def cross_check(init: str, preset: str, args) -> dict:
     for i in range(P * G):
         pr = inputs["prompt_ids"][i][pm[i]].tolist()
         co = inputs["completion_ids"][i][cm[i]].tolist()
-        s = Sample(group=i // G, example=EncodedExample(input_ids=pr + co, labels=[-100] * len(pr) + co),
+        s = Sample(example=EncodedExample(input_ids=pr + co, labels=[-100] * len(pr) + co),
                    n_tokens=len(co), advantage=0.0, trained=True, rollout_logps=[0.0] * len(co))
         if i % G == 0:
             groups.append([])
