@@ -207,6 +207,8 @@ FSDP_CASES = {
     "rm": ["data.max_length=192", "train.save_every=0"],
     # token-level KD: the teacher stays whole on every process
     "distill": ["data.max_length=128", "train.save_every=0", "teacher.name_or_path={ws}/teacher"],
+    # a token-classification head (step labels by construction; the later data.train wins)
+    "prm": ["data.train=builtin:world-steps", "data.world_examples=16", "train.save_every=0"],
 }
 
 
@@ -220,6 +222,8 @@ def test_fsdp2_two_processes_equal_one_process(ws, tmp_path, command):
               "train.epochs=1", "train.progress=false", "train.lr=1e-3",
               *(a.format(ws=ws) for a in FSDP_CASES[command])]
     common.append(f"data.eval={data}" if command == "sft" else "data.eval=null")
+    if command == "prm":  # (its own data: drop the file given above)
+        common = [a for a in common if a != f"data.train={data}"]
     assert main([command, *common, "train.grad_accum=4", f"train.output_dir={tmp_path / 'one'}"]) == 0
     _torchrun([command, *common, "train.grad_accum=2", "train.sharding=fsdp2", f"train.output_dir={tmp_path / 'two'}"],
               tmp_path)
