@@ -172,8 +172,9 @@ def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, pre
                     "train.micro_batch_size=1", "train.max_steps=4", "rollout.samples_every=1"], False),
 ])
 def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, command, args, accumulation):
-    """RFT and online DPO sample on every process (the same seeded samples; not split yet) and
-    train their share of each step: the same weights, and their JSONL artefacts written once."""
+    """RFT and online DPO split their sampling (process r decodes groups r, r+N, ...; the shares
+    are exchanged) and train their share of each step: the same weights, and their JSONL
+    artefacts (the same samples, pairs and rounds) written once."""
     common = [f"model.name_or_path={ws / 'model'}", "data.world_examples=24", "data.eval=null", "train.progress=false",
               "train.lr=1e-3", *args]
     # rft's SFT stage as sft: 2 processes x accumulation 1 = 1 process x accumulation 2; online DPO's steps are

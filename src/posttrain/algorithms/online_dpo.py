@@ -49,13 +49,20 @@ from ..models.loading import (
 from ..models.peft import apply_peft
 from ..ops import get_preference_loss
 from ..rewards import check_reward_fields
-from ..rollout.sampler import sample_groups
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
-from .rl import _seed, build_rewards, epoch_order_indices, load_prompt_sets, prompt_evaluator, score_rollouts
+from .rl import (
+    _seed,
+    build_rewards,
+    epoch_order_indices,
+    load_prompt_sets,
+    prompt_evaluator,
+    sample_groups_shared,
+    score_rollouts,
+)
 from .rl_config import RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
 from .rl_report import plot_rl_curves
 from .sequences import collate_examples, reference_policy
@@ -244,7 +251,7 @@ class PairPlan:
             n = want if rounds == 0 else min(4 * want, math.ceil(missing / max(len(units) / stats["prompts"], 0.25)))
             idx = self._next_prompts(n)
             stats["prompts"] += n
-            rolls = sample_groups(self.model, self.tokenizer, [self.prompts[i].ids for i in idx], group_size=G,
+            rolls = sample_groups_shared(self.model, self.tokenizer, [self.prompts[i].ids for i in idx], group_size=G,
                                   max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                   top_k=ro.top_k, seed=_seed("online-dpo-sample", self.seed, k, rounds),
                                   batch_size=ro.batch_size)

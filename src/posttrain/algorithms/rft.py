@@ -48,12 +48,18 @@ from ..models.loading import (
 )
 from ..models.peft import apply_peft, is_peft
 from ..rewards import check_reward_fields
-from ..rollout.sampler import sample_groups
 from ..train.engine import fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
 from ..train.sharding import refuse_sharding
-from .rl import build_rewards, epoch_order_indices, evaluate_prompts, load_prompt_sets, score_rollouts
+from .rl import (
+    build_rewards,
+    epoch_order_indices,
+    evaluate_prompts,
+    load_prompt_sets,
+    sample_groups_shared,
+    score_rollouts,
+)
 from .rl_config import RewardConfig, RLDataConfig, check_reward_config
 from .sft import SFTAlgorithm, SFTPlan
 
@@ -300,7 +306,7 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
         idx = round_prompts(len(prompts), seed=cfg.train.seed, start=(r - 1) * s.prompts_per_round,
                             count=s.prompts_per_round)
         K = s.samples_per_prompt
-        rolls = sample_groups(model, tokenizer, [prompts[i].ids for i in idx], group_size=K,
+        rolls = sample_groups_shared(model, tokenizer, [prompts[i].ids for i in idx], group_size=K,
                               max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, seed=random.Random(f"rft-sample-{cfg.train.seed}-{r}").getrandbits(62),
                               batch_size=s.batch_size)

@@ -612,10 +612,7 @@ class RLRunner:
         if world == 1:
             return rolls, scored
         parts = [part for part in gather_objects((mine, rolls, scored)) if part[0]]
-        full: list[Rollout | None] = [None] * (len(idx) * G)
-        for ps, rs, _ in parts:
-            for n, p in enumerate(ps):
-                full[p * G:(p + 1) * G] = rs[n * G:(n + 1) * G]
+        full = place_groups([(ps, rs) for ps, rs, _ in parts], len(idx), G)
         merged: dict = {"invalid_counts": {}}
         for key, v in parts[0][2].items():
             if torch.is_tensor(v):
@@ -807,6 +804,27 @@ class RLRunner:
                     if s.process_rewards is not None:
                         record["process_rewards"] = s.process_rewards
                     fh.write(json.dumps(record) + "\n")
+
+
+def place_groups(parts: list[tuple[list[int], list[Rollout]]], n_groups: int, G: int) -> list[Rollout]:
+    """The whole batch's rollouts from the processes' shares ``(group ids, their rollouts)``."""
+    full: list = [None] * (n_groups * G)
+    for ps, rs in parts:
+        for n, p in enumerate(ps):
+            full[p * G:(p + 1) * G] = rs[n * G:(n + 1) * G]
+    return full
+
+
+def sample_groups_shared(model, tokenizer, prompts: list[list[int]], *, group_size: int, **kw) -> list[Rollout]:
+    """:func:`posttrain.rollout.sampler.sample_groups` over N processes: process r samples groups
+    r, r+N, ... (with their group ids, so the draws are the single-process ones) and every process
+    returns the whole batch. In a single process, ``sample_groups`` itself."""
+    rank, world = rank_world()
+    if world == 1:
+        return sample_groups(model, tokenizer, prompts, group_size=group_size, **kw)
+    mine = list(range(rank, len(prompts), world))
+    rolls = sample_groups(model, tokenizer, [prompts[p] for p in mine], group_size=group_size, group_ids=mine, **kw)
+    return place_groups(gather_objects((mine, rolls)), len(prompts), group_size)
 
 
 def _zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:
