@@ -104,12 +104,6 @@ def shard_model(model, *, reshard_after_forward: bool = True) -> None:
             unit.set_gradient_divide_factor(1.0)
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def full_optimizer_state(model, optimizer, *, everywhere: bool = False) -> dict:
     """The whole optimizer state keyed by parameter names (collective under sharding): on rank 0
     only, in CPU memory (for writing it), or ``everywhere`` as it lies (to load it into the shards)."""
