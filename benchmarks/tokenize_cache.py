@@ -6,7 +6,9 @@ Writes a JSONL file of ``--records`` tiny-world SFT conversations (cycling throu
 problems), then, each in a fresh process (so peak memory is that run's own): encode it with the
 world tokenizer through ``posttrain.algorithms.sft.encode_sft_source`` (load + validate +
 chat-template + tokenize + masks) with an empty cache, with ``--workers`` processes and an empty
-cache, and again with the filled cache. Reports wall time, records/s and the peak resident
+cache, and again with the filled cache (``--in-memory``: also with the cache off, the in-memory
+path that holds every record and example as Python objects). A first run with the cache on
+streams: records are read, tokenized and appended to the entry on disk chunk by chunk. Reports wall time, records/s and the peak resident
 memory of each process (``ru_maxrss``; the worker processes' peak separately).
 """
 
@@ -26,7 +28,8 @@ from posttrain.config import load_config
 from posttrain.models.loading import load_tokenizer
 path, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = load_tokenizer("builtin:tiny-world-base")
-cfg = load_config(SFTConfig, None, [f"data.cache_dir={cache}", f"data.num_proc={workers}"])
+cfg = load_config(SFTConfig, None, [f"data.cache_dir={cache}", f"data.num_proc={workers}"]
+                  + (["data.cache=false"] if cache == "off" else []))
 kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
 t0 = time.time()
 ex, rep, hit = encode_sft_source(path, cfg.data, 0, tok, kw, log=print)
@@ -43,6 +46,9 @@ def main(argv=None) -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=2, help="worker processes of the second run (0: skip that run)")
     ap.add_argument("--out", default="runs/tokenize-cache")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="also run the first pass with the cache off (data.cache=false: every record and example "
+                         "held as Python objects, what a first pass did before it was streamed)")
     args = ap.parse_args(argv)
 
     from posttrain.world.datasets import sft_record
@@ -59,7 +65,8 @@ def main(argv=None) -> None:
     size = data.stat().st_size
     results = {"records": args.records, "file_mib": size / 2**20, "cpu": _cpu()}
     with tempfile.TemporaryDirectory(dir=out) as c1, tempfile.TemporaryDirectory(dir=out) as c2:
-        runs = [("first, 1 process", c1, 1)] + ([(f"first, {args.workers} processes", c2, args.workers)]
+        runs = ([("in memory (cache off), 1 process", "off", 1)] if args.in_memory else []) + [
+            ("first, 1 process", c1, 1)] + ([(f"first, {args.workers} processes", c2, args.workers)]
                                                 if args.workers > 1 else []) + [("cached", c1, 1)]
         for name, cache, workers in runs:
             r = subprocess.run([sys.executable, "-c", CHILD, str(data), cache, str(workers)], capture_output=True,

@@ -61,7 +61,11 @@ def test_a_corrupt_entry_is_reported_deleted_and_rebuilt(tmp_path):
     f = _write(tmp_path / "d.jsonl", 10)
     first, _, _ = _encode(f, tok, tmp_path, logs)
     (entry,) = list((tmp_path / "cache").iterdir())
-    (entry / "examples.safetensors").write_bytes(b"garbage")
+    # replaced, not rewritten in place: `first` reads the entry's file through a memory map, and
+    # truncating a mapped file under a running process is a SIGBUS (the cache itself only ever
+    # renames complete entries into place)
+    (entry / "garbage").write_bytes(b"garbage")
+    (entry / "garbage").replace(entry / "examples.safetensors")
     rebuilt, _, hit = _encode(f, tok, tmp_path, logs)
     assert hit is False and _same(first, rebuilt)
     assert any("unreadable" in line and "tokenizing again" in line for line in logs)
@@ -157,3 +161,56 @@ def test_preference_units_round_trip_through_the_cache(tmp_path, kind, make):
     f.write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
     shorter, _, logs4 = run()
     assert "from the tokenization cache" not in logs4[0] and len(shorter) == len(first) - 1
+
+
+def test_the_first_pass_is_streamed_into_the_entry_and_equals_the_in_memory_encoding(tmp_path, monkeypatch):
+    """A cache miss on a file writes the entry as the records stream by (no record list: the
+    in-memory loader is never called), through worker processes and buffer flushes; the examples
+    and report equal encode_dataset's on the same file, and the tensors equal save_entry's."""
+    from safetensors.torch import load_file
+
+    import posttrain.algorithms.sft as sft_mod
+
+    monkeypatch.setattr(tok_mod, "WORKER_CHUNK", 40)
+    monkeypatch.setattr(cache_mod.EntryWriter, "FLUSH", 50)
+    monkeypatch.setattr(sft_mod, "load_sft_source", lambda *a, **k: pytest.fail("the first pass loaded every record"))
+    tok, logs = world_tokenizer(), []
+    f = _write(tmp_path / "d.jsonl", 130)
+    ref, ref_report = tok_mod.encode_dataset(load_records(f), tok, max_length=73, overlong="drop")
+    for num_proc in (1, 2):
+        cache = tmp_path / f"c{num_proc}"
+        cfg = load_config(SFTConfig, None, [f"data.cache_dir={cache}", f"data.num_proc={num_proc}"])
+        kw = dict(max_length=73, overlong="drop", loss_on="response")
+        got, report, hit = encode_sft_source(str(f), cfg.data, 0, tok, kw, log=logs.append)
+        assert hit is False and isinstance(got, cache_mod.CachedExamples)
+        assert _same(got, ref) and report == ref_report and 0 < report.dropped_overlong < 130
+        (entry,) = list(cache.iterdir())   # complete, no temporary left
+        streamed = load_file(str(entry / "examples.safetensors"))
+        cache_mod.save_entry(tmp_path / f"eager{num_proc}", ref, ref_report, {})
+        eager = load_file(str(tmp_path / f"eager{num_proc}" / "examples.safetensors"))
+        assert streamed.keys() == eager.keys()
+        for name in eager:
+            assert streamed[name].dtype == eager[name].dtype and streamed[name].equal(eager[name]), name
+        assert encode_sft_source(str(f), cfg.data, 0, tok, kw, log=logs.append)[2] is True
+
+
+def test_a_bad_record_in_the_stream_names_its_line_and_leaves_no_entry(tmp_path):
+    from posttrain.errors import ConfigError, DataError
+
+    tok, logs = world_tokenizer(), []
+    f = _write(tmp_path / "d.jsonl", 20)
+    lines = f.read_text().splitlines()
+    lines[13] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]})
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl, line 14.*role"):
+        _encode(f, tok, tmp_path, logs)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    with pytest.raises(ConfigError, match="holds preference records"):
+        _encode(pairs, tok, tmp_path, logs)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        _encode(empty, tok, tmp_path, logs)
+    assert not list((tmp_path / "cache").iterdir())

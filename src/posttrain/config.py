@@ -192,11 +192,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         )
     if origin in (list, tuple):
         (item_tp, *_) = get_args(tp) or (Any,)
+        # one value given (not a list, nor a comma-separated string): errors name the key itself
+        scalar = not isinstance(value, (list, tuple)) and not (isinstance(value, str) and "," in value)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
+        if scalar:
             value = [value]
-        items = [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        items = [_coerce(key if scalar else f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value

@@ -269,7 +269,8 @@ def _encode_source(spec: str, data: PreferenceDataConfig, tokenizer, kind: str, 
         return units, e["report"]["summary"], e["report"]["source"]
 
     units, summary, source, hit = cached(directory, parts, build, log=log, save=save, load=load)
-    log(f"{'train' if key == 'data.train' else 'eval'} data {source}: {summary}"
+    # an entry is keyed by content: a hit may have been made from a copy of the file elsewhere
+    log(f"{'train' if key == 'data.train' else 'eval'} data {spec if hit else source}: {summary}"
         + (" (from the tokenization cache)" if hit else ""))
     return units, summary
 

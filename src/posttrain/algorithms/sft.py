@@ -230,17 +230,24 @@ def world_sft_records(n: int, *, split: str, seed: int) -> list[dict]:
     return [{"messages": p.messages()} for p in generate_problems(n, seed=seed, split=split)]
 
 
-def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
+def _check_spec(spec: str, cfg: SFTDataConfig, key: str) -> None:
     check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_DATA}.")
+
+
+def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
+    _check_spec(spec, cfg, key)
     ds = _load_sft_source(spec, cfg, seed)
     if ds.format not in SFT_FORMATS:
-        raise ConfigError(
-            f"SFT trains on conversational or prompt/completion records, but {key} ({ds.source}) holds {ds.format} "
-            "records.", fix=f"give {key} a file of {' or '.join(SFT_FORMATS)} records "
-            "(preference pairs train with `posttrain dpo` / `rm`).")
+        raise _not_sft(key, ds.source, ds.format)
     return ds
+
+
+def _not_sft(key: str, source: str, fmt: str) -> ConfigError:
+    return ConfigError(f"SFT trains on conversational or prompt/completion records, but {key} ({source}) holds {fmt} "
+                       "records.", fix=f"give {key} a file of {' or '.join(SFT_FORMATS)} records "
+                       "(preference pairs train with `posttrain dpo` / `rm`).")
 
 
 def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
@@ -270,15 +277,38 @@ def encode_sft_source(spec: str, data: SFTDataConfig, seed: int, tokenizer, enco
                       progress: bool = False, key: str = "data.train"):
     """Load, validate and tokenize an SFT source through the tokenization cache (files only:
     built-in data is generated, not read). Returns ``(examples, report, from_cache)``."""
-    from ..data.cache import cache_location, cached
+    from ..data.cache import EntryWriter, cache_location, cached
+    from ..data.formats import open_records
+    from ..data.tokenize import encode_records
 
+    _check_spec(spec, data, key)
     directory, parts = cache_location(spec, data, tokenizer, {"kind": "sft", "format": data.format, **encode_kw})
 
     def build():
         ds = load_sft_source(spec, data, seed, key=key)
         return encode_dataset(ds, tokenizer, **encode_kw, num_proc=data.num_proc, progress=progress)
 
-    return cached(directory, parts, build, log=log)
+    def stream(entry):
+        """The first pass over a file, streamed: records are read, validated and tokenized chunk
+        by chunk and their tokens appended to the entry on disk; no record list is built."""
+        source, records = open_records(spec, data.format, fields=data.fields)
+        writer = EntryWriter(entry)
+        try:
+            report = encode_records(_sft_only(records, source, key), tokenizer, source=source, keep=writer.add,
+                                    **encode_kw, num_proc=data.num_proc, progress=progress)
+            writer.finish(report, parts)
+        except BaseException:
+            writer.abort()
+            raise
+
+    return cached(directory, parts, build, log=log, stream=stream)
+
+
+def _sft_only(records, source: str, key: str):
+    for location, record, fmt in records:
+        if fmt not in SFT_FORMATS:
+            raise _not_sft(key, source, fmt)
+        yield location, record, fmt
 
 
 # --------------------------------------------------------------------------- entry point

@@ -20,7 +20,7 @@ Sequence-level methods (reward models, DPO family, KTO, tilt)::
 
 from .chat import check_tokenizer, has_generation_markers, render_conversation, render_prompt, render_turns
 from .collate import collate_sequences, packed_collate, pad_collate
-from .formats import FORMATS, ROLES, Dataset, detect_format, load_records, validate_record
+from .formats import FORMATS, ROLES, Dataset, detect_format, load_records, open_records, validate_record
 from .packing import PaddingStats, best_fit_decreasing, padding_stats
 from .prefix import collate_shared_prefix, prediction_index
 from .preference import (
@@ -41,6 +41,7 @@ from .tokenize import (
     EncodedExample,
     EncodeReport,
     encode_dataset,
+    encode_records,
     encode_sft_example,
     tokenize_prompt_and_output,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "prediction_index",
     "detect_format",
     "encode_dataset",
+    "encode_records",
     "encode_pairs",
     "encode_ranked",
     "encode_sft_example",
@@ -74,6 +76,7 @@ __all__ = [
     "has_generation_markers",
     "kl_partners",
     "load_records",
+    "open_records",
     "packed_collate",
     "pad_collate",
     "padding_stats",

@@ -16,7 +16,8 @@ int64 ``offsets``, uint8 ``truncated``: no pickle), ``report.json`` (the encode 
 pairs, KTO examples with their KL partner, ranked K-sets) add int64 ``counts`` (sequences per
 unit) and ``meta.json`` (each unit's margin / label / rewards). Entries are written to a temporary
 directory and renamed into place, so a crash never leaves half an entry; an unreadable entry is
-reported, deleted and rebuilt.
+reported, deleted and rebuilt. An SFT file's first pass is streamed into its entry
+(:class:`EntryWriter`), and entries are read lazily (:class:`CachedExamples`).
 
 The cache directory is ``data.cache_dir``, else ``$POSTTRAIN_CACHE/tokenized``, else
 ``~/.cache/posttrain/tokenized``.
@@ -81,7 +82,7 @@ def cache_location(spec: str, data, tokenizer, settings: dict) -> tuple[Path | N
     settings (``data.cache``, ``data.cache_dir``) and ``tokenizer``; ``(None, {})`` when it is not
     cached (cache off, built-in data, not a file, a tokenizer that cannot be fingerprinted)."""
     path = Path(spec).expanduser()
-    if not data.cache or spec.startswith("builtin:") or not path.exists():
+    if not data.cache or not spec.strip() or spec.startswith("builtin:") or not path.exists():
         return None, {}
     fingerprint = tokenizer_fingerprint(tokenizer)
     if fingerprint is None:
@@ -102,10 +103,7 @@ def save_entry(directory: Path, examples, report, parts: dict, *, counts: list[i
     import torch
     from safetensors.torch import save_file
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _temp_dir(directory)
     lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
     offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lengths, 0)
@@ -120,13 +118,107 @@ def save_entry(directory: Path, examples, report, parts: dict, *, counts: list[i
         (tmp / "meta.json").write_text(json.dumps(meta if meta is not None else [None] * len(counts)),
                                        encoding="utf-8")
     save_file(tensors, str(tmp / "examples.safetensors"))
-    (tmp / "report.json").write_text(json.dumps(asdict(report) if is_dataclass(report) else report),
-                                     encoding="utf-8")
-    (tmp / "key.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    _write_meta(tmp, report, parts)
+    _publish(tmp, directory)
+
+
+def _temp_dir(directory: Path) -> Path:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, directory: Path) -> None:
     if directory.exists():   # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
         return
     os.replace(tmp, directory)
+
+
+class EntryWriter:
+    """Builds an SFT entry example by example, on disk: token ids and labels are appended to
+    two int32 files in the entry's temporary directory as they come, and :meth:`finish` writes
+    ``examples.safetensors`` from them (the format's header, then the bytes copied in blocks),
+    so a first pass over a file larger than memory holds only a few MiB of tokens plus 9 bytes
+    per example (offset and truncation flag). The entry appears, complete, only when
+    :meth:`finish` renames it into place; :meth:`abort` (or an exception) leaves nothing."""
+
+    FLUSH = 1 << 20   # tokens buffered per file before a write
+
+    def __init__(self, directory: Path):
+        from array import array
+
+        self.directory = directory
+        self.tmp = _temp_dir(directory)
+        self._files = [open(self.tmp / "ids.bin", "wb"), open(self.tmp / "labels.bin", "wb")]
+        self._bufs = [array("i"), array("i")]
+        self.offsets = array("q", [0])
+        self.truncated = array("B")
+
+    def add(self, example) -> None:
+        self._bufs[0].extend(example.input_ids)
+        self._bufs[1].extend(example.labels)
+        self.offsets.append(self.offsets[-1] + len(example.input_ids))
+        self.truncated.append(bool(example.truncated))
+        if len(self._bufs[0]) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        from array import array
+
+        for i, (fh, buf) in enumerate(zip(self._files, self._bufs)):
+            fh.write(_little_endian(buf))
+            self._bufs[i] = array("i")
+
+    def finish(self, report, parts: dict) -> None:
+        self._flush()
+        for fh in self._files:
+            fh.close()
+        total, n = self.offsets[-1], len(self.truncated)
+        tensors = [("input_ids", "I32", [total], self.tmp / "ids.bin"), ("labels", "I32", [total], self.tmp / "labels.bin"),
+                   ("offsets", "I64", [n + 1], _little_endian(self.offsets)),
+                   ("truncated", "U8", [n], self.truncated.tobytes())]
+        header, start = {}, 0
+        for name, dtype, shape, data in tensors:
+            size = data.stat().st_size if isinstance(data, Path) else len(data)
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + size]}
+            start += size
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(self.tmp / "examples.safetensors", "wb") as out:
+            out.write(len(head).to_bytes(8, "little"))
+            out.write(head)
+            for _, _, _, data in tensors:
+                if isinstance(data, Path):
+                    with open(data, "rb") as fh:
+                        shutil.copyfileobj(fh, out, 1 << 22)
+                    data.unlink()
+                else:
+                    out.write(data)
+        _write_meta(self.tmp, report, parts)
+        _publish(self.tmp, self.directory)
+
+    def abort(self) -> None:
+        for fh in self._files:
+            fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _little_endian(buf) -> bytes:
+    import sys
+
+    if sys.byteorder != "little":
+        buf = type(buf)(buf.typecode, buf)
+        buf.byteswap()
+    return buf.tobytes()
+
+
+def _write_meta(tmp: Path, report, parts: dict) -> None:
+    (tmp / "report.json").write_text(json.dumps(asdict(report) if is_dataclass(report) else report),
+                                     encoding="utf-8")
+    (tmp / "key.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str), encoding="utf-8")
 
 
 class CachedExamples(Sequence):
@@ -189,10 +281,12 @@ def load_entry(directory: Path):
     return entry["examples"], report
 
 
-def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=None):
+def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=None, stream=None):
     """``build()`` through the cache entry of ``parts`` (no cache when ``directory`` is None).
     By default ``build() -> (examples, report)`` (SFT); ``save(built, entry_dir)`` /
-    ``load(entry_dir) -> built`` store other results. Returns ``(*built, hit)``."""
+    ``load(entry_dir) -> built`` store other results. ``stream(entry_dir)``, when given, writes
+    the entry itself without holding the data (then it is loaded; if the entry cannot be written,
+    ``build()`` runs in memory instead). Returns ``(*built, hit)``."""
     save = save or (lambda built, d: save_entry(d, built[0], built[1], parts))
     load = load or load_entry
     if directory is None:
@@ -205,6 +299,12 @@ def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=N
             log(f"note: the tokenization cache entry {entry} is unreadable ({type(e).__name__}: {e}); "
                 "deleting and tokenizing again")
             shutil.rmtree(entry, ignore_errors=True)
+    if stream is not None:
+        try:
+            stream(entry)
+            return (*load(entry), False)
+        except OSError as e:
+            log(f"note: could not write the tokenization cache entry {entry} ({e}); tokenizing in memory instead")
     built = build()
     try:
         save(built, entry)
@@ -213,5 +313,5 @@ def cached(directory: Path | None, parts: dict, build, *, log, save=None, load=N
     return (*built, False)
 
 
-__all__ = ["CACHE_VERSION", "CachedExamples", "cache_key", "cache_location", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
+__all__ = ["CACHE_VERSION", "CachedExamples", "EntryWriter", "cache_key", "cache_location", "cached", "content_digest", "default_cache_dir", "load_entry", "read_entry",
            "save_entry", "tokenizer_fingerprint"]

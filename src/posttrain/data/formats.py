@@ -892,8 +892,29 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
         DataError: for an unreadable file, a malformed or invalid record, mixed formats, or an
             empty data set; the message names the file, the line/row/item and the field.
     """
+    source_name, records = open_records(source, format, fields)
+    recs: list[dict] = []
+    locations: list[str] = []
+    fmt = None
+    for location, record, fmt in records:
+        recs.append(record)
+        locations.append(location)
+    if not recs:
+        raise DataError(
+            f"{source_name}: the data set is empty (no records).",
+            fix="check the path and the file contents; blank lines are skipped.",
+        )
+    return Dataset(recs, fmt, source_name, locations)
+
+
+def open_records(source: str | os.PathLike | Iterable[Mapping], format: str = "auto",
+                 fields: Mapping | str | None = None) -> tuple[str, Iterator[tuple[str, dict, str]]]:
+    """``(source name, records)``: the records of ``source`` read, field-mapped, validated and
+    normalized one at a time as ``(location, record, format)`` (what :func:`load_records`
+    collects), so a large file can be processed without holding it. Errors as in
+    :func:`load_records`, raised when the offending record is reached."""
     _check_format_name(format, allow_auto=True)
-    from .fields import map_record, resolve_fields
+    from .fields import resolve_fields
 
     field_map = resolve_fields(fields)
     if isinstance(source, Dataset):
@@ -917,8 +938,12 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
             fix="pass a path to a .jsonl/.json/.parquet file, or a list of dicts.",
         )
 
-    records: list[dict] = []
-    locations: list[str] = []
+    return source_name, _validated(items, source_name, format, field_map)
+
+
+def _validated(items, source_name: str, format: str, field_map) -> Iterator[tuple[str, dict, str]]:
+    from .fields import map_record
+
     fmt = None if format == "auto" else format
     first_location = None
     for location, obj in items:
@@ -960,12 +985,4 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
                     "make every record use the same keys, split the file, or pass the format explicitly "
                     "to get an error naming the missing field.",
                 )
-        records.append(validate_record(obj, fmt, source=source_name, location=location))
-        locations.append(location)
-
-    if not records:
-        raise DataError(
-            f"{source_name}: the data set is empty (no records).",
-            fix="check the path and the file contents; blank lines are skipped.",
-        )
-    return Dataset(records, fmt, source_name, locations)
+        yield location, validate_record(obj, fmt, source=source_name, location=location), fmt

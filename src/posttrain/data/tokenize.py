@@ -275,36 +275,122 @@ WORKER_MIN_RECORDS = 20000
 
 
 def _encode_chunk(args):
-    records, locations, kw = args
-    return [_encode(r, _WORKER_TOKENIZER, location=loc, **kw) for r, loc in zip(records, locations)]
+    items, kw = args
+    return [_encode(r, _WORKER_TOKENIZER, location=loc, format=fmt, **kw) for loc, r, fmt in items]
 
 
-def _encoded_outcomes(dataset: Dataset, tokenizer, kw: dict, num_proc: int, progress: bool):
-    """``(example or None, outcome)`` per record, in order; in ``num_proc`` worker processes
-    (spawned, each with one copy of the tokenizer) for large data sets, with a progress bar."""
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded_outcomes(items, tokenizer, kw: dict, num_proc: int, progress: bool, total: int | None = None):
+    """``(location, example or None, outcome)`` per ``(location, record, format)`` item, in order.
+
+    Large inputs are tokenized in ``num_proc`` worker processes (spawned, each with one copy of
+    the tokenizer; 0: up to 4 once there are :data:`WORKER_MIN_RECORDS` records), chunk by chunk
+    with a bounded number of chunks in flight, so ``items`` may be a stream larger than memory."""
+    import itertools
+
     from tqdm.auto import tqdm
 
-    n = len(dataset.records)
     workers = num_proc if num_proc > 0 else min(4, os.cpu_count() or 1)
-    if workers <= 1 or n < (WORKER_MIN_RECORDS if num_proc <= 0 else 2 * WORKER_CHUNK):
-        bar = tqdm(total=n, desc="tokenizing", unit="rec", disable=not progress or n < 10000, mininterval=1.0)
-        for record, location in zip(dataset.records, dataset.locations):
-            yield _encode(record, tokenizer, location=location, **kw)
+    threshold = WORKER_MIN_RECORDS if num_proc <= 0 else 2 * WORKER_CHUNK
+    items = iter(items)
+    head = list(itertools.islice(items, threshold)) if workers > 1 else []
+    if workers <= 1 or len(head) < threshold:
+        n = len(head) if workers > 1 else total
+        bar = tqdm(total=n, desc="tokenizing", unit="rec", disable=not progress or (n is not None and n < 10000),
+                   mininterval=1.0)
+        for location, record, fmt in itertools.chain(head, items):
+            yield (location, *_encode(record, tokenizer, location=location, format=fmt, **kw))
             bar.update(1)
         bar.close()
         return
     import multiprocessing as mp
+    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    chunks = [(dataset.records[i:i + WORKER_CHUNK], dataset.locations[i:i + WORKER_CHUNK], kw)
-              for i in range(0, n, WORKER_CHUNK)]
-    bar = tqdm(total=n, desc=f"tokenizing ({workers} processes)", unit="rec", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=total, desc=f"tokenizing ({workers} processes)", unit="rec", disable=not progress,
+               mininterval=1.0)
+    pending: deque = deque()
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(tokenizer,)) as pool:
-        for chunk, done in zip(chunks, pool.map(_encode_chunk, chunks)):
-            bar.update(len(chunk[0]))
-            yield from done
+        for chunk in _chunks(itertools.chain(head, items), WORKER_CHUNK):
+            pending.append((chunk, pool.submit(_encode_chunk, (chunk, kw))))
+            while len(pending) > 2 * workers:   # bounded: a few chunks per worker in flight
+                yield from _finished(*pending.popleft(), bar)
+        while pending:
+            yield from _finished(*pending.popleft(), bar)
     bar.close()
+
+
+def _finished(chunk, future, bar):
+    done = future.result()
+    bar.update(len(chunk))
+    for (location, _, _), outcome in zip(chunk, done):
+        yield (location, *outcome)
+
+
+def encode_records(
+    items,
+    tokenizer,
+    *,
+    source: str,
+    keep,
+    max_length: int,
+    overlong: Literal["truncate", "drop"] = "truncate",
+    loss_on: Literal["response", "all"] = "response",
+    num_proc: int = 1,
+    progress: bool = False,
+    total: int | None = None,
+) -> EncodeReport:
+    """Encode a stream of validated SFT records ``(location, record, format)`` (as
+    :func:`posttrain.data.formats.open_records` yields them), calling ``keep(example)`` for
+    every kept example in order; returns the report. Nothing is held but the chunks in flight.
+    Raises :class:`DataError` if every record is dropped (the message says how to fix it)."""
+    report = EncodeReport(max_length=max_length, overlong=overlong)
+    kw = dict(max_length=max_length, overlong=overlong, loss_on=loss_on, source=source)
+    checked: set = set()
+
+    def checked_items():
+        for location, record, fmt in items:
+            needs_template = fmt == "conversational" or not isinstance(record.get("prompt"), str)
+            if (fmt, needs_template) not in checked:   # once per kind of record, before its first encoding
+                _check_options(fmt, max_length, overlong, loss_on)
+                check_tokenizer(tokenizer, need_chat_template=needs_template)
+                checked.add((fmt, needs_template))
+            yield location, record, fmt
+
+    for location, example, outcome in _encoded_outcomes(checked_items(), tokenizer, kw, num_proc, progress, total):
+        report.total += 1
+        if example is None:
+            setattr(report, outcome, getattr(report, outcome) + 1)
+            report.dropped_locations.append(location)
+            continue
+        report.kept += 1
+        report.truncated += example.truncated
+        keep(example)
+    if not report.total:
+        raise DataError(f"{source}: the data set is empty (no records).",
+                        fix="check the path and the file contents; blank lines are skipped.")
+    if not report.kept:
+        raise DataError(
+            f"{where(source)}: every one of the {report.total} records was dropped "
+            f"({report.dropped_overlong} longer than max_length={max_length} under overlong='{overlong}', "
+            f"{report.dropped_no_trainable_tokens} whose prompt alone fills max_length).",
+            fix=(f"shorten the prompts, or raise data.max_length (now {max_length}) if the model's position limit "
+                 "allows." if overlong == "truncate" else
+                 f"use data.overlong=truncate, shorten the data, or raise data.max_length (now {max_length}) if the "
+                 "model's position limit allows."),
+        )
+    return report
 
 
 def encode_dataset(
@@ -330,27 +416,9 @@ def encode_dataset(
         not isinstance(r["prompt"], str) for r in dataset.records
     )
     check_tokenizer(tokenizer, need_chat_template=needs_template)
-    report = EncodeReport(max_length=max_length, overlong=overlong)
     examples: list[EncodedExample] = []
-    kw = dict(format=dataset.format, max_length=max_length, overlong=overlong, loss_on=loss_on, source=dataset.source)
-    outcomes = _encoded_outcomes(dataset, tokenizer, kw, num_proc, progress)
-    for location, (example, outcome) in zip(dataset.locations, outcomes):
-        report.total += 1
-        if example is None:
-            setattr(report, outcome, getattr(report, outcome) + 1)
-            report.dropped_locations.append(location)
-            continue
-        report.kept += 1
-        report.truncated += example.truncated
-        examples.append(example)
-    if not examples:
-        raise DataError(
-            f"{where(dataset.source)}: every one of the {report.total} records was dropped "
-            f"({report.dropped_overlong} longer than max_length={max_length} under overlong='{overlong}', "
-            f"{report.dropped_no_trainable_tokens} whose prompt alone fills max_length).",
-            fix=(f"shorten the prompts, or raise data.max_length (now {max_length}) if the model's position limit "
-                 "allows." if overlong == "truncate" else
-                 f"use data.overlong=truncate, shorten the data, or raise data.max_length (now {max_length}) if the "
-                 "model's position limit allows."),
-        )
+    items = ((loc, r, dataset.format) for loc, r in zip(dataset.locations, dataset.records))
+    report = encode_records(items, tokenizer, source=dataset.source, keep=examples.append, max_length=max_length,
+                            overlong=overlong, loss_on=loss_on, num_proc=num_proc, progress=progress,
+                            total=len(dataset))
     return examples, report
