@@ -170,19 +170,34 @@ def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, pre
     ("online-dpo", ["online.steps_per_rollout=2", "rollout.prompts_per_step=4", "rollout.group_size=4",
                     "rollout.max_new_tokens=8", "reward.functions=[tests.test_rft:digit_reward]",
                     "train.micro_batch_size=1", "train.max_steps=4", "rollout.samples_every=1"], False),
+    ("distill", ["teacher.name_or_path={ws}/teacher", "loss.mode=on_policy", "loss.divergence=reverse_kl",
+                 "loss.max_new_tokens=8", "loss.sample_temperature=1.0", "train.micro_batch_size=2",
+                 "train.max_steps=3", "train.epochs=0", "data.max_length=160"], True),
+    ("cai", ["revise.model={ws}/model", "judge.model={ws}/model", "sampling.prompts=6", "sampling.max_new_tokens=6",
+             "revise.critique_max_new_tokens=4", "revise.revision_max_new_tokens=6", "revise.temperature=1.0",
+             "judge.max_new_tokens=2", "select.train=none", "data.world_eval_examples=4"], True),
 ])
 def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, command, args, accumulation):
     """RFT and online DPO split their sampling (process r decodes groups r, r+N, ...; the shares
     are exchanged) and train their share of each step: the same weights, and their JSONL
-    artefacts (the same samples, pairs and rounds) written once."""
+    artefacts (the same samples, pairs and rounds) written once. On-policy distillation samples
+    each micro-batch's completions where it is trained (per-sample seeds): the same weights. CAI
+    (responses, critiques, revisions, judge verdicts, pairs) writes the same artefacts."""
     common = [f"model.name_or_path={ws / 'model'}", "data.world_examples=24", "data.eval=null", "train.progress=false",
-              "train.lr=1e-3", *args]
+              "train.lr=1e-3", *(a.format(ws=ws) for a in args)]
     # rft's SFT stage as sft: 2 processes x accumulation 1 = 1 process x accumulation 2; online DPO's steps are
     # its iterations' pairs whatever the process count
     one, two = (["train.grad_accum=2"], ["train.grad_accum=1"]) if accumulation else ([], [])
     assert main([command, *common, *one, f"train.output_dir={tmp_path / 'one'}"]) == 0
     _torchrun([command, *common, *two, f"train.output_dir={tmp_path / 'two'}"], tmp_path)
-    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    if command == "cai":   # a random reviser's revisions are cut, so nothing to fine-tune: the artefacts only
+        assert not (tmp_path / "one" / "final").exists() and not (tmp_path / "two" / "final").exists()
+        def summary(run):
+            return {k: v for k, v in json.loads((tmp_path / run / "cai.json").read_text()).items()
+                    if k != "output_dir" and "seconds" not in k}
+        assert summary("two") == summary("one")
+    else:
+        _assert_same_weights(tmp_path / "one", tmp_path / "two")
     files = sorted((tmp_path / "one").rglob("*.jsonl"))
     assert files
     for f in files:

@@ -26,6 +26,7 @@ load from safetensors only and never run a repository's code (docs/security.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -245,7 +246,8 @@ def _cmd_world_data(args: argparse.Namespace) -> int:
         raise ConfigError(f"Option '--out' is '{args.out}', which already holds {', '.join(existing)}.",
                           fix="choose another --out directory, or add --overwrite to replace those files.")
     try:
-        paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+        paths = write_world_datasets(Path(args.out), n_train=args.train, n_heldout=args.heldout, seed=args.seed,
+                                     direct_fraction=args.direct_answers)
     except OSError as e:
         raise ConfigError(f"Option '--out': could not write '{e.filename}': {e.strerror}.",
                           fix="choose another --out directory, or move the file or directory in the way.") from None
@@ -275,6 +277,17 @@ def _int_at_least(lowest: int):
 
 
 _positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_positive_int, default=4000)
     p.add_argument("--heldout", type=_positive_int, default=200)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--direct-answers", type=_fraction, default=0.0, metavar="F",
+                   help="share of the train conversations whose reply is only the final answer line "
+                        "(`#### n`) instead of the worked solution (the quickstart uses 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace data files already in --out")
     p.set_defaults(func=_cmd_world_data)
     p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch; "
@@ -502,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     previous = _install_sigterm(on_sigterm)
+    # under several processes only rank 0 prints progress and results (the others would repeat
+    # every line); errors still go to every process's stderr, naming the rank
+    other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
     try:
-        return args.func(args)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if other_rank else sys.stdout):
+            return args.func(args)
     except PosttrainError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

@@ -45,8 +45,7 @@ from .world.preferences import preference_records
 from .world.tasks import generate_problems
 
 STAGES = ("sft", "rm", "dpo", "rl")
-# rl stays opt-in until it beats SFT on the held-out set within the quickstart budget (docs/online_rl.md)
-DEFAULT_STAGES = ("sft", "rm", "dpo")
+DEFAULT_STAGES = STAGES
 
 
 def _default_sft() -> SFTConfig:
@@ -75,7 +74,7 @@ def _default_rl() -> RLConfig:
                     data=RLDataConfig(train="", eval=""),
                     rollout=RolloutConfig(group_size=8, prompts_per_step=16, max_new_tokens=64, samples_every=10),
                     loss=RLLossConfig(),
-                    train=TrainConfig(output_dir="", lr=2e-5, max_steps=40, epochs=0.0, micro_batch_size=16,
+                    train=TrainConfig(output_dir="", lr=3e-5, max_steps=32, epochs=0.0, micro_batch_size=16,
                                       warmup_ratio=0.0, min_lr_ratio=1.0, weight_decay=0.0))
 
 
@@ -104,9 +103,18 @@ class QuickstartConfig:
     seed: int = option(0, "Seed for data generation and training.", min=0, max=2**32 - 1)
     stages: list[str] = option(default_factory=lambda: list(DEFAULT_STAGES),
                                help="Stages to run, in order: sft, rm, dpo, rl (rm, dpo and rl start from the SFT "
-                                    "model; rl is not in the default list yet: add it with stages=[sft,rm,dpo,rl]).")
+                                    "model).")
     train_examples: int = option(8000, "SFT conversations generated from the train split.", min=1, max=1_000_000)
-    preference_pairs: int = option(1000, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2,
+    direct_answers: float = option(0.5, "Share of the SFT conversations at direct_answer_levels whose reply is only "
+                                        "the final answer line (`#### n`) instead of the worked solution, as in "
+                                        "instruction data that mixes terse and worked answers: the SFT model then "
+                                        "answers some of those problems directly (and mostly wrongly), and the rl "
+                                        "stage learns from the reward alone that working the steps pays. 0: every "
+                                        "reply is worked.", min=0.0, max=1.0)
+    direct_answer_levels: list[int] = option(default_factory=lambda: [3, 4],
+                                             help="Difficulty levels (1-4) whose SFT replies direct_answers applies to "
+                                                  "(3 and 4: the multi-step problems).")
+    preference_pairs: int = option(600, "Preference pairs (correct vs one-slip solution) for rm and dpo.", min=2,
                                   max=1_000_000)
     dpo_losses: list[str] = option(default_factory=lambda: ["dpo", "dpop"],
                                    help="Preference losses to run from the SFT model (each its own run).")
@@ -123,6 +131,11 @@ class QuickstartConfig:
     rl: RLConfig = field(default_factory=_default_rl)
 
     def validate(self) -> None:
+        from .world.tasks import LEVELS
+
+        if any(level not in LEVELS for level in self.direct_answer_levels):
+            raise ConfigError(f"Config key 'direct_answer_levels' is {self.direct_answer_levels}; the world's levels "
+                              f"are {list(LEVELS)}.", fix="list levels from 1 to 4, e.g. direct_answer_levels=[3,4].")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"Config key 'stages' has unknown stage(s) {bad}; valid stages are {list(STAGES)}.",
@@ -280,7 +293,8 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
     log("posttrain quickstart: the built-in tiny world (arithmetic word problems, verifiable answers)")
     log(f"stages: {' -> '.join(['base eval'] + stages)}")
     paths = write_world_datasets(out / "data", n_train=cfg.train_examples, n_heldout=cfg.eval_problems,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, direct_fraction=cfg.direct_answers,
+                                 direct_levels=tuple(cfg.direct_answer_levels))
     if "rm" in stages or "dpo" in stages:
         paths["pairs_train"] = write_jsonl(out / "data" / "pairs_train.jsonl",
                                            preference_records(cfg.preference_pairs, seed=cfg.seed))
@@ -289,7 +303,9 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
     if "rl" in stages:
         paths["rl_prompts"] = write_jsonl(out / "data" / "problems_train.jsonl",
                                           [problem_record(p) for p in generate_problems(cfg.rl_prompts, seed=cfg.seed)])
-    log(f"data: {cfg.train_examples} SFT conversations, {cfg.eval_problems} held-out problems"
+    direct = (f" ({100 * cfg.direct_answers:.0f}% of those at levels {', '.join(map(str, cfg.direct_answer_levels))} "
+              "answered with the final line only)" if cfg.direct_answers and cfg.direct_answer_levels else "")
+    log(f"data: {cfg.train_examples} SFT conversations{direct}, {cfg.eval_problems} held-out problems"
         + (f", {cfg.preference_pairs} + {cfg.eval_pairs} held-out preference pairs" if "pairs_train" in paths else "")
         + f" -> {out / 'data'}")
 
