@@ -12,7 +12,7 @@ from posttrain.quickstart import QuickstartConfig, run_quickstart
 def test_quickstart_small(tmp_path):
     lines = []
     cfg = load_config(QuickstartConfig, None, [
-        f"output_dir={tmp_path}", "train_examples=64", "eval_problems=8", "curve_points=1", "curve_problems=4",
+        f"output_dir={tmp_path}", "stages=[sft,rm,dpo,rl]", "train_examples=64", "eval_problems=8", "curve_points=1", "curve_problems=4",
         "max_new_tokens=24", "sft.train.max_steps=4", "sft.train.progress=false", "preference_pairs=12",
         "eval_pairs=6", "rm.train.max_steps=2", "rm.train.progress=false", "dpo.train.max_steps=2",
         "dpo.train.progress=false", "dpo_losses=[dpo,simpo]", "rl_prompts=8", "rl.train.max_steps=1",
@@ -24,7 +24,7 @@ def test_quickstart_small(tmp_path):
     assert "held-out accuracy" in text and "format compliance" in text
     assert "reward model (from SFT, bt): held-out pairwise accuracy" in text
     assert "dpo: held-out accuracy" in text and "simpo: held-out accuracy" in text
-    assert "grpo: held-out accuracy" in text   # rl is a default stage
+    assert "grpo: held-out accuracy" in text
     for name in ("summary.json", "samples.jsonl", "learning_curves.png", "sft/metrics.jsonl", "sft/final/config.json",
                  "rm/final/config.json", "dpo-dpo/final/config.json", "dpo-simpo/metrics.jsonl",
                  "data/sft_train.jsonl", "data/problems_heldout.jsonl", "data/pairs_train.jsonl"):
@@ -66,6 +66,7 @@ def test_quickstart_rl_stage(tmp_path):
 def test_quickstart_stage_validation():
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(QuickstartConfig, None, ["stages=[sft,ppo]"])
+    assert load_config(QuickstartConfig, None, []).stages == ["sft", "dpo", "rl"]
     with pytest.raises(ConfigError, match="'sft' must be in 'stages'"):
         load_config(QuickstartConfig, None, ["stages=[dpo]"])
     with pytest.raises(ConfigError, match="paired losses"):
