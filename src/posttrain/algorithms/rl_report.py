@@ -53,6 +53,9 @@ def plot_rl_curves(history: list[dict], eval_history: list[dict], path: Path, *,
     ax.set_title("accuracy (%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    else:   # say why the panel is empty rather than leave a blank axis
+        ax.text(0.5, 0.5, "no gold reward function (reward.gold)\nand no held-out evaluation (data.eval)\nin this run",
+                ha="center", va="center", transform=ax.transAxes, fontsize=9, color="tab:gray")
     ax = axes[2]
     for key, color in (("kl_k1", "tab:red"), ("kl_k3", "tab:orange")):
         vals = [h.get(key) for h in history]
