@@ -31,9 +31,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], tmp_path, *, check: bool = True, env_extra: dict | None = None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "posttrain", *args]
+def _torchrun(args: list[str], tmp_path, *, check: bool = True, env_extra: dict | None = None,
+              launcher: str = "torchrun"):
+    if launcher == "accelerate":   # on a machine without GPUs accelerate starts the processes through torchrun's API
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "posttrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "posttrain", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            **(env_extra or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
@@ -70,15 +76,18 @@ def ws(tmp_path_factory):
     return ws
 
 
-def test_sft_packed_two_processes_equal_one_process_with_double_accumulation(ws, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_sft_packed_two_processes_equal_one_process_with_double_accumulation(ws, tmp_path, launcher):
     common = [f"model.name_or_path={ws / 'model'}", f"data.train={ws / 'sft.jsonl'}", "data.eval=null",
               "data.max_length=128", "train.micro_batch_size=2", "train.epochs=1", "train.progress=false",
               "train.save_every=0", "train.lr=1e-3"]
     assert main(["sft", *common, "train.grad_accum=4", f"train.output_dir={tmp_path / 'one'}"]) == 0
-    _torchrun(["sft", *common, "train.grad_accum=2", f"train.output_dir={tmp_path / 'two'}"], tmp_path)
+    r = _torchrun(["sft", *common, "train.grad_accum=2", f"train.output_dir={tmp_path / 'two'}"], tmp_path,
+                  launcher=launcher)
     _assert_same(tmp_path / "one", tmp_path / "two")
-    # only rank 0 wrote: one metrics file with one line per step
+    # only rank 0 wrote: one metrics file with one line per step, and printed (once)
     assert len(_losses(tmp_path / "two")) == len(_losses(tmp_path / "one"))
+    assert r.stdout.count("done: ") == 1 and r.stdout.count("plan: ") == 1, r.stdout
 
 
 def test_dpo_prefix_shared_two_processes_equal_one_process(ws, tmp_path):
