@@ -67,6 +67,8 @@ def test_quickstart_stage_validation():
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(QuickstartConfig, None, ["stages=[sft,ppo]"])
     assert load_config(QuickstartConfig, None, []).stages == ["sft", "dpo", "rl"]
+    with pytest.raises(ConfigError, match=r"'direct_answer_levels' is \[3, 5\]; the world's levels are \[1, 2, 3, 4\]"):
+        load_config(QuickstartConfig, None, ["direct_answer_levels=[3,5]"])
     with pytest.raises(ConfigError, match="'sft' must be in 'stages'"):
         load_config(QuickstartConfig, None, ["stages=[dpo]"])
     with pytest.raises(ConfigError, match="paired losses"):
