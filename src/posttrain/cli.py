@@ -440,12 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_cai)
 
-    p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> reward model + DPO / DPOP, with a table",
+    p = sub.add_parser("quickstart", help="tiny world: base model -> SFT -> DPO / DPOP and GRPO, with a table",
                        formatter_class=_HelpFormatter, epilog=_config_help(QuickstartConfig),
                        description="The built-in tiny world end to end on a CPU: writes its datasets, evaluates the "
-                       "shipped base model on held-out problems, runs SFT, trains a reward model and runs DPO and "
-                       "DPOP from the SFT model (stages=[sft,rm,dpo]; add rl for online RL from the SFT model), then prints a "
-                       "results table and writes "
+                       "shipped base model on held-out problems, runs SFT, then DPO and DPOP and online RL (GRPO) "
+                       "from the SFT model (stages=[sft,dpo,rl]; add rm for a reward model from the SFT model), "
+                       "evaluates each, then prints a results table and writes "
                        "summary.json, samples.jsonl and learning_curves.png under output_dir (default "
                        "runs/quickstart, replaced on every run).")
     p.add_argument("--config", action="append", help=CONFIG_HELP)
