@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--direct-answers", type=_fraction, default=0.0, metavar="F",
                    help="share of the train conversations whose reply is only the final answer line "
-                        "(`#### n`) instead of the worked solution (the quickstart uses 0.5)")
+                        "(`#### n`) instead of the worked solution (the quickstart uses 0.5, on levels 3 and 4 only)")
     p.add_argument("--overwrite", action="store_true", help="replace data files already in --out")
     p.set_defaults(func=_cmd_world_data)
     p = wsub.add_parser("build", help="rebuild tokenizer and base model (pre-training from scratch; "

@@ -900,11 +900,13 @@ def load_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
         recs.append(record)
         locations.append(location)
     if not recs:
-        raise DataError(
-            f"{source_name}: the data set is empty (no records).",
-            fix="check the path and the file contents; blank lines are skipped.",
-        )
+        raise empty_data_error(source_name)
     return Dataset(recs, fmt, source_name, locations)
+
+
+def empty_data_error(source_name: str) -> DataError:
+    return DataError(f"{source_name}: the data set is empty (no records).",
+                     fix="check the path and the file contents; blank lines are skipped.")
 
 
 def open_records(source: str | os.PathLike | Iterable[Mapping], format: str = "auto",

@@ -24,7 +24,7 @@ import torch
 from posttrain.errors import ConfigError, DataError, where
 
 from .chat import check_tokenizer, render_turns
-from .formats import Dataset, load_records, validate_record
+from .formats import Dataset, empty_data_error, load_records, validate_record
 
 IGNORE_INDEX = -100
 SFT_FORMATS = ("conversational", "prompt_completion")
@@ -378,8 +378,7 @@ def encode_records(
         report.truncated += example.truncated
         keep(example)
     if not report.total:
-        raise DataError(f"{source}: the data set is empty (no records).",
-                        fix="check the path and the file contents; blank lines are skipped.")
+        raise empty_data_error(source)
     if not report.kept:
         raise DataError(
             f"{where(source)}: every one of the {report.total} records was dropped "
@@ -411,12 +410,7 @@ def encode_dataset(
     """
     if not isinstance(dataset, Dataset):
         dataset = load_records(dataset)
-    _check_options(dataset.format, max_length, overlong, loss_on)
-    needs_template = dataset.format == "conversational" or any(
-        not isinstance(r["prompt"], str) for r in dataset.records
-    )
-    check_tokenizer(tokenizer, need_chat_template=needs_template)
-    examples: list[EncodedExample] = []
+    examples: list[EncodedExample] = []   # encode_records checks the options and the tokenizer
     items = ((loc, r, dataset.format) for loc, r in zip(dataset.locations, dataset.records))
     report = encode_records(items, tokenizer, source=dataset.source, keep=examples.append, max_length=max_length,
                             overlong=overlong, loss_on=loss_on, num_proc=num_proc, progress=progress,
