@@ -33,8 +33,9 @@ def _free_port() -> int:
 
 def _torchrun(args: list[str], tmp_path, *, check: bool = True, env_extra: dict | None = None,
               launcher: str = "torchrun"):
-    if launcher == "accelerate":   # on a machine without GPUs accelerate starts the processes through torchrun's API
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    if launcher.startswith("accelerate"):   # without GPUs accelerate starts the processes through torchrun's API
+        mode = ["--multi_gpu"] if launcher == "accelerate" else ["--config_file", str(ROOT / "configs" / launcher)]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "posttrain", *args]
     else:
@@ -76,8 +77,9 @@ def ws(tmp_path_factory):
     return ws
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "accelerate/deepspeed_zero3.yaml"])
 def test_sft_packed_two_processes_equal_one_process_with_double_accumulation(ws, tmp_path, launcher):
+    """(The DeepSpeed config turns train.sharding=zero3 on: ZeRO-3 over the 2 processes.)"""
     common = [f"model.name_or_path={ws / 'model'}", f"data.train={ws / 'sft.jsonl'}", "data.eval=null",
               "data.max_length=128", "train.micro_batch_size=2", "train.epochs=1", "train.progress=false",
               "train.save_every=0", "train.lr=1e-3"]
@@ -88,6 +90,8 @@ def test_sft_packed_two_processes_equal_one_process_with_double_accumulation(ws,
     # only rank 0 wrote: one metrics file with one line per step, and printed (once)
     assert len(_losses(tmp_path / "two")) == len(_losses(tmp_path / "one"))
     assert r.stdout.count("done: ") == 1 and r.stdout.count("plan: ") == 1, r.stdout
+    if "deepspeed" in launcher:
+        assert "sharded: DeepSpeed ZeRO-3 over 2 processes" in r.stdout
 
 
 def test_dpo_prefix_shared_two_processes_equal_one_process(ws, tmp_path):
@@ -229,7 +233,10 @@ FSDP_CASES = {
     # eval loss computed on the sharded model too; checkpoints gathered every 2 steps
     "sft": ["data.max_length=128", "train.save_every=2"],
     "dpo": ["data.max_length=192", "loss.name=dpo", "train.save_every=0"],
-    "rm": ["data.max_length=192", "train.save_every=0"],
+    # (the new score head is ~1e-3, so the backbone's gradients are ~1e-6..1e-8: with AdamW's default
+    # eps 1e-8 the update of an element whose moments nearly cancel turns fp32 summation-order noise
+    # into 1e-6 weight differences under ZeRO-3; eps 1e-6 keeps the comparison well-conditioned)
+    "rm": ["data.max_length=192", "train.save_every=0", "train.adam_eps=1e-6"],
     # token-level KD: the teacher stays whole on every process
     "distill": ["data.max_length=128", "train.save_every=0", "teacher.name_or_path={ws}/teacher"],
     # a token-classification head (step labels by construction; the later data.train wins)
@@ -237,11 +244,17 @@ FSDP_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", sorted(FSDP_CASES))
-def test_fsdp2_two_processes_equal_one_process(ws, tmp_path, command):
+SHARDED_CASES = [(c, "fsdp2") for c in sorted(FSDP_CASES)] + [(c, "zero3") for c in sorted(FSDP_CASES)] + \
+    [("sft", "zero2"), ("dpo", "zero2")]
+
+
+@pytest.mark.parametrize("command,sharding", SHARDED_CASES)
+def test_sharded_two_processes_equal_one_process(ws, tmp_path, command, sharding):
     """train.sharding=fsdp2: decoder layers, backbone and head sharded over 2 processes (gradients
-    reduce-scattered as sums); the same losses, gradient norms and weights as one unsharded
-    process with double accumulation, and final/ is a whole Hugging Face model."""
+    reduce-scattered as sums); zero3 / zero2: DeepSpeed ZeRO partitions of the parameters (zero3),
+    gradients and AdamW state over 2 processes. Each gives the same losses, gradient norms and
+    weights as one unsharded process with double accumulation, and final/ is a whole Hugging Face
+    model."""
     data = ws / ("sft.jsonl" if command in ("sft", "distill") else "pairs.jsonl")
     common = [f"model.name_or_path={ws / 'model'}", f"data.train={data}", "train.micro_batch_size=2",
               "train.epochs=1", "train.progress=false", "train.lr=1e-3",
@@ -250,8 +263,9 @@ def test_fsdp2_two_processes_equal_one_process(ws, tmp_path, command):
     if command == "prm":  # (its own data: drop the file given above)
         common = [a for a in common if a != f"data.train={data}"]
     assert main([command, *common, "train.grad_accum=4", f"train.output_dir={tmp_path / 'one'}"]) == 0
-    _torchrun([command, *common, "train.grad_accum=2", "train.sharding=fsdp2", f"train.output_dir={tmp_path / 'two'}"],
-              tmp_path)
+    r = _torchrun([command, *common, "train.grad_accum=2", f"train.sharding={sharding}",
+                   f"train.output_dir={tmp_path / 'two'}"], tmp_path)
+    assert ("sharded: FSDP2" if sharding == "fsdp2" else f"sharded: DeepSpeed ZeRO-{sharding[-1]}") in r.stdout
     _assert_same(tmp_path / "one", tmp_path / "two")
     assert _grad_norms(tmp_path / "two") == pytest.approx(_grad_norms(tmp_path / "one"), rel=1e-5)
     if command == "sft":
@@ -262,6 +276,39 @@ def test_fsdp2_two_processes_equal_one_process(ws, tmp_path, command):
         ckpt = tmp_path / "two" / "checkpoints" / "step-000002"
         assert load_file(str(ckpt / "model" / "model.safetensors")).keys() == \
             load_file(str(tmp_path / "one" / "final" / "model.safetensors")).keys()
+
+
+def test_zero_checkpoints_are_unsharded_and_resume_exactly_with_any_sharding(ws, tmp_path):
+    """A ZeRO-3 run's checkpoint holds the whole weights and AdamW state in the unsharded layout:
+    ZeRO-3 and plain data parallel resume it, and ZeRO-2 resumes a plain run's checkpoint, each
+    continuing exactly like the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file as load
+
+    common = [f"model.name_or_path={ws / 'model'}", f"data.train={ws / 'sft.jsonl'}", "data.eval=null",
+              "data.max_length=128", "train.micro_batch_size=2", "train.epochs=1", "train.progress=false",
+              "train.lr=1e-3", "train.grad_accum=2", "train.save_every=2"]
+    _torchrun(["sft", *common, "train.sharding=zero3", f"train.output_dir={tmp_path / 'zero3'}"], tmp_path)
+    _torchrun(["sft", *common, "train.sharding=none", f"train.output_dir={tmp_path / 'plain'}"], tmp_path)
+    _assert_same(tmp_path / "plain", tmp_path / "zero3")
+    ckpt = "checkpoints/step-000002"
+    layouts = [json.loads((tmp_path / run / ckpt / "trainer_state.json").read_text())["optimizer"]
+               for run in ("plain", "zero3")]
+    assert layouts[0] == layouts[1]  # (parameter groups, their settings, the state's structure)
+    a, b = (load(str(tmp_path / run / ckpt / "trainer_state.safetensors")) for run in ("plain", "zero3"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+    for name, source, sharding in (("z3_from_z3", "zero3", "zero3"), ("plain_from_z3", "zero3", "none"),
+                                   ("z2_from_plain", "plain", "zero2")):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(tmp_path / source / ckpt, run / ckpt)
+        _torchrun(["sft", *common, f"train.sharding={sharding}", "train.resume=auto", f"train.output_dir={run}"],
+                  tmp_path)
+        assert _losses(run) == pytest.approx(_losses(tmp_path / "plain")[2:], rel=1e-6)
+        _assert_same_weights(tmp_path / "plain", run)
 
 
 def test_fsdp2_resume_from_a_gathered_checkpoint_is_exact_with_or_without_sharding(ws, tmp_path):
@@ -286,14 +333,33 @@ def test_fsdp2_resume_from_a_gathered_checkpoint_is_exact_with_or_without_shardi
     (["rft"], "rft samples from the model between its training stages"),
     (["sft", "model.peft.method=lora"], "with a LoRA / QLoRA adapter"),
 ])
-def test_fsdp2_refuses_what_it_cannot_shard(ws, tmp_path, capsys, argv, fragment):
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_sharding_refuses_what_it_cannot_shard(ws, tmp_path, capsys, argv, fragment, sharding):
     extra = [f"data.train={ws / 'sft.jsonl'}", "data.max_length=128"] if argv[0] == "sft" else \
         ["data.world_examples=8", "reward.functions=[tests.test_rl:digit_reward]"]
-    code = main([*argv, f"model.name_or_path={ws / 'model'}", "data.eval=null", "train.sharding=fsdp2",
+    code = main([*argv, f"model.name_or_path={ws / 'model'}", "data.eval=null", f"train.sharding={sharding}",
                  "train.progress=false", f"train.output_dir={tmp_path / 'r'}", *extra])
     assert code != 0
     err = capsys.readouterr().err
     assert fragment in err and "train.sharding=none" in err
+    assert "rft" in argv or f"train.sharding={sharding}" in err
+
+
+def test_zero_configuration_and_a_missing_deepspeed(monkeypatch):
+    """posttrain's DeepSpeed configuration: its own accumulation boundary and clipping, fp32 or bf16
+    weights (bf16 keeps fp32 master partitions), fp16 refused; without DeepSpeed installed, the fix."""
+    from posttrain.errors import ConfigError
+    from posttrain.train import zero
+
+    cfg = zero.deepspeed_config(3, max_grad_norm=0.5, weight_dtype=torch.float32)
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_clipping"] == 0.5
+    assert cfg["managed_gradient_accumulation"] is False and cfg["bf16"]["enabled"] is False
+    assert zero.deepspeed_config(2, max_grad_norm=1.0, weight_dtype=torch.bfloat16)["bf16"]["enabled"] is True
+    with pytest.raises(ConfigError, match="float16 weights"):
+        zero.deepspeed_config(2, max_grad_norm=1.0, weight_dtype=torch.float16)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # (import fails)
+    with pytest.raises(ConfigError, match=r"posttrain\[deepspeed\]"):
+        zero.import_deepspeed()
 
 
 def test_launcher_configurations_map_to_sharding(monkeypatch):
@@ -309,9 +375,49 @@ def test_launcher_configurations_map_to_sharding(monkeypatch):
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         sharding_from_launcher("none")
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
+
+
+def test_deepspeed_launcher_configurations_map_to_zero_or_are_refused(monkeypatch, tmp_path):
+    """accelerate's DeepSpeed variables -> zero2 / zero3; what posttrain does not run is refused."""
+    from posttrain.errors import ConfigError
+    from posttrain.train.sharding import sharding_from_launcher
+
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="DeepSpeed"):
-        sharding_from_launcher("none")
+    assert sharding_from_launcher("none") == "zero2"  # (accelerate's default stage)
+    for stage in ("2", "3"):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+        assert sharding_from_launcher("none", max_grad_norm=1.0) == f"zero{stage}"
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    assert sharding_from_launcher("none", max_grad_norm=1.0) == "zero3"  # (the same values: accepted)
+    refused = [
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "ZeRO stage 1"),
+        ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device: cpu"),
+        ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, "offload_param_device: nvme"),
+        ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "train.grad_accum=4"),
+        ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, "train.max_grad_norm=0.5"),
+    ]
+    for env, fragment in refused:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+                sharding_from_launcher("none", max_grad_norm=1.0)
+    # a DeepSpeed JSON file: its stage is read; blocks posttrain owns are refused
+    ds = tmp_path / "ds.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": False}}))
+    assert sharding_from_launcher("none", max_grad_norm=1.0) == "zero2"
+    for body, fragment in ((json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}),
+                            "setting optimizer"),
+                           (json.dumps({"zero_optimization": {"stage": 3,
+                                                              "offload_param": {"device": "cpu"}}}),
+                            "offload_param_device: cpu"),
+                           (json.dumps({"train_batch_size": 8}), "no zero_optimization.stage"),
+                           ("{not json", "Cannot read the DeepSpeed configuration file")):
+        ds.write_text(body)
+        with pytest.raises(ConfigError, match=fragment):
+            sharding_from_launcher("none", max_grad_norm=1.0)
 
 
 def test_bf16_from_the_launcher_is_applied_or_refused_on_a_cpu_without_bf16(monkeypatch):

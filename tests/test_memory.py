@@ -45,11 +45,19 @@ def test_the_verdict_names_the_cheapest_change(llama7b):
     fits = verdict(llama7b, PlanInput(method="sft", seq_len=512, weight_dtype="bfloat16", activation_dtype="bfloat16",
                                       peft="qlora", device_memory_gib=24))
     assert fits.fits
-    # full fine-tuning of 7B in fp32 weights + AdamW (16 bytes/param, ~100 GiB) on 8 x 80 GiB: FSDP2 over the 8
-    # devices (weights, gradients and optimizer state / 8, full logits) fits before LoRA is suggested
+    # full fine-tuning of 7B in fp32 weights + AdamW (16 bytes/param, ~100 GiB) on 8 x 80 GiB: ZeRO-2 over the 8
+    # devices (gradients and optimizer state / 8: 4 + 12/8 = 5.5 bytes/param) fits before LoRA is suggested;
+    # on 8 x 40 GiB only sharding the weights too (FSDP2 / ZeRO-3, full logits) does
     v = verdict(llama7b, PlanInput(method="sft", seq_len=2048, micro_batch=1, devices=8, device_memory_gib=80,
                                    activation_dtype="bfloat16"))
-    assert not v.fits and "train.sharding=fsdp2" in v.advice and "LoRA" not in v.advice
+    assert not v.fits and "train.sharding=zero2" in v.advice and "LoRA" not in v.advice
+    zero2 = estimate(llama7b, PlanInput(method="sft", seq_len=2048, devices=8, sharding="zero2",
+                                        activation_dtype="bfloat16"))
+    n = llama7b.params
+    assert zero2["weights"] == 4 * n and zero2["optimizer"] == pytest.approx(8 * n / 8)
+    v = verdict(llama7b, PlanInput(method="sft", seq_len=2048, micro_batch=1, devices=8, device_memory_gib=40,
+                                   activation_dtype="bfloat16"))
+    assert not v.fits and "train.sharding=fsdp2 / zero3" in v.advice and "LoRA" not in v.advice
     sharded = peak_bytes(estimate(llama7b, PlanInput(method="sft", seq_len=2048, devices=8, sharding="fsdp",
                                                      chunked_logprobs=False, activation_dtype="bfloat16")))
     assert sharded < 80 * GIB

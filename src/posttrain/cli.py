@@ -411,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences (pairs for preference methods) per forward")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--device-memory", type=float, default=80.0, help="GiB per device")
-    p.add_argument("--sharding", default="none", choices=("none", "zero2", "zero3", "fsdp"))
+    p.add_argument("--sharding", default="none", choices=("none", "zero2", "zero3", "fsdp"),
+                   help="zero2 / zero3: DeepSpeed ZeRO (train.sharding=zero2 / zero3); fsdp: FSDP2 full shard "
+                        "(train.sharding=fsdp2)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weight dtype")
     p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="bf16: activations in bf16")
     p.add_argument("--peft", default="none", choices=("none", "lora", "qlora"))

@@ -621,10 +621,12 @@ class TrainConfig:
     mixed_precision: str = option("no", "no, or bf16: bf16 autocast over fp32 weights and optimizer (GPUs, and "
                                   "CPUs with bf16 matrix units; the LM head's log-softmax stays fp32).",
                                   choices=("no", "bf16"))
-    sharding: str = option("none", "Under several processes: none (data parallel, a whole model per process) or "
+    sharding: str = option("none", "Under several processes: none (data parallel, a whole model per process), "
                                    "fsdp2 (FSDP2: parameters, gradients and optimizer state sharded by decoder "
-                                   "layer; sft, rm, dpo family, prm, distill). accelerate launch with an FSDP2 "
-                                   "config sets it.", choices=("none", "fsdp2"))
+                                   "layer), zero2 / zero3 (DeepSpeed ZeRO: optimizer state and gradients, and with "
+                                   "zero3 the parameters, partitioned); sft, rm, dpo family, prm, distill. "
+                                   "accelerate launch with an FSDP2 or DeepSpeed config sets it.",
+                           choices=("none", "fsdp2", "zero2", "zero3"))
     fsdp_reshard_after_forward: bool = option(True, "fsdp2: free each layer's gathered weights after its forward "
                                                     "(ZeRO-3-like); false keeps them until the backward (ZeRO-2-like).")
     log_every: int = option(1, "Write a metrics line every N steps.", min=1)

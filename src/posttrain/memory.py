@@ -224,9 +224,12 @@ def verdict(shape: ModelShape, p: PlanInput) -> Verdict:
         mb //= 2
         tries.append((f"micro-batch {mb} ({p.micro_batch // mb}x the gradient accumulation)", {"micro_batch": mb},
                       True))
+    if p.devices > 1 and p.sharding == "none" and p.method not in ONLINE and p.peft == "none":
+        # ZeRO-2 keeps whole weights, so the fused, chunked head stays
+        tries.append(("DeepSpeed ZeRO-2 (train.sharding=zero2)", {"sharding": "zero2"}, False))
     if p.devices > 1 and p.sharding in ("none", "zero2") and p.method not in ONLINE and p.peft == "none":
-        # posttrain's FSDP2 computes full logits (no fused, chunked head under sharding)
-        tries.append(("FSDP2 sharding (train.sharding=fsdp2; full logits)",
+        # posttrain's FSDP2 and ZeRO-3 compute full logits (no fused, chunked head under sharded weights)
+        tries.append(("FSDP2 or DeepSpeed ZeRO-3 sharding (train.sharding=fsdp2 / zero3; full logits)",
                       {"sharding": "fsdp", "chunked_logprobs": False}, False))
     if p.peft == "none":
         tries.append(("LoRA (model.peft.method=lora)", {"peft": "lora"}, True))
@@ -236,8 +239,9 @@ def verdict(shape: ModelShape, p: PlanInput) -> Verdict:
     if not p.gradient_checkpointing:
         tries.append(("gradient checkpointing (not in posttrain yet)", {"gradient_checkpointing": True}, True))
     if p.devices > 1 and p.sharding in ("none", "zero2"):
-        tries.append(("sharding weights, gradients and optimizer state (zero3; not in posttrain for sampling "
-                      "methods or adapters)", {"sharding": "zero3"}, True))
+        tries.append(("sharding weights, gradients and optimizer state with chunked log-probs (zero3; posttrain's "
+                      "sharding computes full logits and does not shard sampling methods or adapters)",
+                      {"sharding": "zero3"}, True))
     applied: dict = {}
     steps: list[str] = []
     for text, change, kept in tries:

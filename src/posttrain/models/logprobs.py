@@ -63,8 +63,8 @@ def fused_head(model) -> torch.nn.Linear | None:
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         return None
-    if type(head.weight).__name__ == "DTensor":  # sharded (FSDP2): only the model's own forward gathers it
-        return None
+    if type(head.weight).__name__ == "DTensor" or hasattr(head.weight, "ds_id"):
+        return None  # sharded (FSDP2, DeepSpeed ZeRO-3): only the model's own forward gathers the weight
     return head
 
 

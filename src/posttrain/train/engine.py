@@ -59,7 +59,9 @@ from .sharding import (
     reshard_from_launcher,
     shard_model,
     sharding_from_launcher,
+    unsharded_copy,
 )
+from . import zero
 
 
 class Algorithm(Protocol):
@@ -192,19 +194,19 @@ class _StateView:
         return self.state
 
 
-def _check_shardable(model, plan) -> None:
+def _check_shardable(model, plan, sharding: str) -> None:
     """Sharding needs every process to run the same forward passes in the same order, which the
     sampling methods (their rollouts are split across processes or end at different lengths) and
-    adapters (not wired to FSDP2 here) do not guarantee."""
+    adapters (not wired to FSDP2 / ZeRO here) do not guarantee."""
     from ..models.peft import is_peft
 
     if is_peft(model):
-        raise ConfigError("train.sharding=fsdp2 with a LoRA / QLoRA adapter (model.peft) is not supported.",
+        raise ConfigError(f"train.sharding={sharding} with a LoRA / QLoRA adapter (model.peft) is not supported.",
                           fix="use train.sharding=none: with an adapter only its small weights have gradients and "
                           "optimizer state, so data parallel usually fits.")
     if getattr(plan, "samples_from_model", False):
-        raise ConfigError("train.sharding=fsdp2 is for sft, rm, the dpo family, prm and distill; this command samples "
-                          "from the model while it trains, which sharding does not support yet.",
+        raise ConfigError(f"train.sharding={sharding} is for sft, rm, the dpo family, prm and distill; this command "
+                          "samples from the model while it trains, which sharding does not support yet.",
                           fix="use train.sharding=none (data parallel), and model.peft to fit a large model.")
 
 
@@ -307,15 +309,17 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
         raise ConfigError("The accelerate configuration asks for Megatron-LM, which posttrain does not support.",
                           fix="launch with FSDP2 (configs/accelerate/fsdp2.yaml) or plain data parallel.")
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, accelerator.device)
-    sharding = sharding_from_launcher(cfg.sharding)
+    sharding = sharding_from_launcher(cfg.sharding, max_grad_norm=cfg.max_grad_norm)
     reshard = reshard_from_launcher(cfg.fsdp_reshard_after_forward)
-    if sharding == "fsdp2":
-        _check_shardable(model, plan)
+    if sharding != "none":
+        _check_shardable(model, plan, sharding)
         if world == 1:
-            log("note: train.sharding=fsdp2 with one process: nothing to shard, training unsharded")
+            log(f"note: train.sharding={sharding} with one process: nothing to shard, training unsharded")
             sharding = "none"
     sharded = sharding == "fsdp2"
-    if sharded:
+    zero_stage = zero.ZERO_STAGES.get(sharding)  # DeepSpeed ZeRO: 2 or 3
+    ds = None  # its engine
+    if sharded or zero_stage:
         model = model.to(accelerator.device)  # the optimizer is rebuilt over the shards after resuming
     elif world > 1:
         # Data parallel without a DDP wrapper: every process runs the model as is (so the fused
@@ -364,16 +368,49 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
             load_full_optimizer_state(model, optimizer, resumed)
         log(f"sharded: FSDP2 over {world} processes, {len(decoder_layers(model))} decoder layers + the rest "
             f"({'reshard' if reshard else 'keep gathered weights'} after forward)")
+    if zero_stage:
+        # as with FSDP2, a resumed state was loaded into the whole model and optimizer above; the
+        # optimizer handed to DeepSpeed is a fresh one, its groups' settings and state carried over
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        resumed = {name_of[id(p)]: optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
+                   if optimizer.state.get(p)} if resume_from is not None else {}
+        old_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        sched_state = scheduler.state_dict()
+        optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        names_by_group = zero.group_names(model, optimizer)
+        ds = zero.initialize(model, optimizer, zero_stage, max_grad_norm=cfg.max_grad_norm)
+        scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                    min_lr_ratio=cfg.min_lr_ratio)
+        scheduler.load_state_dict(sched_state)
+        for g, old in zip(optimizer.param_groups, old_groups):  # (the scheduler's current lr included)
+            g.update(old)
+        zero.init_optimizer_state(ds, resumed)
+        log(f"sharded: DeepSpeed ZeRO-{zero_stage} over {world} processes (optimizer state and gradients"
+            f"{' and parameters' if zero_stage == 3 else ''} partitioned)")
+
+    def whole_model():
+        """The unsharded model on rank 0 (None elsewhere); collective under sharding."""
+        if sharded:
+            return gathered_copy(model)
+        if zero_stage == 3:
+            full = zero.full_state_dict(ds, zero_stage)
+            return unsharded_copy(model, full) if full else None
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
 
     def checkpoint(step: int, gathered: tuple | None = None) -> Path | None:
         """Write a checkpoint (rank 0). Under sharding every process takes part in gathering the
         whole weights (unless already gathered: ``(copy,)``, None on other ranks) and the optimizer
         state, which are written unsharded."""
         ckpt_model, ckpt_optimizer = accelerator.unwrap_model(model), optimizer
+        if sharded or zero_stage:
+            ckpt_model = gathered[0] if gathered is not None else whole_model()
         if sharded:
-            ckpt_model = gathered[0] if gathered is not None else gathered_copy(model)
             named = full_optimizer_state(model, optimizer)  # (collective; whole on rank 0, empty elsewhere)
             ckpt_optimizer = _StateView(by_index(named)) if accelerator.is_main_process else None
+        elif zero_stage:
+            full = zero.full_optimizer_state(ds, names_by_group)  # (collective; on rank 0)
+            ckpt_optimizer = _StateView(full) if accelerator.is_main_process else None
         if not accelerator.is_main_process:
             return None
         path = save_checkpoint(ckpt_dir, model=ckpt_model, tokenizer=tokenizer,
@@ -409,19 +446,25 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                         model.set_requires_gradient_sync(i == len(micro) - 1)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
                         # the loss is this micro-batch's share of the step's global normalizer
-                        loss, m = algorithm.loss(model, b, totals_t)
-                        accelerator.backward(loss)
+                        if zero_stage:
+                            loss, m = zero.backward_loss(ds, lambda mdl, b=b: algorithm.loss(mdl, b, totals_t), world)
+                        else:
+                            loss, m = algorithm.loss(model, b, totals_t)
+                            accelerator.backward(loss)
                     loss_total += loss.detach()
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0) + v.detach()
                 if world > 1:
-                    if not sharded:  # (FSDP2 has summed them in the backward pass)
+                    if not (sharded or zero_stage):  # (FSDP2 / DeepSpeed have summed them in the backward pass)
                         _sum_gradients(params, accelerator)
                     loss_total = accelerator.reduce(loss_total, reduction="sum")
                     # metrics are sums over micro-batches: sum them over processes too
                     metrics = {k: accelerator.reduce(torch.as_tensor(v, device=device, dtype=torch.float32),
                                                      reduction="sum") for k, v in sorted(metrics.items())}
-                if sharded:  # the norm over all shards
+                if zero_stage:  # DeepSpeed clips, steps, and skips the update itself when the norm is not finite
+                    ds.step()
+                    grad_norm = torch.tensor(float(ds.get_global_grad_norm()))  # (the pre-clip norm)
+                elif sharded:  # the norm over all shards
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 else:
@@ -429,7 +472,8 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                 lr = scheduler.get_last_lr()[0]
                 finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
                 if finite:
-                    optimizer.step()
+                    if not zero_stage:  # (DeepSpeed has stepped)
+                        optimizer.step()
                 else:
                     skipped += 1
                     with tqdm.external_write_mode():
@@ -446,7 +490,8 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                     # a skipped first update makes torch warn that the schedule stepped before the optimizer
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if not zero_stage:  # (DeepSpeed has cleared its gradients in step())
+                    optimizer.zero_grad(set_to_none=True)
                 # the step's counts over all processes (totals holds this process's share)
                 totals = {k: int(v) for k, v in totals_t.items()}
                 n_tok = int(totals.get("tokens", 0))
@@ -481,7 +526,7 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                     eval_record = {"step": step + 1, **eval_metrics}
                     result.eval_history.append(eval_record)
                     logger.log(eval_record, split="eval")
-                if ((accelerator.is_main_process or sharded) and not last and cfg.save_every
+                if ((accelerator.is_main_process or sharded or zero_stage) and not last and cfg.save_every
                         and (step + 1) % cfg.save_every == 0):
                     with tqdm.external_write_mode():
                         checkpoint(step + 1)
@@ -509,8 +554,8 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
                 fix="lower train.lr, use model.dtype=float32 (optionally with train.mixed_precision=bf16), keep "
                 "gradient clipping on (train.max_grad_norm), and check the data.",
             )
-        whole = gathered_copy(model) if sharded else unwrapped  # (every process gathers; rank 0 gets it)
-        if last_saved != total_steps and (accelerator.is_main_process or sharded):
+        whole = whole_model() if (sharded or zero_stage) else unwrapped  # (every process gathers; rank 0 gets it)
+        if last_saved != total_steps and (accelerator.is_main_process or sharded or zero_stage):
             checkpoint(total_steps, gathered=(whole,))
         if accelerator.is_main_process:
             final = out / "final"

@@ -24,24 +24,22 @@ engine sums gradients itself instead of wrapping the model.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
 
-SHARDING = ("none", "fsdp2")
+SHARDING = ("none", "fsdp2", "zero2", "zero3")
 
 
-def sharding_from_launcher(configured: str) -> str:
-    """The sharding to use: ``train.sharding``, or ``fsdp2`` when ``accelerate launch`` was given
-    an FSDP2 configuration (its ``ACCELERATE_USE_FSDP`` / ``FSDP_VERSION`` variables). FSDP1 and
-    DeepSpeed configurations are refused with the fix."""
+def sharding_from_launcher(configured: str, *, max_grad_norm: float | None = None) -> str:
+    """The sharding to use: ``train.sharding``, or what ``accelerate launch`` was configured with:
+    ``fsdp2`` for an FSDP2 configuration (its ``ACCELERATE_USE_FSDP`` / ``FSDP_VERSION`` variables),
+    ``zero2`` / ``zero3`` for a DeepSpeed one (``ACCELERATE_USE_DEEPSPEED`` and its ZeRO stage).
+    FSDP1, ZeRO stages 0/1 and DeepSpeed settings that posttrain does not run are refused with the fix."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ConfigError(
-            "The accelerate configuration asks for DeepSpeed, which posttrain does not support: its engine owns the "
-            "backward pass and the optimizer step, which posttrain's engine runs itself.",
-            fix="use FSDP2 instead (configs/accelerate/fsdp2.yaml; fsdp2_grad_op.yaml is the ZeRO-2-like variant), "
-            "or launch without DeepSpeed.")
+        return _deepspeed_from_launcher(max_grad_norm)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -50,6 +48,56 @@ def sharding_from_launcher(configured: str) -> str:
                 fix="set fsdp_version: 2 in the accelerate config's fsdp_config (see configs/accelerate/fsdp2.yaml).")
         return "fsdp2"
     return configured
+
+
+def _deepspeed_from_launcher(max_grad_norm: float | None) -> str:
+    """zero2 / zero3 from accelerate's DeepSpeed variables (and its DeepSpeed JSON file, if one is
+    named); posttrain sets the rest of DeepSpeed's configuration from train.* itself."""
+    import json
+
+    def fail(what: str, fix: str):
+        raise ConfigError(f"The accelerate configuration asks for DeepSpeed with {what}.", fix=fix)
+
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    offload = {"offload_optimizer_device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"),
+               "offload_param_device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")}
+    if path.lower() != "none":
+        try:
+            ds = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Cannot read the DeepSpeed configuration file '{path}' named by the accelerate config "
+                              f"(deepspeed_config_file): {e}", fix="give a readable JSON file.") from None
+        zero_opt = ds.get("zero_optimization") if isinstance(ds, dict) else None
+        if not isinstance(zero_opt, dict) or "stage" not in zero_opt:
+            fail(f"the file '{path}', which has no zero_optimization.stage",
+                 "set zero_optimization.stage to 2 or 3 in it, or use configs/accelerate/deepspeed_zero3.yaml.")
+        stage = str(zero_opt["stage"])
+        for key in ("offload_optimizer", "offload_param"):
+            device = (zero_opt.get(key) or {}).get("device", "none") if isinstance(zero_opt.get(key), dict) else "none"
+            offload[f"{key}_device"] = str(device)
+        owned = sorted(k for k in ("optimizer", "scheduler", "fp16") if k in ds and
+                       not (k == "fp16" and not (ds[k] or {}).get("enabled", False)))
+        if owned:
+            fail(f"'{path}' setting {', '.join(owned)}",
+                 "remove these blocks: posttrain runs its own AdamW and schedule (train.lr, train.warmup_ratio, ...) "
+                 "and trains in fp32 or bf16 (model.dtype, train.mixed_precision).")
+    if stage not in ("2", "3"):
+        fail(f"ZeRO stage {stage}", "use zero_stage: 2 or 3 (configs/accelerate/deepspeed_zero2.yaml, "
+             "deepspeed_zero3.yaml), or plain data parallel (configs/accelerate/ddp.yaml).")
+    for key, device in offload.items():
+        if device.lower() not in ("none", ""):
+            fail(f"{key}: {device}", f"set {key}: none; posttrain does not offload to CPU or NVMe (to fit a larger "
+                 "model use zero_stage: 3, model.peft, or see posttrain plan).")
+    accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    if accumulation not in ("1", "none", "None"):
+        fail(f"gradient_accumulation_steps: {accumulation}",
+             f"remove it from the accelerate config (or set it to 1) and set train.grad_accum={accumulation}.")
+    clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "none")
+    if clipping.lower() != "none" and max_grad_norm is not None and float(clipping) != float(max_grad_norm):
+        fail(f"gradient_clipping: {clipping}, but train.max_grad_norm={max_grad_norm:g}",
+             f"remove gradient_clipping from the accelerate config and set train.max_grad_norm={clipping}.")
+    return f"zero{stage}"
 
 
 def refuse_sharding(sharding: str, command: str) -> None:
@@ -139,8 +187,12 @@ def gathered_copy(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return None
+    return unsharded_copy(model, full) if full else None
+
+
+def unsharded_copy(model, full: dict):
+    """A whole model of ``model``'s class holding the gathered state ``full`` (buffers that are not
+    saved, e.g. rotary frequencies, taken from ``model``)."""
     from torch.distributed.fsdp import FSDPModule
 
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard swapped the class
