@@ -278,10 +278,10 @@ def test_sharded_two_processes_equal_one_process(ws, tmp_path, command, sharding
             load_file(str(tmp_path / "one" / "final" / "model.safetensors")).keys()
 
 
-def test_zero_checkpoints_are_unsharded_and_resume_exactly_with_any_sharding(ws, tmp_path):
+def test_zero_checkpoints_are_unsharded_and_resume_exactly_with_any_sharding(ws, tmp_path, capsys):
     """A ZeRO-3 run's checkpoint holds the whole weights and AdamW state in the unsharded layout:
     ZeRO-3 and plain data parallel resume it, and ZeRO-2 resumes a plain run's checkpoint, each
-    continuing exactly like the uninterrupted run."""
+    continuing exactly like the uninterrupted run; so does one process with double accumulation."""
     import shutil
 
     from safetensors.torch import load_file as load
@@ -309,6 +309,21 @@ def test_zero_checkpoints_are_unsharded_and_resume_exactly_with_any_sharding(ws,
                   tmp_path)
         assert _losses(run) == pytest.approx(_losses(tmp_path / "plain")[2:], rel=1e-6)
         _assert_same_weights(tmp_path / "plain", run)
+    # another number of processes with the same micro-batches per step (1 x 4 = 2 x 2) is the same run ...
+    single = [a for a in common if a != "train.grad_accum=2"]
+    run = tmp_path / "one_from_z3"
+    shutil.copytree(tmp_path / "zero3" / ckpt, run / ckpt)
+    assert main(["sft", *single, "train.grad_accum=4", "train.resume=auto", f"train.output_dir={run}"]) == 0
+    assert _losses(run) == pytest.approx(_losses(tmp_path / "plain")[2:], rel=1e-6)
+    _assert_same_weights(tmp_path / "plain", run)
+    # ... and another number per step is refused, naming both and the value that fits
+    run = tmp_path / "refused"
+    shutil.copytree(tmp_path / "zero3" / ckpt, run / ckpt)
+    assert main(["sft", *single, "train.grad_accum=2", "train.resume=auto", f"train.output_dir={run}"]) != 0
+    err = capsys.readouterr().err
+    assert "written by 2 process(es) with train.grad_accum=2 (4 micro-batches per optimizer step)" in err
+    assert "this run has 1 with train.grad_accum=2" in err and "train.grad_accum=4" in err
+    assert not (run / "final").exists()
 
 
 def test_fsdp2_resume_from_a_gathered_checkpoint_is_exact_with_or_without_sharding(ws, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -242,3 +243,45 @@ def test_nan_weights_are_never_written(tmp_path):
         save_pretrained_atomic(model, None, tmp_path / "final")
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
     assert not (tmp_path / "final").exists()
+
+
+def test_the_plan_fingerprint_ignores_the_process_split_and_old_checkpoints_still_resume(tmp_path, monkeypatch):
+    """N processes x grad_accum k hash like one process with N*k (the same units every step); another
+    number of micro-batches per step does not. A checkpoint carrying the fingerprint of earlier
+    versions (split, grad_accum and processes hashed) still resumes."""
+    examples = sft_examples(24, seed=3)
+
+    def plan_of(grad_accum, rank, world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        return SFTPlan(examples, micro_batch_size=2, grad_accum=grad_accum, epochs=1.0, max_steps=0, packing=False,
+                       row_length=128, pad_token_id=world_tokenizer().pad_token_id, seed=0)
+
+    one = plan_of(4, 0, 1)
+    for rank in (0, 1):
+        two = plan_of(2, rank, 2)
+        assert two.fingerprint() == one.fingerprint() and two.legacy_fingerprint() != one.legacy_fingerprint()
+    assert plan_of(2, 0, 1).fingerprint() != one.fingerprint()
+    assert plan_of(1, 0, 3).fingerprint() != one.fingerprint()  # (3 micro-batches per step, not 4)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+    plan = _plan(examples, mbs=2, ga=2, packing=False, steps=4)
+    full = fit(tiny_model("llama"), SFTAlgorithm(), plan, _cfg(tmp_path / "full", save_every=2),
+               tokenizer=world_tokenizer())
+    run = tmp_path / "old"
+    ckpt = "checkpoints/step-000002"
+    shutil.copytree(tmp_path / "full" / ckpt, run / ckpt)
+    marker = run / ckpt / "checkpoint.json"
+    meta = json.loads(marker.read_text())
+    meta["fingerprint"] = plan.legacy_fingerprint()  # as an earlier version wrote it, without a process count
+    del meta["world_size"]
+    marker.write_text(json.dumps(meta))
+    resumed = fit(tiny_model("llama"), SFTAlgorithm(), plan, _cfg(run, resume="auto", save_every=2),
+                  tokenizer=world_tokenizer())
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+    meta["fingerprint"] = "0" * 16
+    marker.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="different data plan"):
+        fit(tiny_model("llama"), SFTAlgorithm(), plan, _cfg(tmp_path / "bad", resume=str(run / ckpt)),
+            tokenizer=world_tokenizer())

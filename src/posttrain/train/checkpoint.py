@@ -341,9 +341,36 @@ def config_differences(saved: dict, current: dict, ignore=RESUME_SAFE_KEYS) -> l
     return out
 
 
-def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None = None,
-                     inputs: dict | None = None) -> dict:
-    """Validate ``path`` for resuming this run; returns its metadata or raises CheckpointError."""
+def _world_change(path: Path, meta: dict, config: dict | None, world_size: int | None) -> bool:
+    """Whether this resume runs on another number of processes (or with another train.grad_accum)
+    than the run that wrote ``path`` with the same number of micro-batches per optimizer step,
+    which is the same run; another number of micro-batches per step is refused here, naming both."""
+    then = meta.get("world_size")
+    if then is None or world_size is None or config is None or meta.get("config") is None:
+        return False
+    ga_then, ga_now = flatten(meta["config"]).get("train.grad_accum"), flatten(config).get("train.grad_accum")
+    if not isinstance(ga_then, int) or not isinstance(ga_now, int) or (then, ga_then) == (world_size, ga_now):
+        return False
+    per_step = then * ga_then
+    if per_step == world_size * ga_now:
+        return True
+    hint = (f"train.grad_accum={per_step // world_size}" if per_step % world_size == 0
+            else f"a process count that divides {per_step}")
+    raise CheckpointError(
+        f"Checkpoint '{path}' was written by {then} process(es) with train.grad_accum={ga_then} ({per_step} "
+        f"micro-batches per optimizer step); this run has {world_size} with train.grad_accum={ga_now} "
+        f"({world_size * ga_now} per step), so it would not continue the same run.",
+        fix=f"keep processes x train.grad_accum = {per_step} (with {world_size} process(es): {hint}); checkpoints are "
+        "unsharded, so the number of processes and the sharding may change.")
+
+
+def check_checkpoint(path: Path, *, model, fingerprint: str | list[str], config: dict | None = None,
+                     inputs: dict | None = None, world_size: int | None = None) -> dict:
+    """Validate ``path`` for resuming this run; returns its metadata or raises CheckpointError.
+
+    ``fingerprint``: the plan's, or a list of those accepted (the current one and a legacy one).
+    ``world_size``: this run's number of processes; a checkpoint records its own, and a resume may
+    change it together with ``train.grad_accum`` when their product (micro-batches per step) stays."""
     path = Path(path)
     meta = verify_checkpoint(path)
     mine = model_signature(model)
@@ -356,8 +383,10 @@ def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None
             fix="resume with the command (sft / rm / dpo) and model.name_or_path of the run that wrote it, or start "
             "a fresh train.output_dir.",
         )
+    regrouped = _world_change(path, meta, config, world_size)
     if config is not None and meta.get("config") is not None:
-        changed = config_differences(meta["config"], config)
+        changed = config_differences(meta["config"], config,
+                                     ignore=RESUME_SAFE_KEYS | ({"train.grad_accum"} if regrouped else set()))
         if changed:
             detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in changed[:8])
             more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
@@ -381,12 +410,16 @@ def check_checkpoint(path: Path, *, model, fingerprint: str, config: dict | None
             "the same run.",
             fix="restore the original files (e.g. the reference model directory), or start a fresh run in another "
             "train.output_dir.")
-    if meta.get("fingerprint") != fingerprint:
+    if meta.get("fingerprint") not in ([fingerprint] if isinstance(fingerprint, str) else fingerprint):
+        then = meta.get("world_size")
+        processes = (f" This run has {world_size} process(es), the run that wrote it had {then}; this command's "
+                     "plan depends on the number of processes." if then not in (None, world_size) else "")
         raise CheckpointError(
             f"Checkpoint '{path}' was written by a run with a different data plan (the data files' contents, "
             "max_length, packing, batch sizes, epochs or seed differ), so resuming it could not continue the "
-            "same run exactly.",
-            fix="resume with the same data and config as the run that wrote it, or start a fresh train.output_dir.",
+            "same run exactly." + processes,
+            fix="resume with the same data, config and number of processes as the run that wrote it, or start a "
+            "fresh train.output_dir.",
         )
     return meta
 

@@ -336,7 +336,9 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
     resume_from = _resolve_resume(cfg.resume, ckpt_dir, log)
     if resume_from is not None:
         raw = accelerator.unwrap_model(model)
-        check_checkpoint(resume_from, model=raw, fingerprint=plan.fingerprint(), config=run_config, inputs=inputs)
+        accepted = [plan.fingerprint()] + ([plan.legacy_fingerprint()] if hasattr(plan, "legacy_fingerprint") else [])
+        check_checkpoint(resume_from, model=raw, fingerprint=accepted, config=run_config, inputs=inputs,
+                         world_size=world)
         state = load_checkpoint(resume_from, model=raw, optimizer=optimizer, scheduler=scheduler)
         start_step, skipped = int(state["step"]), int(state["skipped_steps"])
         saved_callbacks = (state.get("extra") or {}).get("callbacks") or []
@@ -415,7 +417,8 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
             return None
         path = save_checkpoint(ckpt_dir, model=ckpt_model, tokenizer=tokenizer,
                                optimizer=ckpt_optimizer, scheduler=scheduler, step=step, skipped_steps=skipped,
-                               fingerprint=plan.fingerprint(), config=run_config, extra={"inputs": inputs or {}},
+                               fingerprint=plan.fingerprint(), config=run_config,
+                               extra={"inputs": inputs or {}, "world_size": world},
                                extra_state={"callbacks": [cb.state_dict() for cb in stateful]})
         if cfg.save_total_limit:
             prune_checkpoints(ckpt_dir, cfg.save_total_limit, log)

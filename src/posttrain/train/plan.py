@@ -5,7 +5,8 @@ pairs, K-sets) using a random generator seeded by the plan's tag, seed and the e
 form micro-batches of ``micro_batch_size`` and ``grad_accum`` micro-batches form one optimizer
 step. The plan is a list of index lists, so resuming at step ``s`` replays exactly what an
 uninterrupted run would see, and its fingerprint (stored in every checkpoint) detects a
-resume with different data or batching.
+resume with different data or batching (but not another number of processes with the same
+number of micro-batches per step: the same run).
 
 Data parallel (``accelerate launch`` / ``torchrun`` with N processes): the plan is the
 single-process plan with ``grad_accum * N`` micro-batches per step, and each process takes every
@@ -162,6 +163,20 @@ class StepPlan:
         return [self.collate(mb) for mb in self.steps[step][self.rank::self.world]]
 
     def fingerprint(self) -> str:
+        """What the run trains on, step by step: the units of every optimizer step in order (not how
+        they are split into micro-batches and processes, which does not change the gradient), so a
+        run may resume with another number of processes N when N x train.grad_accum stays the same."""
+        h = hashlib.sha256()
+        units = [[u for mb in step for u in mb] for step in self.steps]
+        h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum * self.world, self.seed, self.extra,
+                             units]).encode())
+        for item in self.content():
+            h.update(json.dumps(item).encode())
+        return h.hexdigest()[:16]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of checkpoints written before the process-count-free one (it hashed the
+        micro-batch split, train.grad_accum and the number of processes): still accepted on resume."""
         h = hashlib.sha256()
         h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum, self.seed, self.extra,
                              self.steps] + ([self.world] if self.world > 1 else [])).encode())
