@@ -4,6 +4,7 @@ exactly like one process with accumulation N*k (same losses, same weights)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -370,6 +371,11 @@ def test_zero_configuration_and_a_missing_deepspeed(monkeypatch):
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_clipping"] == 0.5
     assert cfg["managed_gradient_accumulation"] is False and cfg["bf16"]["enabled"] is False
     assert zero.deepspeed_config(2, max_grad_norm=1.0, weight_dtype=torch.bfloat16)["bf16"]["enabled"] is True
+    z3 = zero.deepspeed_config(3, max_grad_norm=1.0, weight_dtype=torch.float32, hidden_size=64)["zero_optimization"]
+    assert (z3["reduce_bucket_size"], z3["stage3_prefetch_bucket_size"], z3["stage3_param_persistence_threshold"]) \
+        == (4096, 3686, 640)
+    z2 = zero.deepspeed_config(2, max_grad_norm=1.0, weight_dtype=torch.float32, hidden_size=64)["zero_optimization"]
+    assert (z2["reduce_bucket_size"], z2["allgather_bucket_size"]) == (4096, 4096)
     with pytest.raises(ConfigError, match="float16 weights"):
         zero.deepspeed_config(2, max_grad_norm=1.0, weight_dtype=torch.float16)
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # (import fails)
@@ -479,3 +485,41 @@ def test_a_crash_on_one_process_stops_the_run_naming_it(ws, tmp_path):
     root = out[out.index("Root Cause"):]
     assert "rank      : 1" in root
     assert not (tmp_path / "r" / "final").exists()
+
+
+NAN_UNDER_ZERO = r"""
+import json, os, sys
+from posttrain.train.engine import EngineConfig, fit
+from tests.test_engine import _NaNAt, _plan
+from tests.tiny import sft_examples, tiny_model, world_tokenizer
+
+model = tiny_model("llama")
+plan = _plan(sft_examples(16, seed=8), mbs=2, ga=1, packing=False, steps=4)
+cfg = EngineConfig(output_dir=sys.argv[1], lr=3e-3, warmup_ratio=0.0, progress=False, max_bad_steps=2,
+                   sharding=sys.argv[2])
+# rank 1's first micro-batch gives a NaN loss: the whole step must be skipped on both processes
+res = fit(model, _NaNAt({1} if os.environ["RANK"] == "1" else set()), plan, cfg,
+          tokenizer=world_tokenizer(), log=lambda s: None)
+print(json.dumps({"skipped": res.skipped_steps, "losses": [h["loss"] for h in res.history],
+                  "norms": [h["grad_norm"] for h in res.history], "final": str(res.final_dir)}))
+"""
+
+
+@pytest.mark.parametrize("sharding", ["zero2", "zero3"])
+def test_a_non_finite_step_under_zero_is_skipped_on_every_process(tmp_path, sharding):
+    """DeepSpeed skips the update when the reduced gradient is not finite; posttrain counts the
+    step as skipped on every process and the later steps train from clean gradients."""
+    script = tmp_path / "nan_run.py"
+    script.write_text(NAN_UNDER_ZERO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(tmp_path / "run"), sharding]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert len(results) == 2 and results[0] == results[1]
+    res = results[0]
+    assert res["skipped"] == 1 and not math.isfinite(res["norms"][0])
+    assert all(math.isfinite(x) for x in res["losses"][1:] + res["norms"][1:])
+    weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())

@@ -75,12 +75,22 @@ def import_deepspeed():
     return deepspeed
 
 
-def deepspeed_config(stage: int, *, max_grad_norm: float, weight_dtype: torch.dtype) -> dict:
+def deepspeed_config(stage: int, *, max_grad_norm: float, weight_dtype: torch.dtype,
+                     hidden_size: int | None = None) -> dict:
     """The DeepSpeed configuration posttrain runs: batch sizes and accumulation are placeholders
-    (posttrain's plan makes the micro-batches and ``step()`` ends each step)."""
+    (posttrain's plan makes the micro-batches and ``step()`` ends each step). Communication
+    buckets are sized by the model's hidden size h (h^2 elements; ZeRO-3 prefetches 0.9 h^2 and keeps
+    parameters under 10 h whole), the sizes transformers' DeepSpeed integration fills in for "auto",
+    instead of DeepSpeed's fixed 5e8-element buckets that a small model's gradients fill entirely."""
     if weight_dtype == torch.float16:
         raise ConfigError("train.sharding=zero2/zero3 with float16 weights needs loss scaling, which posttrain does "
                           "not do.", fix="load the model in bfloat16 or float32 (model.dtype).")
+    buckets = {}
+    if hidden_size:
+        buckets = {"reduce_bucket_size": hidden_size * hidden_size}
+        buckets.update({"stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                        "stage3_param_persistence_threshold": 10 * hidden_size} if stage == 3 else
+                       {"allgather_bucket_size": hidden_size * hidden_size})
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -89,7 +99,7 @@ def deepspeed_config(stage: int, *, max_grad_norm: float, weight_dtype: torch.dt
         "zero_allow_untested_optimizer": True,   # posttrain's torch AdamW
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": weight_dtype == torch.bfloat16},  # bf16 weights: fp32 master partitions
-        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True},
+        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, **buckets},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -100,7 +110,9 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stage: 
     (now over the partitions), so a schedule over it keeps working. Collective."""
     deepspeed = import_deepspeed()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    config = deepspeed_config(stage, max_grad_norm=max_grad_norm, weight_dtype=dtype)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    config = deepspeed_config(stage, max_grad_norm=max_grad_norm, weight_dtype=dtype,
+                              hidden_size=hidden if isinstance(hidden, int) else None)
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=LossModule(model), optimizer=optimizer, config=config,
                                                         dist_init_required=False)
     if getattr(zero_optimizer, "optimizer", None) is not optimizer:
