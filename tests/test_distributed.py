@@ -245,8 +245,9 @@ FSDP_CASES = {
 }
 
 
+# (ZeRO-2 shares ZeRO-3's path but for the partitioning: sft here, a resume in the checkpoint test)
 SHARDED_CASES = [(c, "fsdp2") for c in sorted(FSDP_CASES)] + [(c, "zero3") for c in sorted(FSDP_CASES)] + \
-    [("sft", "zero2"), ("dpo", "zero2")]
+    [("sft", "zero2")]
 
 
 @pytest.mark.parametrize("command,sharding", SHARDED_CASES)
@@ -280,9 +281,9 @@ def test_sharded_two_processes_equal_one_process(ws, tmp_path, command, sharding
 
 
 def test_zero_checkpoints_are_unsharded_and_resume_exactly_with_any_sharding(ws, tmp_path, capsys):
-    """A ZeRO-3 run's checkpoint holds the whole weights and AdamW state in the unsharded layout:
-    ZeRO-3 and plain data parallel resume it, and ZeRO-2 resumes a plain run's checkpoint, each
-    continuing exactly like the uninterrupted run; so does one process with double accumulation."""
+    """A ZeRO-3 run's checkpoint holds the whole weights and AdamW state in the unsharded layout of a
+    plain run's: ZeRO-3 resumes it, and ZeRO-2 resumes a plain run's checkpoint, each continuing
+    exactly like the uninterrupted run; so does one process with double accumulation."""
     import shutil
 
     from safetensors.torch import load_file as load
@@ -301,8 +302,8 @@ def test_zero_checkpoints_are_unsharded_and_resume_exactly_with_any_sharding(ws,
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
-    for name, source, sharding in (("z3_from_z3", "zero3", "zero3"), ("plain_from_z3", "zero3", "none"),
-                                   ("z2_from_plain", "plain", "zero2")):
+    # (a plain run reads the ZeRO-3 checkpoint's state like its own: the layouts are equal, above)
+    for name, source, sharding in (("z3_from_z3", "zero3", "zero3"), ("z2_from_plain", "plain", "zero2")):
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
         shutil.copytree(tmp_path / source / ckpt, run / ckpt)
