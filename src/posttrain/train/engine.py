@@ -396,7 +396,7 @@ def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, acc
         if sharded:
             return gathered_copy(model)
         if zero_stage == 3:
-            full = zero.full_state_dict(ds, zero_stage)
+            full = zero.gathered_state_dict(ds)
             return unsharded_copy(model, full) if full else None
         return accelerator.unwrap_model(model) if accelerator.is_main_process else None
 

@@ -194,10 +194,8 @@ def init_optimizer_state(engine, named_state: dict[str, dict] | None = None) -> 
                 safe_set_full_optimizer_state(p, named_state[name][key].float(), key)
 
 
-def full_state_dict(engine, stage: int) -> dict:
-    """The whole model state on rank 0 (empty elsewhere). Collective under ZeRO-3."""
-    if stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # (gathers in the weights' own dtype)
-    else:  # ZeRO-2 keeps whole weights on every process
-        state = engine.module.state_dict() if torch.distributed.get_rank() == 0 else {}
+def gathered_state_dict(engine) -> dict:
+    """ZeRO-3: the whole model state on rank 0 (empty elsewhere), gathered one module at a time.
+    Collective. (ZeRO-2 keeps whole weights on every process: the model itself is the state.)"""
+    state = engine._zero3_consolidated_16bit_state_dict()  # (in the weights' own dtype, despite the name)
     return {k.removeprefix("model."): v for k, v in (state or {}).items()}
