@@ -418,6 +418,7 @@ def test_deepspeed_launcher_configurations_map_to_zero_or_are_refused(monkeypatc
         ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, "offload_param_device: nvme"),
         ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "train.grad_accum=4"),
         ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, "train.max_grad_norm=0.5"),
+        ({"ACCELERATE_GRADIENT_CLIPPING": "abc"}, "gradient_clipping: abc"),
     ]
     for env, fragment in refused:
         with monkeypatch.context() as m:

@@ -166,20 +166,18 @@ class StepPlan:
         """What the run trains on, step by step: the units of every optimizer step in order (not how
         they are split into micro-batches and processes, which does not change the gradient), so a
         run may resume with another number of processes N when N x train.grad_accum stays the same."""
-        h = hashlib.sha256()
         units = [[u for mb in step for u in mb] for step in self.steps]
-        h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum * self.world, self.seed, self.extra,
-                             units]).encode())
-        for item in self.content():
-            h.update(json.dumps(item).encode())
-        return h.hexdigest()[:16]
+        return self._hash([self.tag, self.micro_batch_size, self.grad_accum * self.world, self.seed, self.extra, units])
 
     def legacy_fingerprint(self) -> str:
         """The fingerprint of checkpoints written before the process-count-free one (it hashed the
         micro-batch split, train.grad_accum and the number of processes): still accepted on resume."""
+        return self._hash([self.tag, self.micro_batch_size, self.grad_accum, self.seed, self.extra,
+                           self.steps] + ([self.world] if self.world > 1 else []))
+
+    def _hash(self, header: list) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.tag, self.micro_batch_size, self.grad_accum, self.seed, self.extra,
-                             self.steps] + ([self.world] if self.world > 1 else [])).encode())
+        h.update(json.dumps(header).encode())
         for item in self.content():
             h.update(json.dumps(item).encode())
         return h.hexdigest()[:16]

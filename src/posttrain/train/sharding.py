@@ -30,8 +30,6 @@ import torch
 
 from ..errors import ConfigError
 
-SHARDING = ("none", "fsdp2", "zero2", "zero3")
-
 
 def sharding_from_launcher(configured: str, *, max_grad_norm: float | None = None) -> str:
     """The sharding to use: ``train.sharding``, or what ``accelerate launch`` was configured with:
@@ -74,8 +72,8 @@ def _deepspeed_from_launcher(max_grad_norm: float | None) -> str:
                  "set zero_optimization.stage to 2 or 3 in it, or use configs/accelerate/deepspeed_zero3.yaml.")
         stage = str(zero_opt["stage"])
         for key in ("offload_optimizer", "offload_param"):
-            device = (zero_opt.get(key) or {}).get("device", "none") if isinstance(zero_opt.get(key), dict) else "none"
-            offload[f"{key}_device"] = str(device)
+            block = zero_opt.get(key)
+            offload[f"{key}_device"] = str(block.get("device", "none")) if isinstance(block, dict) else "none"
         owned = sorted(k for k in ("optimizer", "scheduler", "fp16") if k in ds and
                        not (k == "fp16" and not (ds[k] or {}).get("enabled", False)))
         if owned:
@@ -94,7 +92,11 @@ def _deepspeed_from_launcher(max_grad_norm: float | None) -> str:
         fail(f"gradient_accumulation_steps: {accumulation}",
              f"remove it from the accelerate config (or set it to 1) and set train.grad_accum={accumulation}.")
     clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "none")
-    if clipping.lower() != "none" and max_grad_norm is not None and float(clipping) != float(max_grad_norm):
+    try:
+        differs = clipping.lower() != "none" and max_grad_norm is not None and float(clipping) != float(max_grad_norm)
+    except ValueError:
+        differs = True  # (not a number: refused below with the value)
+    if differs:
         fail(f"gradient_clipping: {clipping}, but train.max_grad_norm={max_grad_norm:g}",
              f"remove gradient_clipping from the accelerate config and set train.max_grad_norm={clipping}.")
     return f"zero{stage}"
