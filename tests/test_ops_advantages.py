@@ -425,12 +425,99 @@ def test_registry_declarations():
     assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_groups} == {"grpo", "rloo"}
     assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_critic} == {"gae"}
     assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_baseline} == {"remax"}
-    assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.token_level} == {"gae"}
+    assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.token_level} == {"gae", "reinforce_pp"}
     for name, est in ADVANTAGE_ESTIMATORS.items():
         assert est.name == name and get_advantage_estimator(name) is est
         params = inspect.signature(est.fn).parameters
         keyword_only = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
-        fixed = set() if est.token_level else {"group_size", "baseline"}
+        fixed = set() if est.needs_critic else {"group_size", "baseline"}
+        if est.token_level and not est.needs_critic:
+            fixed |= {"token_rewards", "mask"}
         assert keyword_only - fixed == set(est.hyperparameters), name
     with pytest.raises(ValueError, match="valid estimators"):
         get_advantage_estimator("ppo")
+
+
+# ---- REINFORCE++ per token (Hu 2025): KL-to-go in the reward, whitened over the batch's tokens ----------------
+
+
+def test_reinforce_pp_token_form_by_hand():
+    # beta = 0.5; token rewards u = -beta * KL_t
+    #   row 0: r = 1, 3 tokens, KL (0.1, 0.2, 0.3) -> u = (-0.05, -0.10, -0.15)
+    #          returns-to-go G = 1 + (-0.30, -0.25, -0.15) = (0.70, 0.75, 0.85)
+    #   row 1: r = 0, 2 kept tokens, KL (0.4, -0.2, [masked 9.0]) -> u = (-0.20, 0.10)
+    #          G = (-0.10, 0.10)
+    # batch of 5 tokens: mean 2.3 / 5 = 0.46; deviations (0.24, 0.29, 0.39, -0.56, -0.36),
+    # population variance (0.0576 + 0.0841 + 0.1521 + 0.3136 + 0.1296) / 5 = 0.1474
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, -0.2, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    adv, _ = reinforce_pp_advantages(torch.tensor([1.0, 0.0], dtype=torch.float64), None, group_size=2,
+                                     token_rewards=-0.5 * kl, mask=mask, eps=0.0)
+    sd = math.sqrt(0.1474)
+    want = torch.tensor([[0.24, 0.29, 0.39], [-0.56, -0.36, 0.0]], dtype=torch.float64) / sd
+    want[1, 2] = 0.0
+    torch.testing.assert_close(adv, want, rtol=1e-12, atol=1e-12)
+    # the sequence-level form (one advantage per response from r - beta * sum KL, whitened over responses)
+    # differs: it would give +1 / -1 to every token of the two rows
+    seq = torch.tensor([1.0 - 0.5 * 0.6, 0.0 - 0.5 * 0.2])
+    assert not torch.allclose(adv[0].float(), ((seq - seq.mean()) / seq.std(unbiased=False))[0].expand(3))
+
+
+def test_reinforce_pp_baseline_variant_by_hand():
+    # two groups of two; beta = 0 (no KL in the reward), lengths 1, 2, 1, 3:
+    #   rewards 1, 3 | 5, 9 -> minus group means (2, 7): -1, 1 | -2, 2
+    #   token returns: -1 | 1, 1 | -2 | 2, 2, 2   (7 tokens): mean 5 / 7, weighted by length
+    rewards = t(1.0, 3.0, 5.0, 9.0)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+    adv, _ = reinforce_pp_advantages(rewards, None, group_size=2, mask=mask, subtract_group_mean=True, eps=0.0)
+    g = [-1.0, 1.0, 1.0, -2.0, 2.0, 2.0, 2.0]
+    mu = sum(g) / 7
+    sd = math.sqrt(sum((x - mu) ** 2 for x in g) / 7)
+    want = torch.tensor([[-1.0 - mu, 0, 0], [1 - mu, 1 - mu, 0], [-2 - mu, 0, 0], [2 - mu, 2 - mu, 2 - mu]]) / sd
+    torch.testing.assert_close(adv, want * mask)
+    # one-token responses (no mask): the rewards whitened over the valid responses
+    adv1, _ = reinforce_pp_advantages(rewards, None, group_size=2, subtract_group_mean=True, eps=0.0)
+    torch.testing.assert_close(adv1, t(-1.0, 1.0, -2.0, 2.0) / math.sqrt(2.5))
+
+
+def test_reinforce_pp_token_form_matches_a_python_loop():
+    for seed in range(8):
+        rng = random.Random(seed)
+        G, N, T = 4, 3, 6
+        B = G * N
+        rewards = [rng.choice([0.0, 1.0, 0.5, float("nan")]) for _ in range(B)]
+        valid = [rng.random() > 0.15 for _ in range(B)]
+        lengths = [rng.randint(0, T) for _ in range(B)]
+        kl = [[rng.uniform(-0.5, 1.0) for _ in range(T)] for _ in range(B)]
+        beta = rng.choice([0.0, 0.05, 0.3])
+        for subtract in (False, True):
+            ok = [valid[i] and math.isfinite(rewards[i]) for i in range(B)]
+            x = {}
+            for g0 in range(0, B, G):
+                members = [rewards[i] for i in range(g0, g0 + G) if ok[i]]
+                for i in range(g0, g0 + G):
+                    if ok[i]:
+                        x[i] = rewards[i] - (statistics.mean(members) if subtract else 0.0)
+            returns = {}
+            for i in x:
+                for tt in range(lengths[i]):
+                    returns[i, tt] = x[i] - beta * sum(kl[i][tt:lengths[i]])
+            want = torch.zeros(B, T, dtype=torch.float64)
+            if returns:
+                mu, var = statistics.mean(returns.values()), statistics.pvariance(returns.values())
+                for (i, tt), v in returns.items():
+                    want[i, tt] = (v - mu) / math.sqrt(var + 1e-8) if var > 0 else 0.0
+            mask = torch.tensor([[1.0 if tt < lengths[i] else 0.0 for tt in range(T)] for i in range(B)],
+                                dtype=torch.float64)
+            got, _ = reinforce_pp_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(valid),
+                                             group_size=G, token_rewards=-beta * torch.tensor(kl, dtype=torch.float64),
+                                             mask=mask, subtract_group_mean=subtract)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_reinforce_pp_token_form_checks_shapes():
+    with pytest.raises(ValueError, match="mask"):
+        reinforce_pp_advantages(t(1.0, 2.0), None, group_size=1, token_rewards=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="token_rewards must have shape"):
+        reinforce_pp_advantages(t(1.0, 2.0), None, group_size=1, token_rewards=torch.zeros(2, 2),
+                                mask=torch.ones(2, 3))

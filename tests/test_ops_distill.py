@@ -115,3 +115,96 @@ def test_bad_arguments_are_named():
         token_divergence(s, s, divergence="jsd", beta=0.0)
     with pytest.raises(ValueError, match="temperature"):
         token_divergence(s, s, temperature=0.0)
+
+
+# ---- extreme and masked logits: finite where the divergence is, equal to a float64 reference ----------------
+
+
+def _reference(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float, tau: float) -> torch.Tensor:
+    """The definitions in float64 with 0·log 0 = 0. A -inf logit is replaced by -1e200 first: its
+    probability is then exactly 0 in float64 too, and float64's own autograd stays free of 0·inf."""
+    t = t.double()
+    s = torch.where(torch.isinf(s), torch.full_like(s, -1e200), s) / tau
+    t = torch.where(torch.isinf(t), torch.full_like(t, -1e200), t) / tau
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+
+    def kl(lp, lq):
+        p = lp.exp()
+        return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+
+    if divergence == "forward_kl":
+        out = kl(lt, ls)
+    elif divergence == "reverse_kl":
+        out = kl(ls, lt)
+    else:
+        lm = torch.logaddexp(math.log(beta) + lt, math.log(1 - beta) + ls)
+        out = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+    return out * tau**2
+
+
+def _extreme_cases():
+    g = torch.Generator().manual_seed(7)
+    gap = torch.zeros(3, 5)
+    gap[0, 0], gap[1, 0], gap[2, 0] = 90.0, 200.0, 1e4   # student far above the teacher on one entry
+    flat = torch.zeros(3, 5)
+    masked_t = torch.randn(3, 7, generator=g)
+    masked_t[:, 2] = -math.inf
+    masked_t[0, 3] = -1e9                                 # "very negative" masking
+    masked_s = torch.randn(3, 7, generator=g)
+    masked_s[:, 4] = -math.inf
+    return [
+        ("gap", gap, flat, 1.0),
+        ("gap_reversed", flat, gap, 1.0),
+        # random logits with spread ~12 over 1,000 tokens at temperature 0.5: gaps beyond 88 in the scaled logits
+        ("wide_tau", torch.randn(4, 1000, generator=g) * 12, torch.randn(4, 1000, generator=g) * 12, 0.5),
+        ("teacher_masked", torch.randn(3, 7, generator=g), masked_t, 1.0),
+        ("student_masked", masked_s, torch.randn(3, 7, generator=g), 1.0),
+    ]
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                             ("jsd", 0.9)])
+@pytest.mark.parametrize("case", _extreme_cases(), ids=lambda c: c[0])
+def test_extreme_and_masked_logits_match_a_float64_reference(case, divergence, beta):
+    _, s, t, tau = case
+    ref_in = s.double().clone().requires_grad_(True)
+    ref = _reference(ref_in, t, divergence, beta, tau)
+    x = s.clone().requires_grad_(True)
+    out = token_divergence(x, t, divergence=divergence, beta=beta, temperature=tau)
+    infinite = ref > 1e100   # the float64 reference's stand-in for +inf (a -1e200 logit on the wrong side)
+    # +inf only where the KL truly is infinite: forward KL with p_S = 0 < p_T, reverse KL with p_T = 0 < p_S
+    assert torch.equal(torch.isinf(out), infinite)
+    assert not torch.isnan(out).any()
+    if divergence == "jsd":
+        assert not infinite.any()   # bounded by the binary entropy of beta
+    finite_rows = ~infinite
+    if not finite_rows.any():
+        return
+    # Error bound: d = log p_S - log p_T is formed from the scaled logits z/tau and their log-sum-exps,
+    # about 4 roundings of numbers as large as scale = max |z / tau| (<= 2 eps32 scale each); a weighted
+    # mean of such d (weights summing to 1) and the product add a few more: 32 eps32 scale absolute. It
+    # is the input's own resolution: a logit of 1e4 is only known to 1e-3 in float32.
+    finite_logits = torch.cat([s[torch.isfinite(s)], t[torch.isfinite(t)]]).abs()
+    tol = 32 * torch.finfo(torch.float32).eps * max(1.0, float(finite_logits.max()) / tau)
+    assert (out[finite_rows].double() - ref[finite_rows]).abs().max() <= tol
+    weights = torch.arange(1.0, 1 + int(finite_rows.sum()))
+    (out[finite_rows] * weights).sum().backward()
+    (ref[finite_rows] * weights.double()).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # gradients are differences of probabilities (times bounded log-ratios for the JSD) whose relative
+    # error is that of exp(d): the same bound, times the largest weight of the summed rows
+    assert (x.grad.double() - ref_in.grad).abs().max() <= tol * float(weights.max())
+
+
+def test_jsd_of_disjoint_supports_is_the_binary_entropy_of_beta():
+    # teacher and student put all mass on different tokens (the rest masked): m splits beta / 1 - beta,
+    # so JSD_beta = -beta log beta - (1 - beta) log(1 - beta) exactly
+    s = torch.tensor([[0.0, -math.inf, -math.inf]])
+    t = torch.tensor([[-math.inf, 0.0, -math.inf]])
+    for beta in (0.5, 0.2):
+        h = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+        x = s.clone().requires_grad_(True)
+        out = token_divergence(x, t, divergence="jsd", beta=beta)
+        assert float(out[0]) == pytest.approx(h, rel=1e-6)
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all()

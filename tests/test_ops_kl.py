@@ -151,3 +151,24 @@ def test_exact_kl_gradcheck_and_frozen_reference():
     out = exact_kl(logits.float(), frozen)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, naive_exact_kl(logits.detach().float(), frozen))
+
+
+def test_k3_far_off_policy_token_is_finite_with_a_finite_gradient():
+    # log r = log pi_ref - log pi_theta = 100 > 88.7: exp(log r) overflows float32 without the cap. Capped at
+    # K3_MAX_LOG_RATIO = 20: value expm1(20) - 20, gradient 0 (the cap is flat there); below the cap exact.
+    from posttrain.ops.kl import K3_MAX_LOG_RATIO
+
+    assert K3_MAX_LOG_RATIO == 20.0
+    lp = torch.tensor([-101.0, -1.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.0 + 0.5, -1.0 - 30.0])   # log r = 100, 0.5, -30
+    k3 = kl_k3(lp, ref)
+    k3.sum().backward()
+    expected = [math.expm1(20.0) - 20.0, math.expm1(0.5) - 0.5, math.expm1(-30.0) + 30.0]
+    torch.testing.assert_close(k3.detach(), torch.tensor(expected))
+    # d k3 / d log pi_theta = 1 - r where uncapped; the far side (log r = -30) keeps its exact gradient ~1
+    torch.testing.assert_close(lp.grad, torch.tensor([0.0, 1.0 - math.exp(0.5), 1.0 - math.exp(-30.0)]))
+    # the same through the dispatcher used by the RL loss, in a beta-weighted token-mean loss
+    lp2 = lp.detach().clone().requires_grad_(True)
+    loss = 0.04 * kl_estimate(lp2, ref, "k3").mean()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp2.grad).all()

@@ -99,7 +99,8 @@ def test_ppo_dual_clip():
 def test_ppo_argument_checks():
     lp, old = tokens([1.0])
     adv = torch.ones(1)
-    for kw in ({"clip_eps": 0.0}, {"clip_eps": 1.5}, {"clip_eps_high": -0.1}, {"dual_clip": 1.0}):
+    for kw in ({"clip_eps": 0.0}, {"clip_eps": float("inf")}, {"clip_eps": float("nan")}, {"clip_eps_high": -0.1},
+               {"dual_clip": 1.0}):
         with pytest.raises(ValueError):
             ppo_clip_loss(lp, old, adv, torch.ones(1, 1), **kw)
     with pytest.raises(ValueError, match="advantages must have shape"):
@@ -357,3 +358,27 @@ def test_policy_loss_registry():
         assert keyword_only == loss.hyperparameters, name
     with pytest.raises(ValueError, match="valid losses"):
         get_policy_loss("grpo")
+
+
+@pytest.mark.parametrize("loss_fn", [ppo_clip_loss, gspo_loss, cispo_loss])
+def test_a_large_clip_range_switches_the_clip_off(loss_fn):
+    # eps >= 1 puts the lower bound 1 - eps at or below 0 < ratio: no lower clip, not an error. With both
+    # ranges huge every loss is the unclipped importance-weighted policy gradient: per token -A rho with
+    # gradient -A rho (GSPO: -A s_i with s_i the sequence ratio; CISPO: weight rho on -A log pi).
+    lp = torch.tensor([[-0.5, -2.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -0.2, -1.0]])   # log-ratios 1.0, -1.8, 0.0: far outside any usual band
+    adv = torch.tensor([-1.0])
+    for eps in (1.0, 10.0, 1e9):
+        lp.grad = None
+        loss, m = loss_fn(lp, old, adv, torch.ones(1, 3), clip_eps=eps, clip_eps_high=1e9)
+        loss.sum().backward()
+        if loss_fn is gspo_loss:
+            s = math.exp((1.0 - 1.8 + 0.0) / 3)
+            torch.testing.assert_close(loss.detach(), torch.full((1, 3), s))
+            torch.testing.assert_close(lp.grad, torch.full((1, 3), s))
+        else:
+            rho = torch.exp(torch.tensor([[1.0, -1.8, 0.0]]))
+            if loss_fn is ppo_clip_loss:
+                torch.testing.assert_close(loss.detach(), rho)
+            torch.testing.assert_close(lp.grad, rho)
+        assert float(m["clipped_low"].sum()) == 0.0 and float(m["clipped_high"].sum()) == 0.0

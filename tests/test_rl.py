@@ -219,6 +219,17 @@ def test_config_checks_in_python():
     # remax and reinforce_pp work with one sample per prompt
     load_config(RLConfig, None, ["algorithm=remax", "rollout.group_size=1"])
     load_config(RLConfig, None, ["algorithm=reinforce_pp", "rollout.group_size=1"])
+    # gspo's sequence-level ratio needs the per-response token mean: token_mean (the dapo preset's) is refused,
+    # naming both keys and the fix, not silently length-weighted
+    with pytest.raises(ConfigError, match="loss.policy_loss=gspo") as e:
+        load_config(RLConfig, None, ["algorithm=dapo", "loss.policy_loss=gspo"])
+    assert "loss.aggregation=token_mean" in str(e.value) and "seq_mean_token_mean" in e.value.fix
+    for agg in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
+        with pytest.raises(ConfigError, match="loss.aggregation"):
+            load_config(RLConfig, None, ["algorithm=gspo", f"loss.aggregation={agg}"])
+    load_config(RLConfig, None, ["algorithm=dapo", "loss.policy_loss=gspo", "loss.aggregation=seq_mean_token_mean"])
+    # a large clip range is how the clip is switched off: accepted
+    load_config(RLConfig, None, ["algorithm=grpo", "loss.clip_eps=10", "loss.clip_eps_high=10"])
 
 
 def sometimes_none_reward(prompts, completions, completion_ids, **_):
@@ -293,7 +304,10 @@ STORED = {
     "gspo": [[0.510732, 0.137093], [0.358033, 0.126653], [0.540894, 0.132628]],
     "rloo": [[0.241701, 0.137093], [0.148912, 0.126653], [0.291523, 0.133164]],
     "remax": [[0.220931, 0.137093], [0.132527, 0.126653], [0.240752, 0.133544]],
-    "reinforce_pp": [[0.593009, 0.137093], [0.587465, 0.126653], [0.578683, 0.132971]],
+    # reinforce_pp: per-token KL-to-go, whitened over tokens (Hu 2025). Its first iteration has KL 0 and the
+    # random model's samples all run to max_new_tokens, so the earlier sequence-level form gave the same first
+    # grad norm; from the second iteration on the KL-to-go makes the advantages differ along each response
+    "reinforce_pp": [[0.593009, 0.137093], [0.587422, 0.126653], [0.600914, 0.132971]],
     # ppo's grad norm covers the policy and the critic (one clip over both)
     "ppo": [[0.590524, 0.137093], [0.580224, 0.126653], [0.598143, 0.136036]],
 }

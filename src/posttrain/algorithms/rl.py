@@ -89,6 +89,7 @@ from .rl_config import (
     RLDataConfig,
     RLLossConfig,
     RolloutConfig,
+    check_sequence_level_aggregation,
 )
 from .rl_monitor import RLState
 from .rl_report import plot_rl_curves
@@ -216,6 +217,7 @@ class OnlineRLAlgorithm:
         self.cfg = loss
         self.critic_cfg = critic
         self.spec = get_policy_loss(loss.policy_loss)
+        check_sequence_level_aggregation(loss)   # the loop reads the loss's declaration
         self.hparams = {h: getattr(loss, h) for h in self.spec.hyperparameters}
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
@@ -284,12 +286,13 @@ def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_imple
         if s.trained:
             mask[i, : s.n_tokens] = 1.0
     batch["mask"] = mask
-    if with_values:  # token-level advantages from GAE, the critic's targets and its old predictions
+    if flat[0].token_advantages is not None:  # token-level advantages (GAE, REINFORCE++)
         batch["advantages"] = _rows([s.token_advantages for s in flat], width)
-        batch["returns"] = _rows([s.returns for s in flat], width)
-        batch["old_values"] = _rows([s.old_values for s in flat], width)
     else:
         batch["advantages"] = torch.tensor([s.advantage for s in flat], dtype=torch.float32)
+    if with_values:  # the critic's targets and its old predictions
+        batch["returns"] = _rows([s.returns for s in flat], width)
+        batch["old_values"] = _rows([s.old_values for s in flat], width)
     if with_old:
         batch["old_logps"] = _rows([s.old_logps for s in flat], width)
     if with_ref:
@@ -569,8 +572,10 @@ class RLRunner:
             pol = [s.old_logps if s.old_logps is not None else s.rollout_logps for s in flat]
             kl_seq = torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
         reward_for_adv = total
-        if self.estimator.token_level:
+        if self.estimator.needs_critic:
             adv_metrics = self._token_advantages(groups, total, valid)
+        elif self.estimator.token_level:
+            adv_metrics = self._token_returns_advantages(groups, total, valid, G)
         elif kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
             beta = self.state.kl.value
             flat = [s for g in groups for s in g]
@@ -626,28 +631,50 @@ class RLRunner:
                 merged["invalid_counts"][name] = merged["invalid_counts"].get(name, 0) + c
         return full, merged
 
-    def _token_advantages(self, groups: list[list[Sample]], total: torch.Tensor, valid: torch.Tensor) -> dict:
-        """GAE over per-token rewards: the sequence reward at the last token, ``-beta * k`` on every
-        token when the KL sits in the reward; values from the critic before this iteration's updates.
-        Excluded samples take part in no statistic (whitening included)."""
+    def _token_shaping(self, flat: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mask, kl, process)`` ``(B, T)`` of a rollout batch for the token-level estimators: the
+        trained tokens, the per-token KL estimate when the KL sits in the reward (zeros otherwise; the
+        caller multiplies by beta) and the PRM's step rewards (times reward.process_weight) at the tokens
+        that end the steps (zeros without process rewards)."""
         loss = self.loss
-        flat = [s for g in groups for s in g]
         width = max(s.n_tokens for s in flat)
         mask = torch.zeros((len(flat), width))
         for i, s in enumerate(flat):
             if s.trained:
                 mask[i, : s.n_tokens] = 1.0
-        scores = torch.where(valid, total, torch.zeros_like(total)).float()
         kl = torch.zeros_like(mask)
-        beta = 0.0
         if self.reference is not None and loss.kl_placement == "reward":
-            beta = self.state.kl.value
             kl = kl_estimate(_rows([s.old_logps for s in flat], width), _rows([s.ref_logps for s in flat], width),
                              loss.kl_estimator)
-        token_rewards = kl_penalized_token_rewards(scores, kl, mask, beta)
-        if self.process is not None:  # PRM step rewards at the tokens that end the steps
-            token_rewards = token_rewards + self.cfg.reward.process_weight * _rows(
-                [s.process_rewards for s in flat], width) * mask
+        process = torch.zeros_like(mask)
+        if self.process is not None:
+            process = self.cfg.reward.process_weight * _rows([s.process_rewards for s in flat], width) * mask
+        return mask, kl, process
+
+    def _token_returns_advantages(self, groups: list[list[Sample]], total: torch.Tensor, valid: torch.Tensor,
+                                  G: int) -> dict:
+        """REINFORCE++ (critic-free, per token): the return-to-go of ``-beta * k`` per token (+ process
+        rewards) plus the sequence reward, whitened over the batch's trained tokens."""
+        flat = [s for g in groups for s in g]
+        mask, kl, process = self._token_shaping(flat)
+        beta = self.state.kl.value if self.loss.kl_placement == "reward" else 0.0
+        token_rewards = torch.where(mask != 0, -beta * kl, torch.zeros_like(kl)) + process
+        adv, metrics = self.estimator.fn(total, valid, group_size=G, token_rewards=token_rewards, mask=mask,
+                                         **self.est_hparams)
+        for i, s in enumerate(flat):
+            s.token_advantages = adv[i, : s.n_tokens].tolist()
+        return metrics
+
+    def _token_advantages(self, groups: list[list[Sample]], total: torch.Tensor, valid: torch.Tensor) -> dict:
+        """GAE over per-token rewards: the sequence reward at the last token, ``-beta * k`` on every
+        token when the KL sits in the reward; values from the critic before this iteration's updates.
+        Excluded samples take part in no statistic (whitening included)."""
+        flat = [s for g in groups for s in g]
+        mask, kl, process = self._token_shaping(flat)
+        width = mask.shape[1]
+        scores = torch.where(valid, total, torch.zeros_like(total)).float()
+        beta = self.state.kl.value if self.reference is not None and self.loss.kl_placement == "reward" else 0.0
+        token_rewards = kl_penalized_token_rewards(scores, kl, mask, beta) + process
         values = _rows([s.old_values for s in flat], width)
         adv, returns = gae_advantages(token_rewards, values, mask, **self.est_hparams)
         for i, s in enumerate(flat):
@@ -798,9 +825,10 @@ class RLRunner:
                     record = {"iteration": k + 1, "prompt": self.prompts[i].text, "completion": r.text,
                               "reward": reward if math.isfinite(reward) else None,
                               "advantage": s.advantage, "finished": r.finished, "tokens": s.n_tokens}
-                    if s.token_advantages is not None:  # per completion token (GAE with a critic)
-                        record.update(advantage=None, token_advantages=s.token_advantages, returns=s.returns,
-                                      values=s.old_values)
+                    if s.token_advantages is not None:  # per completion token (GAE, REINFORCE++)
+                        record.update(advantage=None, token_advantages=s.token_advantages)
+                        if s.returns is not None:
+                            record.update(returns=s.returns, values=s.old_values)
                     if s.process_rewards is not None:
                         record["process_rewards"] = s.process_rewards
                     fh.write(json.dumps(record) + "\n")

@@ -121,7 +121,7 @@ class RewardConfig:
                                              "product or last).", choices=("min", "product", "last"))
     process_weight: float = option(0.0, "Process rewards: the PRM's per-step rewards, times this weight, at the "
                                         "tokens that end each step, added to the per-token rewards (needs "
-                                        "loss.advantage=gae); 0: off.", min=0.0)
+                                        "a per-token estimator: loss.advantage=gae or reinforce_pp); 0: off.", min=0.0)
     process_mode: str = option("delta", "Process rewards: delta (s_i - s_(i-1), s_0 = 0.5: sums to s_last - 0.5, "
                                         "no reward for more steps) or step (s_i at each step, Math-Shepherd).",
                                choices=("delta", "step"))
@@ -140,10 +140,11 @@ class RLLossConfig:
                         min=0.0, max=1.0)
     whiten_advantages: bool | None = option(None, "gae: whiten the advantages over the batch's tokens (returns stay "
                                                   "unwhitened).")
-    subtract_group_mean: bool = option(False, "reinforce_pp: subtract the group mean before whitening "
-                                              "(the 'baseline' variant).")
+    subtract_group_mean: bool = option(False, "reinforce_pp: subtract the group mean from the reward before "
+                                              "whitening (REINFORCE++-baseline).")
     policy_loss: str | None = option(None, "pg, ppo_clip, gspo or cispo.", choices=tuple(sorted(POLICY_LOSSES)))
-    clip_eps: float | None = option(None, "Lower clip range (1 - eps).", gt=0.0, lt=1.0)
+    clip_eps: float | None = option(None, "Lower clip range (1 - eps); eps >= 1 means no lower clip (a large "
+                                          "range switches the clip off).", gt=0.0)
     clip_eps_high: float | None = option(None, "Upper clip range (1 + eps_high; DAPO's clip-higher); null: "
                                                "clip_eps.", gt=0.0)
     dual_clip: float | None = option(None, "ppo_clip: bound the loss of negative-advantage tokens at "
@@ -154,7 +155,8 @@ class RLLossConfig:
     kl_beta: float | None = option(None, "KL coefficient (0: no reference model is loaded).", min=0.0)
     kl_estimator: str | None = option(None, "k1, k2 or k3.", choices=("k1", "k2", "k3"))
     kl_placement: str | None = option(None, "loss: beta * k per token in the loss (GRPO); reward: -beta * k "
-                                            "summed into the sequence reward (RLOO, REINFORCE++; per token with gae, PPO).",
+                                            "summed into the sequence reward (RLOO, ReMax); per token with gae (PPO) and reinforce_pp "
+                                            "(each token is charged the KL of the tokens after it).",
                                       choices=("loss", "reward"))
     kl_target: float | None = option(None, "Adaptive KL (Ziegler et al.): steer beta toward this KL per "
                                            "sequence; null keeps beta fixed.", gt=0.0)
@@ -239,6 +241,24 @@ class MonitorConfig:
                                             "more than this between the two half-windows.", min=0.0)
 
 
+def check_sequence_level_aggregation(loss: RLLossConfig) -> None:
+    """A policy loss that declares ``sequence_level`` (GSPO: one ratio and one clip per response)
+    is the paper's objective only under ``seq_mean_token_mean``: each response's tokens are
+    averaged first, so every response weighs the same whatever its length. Under ``token_mean``
+    (or the token-sum aggregations) a response of n tokens would weigh n times as much, which no
+    sequence-level method defines; the mix is refused rather than silently reweighted."""
+    if POLICY_LOSSES[loss.policy_loss].sequence_level and loss.aggregation != SEQUENCE_LEVEL_AGGREGATION:
+        raise ConfigError(
+            f"loss.policy_loss={loss.policy_loss} forms one importance ratio per response and averages each "
+            f"response's tokens (seq_mean_token_mean), but loss.aggregation={loss.aggregation} would weight the "
+            "responses by their length.",
+            fix=f"set loss.aggregation={SEQUENCE_LEVEL_AGGREGATION} (the gspo preset's), or use a token-level "
+            "policy loss (loss.policy_loss=ppo_clip / cispo) with this aggregation.")
+
+
+SEQUENCE_LEVEL_AGGREGATION = "seq_mean_token_mean"
+
+
 @dataclass
 class RLConfig:
     """posttrain rl: online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE++, PPO)."""
@@ -258,6 +278,7 @@ class RLConfig:
     def validate(self) -> None:
         loss = self.loss.resolved(self.algorithm)
         est = get_advantage_estimator(loss.advantage)
+        check_sequence_level_aggregation(loss)
         g = self.rollout.group_size
         if est.needs_groups and g < 2:
             raise ConfigError(
@@ -320,8 +341,8 @@ class RLConfig:
                 raise ConfigError(
                     f"reward.process_weight={self.reward.process_weight} places rewards at the tokens ending each step, "
                     f"but loss.advantage={loss.advantage} gives one advantage per sequence.",
-                    fix="use algorithm=ppo (loss.advantage=gae), or score whole solutions with the prm function "
-                    "(reward.functions=[prm]) and reward.process_weight=0.")
+                    fix="use algorithm=ppo (loss.advantage=gae) or reinforce_pp, or score whole solutions with the "
+                    "prm function (reward.functions=[prm]) and reward.process_weight=0.")
             if not self.reward.process_reward_model:
                 raise ConfigError("reward.process_weight > 0 but reward.process_reward_model is not set.",
                                   fix="set reward.process_reward_model to a directory saved by `posttrain prm`.")

@@ -20,8 +20,10 @@ metrics)``::
     fn(rewards (B,), valid (B,) bool | None, *, group_size, baseline=None, **hyperparameters)
 
 ``baseline`` is used only by ReMax (``needs_baseline``); the others accept and ignore it, so
-the training loop can call every outcome estimator the same way. GAE is token-level and takes
-per-token rewards and critic values instead (``token_level``, ``needs_critic``).
+the training loop can call every outcome estimator the same way. The token-level estimators
+(``token_level``) return ``(B, T)`` advantages: REINFORCE++ takes the same arguments plus the
+per-token rewards (the KL penalty) and the response mask; GAE takes per-token rewards and
+critic values instead (``needs_critic``).
 
 ============  ======  ======  ========  =====  =====================================================
 name          groups  critic  baseline  token  advantage (valid rows)
@@ -29,7 +31,7 @@ name          groups  critic  baseline  token  advantage (valid rows)
 grpo          yes     no      no        no     (r − mean_g) / (std_g + eps)   (or r − mean_g)
 rloo          yes     no      no        no     r − mean of the other valid members of the group
 remax         no      no      yes       no     r − r(greedy rollout of the same prompt)
-reinforce_pp  no      no      no        no     whiten_batch(r)   (or whiten_batch(r − mean_g))
+reinforce_pp  no      no      no        yes    whiten_tokens(r − β Σ_{t'≥t} KL_t')   (or r − mean_g − ...)
 gae           no      yes     no        yes    Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γ V_{t+1} − V_t
 none          no      no      no        no     r   (raw reward: naive policy gradient)
 ============  ======  ======  ========  =====  =====================================================
@@ -42,9 +44,10 @@ Metrics (detached float scalars, summable over micro-batches and ranks):
   learning signal under any group-relative estimator (DAPO's dynamic sampling drops them).
 - ``small_groups``: groups with fewer than two valid rewards (no group statistic exists).
 
-KL in the reward for critic-free estimators: fold it into ``rewards`` before calling
-(``r − β Σ_t k1_t`` per response); token-level shaping is :func:`posttrain.ops.
-kl_penalized_token_rewards` + :func:`gae_advantages`.
+KL in the reward for the critic-free outcome estimators: fold it into ``rewards`` before
+calling (``r − β Σ_t k1_t`` per response); REINFORCE++ takes it per token (``token_rewards =
+−β k1``, credited as KL-to-go); with a critic: :func:`posttrain.ops.kl_penalized_token_rewards`
++ :func:`gae_advantages`.
 """
 
 from __future__ import annotations
@@ -262,22 +265,33 @@ def reinforce_pp_advantages(
     *,
     group_size: int,
     baseline: torch.Tensor | None = None,
+    token_rewards: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     subtract_group_mean: bool = False,
     eps: float = 1e-8,
 ) -> tuple[torch.Tensor, Metrics]:
-    """REINFORCE++: rewards whitened over the whole batch.   ``(B,), (B,) -> (B,)``.
+    """REINFORCE++ as published (Hu 2025, arXiv:2501.03262).   ``(B,), (B,), (B, T), (B, T) -> (B, T)``.
 
-        x_i = r_i                       (REINFORCE++)
-        x_i = r_i − mean_g              (REINFORCE++-baseline, ``subtract_group_mean=True``)
+    Each token gets its own advantage: the return-to-go (γ = 1) of per-token rewards, the
+    outcome reward at the response's last kept token plus ``token_rewards`` at every token
+    (the KL penalty ``−β · KL_t`` with ``KL_t = log π_old(a_t) − log π_ref(a_t)``, and any other
+    per-token shaping such as process rewards), then whitened over all kept tokens of the batch::
 
-        A_i = (x_i − μ) / sqrt(σ² + eps),   μ, σ² = mean and population variance of x over all
-                                             valid rows of the batch (``ops.masked_whiten``)
+        x_i   = r_i                    (REINFORCE++)
+        x_i   = r_i − mean_g           (REINFORCE++-baseline, ``subtract_group_mean=True``)
+        G_it  = x_i + Σ_{t' ≥ t} u_it'        u = token_rewards   (with the KL only: x_i − β Σ_{t'≥t} KL_it')
+        A_it  = (G_it − μ) / sqrt(σ² + eps),  μ, σ² = mean and population variance of G over the kept
+                                              tokens (``mask``) of the valid rows (``ops.masked_whiten``)
 
-    Normalizing by batch rather than group statistics keeps the scale of the gradient while
-    not up-weighting low-variance prompts (Hu 2025, arXiv:2501.03262). If the valid ``x`` are
-    all equal (or at most one row is valid) every advantage is exactly 0. The
-    ``subtract_group_mean`` variant needs ``group_size >= 2``. This sequence-level form is the
-    paper's estimator with γ = 1 and the KL folded into the reward by the caller.
+    So a token is credited with the KL of the tokens *after* it (KL-to-go), and a longer
+    response weighs more in the batch statistics than a shorter one (they are taken over
+    tokens, not responses). Normalizing by batch rather than group statistics keeps the
+    gradient's scale without up-weighting low-variance prompts. Masked positions and invalid
+    rows give exactly 0; if the kept ``G`` are all equal every advantage is exactly 0. The
+    ``subtract_group_mean`` variant needs ``group_size >= 2``.
+
+    Without ``mask`` (and ``token_rewards``) each row is one token: the result is ``(B,)``, the
+    rewards whitened over the valid rows (the same estimator for one-token responses).
     ``baseline`` is ignored.
     """
     del baseline
@@ -286,18 +300,37 @@ def reinforce_pp_advantages(
         _require_groups("reinforce_pp (subtract_group_mean)", group_size)
     r, ok = _prepare(rewards, valid, group_size)
     count, mean, _, flat = _group_stats(r, ok, group_size)
-    if r.numel() == 0:
-        return r, _group_metrics(count, flat)
     x = r
     if subtract_group_mean:
         x = (r.view(-1, group_size) - mean[:, None]).view(-1)
         x = torch.where(ok, x, torch.zeros_like(x))
-    okf = ok.to(x.dtype)
-    adv = masked_whiten(x, okf, shift_mean=True, eps=eps)
-    inf = torch.full_like(x, float("inf"))
-    batch_flat = ~(torch.where(ok, x, -inf).amax() > torch.where(ok, x, inf).amin())
-    adv = torch.where(ok & ~batch_flat, adv, torch.zeros_like(adv))
-    return adv, _group_metrics(count, flat)
+    one_token = mask is None
+    if one_token:
+        if token_rewards is not None:
+            raise ValueError("reinforce_pp: token_rewards need the (B, T) mask of the response tokens")
+        keep = ok[:, None]
+        returns = x[:, None]
+    else:
+        if mask.dim() != 2 or mask.shape[0] != r.shape[0]:
+            raise ValueError(f"mask must have shape ({r.shape[0]}, T), got {tuple(mask.shape)}")
+        keep = (mask != 0) & ok[:, None]
+        returns = x[:, None].expand(mask.shape)
+        if token_rewards is not None:
+            if token_rewards.shape != mask.shape:
+                raise ValueError(f"token_rewards must have shape {tuple(mask.shape)}, got "
+                                 f"{tuple(token_rewards.shape)}")
+            u = torch.where(keep, token_rewards.detach().to(x.dtype), torch.zeros((), dtype=x.dtype))
+            to_go = u.flip(-1).cumsum(-1).flip(-1)   # Σ_{t' >= t} u_t' (masked positions add 0)
+            returns = returns + to_go
+    if keep.numel() == 0:
+        return returns.new_zeros(keep.shape).squeeze(-1) if one_token else returns.new_zeros(keep.shape), \
+            _group_metrics(count, flat)
+    keepf = keep.to(x.dtype)
+    adv = masked_whiten(returns, keepf, shift_mean=True, eps=eps)
+    inf = torch.full_like(returns, float("inf"))
+    batch_flat = ~(torch.where(keep, returns, -inf).amax() > torch.where(keep, returns, inf).amin())
+    adv = torch.where(keep & ~batch_flat, adv, torch.zeros_like(adv))
+    return (adv.squeeze(-1) if one_token else adv), _group_metrics(count, flat)
 
 
 def raw_advantages(
@@ -400,8 +433,10 @@ class AdvantageEstimator(NamedTuple):
     - ``needs_groups``: needs several responses per prompt (``group_size >= 2``).
     - ``needs_critic``: needs a value model (per-token values).
     - ``needs_baseline``: needs the reward of a greedy rollout of each prompt (ReMax).
-    - ``token_level``: ``fn`` is :func:`gae_advantages` (per-token rewards and values in,
-      ``(B, T)`` advantages and returns out); otherwise the outcome signature, ``(B,)`` out.
+    - ``token_level``: the advantages are per token, ``(B, T)``: with ``needs_critic``, ``fn`` is
+      :func:`gae_advantages` (per-token rewards and values in, advantages and returns out);
+      without, the outcome signature plus ``token_rewards=`` and ``mask=`` (REINFORCE++).
+      Otherwise the outcome signature, ``(B,)`` out.
     - ``hyperparameters``: the keyword arguments ``fn`` takes from the config.
     """
 
@@ -428,7 +463,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             False,
             False,
             False,
-            False,
+            True,
             ("subtract_group_mean", "eps"),
         ),
         AdvantageEstimator("gae", gae_advantages, False, True, False, True, ("gamma", "lam", "whiten")),

@@ -17,6 +17,13 @@ constant), per position:
 and the result is multiplied by τ² (Hinton et al. 2015: keeps the gradient's scale as τ
 changes). All math in float32. Positions with ``mask == 0`` give 0.
 
+Numerics: every term is finite for any finite logits, however far apart (the JSD mixture's
+``log m`` is formed without an ``exp`` that can overflow), and ``-inf`` logits (masked vocabulary
+entries, probability 0) contribute their limits: 0 where the weighting distribution is 0
+(``0 · log 0 = 0``), ``+inf`` only where the KL truly is infinite (forward KL with
+``p_S = 0 < p_T``, reverse KL with ``p_T = 0 < p_S``); the JSD is always finite
+(≤ −β log β − (1 − β) log(1 − β)). Gradients are finite wherever the value is.
+
 Memory: the rows are processed ``chunk_size`` at a time under activation checkpointing, so
 the ``(N, V)`` fp32 softmaxes and log-softmaxes of student and teacher never exist whole; only
 one chunk's do, in the forward and again in the backward (recomputed). The inputs (the logits)
@@ -36,24 +43,51 @@ from .logprobs import _resolve_chunk
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
+def _xlogy_rows(p: torch.Tensor, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Σ_v p·x over the entries where ``present`` (p > 0), 0 elsewhere, with no 0·inf in the value
+    or in the gradient (``x`` may be ±inf where p = 0: it is replaced before the product)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(present, p * torch.where(present, x, zero), zero).sum(-1)
+
+
 def _divergence_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, divergence: str, beta: float,
                      temperature: float) -> torch.Tensor:
     """(n, V), (n, V) -> (n,): the divergence of each row (see the module docstring), times τ²."""
     z_s, z_t = s_logits.float() / temperature, t_logits.float() / temperature
     lse_s = torch.logsumexp(z_s, dim=-1, keepdim=True)
     lse_t = torch.logsumexp(z_t, dim=-1, keepdim=True)
-    # d = log p_S - log p_T, formed from the logit difference (not from two rounded log-softmaxes), so
-    # small divergences keep their relative precision in float32
-    d = (z_s - z_t) - (lse_s - lse_t)
+    log_ps, log_pt = z_s - lse_s, z_t - lse_t
+    on_s, on_t = log_ps > -math.inf, log_pt > -math.inf   # entries with probability > 0
+    both = on_s & on_t
+    zero = torch.zeros((), dtype=z_s.dtype, device=z_s.device)
+    # d = log p_S - log p_T where both are > 0, formed from the logit difference (not from two rounded
+    # log-softmaxes); 0 elsewhere (where one side is 0 the terms below take their limits instead).
+    # Its absolute error is that of lse_s - lse_t, ~1e-7 in float32, so divergences much below that
+    # (nearly equal distributions) are not resolved relatively.
+    d = torch.where(both, (z_s - z_t) - (lse_s - lse_t), zero)
+    p_s, p_t = log_ps.exp(), log_pt.exp()
     if divergence == "forward_kl":
-        out = -(torch.exp(z_t - lse_t) * d).sum(-1)
+        # p_T > 0 = p_S gives +inf: the true value
+        out = -_xlogy_rows(p_t, torch.where(on_s, d, -math.inf), on_t)
     elif divergence == "reverse_kl":
-        out = (torch.exp(z_s - lse_s) * d).sum(-1)
+        out = _xlogy_rows(p_s, torch.where(on_t, d, math.inf), on_s)
     else:
-        # a = log m - log p_T = log(beta + (1 - beta) e^d), accurate for small d
-        a = torch.log1p((1 - beta) * torch.expm1(d))
-        kl_t = -(torch.exp(z_t - lse_t) * a).sum(-1)
-        kl_s = (torch.exp(z_s - lse_s) * (d - a)).sum(-1)
+        # a = log m - log p_T = log(beta + (1 - beta) e^d) and b = log p_S - log m = d - a, each written so
+        # that no exp overflows and small |d| keeps its precision:
+        #   d <= 0:  a = log1p((1 - beta) expm1(d)),        b = d - a
+        #   d >  0:  a = d + log1p(beta expm1(-d)),         b = -log1p(beta expm1(-d))
+        # (clamping the branch inputs keeps the unused branch finite, so its zero gradient stays 0)
+        d_neg, d_pos = d.clamp(max=0.0), d.clamp(min=0.0)
+        a_neg = torch.log1p((1 - beta) * torch.expm1(d_neg))
+        c_pos = torch.log1p(beta * torch.expm1(-d_pos))
+        up = d > 0
+        a = torch.where(up, d_pos + c_pos, a_neg)
+        b = torch.where(up, -c_pos, d_neg - a_neg)
+        # one side 0: p_S = 0 gives m = beta p_T (a = log beta); p_T = 0 gives m = (1 - beta) p_S
+        a = torch.where(both, a, math.log(beta))
+        b = torch.where(both, b, -math.log1p(-beta))
+        kl_t = -_xlogy_rows(p_t, a, on_t)
+        kl_s = _xlogy_rows(p_s, b, on_s)
         out = beta * kl_t + (1 - beta) * kl_s
     return out * temperature**2
 

@@ -55,15 +55,25 @@ def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, clamp: float | N
     return 0.5 * log_r * log_r
 
 
+K3_MAX_LOG_RATIO = 20.0
+
+
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, clamp: float | None = None) -> torch.Tensor:
     """k3 = (r − 1) − log r,  r = π_ref / π_θ.   ``(B, T), (B, T) -> (B, T)``.
 
     Non-negative (since ``e^x ≥ 1 + x``) and unbiased for KL(π_θ ‖ π_ref) under samples from
     π_θ, with lower variance than k1 when π_θ is close to π_ref. This is the in-loss estimator
     of GRPO / DeepSeekMath. Computed as ``expm1(log r) − log r`` in fp32, which keeps precision
-    for tiny ``log r``. ``clamp`` bounds ``log r`` first (guards ``exp`` against overflow).
+    for tiny ``log r``. ``clamp`` bounds ``log r`` to ``[−clamp, clamp]`` first.
+
+    Overflow guard, always on: ``log r`` is capped at ``K3_MAX_LOG_RATIO = 20`` (the bound
+    verl uses). A token the policy gives e^20 ≈ 4.9e8 times less probability than the reference
+    would otherwise overflow ``exp`` at log r > 88.7 (inf loss, NaN gradient); above the cap its
+    k3 is the value at 20 (≈ 4.9e8) and its gradient 0. Only the upper side is capped: for
+    log r < 0, k3 grows linearly (≈ −log r − 1) and cannot overflow, so its value and gradient
+    stay exact (verl also clamps that side, at −20, and the result to ±10).
     """
-    log_r = _log_ratio(log_probs, ref_log_probs, clamp)
+    log_r = _log_ratio(log_probs, ref_log_probs, clamp).clamp(max=K3_MAX_LOG_RATIO)
     return torch.expm1(log_r) - log_r
 
 

@@ -33,6 +33,11 @@ lower / upper clip acts; what "acts" means is stated per loss).
 Numerics: the log-ratio is clamped to [−20, 20] before ``exp`` (as verl), so a wildly
 off-policy token cannot overflow; beyond that bound its gradient is 0.
 
+Clip ranges: any finite ε > 0 is accepted. The ratio is positive, so a lower range ε ≥ 1
+(1 − ε ≤ 0) means no lower clip, and a large ε_h no upper clip: a large range is how a clip is
+switched off (``clip_eps=1e9`` turns ppo_clip into the unclipped importance-weighted policy
+gradient).
+
 ========  ======  =======  ==============================================  ======================
 name      old lp  seq-lvl  per-token loss                                  hyperparameters
 ========  ======  =======  ==============================================  ======================
@@ -134,10 +139,11 @@ def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.expm1(lr) - lr
 
 
-def _check_clip(name: str, value: float, *, at_most: float | None = None) -> None:
-    if not (value > 0 and math.isfinite(value)) or (at_most is not None and not value <= at_most):
-        bound = f" and <= {at_most}" if at_most is not None else ""
-        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
+def _check_clip(name: str, value: float) -> None:
+    """Any finite ε > 0. A lower range ε ≥ 1 gives 1 − ε ≤ 0 < ρ: no lower clip (how a clip is
+    switched off), not an error."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def ppo_clip_loss(
     dual clip.
     """
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    _check_clip("clip_eps", clip_eps, at_most=1.0)
+    _check_clip("clip_eps", clip_eps)
     _check_clip("clip_eps_high", clip_eps_high)
     if dual_clip is not None and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
         raise ValueError(f"dual_clip must be a finite number > 1 (or None), got {dual_clip!r}")
@@ -262,7 +268,7 @@ def gspo_loss(
     Defaults ε = 3e-4, ε_h = 4e-4 are the paper's (Zheng et al. 2025, arXiv:2507.18071):
     sequence-mean log-ratios are far smaller than token log-ratios.
     """
-    _check_clip("clip_eps", clip_eps, at_most=1.0)
+    _check_clip("clip_eps", clip_eps)
     _check_clip("clip_eps_high", clip_eps_high)
     x = _prepare(log_probs, old_log_probs, advantages, mask)
     lo, hi = 1.0 - clip_eps, 1.0 + clip_eps_high
@@ -308,7 +314,7 @@ def cispo_loss(
     The loss value is not meaningful (only its gradient is).
     """
     if clip_eps is not None:
-        _check_clip("clip_eps", clip_eps, at_most=1.0)
+        _check_clip("clip_eps", clip_eps)
     _check_clip("clip_eps_high", clip_eps_high)
     x = _prepare(log_probs, old_log_probs, advantages, mask)
     lo = 0.0 if clip_eps is None else 1.0 - clip_eps
