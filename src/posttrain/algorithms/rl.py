@@ -57,6 +57,7 @@ from ..ops import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
+    exact_kl,
     gae_advantages,
     get_advantage_estimator,
     get_policy_loss,
@@ -223,6 +224,10 @@ class OnlineRLAlgorithm:
         self.max_new_tokens = max_new_tokens
         self.kl_in_loss = loss.kl_beta > 0 and loss.kl_placement == "loss"
         self.kl_beta = loss.kl_beta  # the adaptive controller updates this between iterations
+        # loss.kl_estimator=exact: the full-vocabulary KL at each sampled state needs the reference's logits in
+        # the loss itself (set by run_rl: the frozen reference, or the adapter-disabled view of a LoRA policy)
+        self.exact_kl = self.kl_in_loss and loss.kl_estimator == "exact"
+        self.reference = None
 
     def counts(self, batch: dict) -> dict[str, int]:
         mask = batch["mask"]
@@ -232,9 +237,10 @@ class OnlineRLAlgorithm:
     def loss(self, model, batch: dict, totals: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         critic = getattr(model, "critic", None)
         model = getattr(model, "policy", model)
-        out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
-                                 attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
-                                 return_entropy=True, temperature=self.temperature)
+        where = dict(attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                     temperature=self.temperature)
+        out = selected_log_probs(model, batch["input_ids"], batch["lp_rows"], batch["lp_targets"], return_entropy=True,
+                                 return_logits=self.exact_kl, **where)
         mask = batch["mask"]
         n_seq, width = mask.shape
         logp = _padded(out["log_probs"], batch["lp_seq"], n_seq, width)
@@ -249,7 +255,11 @@ class OnlineRLAlgorithm:
             ref = batch["ref_logps"]
             metrics["kl_k1"] = masked_sum(kl_estimate(logp.detach(), ref, "k1"), mask) / n_tok
             metrics["kl_k3"] = masked_sum(kl_estimate(logp.detach(), ref, "k3"), mask) / n_tok
-            if self.kl_in_loss:
+            if self.exact_kl:
+                kl = _padded(self._exact_kl(batch, out.pop("logits"), where), batch["lp_seq"], n_seq, width)
+                metrics["kl_exact"] = masked_sum(kl.detach(), mask) / n_tok
+                per_token = per_token + self.kl_beta * kl
+            elif self.kl_in_loss:
                 per_token = per_token + self.kl_beta * kl_estimate(logp, ref, self.cfg.kl_estimator)
         if self.cfg.entropy_coef:
             ent_grad = _padded(out["entropy"], batch["lp_seq"], n_seq, width)
@@ -267,6 +277,17 @@ class OnlineRLAlgorithm:
             metrics["policy_loss"] = loss.detach()
             loss = loss + self.critic_cfg.vf_coef * v_loss
         return loss, metrics
+
+    def _exact_kl(self, batch: dict, logits: torch.Tensor, where: dict) -> torch.Tensor:
+        """KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) over the whole vocabulary at each sampled state ``(M,)`` (both
+        temperature-scaled, as sampled), differentiable in the policy's ``logits`` ``(M, V)``
+        (:func:`posttrain.ops.exact_kl`, chunked; the reference's logits are constants)."""
+        if self.reference is None:
+            raise RuntimeError("loss.kl_estimator=exact needs the reference model on the algorithm (run_rl sets it)")
+        with torch.no_grad():
+            ref = selected_log_probs(self.reference, batch["input_ids"], batch["lp_rows"], batch["lp_targets"],
+                                     return_logits=True, **where)["logits"]
+        return exact_kl(logits, ref)
 
 
 def collate_samples(groups: list[list[Sample]], *, pad_token_id: int, attn_implementation: str,
@@ -1025,6 +1046,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
           else FixedKLController(loss.kl_beta))
     algorithm = OnlineRLAlgorithm(loss, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                                   critic=cfg.critic)
+    algorithm.reference = reference
     # the critic (only for estimators that need one): trained beside the policy by the same engine
     trained = model
     if critic is not None:

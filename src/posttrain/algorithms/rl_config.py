@@ -153,7 +153,10 @@ class RLLossConfig:
                                            "seq_mean_token_sum_norm (divides by rollout.max_new_tokens).",
                                      choices=tuple(sorted(LOSS_AGGREGATIONS)))
     kl_beta: float | None = option(None, "KL coefficient (0: no reference model is loaded).", min=0.0)
-    kl_estimator: str | None = option(None, "k1, k2 or k3.", choices=("k1", "k2", "k3"))
+    kl_estimator: str | None = option(None, "k1, k2 or k3 (sampled estimators), or exact: the full-vocabulary KL "
+                                            "at each sampled state (PPO-KL; needs kl_placement=loss; one extra "
+                                            "reference forward per micro-batch and its (tokens, vocabulary) logits).",
+                                      choices=("k1", "k2", "k3", "exact"))
     kl_placement: str | None = option(None, "loss: beta * k per token in the loss (GRPO); reward: -beta * k "
                                             "summed into the sequence reward (RLOO, ReMax); per token with gae (PPO) and reinforce_pp "
                                             "(each token is charged the KL of the tokens after it).",
@@ -346,6 +349,11 @@ class RLConfig:
             if not self.reward.process_reward_model:
                 raise ConfigError("reward.process_weight > 0 but reward.process_reward_model is not set.",
                                   fix="set reward.process_reward_model to a directory saved by `posttrain prm`.")
+        if loss.kl_beta > 0 and loss.kl_estimator == "exact" and loss.kl_placement != "loss":
+            raise ConfigError(
+                f"loss.kl_estimator=exact computes the KL over the whole vocabulary inside the loss, but "
+                f"loss.kl_placement={loss.kl_placement} puts a per-token estimate into the reward.",
+                fix="set loss.kl_placement=loss, or use loss.kl_estimator=k1 (the usual in-reward estimator).")
         if loss.kl_target is not None and loss.kl_beta == 0:
             raise ConfigError("loss.kl_target is set but loss.kl_beta is 0: the adaptive controller scales beta.",
                               fix="set loss.kl_beta > 0 as the starting value, or remove loss.kl_target.")

@@ -150,6 +150,7 @@ def selected_log_probs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    return_logits: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of ``targets`` ``(M,)`` predicted by the hidden states at flattened ``rows`` ``(M,)``.
 
@@ -158,17 +159,20 @@ def selected_log_probs(
     prefix-shared layout, :func:`posttrain.data.collate_shared_prefix`).
     ``temperature`` scores under ``softmax(logits / temperature)``, the distribution a sampler
     at that temperature draws from (online RL trains the tempered policy it sampled).
-    Returns ``{"log_probs": (M,)[, "entropy": (M,)]}`` in float32. ``model`` may be a ``PeftModel``
-    or the adapter-disabled reference view (:mod:`posttrain.models.peft`).
+    Returns ``{"log_probs": (M,)[, "entropy": (M,)][, "logits": (M, V)]}`` in float32. ``model`` may
+    be a ``PeftModel`` or the adapter-disabled reference view (:mod:`posttrain.models.peft`).
+    ``return_logits`` also returns the full (temperature-scaled) logits of the M positions, from
+    the same forward pass (for an exact full-vocabulary KL); the log-probs are computed exactly as
+    without it.
     """
     with hf_model(model) as model:
         return _selected_log_probs(model, input_ids, rows, targets, attention_mask=attention_mask,
                                    position_ids=position_ids, return_entropy=return_entropy, chunk_size=chunk_size,
-                                   temperature=temperature)
+                                   temperature=temperature, return_logits=return_logits)
 
 
 def _selected_log_probs(model, input_ids, rows, targets, *, attention_mask, position_ids, return_entropy, chunk_size,
-                        temperature) -> dict[str, torch.Tensor]:
+                        temperature, return_logits=False) -> dict[str, torch.Tensor]:
     head = fused_head(model)
     kwargs = forward_kwargs(input_ids, attention_mask, position_ids)
     if chunk_size is None:
@@ -183,6 +187,8 @@ def _selected_log_probs(model, input_ids, rows, targets, *, attention_mask, posi
                 bias = None if bias is None else bias / temperature
             log_probs, entropy = linear_log_probs(picked, head.weight, targets, bias=bias,
                                                   chunk_size=chunk_size, return_entropy=return_entropy)
+            if return_logits:
+                logits = torch.nn.functional.linear(picked, head.weight.float(), None if bias is None else bias.float())
     else:
         logits = model(**kwargs).logits
         picked = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
@@ -190,9 +196,12 @@ def _selected_log_probs(model, input_ids, rows, targets, *, attention_mask, posi
             picked = picked.float() / temperature
         log_probs = token_log_probs(picked[None], targets[None], chunk_size=chunk_size)[0]
         entropy = compute_entropy(picked[None], chunk_size=chunk_size)[0] if return_entropy else None
+        logits = picked.float()
     out = {"log_probs": log_probs}
     if return_entropy:
         out["entropy"] = entropy
+    if return_logits:
+        out["logits"] = logits
     return out
 
 
