@@ -1,6 +1,10 @@
 """The command line: bad input gets one clear paragraph and exit status 2, never a traceback."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,6 +50,23 @@ def test_sft_runs_from_the_command_line(capsys, model_dir, data_file, tmp_path):
     # resume=auto on a finished run trains nothing more and keeps the final model
     code, out, err = _sft(capsys, model_dir, tmp_path, f"data.train={data_file}", "train.resume=auto")
     assert code == 0 and "resumed from" in out and "at step 2/2" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_run_without_sharding_prints_no_deepspeed_line(model_dir, data_file, tmp_path):
+    # posttrain imports deepspeed only for train.sharding=zero2/zero3, but accelerate and transformers
+    # import it wherever it is installed (save_pretrained checks for its engine), and on a machine
+    # without CUDA that import used to log "Setting accelerator to CPU ..."
+    script = ("import sys; import posttrain.cli, posttrain.algorithms.sft, posttrain.train.engine; "
+              "assert 'deepspeed' not in sys.modules, 'posttrain imported deepspeed'; "
+              "sys.exit(posttrain.cli.main(sys.argv[1:]))")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # (in-process runs set it)
+    r = subprocess.run([sys.executable, "-c", script, "sft", f"model.name_or_path={model_dir}",
+                        f"data.train={data_file}", "data.eval=null", "train.max_steps=1", "train.progress=false",
+                        f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "done: 1 steps" in r.stdout, r.stdout + r.stderr
+    for line in (r.stdout + r.stderr).splitlines():
+        assert "accelerator" not in line.lower() and "deepspeed" not in line.lower(), line
 
 
 def test_unknown_config_key(capsys):

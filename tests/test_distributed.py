@@ -150,7 +150,7 @@ RL_COMMON = ["data.world_examples=24", "data.eval=null", "rollout.group_size=4",
     # mini-batch of one group for two processes (a zero-weight copy on the other)
     ("ppo", ["rollout.prompts_per_step=2", "train.micro_batch_size=1", "train.max_steps=4", "loss.mini_batches=2",
              "loss.epochs=2", "loss.kl_beta=0.05"]),
-    # dynamic sampling decided on the whole batch, batch-whitened advantages (global statistics)
+    # dynamic sampling decided on the whole batch, token-whitened REINFORCE++ advantages (global statistics)
     ("dapo", ["rollout.prompts_per_step=4", "train.micro_batch_size=1", "train.max_steps=2",
               "loss.advantage=reinforce_pp", "loss.subtract_group_mean=true"]),
 ])
@@ -172,7 +172,9 @@ def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, pre
     two = [json.loads(ln) for ln in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["completion"], r["reward"]) for r in two] == \
         [(r["prompt"], r["completion"], r["reward"]) for r in one]
-    adv = "token_advantages" if preset == "ppo" else "advantage"
+    # per-token advantages with gae (ppo) and reinforce_pp (the dapo case), one per sample otherwise
+    adv = "token_advantages" if one[0].get("token_advantages") is not None else "advantage"
+    assert (adv == "token_advantages") == (preset in ("ppo", "dapo"))
     for a, b in zip(one, two):
         assert b[adv] == pytest.approx(a[adv], rel=1e-5, abs=1e-6)
 

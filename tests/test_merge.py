@@ -4,13 +4,24 @@ two tiny models that loads in transformers with the formula's logits, and bad co
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from posttrain.cli import main
 from posttrain.errors import ConfigError
-from posttrain.merge import linear, parse_merge_config, run_merge, slerp, task_merge
+from posttrain.merge import (
+    METHODS,
+    PARAMS,
+    TOP_KEYS,
+    linear,
+    method_params,
+    parse_merge_config,
+    run_merge,
+    slerp,
+    task_merge,
+)
 
 from .tiny import tiny_model, world_tokenizer
 
@@ -138,6 +149,9 @@ def test_merge_from_the_command_line_with_mergekit_yaml(two_models, tmp_path, ca
      ["models[0].parameters.weight", "single number"]),
     ("merge_method: linear\nmodels: [{model: A}, {model: B}]\nparameters: {filter_wise: true}\n",
      ["parameters.filter_wise"]),
+    # an unknown parameter is refused, naming the ones the method reads
+    ("merge_method: ties\nbase_model: A\nmodels: [{model: B}]\nparameters: {tee: 0.5}\n",
+     ["parameters.tee is not supported", "weight, density, normalize, lambda"]),
 ])
 def test_bad_merge_configs_are_refused_by_name(yaml_text, fragments, tmp_path, capsys):
     yml = tmp_path / "m.yaml"
@@ -166,3 +180,33 @@ def test_models_of_different_shapes_or_kinds_are_refused(two_models, tmp_path, c
     with pytest.raises(ConfigError, match="nope"):
         run_merge(cfg, tmp_path / "out", log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_help_lists_every_method_and_the_keys_each_accepts(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = capsys.readouterr().out
+
+    def entry(name: str) -> str:  # a name's row in the help, with its continuation lines
+        found = re.search(rf"^  {name}  .*?(?=^  \S|^\S|\Z)", out, re.M | re.S)
+        assert found, f"{name} is not in posttrain merge --help"
+        return found.group(0)
+
+    for key in [*TOP_KEYS, *PARAMS]:
+        entry(key)
+
+    def config(method: str, key: str, value) -> dict:  # a valid config but for parameters.key
+        models = [{"model": "B"}] if method == "slerp" else [{"model": "B"}, {"model": "C"}]
+        parameters = {"t": 0.5} if method == "slerp" else {}
+        return {"merge_method": method, "base_model": "A", "models": models, "parameters": {**parameters, key: value}}
+
+    for method in METHODS:
+        reads = entry(method).split("parameters:")[1]
+        for key in method_params(method):
+            assert key in PARAMS  # so its meaning is listed
+            # each parameter the parser takes is listed with the method (int8_mask: with every method, in PARAMS)
+            assert re.search(rf"\b{key}\b", reads) or key == "int8_mask", (method, key)
+            parse_merge_config(config(method, key, {"rescale": True, "normalize": True}.get(key, 0.5)))
+        for key in set(PARAMS) - set(method_params(method)):  # the others are accepted (as mergekit) and reported
+            value = {"rescale": True, "normalize": True}.get(key, 0.5)
+            assert parse_merge_config(config(method, key, value)).ignored == [f"parameters.{key}"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -474,9 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("merge", help="merge models from a mergekit-style YAML (linear / WiSE-FT, slerp, "
-                       "task_arithmetic, ties, dare_linear, dare_ties)")
-    p.add_argument("config", help="merge YAML: merge_method, base_model, models (with parameters), parameters, dtype")
+    from .merge import METHODS as MERGE_METHODS, help_text as merge_help
+
+    p = sub.add_parser("merge", help=f"merge models from a mergekit-style YAML ({', '.join(MERGE_METHODS)})",
+                       formatter_class=_HelpFormatter, epilog=merge_help(),
+                       description="Merge models tensor by tensor (in float32, streaming one tensor at a time) as "
+                       "a mergekit-style YAML file says, and write a Hugging Face model directory.")
+    p.add_argument("config", help="merge YAML (its keys, methods and parameters are listed below)")
     p.add_argument("output", help="directory for the merged Hugging Face model (+ tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_cmd_merge)
@@ -513,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if importlib.util.find_spec("deepspeed") is not None:
+        # accelerate and transformers import deepspeed wherever it is installed, also where nothing
+        # runs under it (save_pretrained unwraps the model, checking for a DeepSpeed engine)
+        from .train.zero import quiet_deepspeed_import
+
+        quiet_deepspeed_import()
     terminated = []
 
     def on_sigterm(signum, frame):  # a scheduler stopping the job: end like Ctrl-C, with the resume hint

@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,14 +57,44 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-# per method: (sparsification, sign consensus, default normalize); mergekit's defaults
+# merge_method -> (what it computes, the parameters it reads). The parser accepts these and
+# `posttrain merge --help` lists them (help_text), so the two cannot drift apart.
+METHODS = {
+    "linear": ("weighted average of the models; WiSE-FT is linear over (base, fine-tuned) with weights (1 - a, a)",
+               ("weight", "normalize")),
+    "slerp": ("spherical interpolation from base_model (t = 0) to the one other model (t = 1)", ("t",)),
+    "task_arithmetic": ("base + lambda * the weighted sum of the task vectors (model - base)",
+                        ("weight", "normalize", "lambda")),
+    "ties": ("task vectors trimmed to their top density fraction, each entry's sign elected by the weighted "
+             "mass, the agreeing entries averaged", ("weight", "density", "normalize", "lambda")),
+    "dare_linear": ("task vectors with entries dropped at random (keeping a density fraction, rescaled by "
+                    "1/density), then task arithmetic", ("weight", "density", "normalize", "lambda", "rescale")),
+    "dare_ties": ("DARE's random drop and rescale, then TIES' sign election and average",
+                  ("weight", "density", "normalize", "lambda", "rescale")),
+}
+# per task method: (sparsification, sign consensus, default normalize); mergekit's defaults
 _TASK_METHODS = {"task_arithmetic": (None, False, False), "ties": ("magnitude", True, True),
                  "dare_linear": ("random", False, False), "dare_ties": ("random", True, False)}
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "seed", "tokenizer_source"}
-MODEL_PARAMS = {"weight", "density"}
-GLOBAL_PARAMS = {"weight", "density", "normalize", "lambda", "t", "int8_mask", "rescale"}
+PARAMS = {
+    "weight": "a model's weight (default 1)",
+    "density": "the fraction of each task vector kept, in (0, 1] (default 1)",
+    "normalize": "divide by the summed weights (default: see the method)",
+    "lambda": "scale of the merged task vector (default 1)",
+    "t": "where to interpolate, in [0, 1] (required)",
+    "rescale": "true only: DARE always rescales the kept entries by 1/density",
+    "int8_mask": "accepted by every method, no effect (a memory option in mergekit)",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_PARAMS = ("weight", "density")  # the parameters a model may also set for itself
+TOP_KEYS = {
+    "merge_method": "one of the methods below",
+    "base_model": "model directory or builtin:tiny-world-base: slerp's t = 0, the task methods' base",
+    "models": "list of {model: path, parameters: {weight, density}}; a model's own value wins",
+    "parameters": "the method's parameters (below), defaults for every model",
+    "dtype": f"of the written tensors: {', '.join(DTYPES)} (default float32)",
+    "seed": "DARE's random drops (default 0)",
+    "tokenizer_source": "base only: the merged model gets the base model's tokenizer",
+}
 SLERP_DOT_THRESHOLD = 0.9995
 SHARD_BYTES = 512 << 20
 
@@ -154,6 +185,39 @@ class MergeConfig:
     parameters: dict = field(default_factory=dict)
     dtype: str = "float32"
     seed: int = 0
+    ignored: list[str] = field(default_factory=list)   # known parameters this method does not read
+
+
+def method_params(method: str) -> tuple[str, ...]:
+    """The keys ``parameters:`` accepts for ``method``."""
+    return METHODS[method][1] + ("int8_mask",)
+
+
+def normalize_default(method: str) -> bool:
+    """Whether ``method`` divides by the summed weights unless ``normalize`` is set (mergekit's defaults)."""
+    return _TASK_METHODS[method][2] if method in _TASK_METHODS else True
+
+
+def help_text(width: int = 100) -> str:
+    """The config reference ``posttrain merge --help`` prints, from the tables the parser uses."""
+    def rows(table: dict, indent: int = 2) -> list[str]:  # a tuple value: one paragraph per item
+        col = indent + max(map(len, table)) + 2
+        out = []
+        for name, text in table.items():
+            for i, para in enumerate([text] if isinstance(text, str) else text):
+                head = (" " * indent + name if i == 0 else "").ljust(col)
+                out.append(textwrap.fill(para, width, initial_indent=head, subsequent_indent=" " * col))
+        return out
+
+    methods = {}
+    for name, (what, params) in METHODS.items():
+        reads = [f"normalize (default {str(normalize_default(name)).lower()})" if k == "normalize" else k
+                 for k in params]
+        methods[name] = (what, "parameters: " + ", ".join(reads))
+    return "\n".join(["merge YAML keys (mergekit-style; any other key is refused by name):", *rows(TOP_KEYS), "",
+                      "methods (merge_method):", *rows(methods), "",
+                      f"parameters (in parameters:, or {' / '.join(MODEL_PARAMS)} in a model's own):", *rows(PARAMS),
+                      "", "docs/merging.md has the formulas and an example."])
 
 
 def _number(value, key: str) -> float:
@@ -167,7 +231,7 @@ def parse_merge_config(data, source: str = "merge config") -> MergeConfig:
     """Validate a mergekit-style mapping; every unsupported key or value is refused by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping with merge_method, models, ...", fix="see docs/merging.md.")
-    unknown = sorted(set(data) - TOP_KEYS)
+    unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         hint = " (slices / layer ranges are not supported: merge whole models)" if "slices" in unknown else ""
         raise ConfigError(f"{source}: key(s) {', '.join(unknown)} are not supported{hint}.",
@@ -181,10 +245,13 @@ def parse_merge_config(data, source: str = "merge config") -> MergeConfig:
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: parameters must be a mapping.", fix="e.g. parameters: {normalize: true}.")
-    bad = sorted(set(params) - GLOBAL_PARAMS)
+    accepted = method_params(method)
+    bad = sorted(set(params) - set(PARAMS))
     if bad:
         raise ConfigError(f"{source}: parameters.{bad[0]} is not supported.",
-                          fix=f"supported parameters: {', '.join(sorted(GLOBAL_PARAMS))}.")
+                          fix=f"{method} reads {', '.join(accepted)} (posttrain merge --help lists each method's).")
+    # a known parameter this method does not read is accepted, as mergekit does, and reported when merging
+    ignored = [f"parameters.{k}" for k in sorted(set(params) - set(accepted))]
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{source}: models must be a non-empty list of {{model: path, parameters: ...}}.",
@@ -199,10 +266,12 @@ def parse_merge_config(data, source: str = "merge config") -> MergeConfig:
         if extra:
             raise ConfigError(f"{source}: models[{i}].{extra[0]} is not supported.", fix="use model and parameters.")
         mp = m.get("parameters") or {}
-        bad = sorted(set(mp) - MODEL_PARAMS)
+        own = [k for k in MODEL_PARAMS if k in accepted]
+        bad = sorted(set(mp) - set(MODEL_PARAMS))
         if bad:
             raise ConfigError(f"{source}: models[{i}].parameters.{bad[0]} is not supported.",
-                              fix=f"per-model parameters: {', '.join(sorted(MODEL_PARAMS))}.")
+                              fix=f"a model's own parameters for {method}: {', '.join(own) or 'none'}.")
+        ignored += [f"models[{i}].parameters.{k}" for k in sorted(set(mp) - set(own))]
         w = _number(mp["weight"], f"models[{i}].parameters.weight") if "weight" in mp else None
         d = _number(mp["density"], f"models[{i}].parameters.density") if "density" in mp else None
         parsed.append(MergeModel(str(m["model"]), w, d))
@@ -227,7 +296,7 @@ def parse_merge_config(data, source: str = "merge config") -> MergeConfig:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{source}: seed is {seed!r}.", fix="use a non-negative integer.")
     base = data.get("base_model")
-    cfg = MergeConfig(method, str(base) if base is not None else None, parsed, params, dtype, seed)
+    cfg = MergeConfig(method, str(base) if base is not None else None, parsed, params, dtype, seed, ignored)
     _check_method_shape(cfg, source)
     return cfg
 
@@ -363,19 +432,23 @@ def run_merge(cfg: MergeConfig, output: str | Path, *, overwrite: bool = False, 
                 index[k] = name
             shard, shard_bytes = {}, 0
 
+    normalize = bool(p.get("normalize", normalize_default(cfg.method)))
     log(f"merge {cfg.method}: {len(names)} tensors from {len(weights_of)} models")
+    if cfg.ignored:
+        log(f"note: {', '.join(cfg.ignored)} not read by {cfg.method}; ignored (posttrain merge --help lists what "
+            "each method reads)")
     for n in names:
         tensors = [w.get(n) for w in weights_of]
         if cfg.method == "linear":
             ws = [param(m, "weight", 1.0) for m in ([base_entry] if base_entry else []) + entries]
-            merged = linear(tensors, ws, normalize=bool(p.get("normalize", True)))
+            merged = linear(tensors, ws, normalize=normalize)
         elif cfg.method == "slerp":
             merged = slerp(tensors[0], tensors[1], float(p["t"]))
         else:
-            sparsify, consensus, norm_default = _TASK_METHODS[cfg.method]
+            sparsify, consensus, _ = _TASK_METHODS[cfg.method]
             merged = task_merge(tensors[0], tensors[1:], [param(m, "weight", 1.0) for m in entries],
                                 [param(m, "density", 1.0) for m in entries], sparsify=sparsify, consensus=consensus,
-                                normalize=bool(p.get("normalize", norm_default)), lam=float(p.get("lambda", 1.0)),
+                                normalize=normalize, lam=float(p.get("lambda", 1.0)),
                                 generator_seed=_tensor_seed(cfg.seed, n))
         if not torch.isfinite(merged).all():
             shutil.rmtree(stage, ignore_errors=True)

@@ -279,6 +279,9 @@ def fit(
     """
     from accelerate import Accelerator
 
+    # accelerate / transformers import deepspeed wherever it is installed (unwrapping and saving check for
+    # its engine): on a machine without CUDA, name its accelerator so that import prints nothing
+    zero.quiet_deepspeed_import()
     init_distributed()  # (with posttrain's timeout, before accelerate joins the group)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if plan.num_steps() <= 0:

@@ -53,9 +53,15 @@ class LossModule(torch.nn.Module):
         return fn(self.model)
 
 
-def import_deepspeed():
+def quiet_deepspeed_import() -> None:
+    """On a machine without CUDA, tell DeepSpeed its accelerator is the CPU, so that importing it
+    does not log that it had to guess ("Setting accelerator to CPU ...")."""
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (instead of a warning that it guessed)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def import_deepspeed():
+    quiet_deepspeed_import()
     try:
         import deepspeed
     except ImportError:
