@@ -640,13 +640,18 @@ class TrainConfig:
     overwrite_output_dir: bool = option(False, "Let a fresh run delete the checkpoints/ and final/ of an "
                                                "earlier run in output_dir (otherwise it is refused).")
     progress: bool = option(True, "Show a progress bar.")
-    report_to: list[str] = option(default_factory=list, help="Extra metric sinks: tensorboard, wandb.")
+    report_to: list[str] = option(default_factory=list, help="Extra metric sinks, written by rank 0: tensorboard "
+                                  "(event files in output_dir/tensorboard), wandb (project 'posttrain' or "
+                                  "$WANDB_PROJECT, files in output_dir/wandb; WANDB_MODE=offline needs no account), "
+                                  "trackio (local: project 'posttrain' under $TRACKIO_DIR, default "
+                                  "~/.cache/huggingface/trackio; `trackio show`). Runs are named after output_dir. "
+                                  "Each needs its extra, pip install 'posttrain[tensorboard]' / '[wandb]' / "
+                                  "'[trackio]'; a missing one is refused at start.")
 
     def validate(self) -> None:
-        for r in self.report_to:
-            if r not in ("tensorboard", "wandb"):
-                raise ConfigError(f"Config key 'train.report_to' has value {r!r}; valid values are "
-                                  "'tensorboard' and 'wandb'.", fix="remove it or pick one of those.")
+        from .train.logging import check_report_to
+
+        check_report_to(self.report_to, "train.report_to")  # unknown sinks, and missing packages (cheap)
         if self.lr * self.weight_decay >= 1:
             raise ConfigError(
                 f"train.lr * train.weight_decay is {self.lr * self.weight_decay:.3g}; AdamW's decoupled decay multiplies "
