@@ -125,11 +125,190 @@ def test_predicted_sft_peak_is_within_15_percent_of_the_measured_one(micro_batch
 def test_plan_command(capsys):
     from posttrain.cli import main
 
-    assert main(["plan", "--method", "grpo", "--seq-len", "128", "--new-tokens", "64", "--device-memory", "1"]) == 0
+    assert main(["plan", "--model", "builtin:tiny-world-base", "--method", "grpo", "--seq-len", "128", "--new-tokens",
+                 "64", "--device-memory", "1"]) == 0
     out = capsys.readouterr().out
     assert "| kv_cache |" in out and "| reference |" in out and out.strip().splitlines()[-1].startswith("fits")
     assert main(["plan", "--model", "/nonexistent/model"]) == 2
     assert "'--model': no such directory '/nonexistent/model'" in capsys.readouterr().err
+
+
+QWEN25_7B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+             "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+             "vocab_size": 152064, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+             "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "torch_dtype": "bfloat16"}   # Qwen2.5-7B's published sizes
+
+
+def _plan(capsys, *argv: str) -> tuple[int, str, str]:
+    """``posttrain plan ARGV``: (exit status, stdout, stderr); an argparse error counts as its exit status."""
+    from posttrain.cli import main
+
+    try:
+        rc = main(["plan", *argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--device-memory", "0", "finite number above 0"), ("--device-memory", "nan", "finite number above 0"),
+    ("--device-memory", "inf", "finite number above 0"), ("--device-memory", "-8", "finite number above 0"),
+    ("--device-memory", "80GB", "not a number of GiB"),
+    ("--seq-len", "0", "at least 1"), ("--seq-len", "1.5", "not a whole number"), ("--micro-batch", "0", "at least 1"),
+    ("--devices", "0", "at least 1"), ("--lora-r", "-4", "at least 1"), ("--rollout-batch", "0", "at least 1"),
+    ("--group-size", "0", "at least 1"), ("--new-tokens", "0", "at least 1"), ("--new-tokens", "1e3", "not a whole"),
+])
+def test_plan_refuses_nonsense_numbers(capsys, flag, value, says):
+    """Every numeric flag is checked: exit 2, one message naming the flag, the value and the fix
+    (before: --device-memory 0 or nan printed a table and 'does not fit: ... of 0')."""
+    rc, out, err = _plan(capsys, "--model", "builtin:tiny-world-base", "--method", "grpo", "--seq-len", "128",
+                         "--new-tokens", "64", flag, value)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert flag in err and value in err and says in err and "Fix:" in err, err
+
+
+def test_plan_refuses_a_config_without_the_sizes_it_needs(capsys, tmp_path):
+    """A config.json without hidden_size is not silently Llama-7B (before: 413M parameters of hidden
+    4096 and 'fits'); the message names the file and the field. Names other architectures use
+    (GPT-2's n_embd / n_layer / n_head, n_inner: null = 4h) are read as such."""
+    import json
+
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "intermediate_size": 64, "vocab_size": 1000}))
+    rc, out, err = _plan(capsys, "--model", str(bad))
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert f"{bad} has no 'hidden_size' (the hidden size)" in err and "LlamaConfig's default of 4096" in err, err
+    rc, _, err = _plan(capsys, "--model", str(tmp_path))        # the directory holding it
+    assert rc == 2 and "has no 'hidden_size'" in err
+    # Qwen2's class default of num_key_value_heads is 32, not the attention heads: missing is refused too
+    qwen = {k: v for k, v in QWEN25_7B.items() if k != "num_key_value_heads"}
+    bad.write_text(json.dumps(qwen))
+    rc, _, err = _plan(capsys, "--model", str(bad), "--method", "grpo")
+    assert rc == 2 and "has no 'num_key_value_heads'" in err and "Qwen2Config's default of 32" in err, err
+    # a non-positive size names the field
+    bad.write_text(json.dumps({**QWEN25_7B, "num_hidden_layers": 0}))
+    rc, _, err = _plan(capsys, "--model", str(bad))
+    assert rc == 2 and "num_hidden_layers (the number of layers) is 0" in err, err
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "n_embd": 128, "n_layer": 2, "n_head": 4, "n_inner": None,
+                                "vocab_size": 1000, "n_positions": 256}))
+    rc, out, err = _plan(capsys, "--model", str(gpt2), "--seq-len", "256", "--device-memory", "1")
+    assert rc == 0, err
+    assert "2 layers, hidden 128, 4 heads / 4 key-value heads, MLP 512, vocab 1,000, position limit 256" in out
+
+
+def test_plan_refuses_sequences_past_the_position_limit(capsys):
+    """--seq-len + --new-tokens past max_position_embeddings (512 for the tiny model) is refused naming
+    both flags and the limit (before: --new-tokens 100000 on the 512-position model 'fits')."""
+    rc, out, err = _plan(capsys, "--model", "builtin:tiny-world-base", "--method", "grpo", "--seq-len", "128",
+                         "--new-tokens", "100000")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert "--seq-len 128 (the prompt) + --new-tokens 100,000 = 100,128 tokens" in err and "512 tokens" in err, err
+    assert "lower --new-tokens to at most 384" in err
+    rc, _, err = _plan(capsys, "--model", "builtin:tiny-world-base", "--seq-len", "600")
+    assert rc == 2 and "--seq-len 600 is past" in err and "512 tokens" in err and "at most 512" in err, err
+
+
+def test_plan_help_shows_every_default(capsys):
+    from posttrain.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    text = " ".join(out[out.index("options:"):].split())
+    for flag, default in [("--method", "sft"), ("--seq-len", "2048"), ("--micro-batch", "1"), ("--devices", "1"),
+                          ("--device-memory", "80.0"), ("--dtype", "float32"), ("--mixed-precision", "no"),
+                          ("--lora-r", "16"), ("--rollout-batch", "128"), ("--group-size", "8"),
+                          ("--new-tokens", "512"), ("--sharding", "none"), ("--peft", "none")]:
+        after = text[text.index(f"{flag} "):]
+        assert f"(default: {default})" in after[:400], (flag, after[:400])
+
+
+def test_plan_prints_its_assumptions_and_counts_the_tokens_it_says(capsys):
+    """The output starts with every assumption; the header's tokens per sequence are the tokens the
+    activations, logits and KV cache count (before: the header said 128 x 1 while the
+    activations counted prompt + new tokens)."""
+    from posttrain.memory import load_model_shape, rollout_rows
+
+    rc, out, err = _plan(capsys, "--model", "builtin:tiny-world-base", "--method", "grpo", "--seq-len", "128",
+                         "--new-tokens", "64", "--micro-batch", "2", "--rollout-batch", "20", "--group-size", "8",
+                         "--device-memory", "1")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1].startswith("assumptions")
+    assert "  tokens       192 per sequence, as every row below counts them: 128 prompt (--seq-len) + 64 new " \
+           "(--new-tokens)" in lines
+    assert "  micro-batch  2 sequences (--micro-batch) = 2 x 192 = 384 tokens per forward and backward" in lines
+    # 20 // 8 = 2 prompts at a time, each repeated 8 times
+    assert any(x.startswith("  rollouts     16 sequences decoded together: 2 prompts x 8 completions") for x in lines)
+    precision = next(x for x in lines if x.startswith("  precision"))
+    assert ("weights float32 (--dtype), gradients float32, AdamW moments 2 x float32, activations float32 "
+            "(--mixed-precision no), logits float32; reference: frozen copy in float32") in precision
+    shape = load_model_shape("builtin:tiny-world-base")
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    tokens = 2 * 192
+    activations = tokens * (shape.layers * (9 * h + 3 * kv + 4 * i) + 4 * h) * 4
+    row = next(x for x in lines if x.startswith("| activations |"))
+    assert float(row.split("|")[2].replace(",", "")) == pytest.approx(activations / 2**20, abs=0.01)
+    kv_row = next(x for x in lines if x.startswith("| kv_cache |"))
+    kv_bytes = 2 * shape.layers * kv * 192 * rollout_rows(PlanInput(rollout_batch=20, group_size=8)) * 4
+    assert float(kv_row.split("|")[2].replace(",", "")) == pytest.approx(kv_bytes / 2**20, abs=0.01)
+
+
+def test_bf16_weights_keep_bf16_moments_and_zero_keeps_fp32_master(llama7b):
+    """What posttrain keeps (torch's AdamW: moments in the parameters' dtype, checked below; DeepSpeed
+    ZeRO with bf16 weights: fp32 master partitions and moments)."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    n = llama7b.params
+    bf16 = estimate(llama7b, PlanInput(weight_dtype="bfloat16", activation_dtype="bfloat16", method="dpo"))
+    assert bf16["weights"] == bf16["gradients"] == bf16["reference"] == 2 * n and bf16["optimizer"] == 4 * n
+    z = estimate(llama7b, PlanInput(weight_dtype="bfloat16", devices=8, sharding="zero2"))
+    assert z["optimizer"] == pytest.approx(12 * n / 8)
+
+
+def test_grpo_on_qwen25_7b_suggests_bf16_weights(tmp_path, capsys):
+    """GRPO on Qwen2.5-7B (7.6B parameters) on one 80 GiB GPU: fp32 weights + AdamW + an fp32
+    reference do not fit (148.5 GiB); bf16 weights (and so a bf16 reference) fit (74.2 GiB),
+    and LoRA too (before: only LoRA was suggested)."""
+    import json
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(QWEN25_7B))
+    rc, out, err = _plan(capsys, "--model", str(cfg), "--method", "grpo", "--device-memory", "80")
+    assert rc == 0, err
+    assert "7,615.6M parameters" in out
+    verdict_lines = out[out.index("does not fit"):].splitlines()
+    assert verdict_lines[0] == "does not fit: 148.5 GiB of 80 GiB per device"
+    assert verdict_lines[1].startswith("  cheapest change that fits: bf16 weights (model.dtype=bfloat16: weights, "
+                                       "gradients, AdamW moments and the frozen reference in bf16")
+    assert verdict_lines[1].endswith(": 74.2 GiB")
+    assert verdict_lines[2] == "  or instead: LoRA (model.peft.method=lora): 63.8 GiB"
+    # the suggested plan, as the planner itself sees it
+    from posttrain.memory import load_model_shape
+
+    shape = load_model_shape(str(cfg))
+    fixed = estimate(shape, PlanInput(method="grpo", weight_dtype="bfloat16", activation_dtype="bfloat16"))
+    assert fixed["reference"] == 2 * shape.params and fixed["optimizer"] == 4 * shape.params
+    assert peak_bytes(fixed) / GIB == pytest.approx(74.2, abs=0.05)
+
+
+def test_a_bf16_reference_is_named_where_it_alone_would_fit(llama7b):
+    """DPO of a 7B model in fp32 on one 115 GiB device: the cheapest supported change is bf16
+    weights, and a bf16 frozen reference alone (not in posttrain) would fit too: both are named."""
+    p = PlanInput(method="dpo", seq_len=512, activation_dtype="bfloat16", device_memory_gib=115)
+    full = peak_bytes(estimate(llama7b, p))
+    ref16 = peak_bytes(estimate(llama7b, PlanInput(**{**p.__dict__, "reference_dtype": "bfloat16"})))
+    assert ref16 <= 115 * GIB < full
+    v = verdict(llama7b, p)
+    assert not v.fits and v.changes[0].startswith("bf16 weights")
+    assert v.advice.splitlines()[-1].startswith("  or instead: a bf16 frozen reference under the fp32 weights "
+                                                "(not in posttrain yet")
 
 
 class _Captured(Exception):
