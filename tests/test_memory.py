@@ -47,7 +47,8 @@ def test_the_verdict_names_the_cheapest_change(llama7b):
     assert fits.fits
     # full fine-tuning of 7B in fp32 weights + AdamW (16 bytes/param, ~100 GiB) on 8 x 80 GiB: ZeRO-2 over the 8
     # devices (gradients and optimizer state / 8: 4 + 12/8 = 5.5 bytes/param) fits before LoRA is suggested;
-    # on 8 x 40 GiB only sharding the weights too (FSDP2 / ZeRO-3, full logits) does
+    # on 8 x 40 GiB, ZeRO-2 with gradient checkpointing (activations ~ one layer) does, or without checkpointing
+    # only sharding the weights too (FSDP2 / ZeRO-3, full logits)
     v = verdict(llama7b, PlanInput(method="sft", seq_len=2048, micro_batch=1, devices=8, device_memory_gib=80,
                                    activation_dtype="bfloat16"))
     assert not v.fits and "train.sharding=zero2" in v.advice and "LoRA" not in v.advice
@@ -57,7 +58,11 @@ def test_the_verdict_names_the_cheapest_change(llama7b):
     assert zero2["weights"] == 4 * n and zero2["optimizer"] == pytest.approx(8 * n / 8)
     v = verdict(llama7b, PlanInput(method="sft", seq_len=2048, micro_batch=1, devices=8, device_memory_gib=40,
                                    activation_dtype="bfloat16"))
-    assert not v.fits and "train.sharding=fsdp2 / zero3" in v.advice and "LoRA" not in v.advice
+    assert not v.fits and "LoRA" not in v.advice
+    assert "train.gradient_checkpointing=true" in v.advice and "train.sharding=zero2" in v.advice
+    ckpt = estimate(llama7b, PlanInput(method="sft", seq_len=2048, devices=8, sharding="zero2",
+                                       activation_dtype="bfloat16", gradient_checkpointing=True))
+    assert peak_bytes(ckpt) <= 40 * GIB
     sharded = peak_bytes(estimate(llama7b, PlanInput(method="sft", seq_len=2048, devices=8, sharding="fsdp",
                                                      chunked_logprobs=False, activation_dtype="bfloat16")))
     assert sharded < 80 * GIB

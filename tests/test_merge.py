@@ -210,3 +210,93 @@ def test_merge_help_lists_every_method_and_the_keys_each_accepts(capsys):
         for key in set(PARAMS) - set(method_params(method)):  # the others are accepted (as mergekit) and reported
             value = {"rescale": True, "normalize": True}.get(key, 0.5)
             assert parse_merge_config(config(method, key, value)).ignored == [f"parameters.{key}"]
+
+
+def _linear_yaml(tmp_path, two_models):
+    a_dir, b_dir = two_models
+    yml = tmp_path / "m.yaml"
+    yml.write_text(f"merge_method: linear\nmodels:\n  - model: {a_dir}\n  - model: {b_dir}\n")
+    return yml
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_merge_onto_a_file_is_refused_before_any_model_is_read(two_models, tmp_path, capsys, monkeypatch, overwrite):
+    yml = _linear_yaml(tmp_path, two_models)
+    target = tmp_path / "merged.bin"
+    target.write_text("a file")
+
+    def no_reading(*a, **k):
+        raise AssertionError("the output must be checked before the models are read")
+
+    monkeypatch.setattr("posttrain.merge._Weights", no_reading)
+    assert main(["merge", str(yml), str(target), *(["--overwrite"] if overwrite else [])]) == 2
+    err = capsys.readouterr().err
+    assert "Argument 'output'" in err and "is a file" in err and "--overwrite only replaces a directory" in err
+    assert "NotADirectoryError" not in err and "train." not in err
+    assert target.read_text() == "a file" and not (tmp_path / "merged.bin.partial").exists()
+
+
+def test_merge_output_messages_name_the_merge_commands_own_arguments(two_models, tmp_path, capsys):
+    yml = _linear_yaml(tmp_path, two_models)
+    full = tmp_path / "full"
+    (full / "old").mkdir(parents=True)
+    assert main(["merge", str(yml), str(full)]) == 2
+    err = capsys.readouterr().err
+    assert "Argument 'output'" in err and "add --overwrite" in err and "train." not in err
+    # --overwrite may not delete a directory holding a model the merge reads
+    import shutil
+
+    holder = tmp_path / "models"
+    copies = [shutil.copytree(d, holder / d.name) for d in two_models]
+    own = _linear_yaml(tmp_path / "models", copies)
+    assert main(["merge", str(own), str(holder), "--overwrite"]) == 2
+    assert "models[0]" in capsys.readouterr().err and (copies[0] / "config.json").is_file()
+    assert main(["merge", str(yml), str(full), "--overwrite"]) == 0
+    assert (full / "model.safetensors").is_file() and not (full / "old").exists()
+
+
+@pytest.mark.parametrize("failure", ["disk_full", "ctrl_c", "bug"])
+def test_a_merge_that_fails_mid_write_leaves_no_partial_directory(two_models, tmp_path, capsys, monkeypatch,
+                                                                  failure):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    yml = _linear_yaml(tmp_path, two_models)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("the earlier merge")  # replaced only when the new one is complete
+    original = safetensors.torch.save_file
+
+    def failing(tensors, filename, *a, **k):  # the shard is half written, then the failure
+        original(tensors, filename, *a, **k)
+        raise {"disk_full": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "ctrl_c": KeyboardInterrupt(),
+               "bug": RuntimeError("boom")}[failure]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    if failure == "bug":
+        with pytest.raises(RuntimeError, match="boom"):
+            main(["merge", str(yml), str(out), "--overwrite"])
+    else:
+        code = main(["merge", str(yml), str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        if failure == "disk_full":
+            assert code == 2 and "Could not write the merged model" in err and os.strerror(errno.ENOSPC) in err
+            assert "the output argument" in err and "train." not in err
+        else:
+            assert code == 130
+    assert not (tmp_path / "merged.partial").exists()
+    assert (out / "keep.txt").read_text() == "the earlier merge"
+
+
+def test_merge_yaml_errors_give_file_line_and_column(tmp_path, capsys):
+    yml = tmp_path / "m.yaml"
+    yml.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1\n  - model: b\n")
+    assert main(["merge", str(yml), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(yml))}:5:\d+: ", err), err
+    yml.write_text("merge_method: linear\nmodels: []\nmerge_method: ties\n")  # a repeated key
+    assert main(["merge", str(yml), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{yml}:3:1: the key 'merge_method' appears twice" in err, err

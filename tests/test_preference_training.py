@@ -393,3 +393,20 @@ def test_mean_pooling_is_refused_for_reward_models():
     with pytest.raises(ConfigError, match="transformers") as e:
         load_config(RMConfig, None, ["loss.pooling=mean"])
     assert "pooling=last" in str(e.value)
+
+
+def test_dpo_eval_fraction_holds_out_training_pairs_and_writes_curves(tmp_path):
+    """data.eval_fraction as SFT's: with data.eval null, a seeded share of the training pairs is the
+    held-out set (the same on every run), and the run's curves.png is written."""
+    cfg = _dpo_cfg(tmp_path, "dpo", **{"data.eval": "null", "data.eval_fraction": 0.25, "train.max_steps": 2})
+    lines = []
+    res = run_preference(cfg, model=tiny_model("llama", seed=0, hidden=48), tokenizer=world_tokenizer(),
+                         log=lines.append)
+    assert any("6 of the training units held out" in line for line in lines), lines
+    assert "eval_accuracy" in res.eval_metrics
+    assert (tmp_path / "dpo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # a data.eval file next to it: eval_fraction is named as unused
+    cfg = _dpo_cfg(tmp_path / "b", "dpo", **{"data.eval_fraction": 0.25, "train.max_steps": 1})
+    lines = []
+    run_preference(cfg, model=tiny_model("llama", seed=0, hidden=48), tokenizer=world_tokenizer(), log=lines.append)
+    assert any(line.startswith("note:") and "data.eval_fraction" in line for line in lines), lines

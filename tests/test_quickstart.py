@@ -27,6 +27,7 @@ def test_quickstart_small(tmp_path):
     assert "grpo: held-out accuracy" in text
     for name in ("summary.json", "samples.jsonl", "learning_curves.png", "sft/metrics.jsonl", "sft/final/config.json",
                  "rm/final/config.json", "dpo-dpo/final/config.json", "dpo-simpo/metrics.jsonl",
+                 "dpo-dpo/curves.png", "dpo-simpo/curves.png", "rl/curves.png",
                  "data/sft_train.jsonl", "data/problems_heldout.jsonl", "data/pairs_train.jsonl"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "summary.json").read_text())

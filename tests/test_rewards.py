@@ -258,7 +258,8 @@ def test_a_bad_return_value_is_named(out, expected):
 # --------------------------------------------------------------------------- resolution
 
 def test_registry_and_default_weights():
-    assert set(REWARD_REGISTRY) == {"world_correct", "format", "math_answer", "overlong", "reward_model", "prm"}
+    assert set(REWARD_REGISTRY) == {"world_correct", "format", "math_answer", "overlong", "reward_model", "prm",
+                                    "teacher_logprob"}
     fns = resolve_reward_functions(["world_correct", "format", "math_answer"], None, options={"unrelated": 1})
     assert [(f.name, f.weight, f.needs_fields) for f in fns] == [
         ("world_correct", 1.0, ("answer",)), ("format", 1.0, ()), ("math_answer", 1.0, ("answer",))]

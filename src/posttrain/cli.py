@@ -1,6 +1,6 @@
 """The posttrain command line.
 
-    posttrain quickstart                      # the tiny world: base -> SFT -> reward model + DPO/DPOP, table + plot
+    posttrain quickstart                      # the tiny world: base -> SFT -> DPO / DPOP and GRPO, table + plots
     posttrain sft --config cfg.yaml k=v ...   # supervised fine-tuning
     posttrain rm --config cfg.yaml k=v ...    # reward model (Bradley-Terry, hinge, MSE, listwise)
     posttrain dpo --config cfg.yaml k=v ...   # DPO family, KTO, tilt (loss.name=...)
@@ -125,27 +125,30 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .models.loading import load_tokenizer
     from .models.peft import (
         ADAPTER_CONFIG,
-        adapter_base,
+        find_adapter_base,
         is_adapter_dir,
         merge_adapter_dir,
     )
     from .train.checkpoint import save_pretrained_atomic
+    from .train.rundir import check_output_target
 
     src = Path(args.adapter)
     if not is_adapter_dir(src):
         raise ConfigError(f"'{src}' is not a LoRA adapter directory (it needs {ADAPTER_CONFIG} and no config.json).",
                           fix="pass the final/ (or checkpoints/step-N/model/) directory of a model.peft.method=lora run.")
-    out = Path(args.output)
-    if out.resolve() == src.resolve():
+    if Path(args.output).expanduser().resolve() == src.resolve():
         raise ConfigError("--output is the adapter directory itself.", fix="choose another --output directory.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ConfigError(f"--output '{out}' exists and is not empty.",
-                          fix="choose another --output directory, or add --overwrite.")
-    base = args.base or adapter_base(src)
-    model = merge_adapter_dir(src, base=base, dtype=args.dtype, device=args.device)
+    # what can be checked is checked before the merge: the base model is there, the output can be written
+    base = args.base or find_adapter_base(src, base_option="--base", key="adapter")
+    out = check_output_target(args.output, key="--output", overwrite=args.overwrite, command="posttrain export",
+                              protect={"the adapter": src, "the base model": base})
     tok_dir = src if (src / "tokenizer_config.json").exists() or (src / "tokenizer.json").exists() else base
-    tokenizer = load_tokenizer(str(tok_dir), key="--adapter")
-    save_pretrained_atomic(model, tokenizer, out)
+    tokenizer = load_tokenizer(str(tok_dir), key="adapter" if tok_dir is src else
+                               "--base" if args.base else "base_model_name_or_path")
+    model = merge_adapter_dir(src, base=args.base, dtype=args.dtype, device=args.device, key="adapter",
+                              base_option="--base")
+    save_pretrained_atomic(model, tokenizer, out, fix="free disk space or fix the permissions of the --output "
+                           f"directory's folder ('{out.parent}'), or choose another --output; nothing was written.")
     n = sum(p.numel() for p in model.parameters())
     print(f"merged {src} into {base}: {type(model).__name__} with {n:,} parameters written to {out}")
     return 0
@@ -160,16 +163,33 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"Cannot read the merge config '{path}': {e.strerror}.", fix="check the path.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"The merge config '{path}' is not UTF-8 text (is it a YAML file?).",
+                          fix="give the merge YAML file, saved as UTF-8.") from None
     try:
         data = yaml_load(text)
     except Exception as e:  # yaml.YAMLError (syntax, a !!python tag) or the size check
         if isinstance(e, PosttrainError):
             raise
-        raise ConfigError(f"The merge config '{path}' is not valid YAML: {str(e).splitlines()[0]}.",
-                          fix="fix the YAML syntax (python tags are not allowed).") from None
+        raise ConfigError(f"The merge config is not valid YAML: {_yaml_error(path, e)}.",
+                          fix="fix the YAML syntax at that line (python tags are not allowed).") from None
     cfg = parse_merge_config(data, source=str(path))
-    run_merge(cfg, args.output, overwrite=args.overwrite)
+    run_merge(cfg, args.output, overwrite=args.overwrite, key="arg:output")
     return 0
+
+
+def _yaml_error(path: Path, e: Exception) -> str:
+    """``file:line:column: problem (context)`` for a YAML error with a position (1-based, as editors
+    count), else ``file: the error's first line``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or not problem:
+        return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    text = f"{path}:{mark.line + 1}:{mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {cmark.line + 1}, column {cmark.column + 1}" if cmark else "") + ")"
+    return text
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -209,21 +229,16 @@ def _cmd_prm(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .memory import PlanInput, estimate, load_model_config, model_shape, table, verdict
+    from .memory import PlanInput, load_model_shape, report
 
     plan = PlanInput(method=args.method, seq_len=args.seq_len, micro_batch=args.micro_batch, devices=args.devices,
                      device_memory_gib=args.device_memory, sharding=args.sharding, weight_dtype=args.dtype,
                      activation_dtype="bfloat16" if args.mixed_precision == "bf16" else args.dtype, peft=args.peft,
                      lora_r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing,
                      chunked_logprobs=not args.no_chunked_logprobs, reward_model=args.reward_model, kl=not args.no_kl,
-                     rollout_batch=args.rollout_batch, new_tokens=args.new_tokens)
-    plan.check()
-    shape = model_shape(load_model_config(args.model))
-    print(f"{args.model}: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, "
-          f"vocab {shape.vocab}); {args.method}, {args.micro_batch} x {args.seq_len} tokens per micro-batch, "
-          f"{args.devices} device(s) of {args.device_memory:g} GiB, sharding {args.sharding}, peft {args.peft}")
-    print(table(estimate(shape, plan)))
-    print(verdict(shape, plan).advice)
+                     rollout_batch=args.rollout_batch, group_size=args.group_size, new_tokens=args.new_tokens)
+    plan.check()   # every flag before the model is read
+    print(report(load_model_shape(args.model), plan, args.model))
     return 0
 
 
@@ -398,33 +413,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_prm)
 
+    class _PlanHelp(argparse.ArgumentDefaultsHelpFormatter, _HelpFormatter):   # every flag shows its default
+        pass
+
+    from .memory import METHODS, parse_count, parse_gib
+
     p = sub.add_parser("plan", help="memory planner: will a run fit, and what makes it fit",
-                       formatter_class=_HelpFormatter,
+                       formatter_class=_PlanHelp,
                        description="Estimate the bytes per device of weights, gradients, optimizer state, activations, "
                        "logits, frozen copies (reference, critic, reward model) and the rollouts' KV cache for a "
                        "model (directory, config.json, cached hub id or builtin:tiny-world-base) and a method, and say "
-                       "whether it fits or the cheapest change that makes it fit (docs/memory.md).")
-    p.add_argument("--model", default="builtin:tiny-world-base")
-    from .memory import METHODS
-
-    p.add_argument("--method", default="sft", choices=METHODS)
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (online: the prompt)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences (pairs for preference methods) per forward")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--device-memory", type=float, default=80.0, help="GiB per device")
+                       "whether it fits or the cheapest change that makes it fit (docs/memory.md). The output starts "
+                       "with every assumption the estimate uses.")
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS, help="model directory, config.json, cached "
+                   "hub id, or builtin:tiny-world-base (required)")
+    p.add_argument("--method", default="sft", choices=METHODS, help="the posttrain method")
+    p.add_argument("--seq-len", type=parse_count, default=2048, metavar="N",
+                   help="tokens per sequence; online methods: of the prompt (a sequence is then --seq-len + "
+                        "--new-tokens)")
+    p.add_argument("--micro-batch", type=parse_count, default=1, metavar="N",
+                   help="sequences (pairs for preference methods) per forward")
+    p.add_argument("--devices", type=parse_count, default=1, metavar="N", help="devices (GPUs)")
+    p.add_argument("--device-memory", type=parse_gib, default=80.0, metavar="GIB", help="GiB per device")
     p.add_argument("--sharding", default="none", choices=("none", "zero2", "zero3", "fsdp"),
                    help="zero2 / zero3: DeepSpeed ZeRO (train.sharding=zero2 / zero3); fsdp: FSDP2 full shard "
                         "(train.sharding=fsdp2)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weight dtype")
-    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="bf16: activations in bf16")
-    p.add_argument("--peft", default="none", choices=("none", "lora", "qlora"))
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (model.dtype); also of the gradients, the AdamW moments and the frozen copies")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"),
+                   help="bf16: activations in bf16 (train.mixed_precision)")
+    p.add_argument("--peft", default="none", choices=("none", "lora", "qlora"), help="adapters (model.peft)")
+    p.add_argument("--lora-r", type=parse_count, default=16, metavar="N", help="LoRA rank (model.peft.r)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="estimate it (train.gradient_checkpointing=true)")
     p.add_argument("--no-chunked-logprobs", action="store_true", help="full (B, T, V) logits")
     p.add_argument("--reward-model", action="store_true", help="online: a learned reward model in memory")
     p.add_argument("--no-kl", action="store_true", help="online: no KL term, so no reference model")
-    p.add_argument("--rollout-batch", type=int, default=64, help="online: sequences decoded together")
-    p.add_argument("--new-tokens", type=int, default=512, help="online: longest completion")
+    p.add_argument("--rollout-batch", type=parse_count, default=128, metavar="N",
+                   help="online: sequences decoded together (rollout.batch_size)")
+    p.add_argument("--group-size", type=parse_count, default=8, metavar="N",
+                   help="online: completions per prompt (rollout.group_size); the sampler decodes "
+                        "max(1, rollout batch // group size) prompts x group size sequences at a time")
+    p.add_argument("--new-tokens", type=parse_count, default=512, metavar="N",
+                   help="online: longest completion (rollout.max_new_tokens)")
     p.set_defaults(func=_cmd_plan)
 
     from .algorithms.cai import CAIConfig
@@ -449,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "shipped base model on held-out problems, runs SFT, then DPO and DPOP and online RL (GRPO) "
                        "from the SFT model (stages=[sft,dpo,rl]; add rm for a reward model from the SFT model), "
                        "evaluates each, then prints a results table and writes "
-                       "summary.json, samples.jsonl and learning_curves.png under output_dir (default "
-                       "runs/quickstart, replaced on every run).")
+                       "summary.json, samples.jsonl and learning_curves.png (SFT) under output_dir (default "
+                       "runs/quickstart, replaced on every run), and each stage's run directory there (dpo-<loss>/ "
+                       "and rl/ with their curves.png).")
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_quickstart)

@@ -604,8 +604,12 @@ class TrainConfig:
     seed: int = option(0, "Seed for data order, initialization noise and NEFTune.", min=0, max=2**32 - 1)
     epochs: float = option(1.0, "Passes over the training data (fractions allowed).", min=0.0)
     max_steps: int = option(0, "Optimizer steps; 0 means derive from epochs.", min=0)
-    micro_batch_size: int = option(8, "Rows per forward pass (packed rows of max_length when packing, "
-                                      "examples otherwise).", min=1)
+    micro_batch_size: int = option(8, "What one forward pass takes: sft, distill: rows (packed rows of "
+                                      "data.max_length when packing, examples otherwise); rft, cai: packed rows "
+                                      "of their fine-tuning step; rm, dpo: units (pairs, "
+                                      "KTO examples or K-sets; packed into rows when packing); online-dpo: pairs; "
+                                      "prm: solutions; rl and its presets: prompt groups (rollout.group_size "
+                                      "completions each).", min=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
     lr: float = option(2e-5, "Peak learning rate.", gt=0.0, max=1.0)
     min_lr_ratio: float = option(0.1, "Cosine floor as a fraction of the peak.", min=0.0, max=1.0)
@@ -621,6 +625,12 @@ class TrainConfig:
     mixed_precision: str = option("no", "no, or bf16: bf16 autocast over fp32 weights and optimizer (GPUs, and "
                                   "CPUs with bf16 matrix units; the LM head's log-softmax stays fp32).",
                                   choices=("no", "bf16"))
+    gradient_checkpointing: bool = option(False, "Recompute each decoder layer's forward pass in the backward pass "
+                                                 "instead of keeping its activations: activation memory drops to "
+                                                 "each layer's input plus one layer's set (instead of every "
+                                                 "layer's), for about 30% more compute per step; losses and "
+                                                 "gradients are the same. Every command (LoRA, a PPO critic and "
+                                                 "sharding included); sampling and evaluation are unaffected.")
     sharding: str = option("none", "Under several processes: none (data parallel, a whole model per process), "
                                    "fsdp2 (FSDP2: parameters, gradients and optimizer state sharded by decoder "
                                    "layer), zero2 / zero3 (DeepSpeed ZeRO: optimizer state and gradients, and with "

@@ -388,16 +388,20 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:6], "little")
 
 
-def run_merge(cfg: MergeConfig, output: str | Path, *, overwrite: bool = False, log=print) -> Path:
-    """Merge as configured and write a Hugging Face model directory at ``output``."""
-    from safetensors.torch import save_file
+def run_merge(cfg: MergeConfig, output: str | Path, *, overwrite: bool = False, log=print,
+              key: str = "arg:output") -> Path:
+    """Merge as configured and write a Hugging Face model directory at ``output``.
 
-    from .models.loading import load_tokenizer
+    ``output`` is checked before any model is read (``key`` names it in the messages: the
+    ``output`` argument of ``posttrain merge``); the model is written to ``<output>.partial`` and
+    renamed into place, and a failure at any point (Ctrl-C included) removes the partial directory."""
+    from .train.rundir import check_output_target
 
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"The output directory '{out}' exists and is not empty.",
-                          fix="choose another output directory, or pass --overwrite.")
+    reads = {f"the model of models[{i}]": m.path for i, m in enumerate(cfg.models)}
+    if cfg.base_model is not None:
+        reads["base_model"] = cfg.base_model
+    out = check_output_target(output, key=key, overwrite=overwrite, command="posttrain merge",
+                              protect={k: v for k, v in reads.items() if not v.startswith("builtin:")})
     # the base first; slerp's other model; the task methods' fine-tuned models
     entries = list(cfg.models)
     base_entry = None
@@ -416,9 +420,34 @@ def run_merge(cfg: MergeConfig, output: str | Path, *, overwrite: bool = False, 
         return v if v is not None else p.get(key, default)
 
     stage = out.with_name(out.name + ".partial")
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    try:
+        if stage.exists():  # left by a merge that was killed
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        _write_merge(cfg, out, stage, weights_of, names, base_entry, entries, param, dtype, log)
+    except BaseException as e:  # nothing half-written is left behind, whatever stopped the merge
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # a full disk, permissions
+            reason = (getattr(e, "strerror", None) or str(e).strip() or type(e).__name__).splitlines()[-1]
+            raise CheckpointError(
+                f"Could not write the merged model to '{out}': {reason} ({type(e).__name__}); nothing was "
+                f"written ('{stage}' was removed).",
+                fix=f"free disk space or fix the permissions of '{out.parent}', or choose another "
+                f"{f'the {key[4:]} argument' if key.startswith('arg:') else key}.") from None
+        raise
+    log(f"merged model written to {out}")
+    return out
+
+
+def _write_merge(cfg: MergeConfig, out: Path, stage: Path, weights_of: list, names: list[str], base_entry, entries,
+                 param, dtype, log) -> None:
+    """Merge tensor by tensor into ``stage``, then rename it to ``out`` (the caller removes ``stage``
+    on failure)."""
+    from safetensors.torch import save_file
+
+    from .models.loading import load_tokenizer
+
+    p = cfg.parameters
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, shard_files, index = 0, [], {}
 
@@ -451,7 +480,6 @@ def run_merge(cfg: MergeConfig, output: str | Path, *, overwrite: bool = False, 
                                 normalize=normalize, lam=float(p.get("lambda", 1.0)),
                                 generator_seed=_tensor_seed(cfg.seed, n))
         if not torch.isfinite(merged).all():
-            shutil.rmtree(stage, ignore_errors=True)
             raise ConfigError(f"merge: tensor '{n}' came out non-finite (NaN or inf); nothing was written.",
                               fix="check the input models and the weights / lambda.")
         merged = merged.to(dtype).contiguous()
@@ -487,5 +515,3 @@ def run_merge(cfg: MergeConfig, output: str | Path, *, overwrite: bool = False, 
     if out.exists():
         shutil.rmtree(out)
     stage.rename(out)
-    log(f"merged model written to {out}")
-    return out

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .algorithms.dpo import DPOConfig, PreferenceDataConfig, PreferenceLossConfig, run_preference
 from .algorithms.rl import RLConfig, RLDataConfig, RLLossConfig, RolloutConfig, run_rl
+from .algorithms.rl_report import plot_rl_curves, plot_sft_curves
 from .algorithms.rm import RM_LOSS_DATA, RMConfig, run_rm
 from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
 from .config import ModelConfig, TrainConfig, option, reroot, rerooter, validated
@@ -195,52 +196,6 @@ def results_table(columns: dict[str, EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else (1 - alpha) * acc + alpha * v
-        out.append(acc)
-    return out
-
-
-def plot_curves(history: list[dict], eval_history: list[dict], curve: list[tuple[int, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    steps = [h["step"] for h in history]
-    losses = [h["loss"] for h in history]
-    axes[0].plot(steps, losses, color="tab:blue", alpha=0.3, lw=1)
-    axes[0].plot(steps, _ema(losses), color="tab:blue", lw=1.5, label="train loss (EMA)")
-    ev = [e for e in eval_history if "eval_loss" in e]
-    if ev:
-        axes[0].plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", color="tab:orange", label="held-out loss")
-    axes[0].set_xlabel("optimizer step")
-    axes[0].set_ylabel("NLL per response token")
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[0].set_title("SFT loss")
-    entropy = [h.get("entropy", float("nan")) for h in history]
-    axes[1].plot(steps, entropy, lw=1, color="tab:purple", alpha=0.3)
-    axes[1].plot(steps, _ema(entropy), lw=1.5, color="tab:purple")
-    axes[1].set_xlabel("optimizer step")
-    axes[1].set_ylabel("nats")
-    axes[1].set_title("mean response-token entropy")
-    if curve:
-        axes[2].plot([c[0] for c in curve], [100 * c[1] for c in curve], "o-", color="tab:green")
-    axes[2].set_xlabel("optimizer step")
-    axes[2].set_ylabel("% correct")
-    axes[2].set_ylim(0, 100)
-    axes[2].set_title("held-out accuracy (greedy)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 MARKER = ".posttrain-quickstart"
 
 
@@ -350,7 +305,7 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
         curve += [(e["step"], e["heldout_accuracy"]) for e in sft_result.fit.eval_history if "heldout_accuracy" in e]
         log(f"\n[sft] evaluating the SFT model on the same {len(problems)} held-out problems")
         results["SFT"] = evaluate(model)
-        plot_curves(sft_result.fit.history, sft_result.fit.eval_history, curve, out / "learning_curves.png")
+        plot_sft_curves(sft_result.fit.history, sft_result.fit.eval_history, curve, out / "learning_curves.png")
         summary.update(sft_steps=sft_result.fit.steps, sft_seconds=round(sft_result.fit.seconds, 1),
                        learning_curve=curve, data=sft_result.encode_summary, padding=sft_result.padding_summary)
         sft_dir = str(sft_result.final_dir)
@@ -413,6 +368,11 @@ def _run_quickstart(cfg: QuickstartConfig, out: Path, log, t0: float, stage_keys
                                     attn_implementation=rl.model.attn_implementation)
             rl_result = run_rl(rl, model=policy, tokenizer=tokenizer, log=stage_log("rl"))
         results[name] = evaluate(policy)
+        # the run's curves again, with this evaluation's held-out accuracy before (SFT) and after
+        plot_rl_curves(rl_result.fit.history, rl_result.fit.eval_history + [
+            {"step": 0, "heldout_accuracy": results["SFT"].accuracy},
+            {"step": rl_result.fit.steps, "heldout_accuracy": results[name].accuracy}],
+            out / "rl" / "curves.png", title=f"posttrain {rl.algorithm} (quickstart)")
         hist = [h for h in rl_result.fit.history if "reward/mean" in h]
         k = max(1, len(hist) // 5)
         first = sum(h["reward/mean"] for h in hist[:k]) / k

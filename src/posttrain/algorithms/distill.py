@@ -39,9 +39,9 @@ from ..config import ModelConfig, TrainConfig, option, validated
 from ..errors import ConfigError
 from ..models.loading import (
     accelerator_for,
+    check_same_tokenizer,
     check_same_vocabulary,
     load_causal_lm,
-    load_tokenizer,
     tokenizer_for,
 )
 from ..models.logprobs import selected_logits, shift_labels
@@ -126,21 +126,6 @@ class TokenKDAlgorithm:
         kd_mean, nll_mean = kd.sum() / n, nll.sum() / n  # every selected row is a trained token
         loss = c.kd_weight * kd_mean + (1 - c.kd_weight) * nll_mean if c.kd_weight < 1 else kd_mean
         return loss, {"kd": kd_mean.detach(), "nll": nll_mean.detach()}
-
-
-def check_same_tokenizer(teacher_path: str, tokenizer, *, key: str = "teacher.name_or_path",
-                         why: str = "token-level distillation compares the two models' probabilities of the same "
-                                    "token ids", fix: str | None = None) -> None:
-    """Two models that must tokenize identically (teacher and student; a PRM and the policy whose
-    tokens it rewards): the same vocabulary, or a ConfigError saying ``why``."""
-    try:
-        other = load_tokenizer(teacher_path, key=key)
-    except ConfigError:
-        return  # a directory without tokenizer files: the vocabulary-size check still applies
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"The tokenizer of {key} differs from the trained model's: {why}.",
-                          fix=fix or "use a teacher and a student with the same tokenizer (e.g. the same model "
-                          "family), or loss.mode=seqkd with a student that can read the teacher's text.")
 
 
 def run_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=None, log=print) -> SFTResult:

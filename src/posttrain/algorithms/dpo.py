@@ -26,7 +26,9 @@ training (``loss.precompute_reference=true``) so no reference model stays in mem
 rejected responses go through one forward pass. Logged every step: chosen / rejected log-probs
 and their change versus the reference, implicit rewards, margins, preference accuracy, response
 lengths, and a likelihood-displacement warning when the chosen log-prob keeps falling below the
-reference while the loss improves (reference note 001 section 6.8).
+reference while the loss improves (reference note 001 section 6.8). The run ends by writing
+``curves.png`` (:func:`posttrain.algorithms.rl_report.plot_preference_curves`): the chosen and
+rejected log-ratios against the reference, the margin, the preference accuracy and the loss.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ from ..models.peft import apply_peft
 from ..ops import PREFERENCE_LOSSES, get_preference_loss
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit, to_device
+from ..train.plan import hold_out, spread_eval_every
 from ..train.rundir import check_output_dir
+from .rl_report import plot_preference_curves
 from .sequences import (
     UnitPlan,
     collate_examples,
@@ -74,8 +78,12 @@ class PreferenceDataConfig:
     train: str = option("builtin:world-pairs", "JSONL/Parquet file (preference, unpaired or ranked records, "
                         "matching the loss) or builtin:world-pairs / world-unpaired / world-ranked.")
     eval: str | None = option("auto", "Held-out file, or builtin:<name>-heldout; auto: the world's held-out "
-                              "set when train is a builtin: source, else none; null: none.")
+                              "set when train is a builtin: source, else none (then eval_fraction applies); "
+                              "null: eval_fraction of train.")
     fields: dict | str | None = option(None, FIELDS_HELP)
+    eval_fraction: float = option(0.0, "Fraction of train held out for eval when data.eval is null (or auto with "
+                                       "a file): whole units (pairs, KTO examples, K-sets), by a seeded shuffle.",
+                                  min=0.0, max=0.5)
     max_length: int = option(256, "Tokens per prompt + response (and per packed row).", min=8)
     overlong: str = option("truncate", "Over-long responses: truncate (counted) or drop the unit.",
                            choices=("truncate", "drop"))
@@ -222,6 +230,11 @@ def encode_sources(data: PreferenceDataConfig, tokenizer, kind: str, *, seed: in
     if eval_spec:
         eval_units, _ = _encode_source(eval_spec, data, tokenizer, kind, seed=seed, log=log, needed_by=needed_by,
                                        key="data.eval")
+    elif data.eval_fraction > 0:  # (as SFT's: after encoding, so the tokenization cache is the same)
+        units, eval_units = hold_out(units, data.eval_fraction, seed=f"preference-eval-split-{seed}",
+                                     what=f"training units ({kind} data)")
+        log(f"eval data: {len(eval_units)} of the training units held out (data.eval_fraction="
+            f"{data.eval_fraction}), {len(units)} left to train on")
     return units, eval_units, summary
 
 
@@ -278,6 +291,11 @@ def _encode_source(spec: str, data: PreferenceDataConfig, tokenizer, kind: str, 
 def data_notes(data: PreferenceDataConfig, *, has_eval: bool) -> list[str]:
     """Notes for builtin-data settings given with data files."""
     notes = []
+    eval_spec = data.eval
+    if eval_spec == "auto":
+        eval_spec = data.train + "-heldout" if data.train in BUILTIN_SOURCES else None
+    if eval_spec:
+        notes += unused_notes(data, "data.", ["eval_fraction"], f"data.eval ({eval_spec}) is the held-out set")
     if not data.train.startswith("builtin:"):
         notes += unused_notes(data, "data.", ["world_examples", "world_k"], "data.train is a file")
     if not str(data.eval or "").startswith(("builtin:", "auto")) or not has_eval:
@@ -584,10 +602,13 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
         log(f"note: {note}")
     engine_cfg = cfg.train.engine()
     if eval_times:
-        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if (eval_units or extra_eval) else None,
                  run_config=dataclasses.asdict(cfg), inputs=inputs, log=log, callbacks=[monitor])
+    if accelerator.is_main_process and result.history:
+        plot_preference_curves(result.history, result.eval_history, Path(cfg.train.output_dir) / "curves.png",
+                               title=f"posttrain dpo (loss.name={cfg.loss.name})")
     return PreferenceResult(fit=result, final_dir=result.final_dir, encode_summary=summary,
                             eval_metrics=result.eval_history[-1] if result.eval_history else {})

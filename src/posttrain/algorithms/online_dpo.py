@@ -51,7 +51,7 @@ from ..ops import get_preference_loss
 from ..rewards import check_reward_fields
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
-from ..train.plan import write_on_main
+from ..train.plan import spread_eval_every, write_on_main
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
 from .rl import (
@@ -400,7 +400,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
     engine_cfg = cfg.train.engine()
     if eval_times:
-        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,

@@ -71,7 +71,7 @@ from ..rewards import check_reward_fields, compute_rewards, resolve_reward_funct
 from ..rollout.sampler import Rollout, sample_groups
 from ..train.engine import FitResult, fit, to_device
 from ..data.fields import check_builtin
-from ..train.plan import gather_objects, rank_world, split_even
+from ..train.plan import gather_objects, rank_world, split_even, spread_eval_every
 from ..train.rundir import check_output_dir
 from .critic import (
     PolicyWithCritic,
@@ -178,6 +178,7 @@ class Sample:
     token_advantages: list[float] | None = None
     returns: list[float] | None = None
     process_rewards: list[float] | None = None  # per completion token (PRM step rewards at step ends)
+    token_rewards: list[float] | None = None    # per completion token: per-token reward functions (teacher_logprob)
 
 
 def _padded(values: torch.Tensor, seq: torch.Tensor, n_seq: int, width: int) -> torch.Tensor:
@@ -472,7 +473,7 @@ class RLRunner:
                                       device=str(next(model.parameters()).device),
                                       batch_size=cfg.reward.reward_model_batch_size, key="reward.process_reward_model")
             check_same_vocabulary(self.process.model, model, key="reward.process_reward_model")
-            from .distill import check_same_tokenizer
+            from ..models.loading import check_same_tokenizer
 
             check_same_tokenizer(cfg.reward.process_reward_model, tokenizer, key="reward.process_reward_model",
                                  why="process rewards are placed at the policy's token positions",
@@ -565,9 +566,13 @@ class RLRunner:
                 trained = bool(rows["valid"][j]) and not (ro.mask_truncated and not r.finished)
                 group.append(Sample(example=ex, n_tokens=len(r.completion_ids), advantage=0.0,
                                     trained=trained, rollout_logps=r.log_probs))
+                if "token_rewards" in rows:  # per-token reward functions (teacher_logprob), token-level estimators
+                    group[-1].token_rewards = rows["token_rewards"][j, : len(r.completion_ids)].tolist()
             groups.append(group)
         total = torch.cat([g[2]["total"] for g in kept])
         valid = torch.cat([g[2]["valid"] for g in kept])
+        # what the token-level estimators put at the last token: the sequence reward less the per-token functions'
+        seq_total = torch.cat([g[2]["seq_total"] for g in kept]) if "seq_total" in kept[0][2] else total
         process_metrics = {}
         if self.process is not None:
             from ..rewards.process import process_token_rewards
@@ -594,9 +599,9 @@ class RLRunner:
             kl_seq = torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
         reward_for_adv = total
         if self.estimator.needs_critic:
-            adv_metrics = self._token_advantages(groups, total, valid)
+            adv_metrics = self._token_advantages(groups, seq_total, valid)
         elif self.estimator.token_level:
-            adv_metrics = self._token_returns_advantages(groups, total, valid, G)
+            adv_metrics = self._token_returns_advantages(groups, seq_total, valid, G)
         elif kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
             beta = self.state.kl.value
             flat = [s for g in groups for s in g]
@@ -642,7 +647,7 @@ class RLRunner:
         merged: dict = {"invalid_counts": {}}
         for key, v in parts[0][2].items():
             if torch.is_tensor(v):
-                out = torch.empty((len(idx) * G,), dtype=v.dtype)
+                out = torch.empty((len(idx) * G, *v.shape[1:]), dtype=v.dtype)
                 for ps, _, sc in parts:
                     rows = torch.tensor([p * G + j for p in ps for j in range(G)])
                     out[rows] = sc[key]
@@ -655,8 +660,9 @@ class RLRunner:
     def _token_shaping(self, flat: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mask, kl, process)`` ``(B, T)`` of a rollout batch for the token-level estimators: the
         trained tokens, the per-token KL estimate when the KL sits in the reward (zeros otherwise; the
-        caller multiplies by beta) and the PRM's step rewards (times reward.process_weight) at the tokens
-        that end the steps (zeros without process rewards)."""
+        caller multiplies by beta) and the per-token rewards: the PRM's step rewards (times
+        reward.process_weight) at the tokens that end the steps, plus the per-token reward functions'
+        values at every token (teacher_logprob's log p_T - log p_S; weighted); zeros without either."""
         loss = self.loss
         width = max(s.n_tokens for s in flat)
         mask = torch.zeros((len(flat), width))
@@ -670,6 +676,8 @@ class RLRunner:
         process = torch.zeros_like(mask)
         if self.process is not None:
             process = self.cfg.reward.process_weight * _rows([s.process_rewards for s in flat], width) * mask
+        if flat[0].token_rewards is not None:
+            process = process + _rows([s.token_rewards for s in flat], width) * mask
         return mask, kl, process
 
     def _token_returns_advantages(self, groups: list[list[Sample]], total: torch.Tensor, valid: torch.Tensor,
@@ -720,12 +728,30 @@ class RLRunner:
         out = {"total": res.total, "valid": res.valid, "invalid_counts": res.invalid_counts}
         for name, v in res.per_function.items():
             out[f"fn/{name}"] = v
+        if res.per_token and self.estimator.token_level:
+            out.update(self._placed_token_rewards(res, len(rolls)))
         if self.gold:
             g = score_rollouts(self.gold, prompts, rolls, max_new_tokens=max_new)
             out["gold"] = g.total
             for name, v in g.per_function.items():
                 out[f"gold/{name}"] = v
         return out
+
+    def _placed_token_rewards(self, res, n: int) -> dict:
+        """For the token-level estimators: the per-token reward functions' values (weighted, summed over
+        such functions; ``(n, rollout.max_new_tokens)``, 0 after a completion's end and on invalid
+        rows) go to the tokens, and ``seq_total`` (the other functions' weighted sum, NaN where
+        invalid) is what goes to the last token; ``total`` keeps the full reward for the logs."""
+        dense = torch.zeros((n, self.cfg.rollout.max_new_tokens), dtype=torch.float64)
+        seq = torch.zeros(n, dtype=torch.float64)
+        for f in self.rewards:
+            if f.name in res.per_token:
+                for i, u in enumerate(res.per_token[f.name]):
+                    if u is not None and bool(res.valid[i]):
+                        dense[i, : len(u)] += f.weight * torch.tensor(u, dtype=torch.float64)
+            else:
+                seq += f.weight * torch.where(res.valid, res.per_function[f.name].double(), 0.0)
+        return {"token_rewards": dense.float(), "seq_total": torch.where(res.valid, seq, math.nan).float()}
 
     def _attach_logprobs(self, groups: list[list[Sample]], layout: list[list[int]]) -> None:
         """Old (policy before this iteration's updates) and reference log-probs, computed on the
@@ -852,6 +878,8 @@ class RLRunner:
                             record.update(returns=s.returns, values=s.old_values)
                     if s.process_rewards is not None:
                         record["process_rewards"] = s.process_rewards
+                    if s.token_rewards is not None:  # the per-token reward functions' values (teacher_logprob)
+                        record["token_rewards"] = s.token_rewards
                     fh.write(json.dumps(record) + "\n")
 
 
@@ -883,12 +911,13 @@ def _zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:
 
 def score_rollouts(functions, prompts: list[PromptItem], rolls: list[Rollout], *, max_new_tokens: int):
     """Rewards of ``rolls`` (``rolls[i]`` completes ``prompts[i]``): every function sees the prompt
-    text, the completion text, ``completion_ids``, ``finished``, ``max_new_tokens`` and the
-    prompt record's other fields. Returns a :class:`posttrain.rewards.base.RewardResult`."""
+    text, the completion text, ``completion_ids``, ``finished``, ``max_new_tokens``,
+    ``prompt_ids`` (the chat-rendered prompt) and the prompt record's other fields. Returns a
+    :class:`posttrain.rewards.base.RewardResult`."""
     fields = {name: [p.fields.get(name) for p in prompts] for name in (prompts[0].fields if prompts else ())}
     return compute_rewards(functions, [p.text for p in prompts], [r.text for r in rolls],
                            completion_ids=[r.completion_ids for r in rolls], finished=[r.finished for r in rolls],
-                           max_new_tokens=max_new_tokens, **fields)
+                           max_new_tokens=max_new_tokens, prompt_ids=[r.prompt_ids for r in rolls], **fields)
 
 
 def load_prompt_sets(data: RLDataConfig, tokenizer, *, seed: int, log) -> tuple[list[PromptItem], list[PromptItem], str]:
@@ -912,9 +941,11 @@ def load_prompt_sets(data: RLDataConfig, tokenizer, *, seed: int, log) -> tuple[
     return prompts, eval_prompts, train_ds.source
 
 
-def build_rewards(reward: RewardConfig, tokenizer, device, *, max_new_tokens: int, overlong: bool = False):
+def build_rewards(reward: RewardConfig, tokenizer, device, *, max_new_tokens: int, overlong: bool = False,
+                  teacher=None, policy=None, temperature: float = 1.0, attn_implementation: str | None = "sdpa"):
     """The trained reward functions (``reward.functions`` with their weights, plus DAPO's overlong
-    punishment when ``overlong``) and the gold functions (logged only)."""
+    punishment when ``overlong``) and the gold functions (logged only). ``teacher`` (the
+    ``teacher.*`` section), ``policy`` and the sampling ``temperature``: for ``teacher_logprob``."""
     names, weights = list(reward.functions), list(reward.weights or [1.0] * len(reward.functions))
     if overlong and "overlong" not in names:
         names.append("overlong")
@@ -923,6 +954,10 @@ def build_rewards(reward: RewardConfig, tokenizer, device, *, max_new_tokens: in
                "reward_model": reward.reward_model, "reward_model_batch_size": reward.reward_model_batch_size,
                "process_reward_model": reward.process_reward_model,
                "process_aggregation": reward.process_aggregation}
+    if teacher is not None:
+        options.update(teacher_model=teacher.name_or_path, teacher_dtype=teacher.dtype,
+                       teacher_batch_size=teacher.batch_size, teacher_temperature=temperature,
+                       teacher_attn_implementation=attn_implementation, policy=policy)
     functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer, device=device)
     gold = resolve_reward_functions(list(reward.gold), None, options=options, tokenizer=tokenizer,
                                     device=device) if reward.gold else []
@@ -1005,6 +1040,8 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
                                   "reward.process_weight is 0")
     if not {"reward_model", "prm"} & set(cfg.reward.functions + cfg.reward.gold) and cfg.reward.process_weight == 0:
         notes += unused_notes(cfg.reward, "reward.", ["reward_model_batch_size"], "no model scores the rewards")
+    if not cfg.teacher.name_or_path:
+        notes += unused_notes(cfg.teacher, "teacher.", ["dtype", "batch_size"], "teacher.name_or_path is not set")
     return notes
 
 
@@ -1018,7 +1055,8 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"reward.reward_model": cfg.reward.reward_model,
                                                       "reward.process_reward_model": cfg.reward.process_reward_model,
-                                                      "critic.init": critic_dir}))
+                                                      "critic.init": critic_dir,
+                                                      "teacher.name_or_path": cfg.teacher.name_or_path}))
     torch.manual_seed(cfg.train.seed)
     accelerator = accelerator_for(cfg.model)
     tokenizer = tokenizer or tokenizer_for(cfg.model)
@@ -1035,7 +1073,9 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
 
     prompts, eval_prompts, train_source = load_prompt_sets(cfg.data, tokenizer, seed=cfg.train.seed, log=log)
     functions, gold = build_rewards(cfg.reward, tokenizer, accelerator.device, max_new_tokens=cfg.rollout.max_new_tokens,
-                                    overlong=loss.overlong_penalty)
+                                    overlong=loss.overlong_penalty, teacher=cfg.teacher, policy=model,
+                                    temperature=cfg.rollout.temperature,
+                                    attn_implementation=cfg.model.attn_implementation)
     check_reward_fields(functions + gold, set(prompts[0].fields), train_source)
 
     # reference (only when the KL term is on)
@@ -1069,7 +1109,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
     engine_cfg = cfg.train.engine()
     if eval_times:
-        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}
@@ -1077,6 +1117,8 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
         inputs["process_reward_model_sha256"] = _file_digest(cfg.reward.process_reward_model)
     if critic_dir:
         inputs["critic_init_sha256"] = _file_digest(critic_dir)
+    if cfg.teacher.name_or_path:
+        inputs["teacher_sha256"] = _file_digest(cfg.teacher.name_or_path)
     result = fit(trained, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=run_config, inputs=inputs, log=log,
                  callbacks=[state])

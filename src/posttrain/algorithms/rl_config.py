@@ -103,7 +103,9 @@ class RewardConfig:
 
     functions: list[str] = option(default_factory=lambda: ["world_correct"],
                                   help="Reward functions (world_correct, format, math_answer, overlong, "
-                                       "reward_model, or package.module:function, which imports and runs that "
+                                       "reward_model, prm, teacher_logprob (posttrain rl: log p_teacher - log "
+                                       "p_policy per sampled token, with teacher.*), or package.module:function, "
+                                       "which imports and runs that "
                                        "module).")
     weights: list[float] | None = option(None, "One weight per function (default 1 each).")
     gold: list[str] = option(default_factory=list, help="Functions computed and logged beside the reward but "
@@ -226,6 +228,21 @@ class CriticConfig:
                                  "gradient-norm clip).", gt=0.0)
 
 
+TEACHER_REWARD = "teacher_logprob"
+
+
+@dataclass
+class RLTeacherConfig:
+    """On-policy distillation as RL: the teacher that scores every sampled token (teacher_logprob).
+
+    The teacher_logprob reward of token t is log p_teacher(y_t) - log p_policy(y_t)."""
+
+    name_or_path: str | None = option(None, "Teacher model directory (or builtin:tiny-world-base) for "
+                                            "reward.functions=[teacher_logprob]; it must use the policy's tokenizer.")
+    dtype: str = option("auto", "Teacher weight dtype.", choices=("auto", "float32", "bfloat16", "float16"))
+    batch_size: int = option(32, "Sequences per scoring forward pass (teacher and policy).", min=1)
+
+
 @dataclass
 class MonitorConfig:
     """Failure-mode warnings (printed while training, flags logged every step)."""
@@ -273,6 +290,7 @@ class RLConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: RLLossConfig = field(default_factory=RLLossConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    teacher: RLTeacherConfig = field(default_factory=RLTeacherConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="runs/rl", lr=1e-5, micro_batch_size=4, max_steps=100, epochs=0.0, warmup_ratio=0.0,
@@ -339,6 +357,18 @@ class RLConfig:
                 f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
                 fix=f"set train.save_every to a multiple of {per_iter}.")
         check_reward_config(self.reward)
+        uses_teacher = TEACHER_REWARD in self.reward.functions + self.reward.gold
+        if uses_teacher and not self.teacher.name_or_path:
+            raise ConfigError(
+                f"reward.functions names {TEACHER_REWARD} (the teacher scores every sampled token: on-policy "
+                "distillation as RL), but teacher.name_or_path is not set.",
+                fix="set teacher.name_or_path to the teacher model's directory (it must use the policy's tokenizer).")
+        if self.teacher.name_or_path and not uses_teacher:
+            raise ConfigError(
+                f"teacher.name_or_path={self.teacher.name_or_path!r} is set, but no reward function reads a teacher: "
+                "it would be loaded for nothing.",
+                fix=f"add {TEACHER_REWARD} to reward.functions (on-policy distillation as RL), or remove "
+                "teacher.name_or_path.")
         if self.reward.process_weight > 0:
             if not est.token_level:
                 raise ConfigError(

@@ -44,7 +44,7 @@ from ..models.peft import apply_peft
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
 from ..train.engine import FitResult, fit, to_device
-from ..train.plan import StepPlan
+from ..train.plan import StepPlan, hold_out, spread_eval_every
 from ..train.rundir import check_output_dir
 
 BUILTIN_DATA = "builtin:world-sft"
@@ -365,20 +365,9 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
                                                             log=log, progress=progress, key="data.eval")
         log(f"eval data {eval_spec}: {eval_report.summary()}" + (" (from the tokenization cache)" if hit else ""))
     elif cfg.data.eval_fraction > 0:
-        rng = random.Random(f"sft-eval-split-{cfg.train.seed}")
-        idx = list(range(len(train_examples)))
-        rng.shuffle(idx)
-        k = max(1, int(len(idx) * cfg.data.eval_fraction))
-        if k >= len(idx):
-            capped = f" (data.max_examples={cfg.data.max_examples})" if cfg.data.max_examples else ""
-            raise ConfigError(
-                f"data.eval_fraction={cfg.data.eval_fraction} holds out {k} of the {len(idx)} training examples"
-                f"{capped}, leaving none to train on.",
-                fix="use more training data, a smaller data.eval_fraction (0 for no eval), or a separate "
-                "data.eval file.")
-        held = set(idx[:k])
-        eval_examples = [train_examples[i] for i in sorted(held)]
-        train_examples = [e for i, e in enumerate(train_examples) if i not in held]
+        capped = f" (data.max_examples={cfg.data.max_examples})" if cfg.data.max_examples else ""
+        train_examples, eval_examples = hold_out(train_examples, cfg.data.eval_fraction,
+                                                 seed=f"sft-eval-split-{cfg.train.seed}", capped=capped)
     stats = padding_stats([len(e) for e in train_examples], cfg.data.max_length, cfg.train.micro_batch_size)
     log(f"padding: {stats.summary()}")
     plan = SFTPlan(train_examples, micro_batch_size=cfg.train.micro_batch_size,
@@ -416,7 +405,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         log(f"note: {note}")
     engine_cfg = cfg.train.engine()
     if eval_times:
-        engine_cfg.eval_every = max(1, plan.num_steps() // eval_times)
+        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
     result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log)
     return SFTResult(fit=result, output_dir=Path(cfg.train.output_dir), final_dir=result.final_dir,

@@ -583,8 +583,12 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "aut
 
     if is_adapter_dir(name_or_path):
         print(f"note: {name_or_path} ({key}) is a LoRA adapter: loading its base model with the adapter merged in")
-        return merge_adapter_dir(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                                 key=key)
+        merged = merge_adapter_dir(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                   key=key, base_option=None)
+        # the model this is: an adapter trained on top of it names the adapter directory as its base
+        # (which loads merged again), not the first adapter's base model
+        merged.name_or_path = str(name_or_path)
+        return merged
 
     dev = pick_device(device, key="--device" if key.startswith("-") else "model.device")
     check_attn_implementation(attn_implementation, dev)
@@ -608,8 +612,49 @@ def load_policy(model_cfg, accelerator):
                           compute_dtype=model_cfg.peft.compute_dtype)
 
 
-def load_adapter_into(model, directory, *, key: str):
-    """``model`` with the adapter of ``directory`` loaded (frozen, not merged), safetensors only."""
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+def _adapter_misfit(e: Exception, d: Path, key: str, base: str | None, base_option: str | None,
+                    explicit_base: bool) -> CheckpointError:
+    """The error for an adapter that does not fit the base model: a size mismatch (the adapter was
+    trained on a base of another size) is summarized, not printed tensor by tensor."""
+    from .peft import ADAPTER_CONFIG
+
+    text = str(e)
+    mismatches = _SIZE_MISMATCH.findall(text)
+    on = f" '{base}'" if base else ""
+    if explicit_base and base_option:
+        passed = f" (passed with {base_option})"
+        fix = f"pass the base model the adapter was trained on with {base_option}, or leave {base_option} out to " \
+              f"use the one the adapter names ({ADAPTER_CONFIG})."
+    elif base_option:
+        passed = f" (the base model its {ADAPTER_CONFIG} names, which now holds another model)"
+        fix = f"pass the base model the adapter was trained on with {base_option}: posttrain export {d} " \
+              f"{base_option} <base model directory> --output <merged directory>."
+    else:
+        passed = f" (the base model its {ADAPTER_CONFIG} names, which now holds another model)"
+        fix = f"merge the adapter into the base model it was trained on first (posttrain export {d} --base <base " \
+              f"model directory> --output <merged directory>) and set {key} to the merged directory."
+    if mismatches:
+        shown = "; ".join(f"{name.removeprefix('base_model.model.')}: [{a}] in the adapter, [{b}] in the base model"
+                          for name, a, b in mismatches[:3])
+        more = f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else ""
+        return CheckpointError(
+            f"The adapter in '{d}' ({key}) does not fit the base model{on}{passed}: {len(mismatches)} of its tensors "
+            f"have other shapes than that model's layers ({shown}{more}). The adapter was trained on another base "
+            "model, of another size.", fix=fix)
+    first = text.strip().splitlines()[0][:300] if text.strip() else ""
+    return CheckpointError(f"The adapter in '{d}' ({key}) does not fit the base model{on}{passed}: "
+                           f"{type(e).__name__}: {first}", fix=fix)
+
+
+def load_adapter_into(model, directory, *, key: str, base: str | None = None, base_option: str | None = "--base",
+                      explicit_base: bool = False):
+    """``model`` with the adapter of ``directory`` loaded (frozen, not merged), safetensors only.
+    ``base`` (the model's name), ``base_option`` and ``explicit_base`` only shape the error for an
+    adapter that does not fit (see :func:`posttrain.models.peft.merge_adapter_dir`)."""
     from peft import PeftModel
 
     from .peft import ADAPTER_WEIGHTS, _quiet, _require_peft
@@ -627,8 +672,7 @@ def load_adapter_into(model, directory, *, key: str):
         with _quiet():
             return PeftModel.from_pretrained(model, str(d), is_trainable=False, use_safetensors=True)
     except Exception as e:  # peft raises ValueError / KeyError / RuntimeError for a mismatched adapter
-        raise CheckpointError(f"The adapter in '{d}' ({key}) does not fit its base model: {type(e).__name__}: {e}",
-                              fix="pass the base model the adapter was trained on (--base).") from None
+        raise _adapter_misfit(e, d, key, base, base_option, explicit_base) from None
 
 
 def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: str = "auto", device: str = "auto",
@@ -771,3 +815,18 @@ def load_model_config(name_or_path: str, *, key: str = "model.name_or_path"):
         raise ConfigError(f"{key}: no model config for '{name_or_path}' ({str(e).splitlines()[0]}).",
                           fix="give a local model directory, a config.json, or a hub id that is cached or "
                           "reachable.") from None
+
+
+def check_same_tokenizer(teacher_path: str, tokenizer, *, key: str = "teacher.name_or_path",
+                         why: str = "token-level distillation compares the two models' probabilities of the same "
+                                    "token ids", fix: str | None = None) -> None:
+    """Two models that must tokenize identically (teacher and student; a PRM and the policy whose
+    tokens it rewards): the same vocabulary, or a ConfigError saying ``why``."""
+    try:
+        other = load_tokenizer(teacher_path, key=key)
+    except ConfigError:
+        return  # a directory without tokenizer files: the vocabulary-size check still applies
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"The tokenizer of {key} differs from the trained model's: {why}.",
+                          fix=fix or "use a teacher and a student with the same tokenizer (e.g. the same model "
+                          "family), or loss.mode=seqkd with a student that can read the teacher's text.")

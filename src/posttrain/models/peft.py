@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def apply_peft(model, cfg: PeftConfig, *, task: str = "CAUSAL_LM", log=None):
         raise ConfigError(f"model.peft: peft cannot add LoRA to {type(model).__name__}: {e}",
                           fix="set model.peft.target_modules to module names the model has (e.g. [q_proj,v_proj]) "
                           "or to [all-linear].") from None
+    for adapter_cfg in wrapped.peft_config.values():  # what adapter_config.json will name as the base
+        adapter_cfg.base_model_name_or_path = portable_base(adapter_cfg.base_model_name_or_path)
     if log is not None:
         n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         n_all = sum(_logical_numel(p) for p in wrapped.parameters())
@@ -167,6 +170,65 @@ def load_adapter_state(model, state_dict: dict[str, torch.Tensor], where: str) -
                               f"{unexpected[:5]}.", fix="resume with the model.peft settings that wrote it.")
 
 
+def portable_base(name_or_path: str | None) -> str | None:
+    """The base model as ``adapter_config.json`` records it (``base_model_name_or_path``): a local
+    directory as an absolute path, so the adapter exports and loads from any working directory;
+    the built-in model as its ``builtin:`` name (its files live inside the installed package); a
+    hub id, or anything that is not a local directory, as it is."""
+    from .loading import BUILTIN_MODELS, BUILTIN_PREFIX
+
+    if not name_or_path or str(name_or_path).startswith(BUILTIN_PREFIX):
+        return name_or_path
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    absolute = Path(os.path.abspath(path))  # symbolic links on the way are kept, not resolved
+    for builtin, where in BUILTIN_MODELS.items():
+        if where.is_dir() and absolute.resolve() == where.resolve():
+            return BUILTIN_PREFIX + builtin
+    return str(absolute)
+
+
+def find_adapter_base(adapter_dir, *, base_option: str | None = "--base", key: str = "adapter") -> str:
+    """The base model an adapter directory names, checked to exist before anything loads.
+
+    When it cannot be found (moved or deleted, or a relative path written by an older posttrain
+    and read from another working directory) the error says so, and how to fix it: with
+    ``base_option`` (``posttrain export``'s ``--base``), or else by exporting first (``key`` is
+    the setting that named the adapter, e.g. ``model.name_or_path``)."""
+    from .loading import BUILTIN_PREFIX, locate
+
+    name = adapter_base(adapter_dir)
+    if name.startswith(BUILTIN_PREFIX):
+        locate(name, key="base_model_name_or_path")  # an unknown builtin: that message is the clearest
+        return name
+    try:
+        locate(name, key="base_model_name_or_path")
+    except ConfigError:
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            why = ("there is no such directory any more: the base model was moved or deleted after the adapter "
+                   "was trained")
+        else:
+            why = (f"it is not a directory under the working directory ('{os.getcwd()}'), nor a model this machine "
+                   "can fetch from the Hugging Face Hub or find in its cache. A relative path is read from the "
+                   "working directory: this adapter was saved with the path as typed (posttrain now records "
+                   "absolute paths), so it only resolves from the directory its run was started in; or the base "
+                   "model was moved or deleted")
+        there = f"put the base model back at '{name}'"
+        if not path.is_absolute():
+            there += " (or run the command from the directory the adapter was trained in)"
+        export = f"posttrain export {adapter_dir} --base <base model directory> --output <merged directory>"
+        fix = (f"pass the base model's current location with {base_option}: {export}; or {there}."
+               if base_option else
+               f"merge the adapter into its base model at its current location first ({export}) and set {key} to "
+               f"the merged directory; or {there}.")
+        raise CheckpointError(
+            f"The LoRA adapter '{adapter_dir}' names its base model '{name}' (base_model_name_or_path in its "
+            f"{ADAPTER_CONFIG}), which cannot be found: {why}.", fix=fix) from None
+    return name
+
+
 def adapter_base(directory: Path) -> str:
     """The base model an adapter directory names (``base_model_name_or_path`` in its config)."""
     try:
@@ -195,17 +257,25 @@ def adapter_task(directory) -> str:
 
 
 def merge_adapter_dir(adapter_dir, *, base: str | None = None, dtype: str = "auto", device: str = "cpu",
-                      attn_implementation: str | None = "sdpa", key: str = "adapter"):
+                      attn_implementation: str | None = "sdpa", key: str = "adapter",
+                      base_option: str | None = "--base"):
     """Load ``base`` (default: the adapter's own base model) and the adapter, and merge it into the
     weights (peft's ``merge_and_unload``): a plain transformers model (a causal LM, or a sequence
-    classifier for a reward model's adapter, ``task_type`` SEQ_CLS)."""
+    classifier for a reward model's adapter, ``task_type`` SEQ_CLS).
+
+    ``base_option`` is the caller's option for passing ``base`` (``posttrain export --base``), named
+    in the fix when the adapter's own base is missing or does not fit; None where there is none
+    (a run started from an adapter directory named by ``key``)."""
     from .loading import load_adapter_into, load_causal_lm, load_sequence_classifier
 
-    base = base or adapter_base(adapter_dir)
+    explicit = base is not None
+    base = base if explicit else find_adapter_base(adapter_dir, base_option=base_option, key=key)
+    base_key = base_option if explicit and base_option else "base_model_name_or_path"
     if adapter_task(adapter_dir) == "SEQ_CLS":
         model = load_sequence_classifier(base, num_labels=1, dtype=dtype, device=device,
-                                         attn_implementation=attn_implementation, key="--base")
+                                         attn_implementation=attn_implementation, key=base_key)
     else:
         model = load_causal_lm(base, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               key="--base")
-    return load_adapter_into(model, adapter_dir, key=key).merge_and_unload()
+                               key=base_key)
+    return load_adapter_into(model, adapter_dir, key=key, base=base, base_option=base_option,
+                             explicit_base=explicit).merge_and_unload()

@@ -9,8 +9,10 @@
 
 The contract of a reward function is in :mod:`posttrain.rewards.base`; the built-ins are
 ``world_correct``, ``format``, ``math_answer`` (:mod:`~posttrain.rewards.answers`),
-``overlong`` (:mod:`~posttrain.rewards.length`, DAPO) and ``reward_model``
-(:mod:`~posttrain.rewards.reward_model`); :mod:`~posttrain.rewards.registry` resolves names and
+``overlong`` (:mod:`~posttrain.rewards.length`, DAPO), ``reward_model``
+(:mod:`~posttrain.rewards.reward_model`), ``prm`` (:mod:`~posttrain.rewards.process`) and
+``teacher_logprob`` (:mod:`~posttrain.rewards.teacher`: on-policy distillation, per-token
+rewards); :mod:`~posttrain.rewards.registry` resolves names and
 ``package.module:function`` paths (which imports, i.e. runs, the named module).
 """
 

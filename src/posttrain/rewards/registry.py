@@ -3,11 +3,12 @@
 ``reward.functions`` lists names; each is either
 
 * a key of :data:`REWARD_REGISTRY` (``world_correct``, ``format``, ``math_answer``, ``overlong``,
-  ``reward_model``, ``prm``), whose factory is called once with the built-ins' settings
-  (``options``: ``overlong_buffer``, ``overlong_max_length``, ``format_strict``,
+  ``reward_model``, ``prm``, ``teacher_logprob``), whose factory is called once with the built-ins'
+  settings (``options``: ``overlong_buffer``, ``overlong_max_length``, ``format_strict``,
   ``reward_model``, ``reward_model_batch_size``, ``reward_model_dtype``, ``reward_model_format``,
-  ``process_reward_model``, ``process_aggregation``; each factory reads its own and ignores the
-  rest), or
+  ``process_reward_model``, ``process_aggregation``, ``teacher_model``, ``teacher_dtype``,
+  ``teacher_batch_size``, ``teacher_temperature``, ``policy`` (the model being trained); each
+  factory reads its own and ignores the rest), or
 * a ``package.module:function`` path to a reward function of the user's (the function itself,
   not a factory). **Resolving it imports that module, which runs its top-level code like any
   Python import**: naming it in the config is the user's explicit choice, as with ``python -c
@@ -37,6 +38,7 @@ from .base import RewardFn, RewardFunction
 from .length import overlong_reward
 from .process import prm_reward
 from .reward_model import reward_model_reward
+from .teacher import teacher_logprob_reward
 
 REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "world_correct": world_correct_reward,
@@ -45,6 +47,7 @@ REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "overlong": overlong_reward,
     "reward_model": reward_model_reward,
     "prm": prm_reward,
+    "teacher_logprob": teacher_logprob_reward,
 }
 
 _FUNCTIONS_KEY = "reward.functions"

@@ -50,6 +50,8 @@ RESUME_SAFE_KEYS = frozenset({
     "train.overwrite_output_dir",  # (a resumed run may not set it; the run that wrote the checkpoint may have)
     # checkpoints are written unsharded, so a run may resume with or without sharding
     "train.sharding", "train.fsdp_reshard_after_forward",
+    # recomputing activations gives the same losses and gradients (and older checkpoints lack the key)
+    "train.gradient_checkpointing",
     # the tokenization cache and its workers give the same examples
     "data.cache", "data.cache_dir", "data.num_proc",
 })
@@ -102,24 +104,29 @@ def assert_finite(model, where: str) -> None:
             )
 
 
-def _write_failed(target: Path, e: Exception, stage: Path | None = None) -> CheckpointError:
-    """The error for a failed write (a full disk, permissions); the half-written ``stage`` is removed."""
+def _write_failed(target: Path, e: Exception, stage: Path | None = None, fix: str | None = None) -> CheckpointError:
+    """The error for a failed write (a full disk, permissions); the half-written ``stage`` is removed.
+    ``fix`` replaces the training run's advice (for a command that names its own output option)."""
     if stage is not None:
         shutil.rmtree(stage, ignore_errors=True)
     text = str(e).strip()
     reason = getattr(e, "strerror", None) or (text.splitlines()[-1] if text else "")
     return CheckpointError(
         f"Could not write {target}: {reason + ' ' if reason else ''}({type(e).__name__}).",
-        fix="free disk space or fix the permissions of train.output_dir; any earlier complete checkpoint is "
+        fix=fix or "free disk space or fix the permissions of train.output_dir; any earlier complete checkpoint is "
         "intact, and train.resume=auto continues from the latest one.",
     )
 
 
-def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
-    """``save_pretrained`` of model (+ tokenizer) into ``target`` via a staging dir and a rename."""
+def save_pretrained_atomic(model, tokenizer, target: Path, *, fix: str | None = None) -> None:
+    """``save_pretrained`` of model (+ tokenizer) into ``target`` via a staging dir and a rename.
+
+    On any failure, Ctrl-C included, the staging directory ``<target>.partial`` is removed;
+    ``fix`` is the advice of the error a failed write raises (default: a training run's)."""
     assert_finite(model, str(target))
     target = Path(target)
     stage = target.with_name(target.name + PARTIAL_SUFFIX)
+    written = False
     try:
         if stage.exists():
             shutil.rmtree(stage)
@@ -127,13 +134,19 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
         model.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
+        written = True
         if target.exists():
             shutil.rmtree(target)
         os.replace(stage, target)
     except PosttrainError:
+        shutil.rmtree(stage, ignore_errors=True)
         raise
     except Exception as e:  # OSError, or safetensors' own error for a full disk
-        raise _write_failed(target, e, stage) from None
+        raise _write_failed(target, e, stage, fix) from None
+    except BaseException:  # Ctrl-C: a half-written stage is removed (a complete one may be all that is left)
+        if not written:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def _sha256(path: Path) -> str:

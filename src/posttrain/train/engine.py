@@ -45,6 +45,7 @@ from .checkpoint import (
     save_checkpoint,
     save_pretrained_atomic,
 )
+from .gradient_checkpointing import gradient_checkpointing
 from .logging import MetricsLogger
 from .neftune import neftune
 from .optim import build_optimizer, build_scheduler
@@ -103,6 +104,7 @@ class EngineConfig:
     overwrite_output_dir: bool = False
     seed: int = 0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     sharding: str = "none"
     fsdp_reshard_after_forward: bool = True
     progress: bool = True
@@ -291,7 +293,9 @@ def fit(
     if accelerator.is_main_process:  # only rank 0 writes
         out = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
         lock = run_lock(str(out))
-    with lock:
+    # (on before sharding wraps the layers, off again when the run ends)
+    with lock, gradient_checkpointing(model, cfg.gradient_checkpointing,
+                                      log=log if accelerator.is_main_process else None):
         return _fit(model, algorithm, plan, cfg, out, tokenizer=tokenizer, accelerator=accelerator,
                     evaluate=evaluate, run_config=run_config, inputs=inputs, log=log, callbacks=callbacks)
 

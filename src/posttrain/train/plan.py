@@ -95,6 +95,32 @@ def split_even(units: list, parts: int) -> list[list]:
     return out
 
 
+def hold_out(units: list, fraction: float, *, seed: str, what: str = "training examples",
+             capped: str = "") -> tuple[list, list]:
+    """``data.eval_fraction``: hold out ``max(1, int(len(units) * fraction))`` of ``units`` for
+    evaluation, chosen by a shuffle seeded with the string ``seed`` (the same split on every run
+    and every machine). Returns ``(train, held)``, each in the units' order; refuses a split that
+    leaves nothing to train on (``capped`` adds why there are so few, e.g. a max_examples key)."""
+    rng = random.Random(seed)
+    idx = list(range(len(units)))
+    rng.shuffle(idx)
+    k = max(1, int(len(idx) * fraction))
+    if k >= len(idx):
+        raise ConfigError(
+            f"data.eval_fraction={fraction} holds out {k} of the {len(idx)} {what}{capped}, leaving none to train on.",
+            fix="use more training data, a smaller data.eval_fraction (0 for no eval), or a separate data.eval file.")
+    held = set(idx[:k])
+    return [u for i, u in enumerate(units) if i not in held], [units[i] for i in sorted(held)]
+
+
+def spread_eval_every(num_steps: int, times: int) -> int:
+    """``train.eval_every`` for about ``times`` evaluations spread over ``num_steps`` steps, the last
+    at the final step: ``ceil(num_steps / times)``. (The floor put a periodic evaluation a few
+    steps before the final one, e.g. steps 456 and 459 of 459 for four: two points at the end of
+    a curve.)"""
+    return max(1, math.ceil(num_steps / max(1, times)))
+
+
 class StepPlan:
     """Implements the engine's plan protocol (``num_steps``, ``batches``, ``fingerprint``).
 

@@ -7,6 +7,10 @@ tried, so read-only mounts and permissions are both caught), and a fresh run int
 that already holds another run's checkpoints or final model (unless ``train.resume`` or
 ``train.overwrite_output_dir`` is set). :func:`prepare_output_dir` then creates it (and clears
 the old run when overwriting).
+
+Commands that write one directory in one go (``posttrain export``, ``posttrain merge``) check
+their output with :func:`check_output_target` instead, before any work, in messages that name
+the command's own option (``--output``, ``output``, ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ def _probe_writable(directory: Path) -> OSError | None:
 
 
 def _unwritable(key: str, path: Path, err: OSError) -> ConfigError:
+    if key.startswith(("-", "arg:")):  # a command's option: it writes its result when the work is done
+        return ConfigError(
+            f"{_label(key)} needs '{path}' to be writable, and it is not ({err.strerror or err}); the command "
+            "would fail when it writes its result, after the work.",
+            fix=f"choose a writable {_plain(key)}, or fix the permissions (or free space) of '{path}'.")
     return ConfigError(
         f"{setting(key)} is '{path}', which cannot be written ({err.strerror or err}); the run would "
         "fail when it saves, after training.",
@@ -76,33 +85,115 @@ def _dangling(p: Path) -> bool:
     return p.is_symlink() and not p.exists()
 
 
+def _label(key: str) -> str:
+    """How a message names an output setting: ``Config key 'train.output_dir'``, ``Option '--output'``,
+    or ``Argument 'output'`` (a positional command-line argument, given as ``arg:output``)."""
+    return f"Argument '{key[4:]}'" if key.startswith("arg:") else setting(key)
+
+
+def _plain(key: str) -> str:
+    """How a fix names an output setting: ``train.output_dir``, ``--output``, ``the output argument``."""
+    return f"the {key[4:]} argument" if key.startswith("arg:") else key
+
+
+def _check_path(output_dir, out: Path, key: str) -> None:
+    """The checks every output location gets: not empty, no over-long component, no dangling link
+    on the way, not a file."""
+    if not str(output_dir).strip():
+        raise ConfigError(f"{_label(key)} is empty.", fix=f"set {_plain(key)} to a directory, e.g. runs/my-run.")
+    too_long = [part for part in out.parts if len(part.encode()) > 255]
+    if too_long:
+        raise ConfigError(f"{_label(key)} has a path component of {len(too_long[0].encode())} bytes; file systems "
+                          "allow 255.", fix=f"choose a shorter {_plain(key)}.")
+    for p in (out, *out.parents):
+        if _dangling(p):
+            raise ConfigError(f"{_label(key)} is '{output_dir}', but '{p}' is a symbolic link to "
+                              f"'{os.readlink(p)}', which does not exist.",
+                              fix="create the link's target, remove the link, or choose another directory.")
+
+
+def _check_creatable(output_dir, out: Path, key: str) -> None:
+    """``out`` does not exist: the closest existing folder above it must be a writable directory."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{_label(key)} is '{output_dir}', which lies under '{ancestor}', a file "
+                          "(a directory cannot be created inside a file).", fix=f"choose another {_plain(key)}.")
+    err = _probe_writable(ancestor)
+    if err is not None:
+        raise _unwritable(key, ancestor, err)
+
+
+def check_output_target(output, *, key: str, overwrite: bool = False, overwrite_flag: str = "--overwrite",
+                        command: str = "posttrain", protect: dict[str, object] | None = None) -> Path:
+    """Refuse, before any work, an output directory that a one-shot writer (``posttrain export``,
+    ``posttrain merge``) could not write as a whole: it is written next to itself as
+    ``<output>.partial`` and then renamed into place, replacing the old directory only with
+    ``overwrite``.
+
+    ``key`` names the caller's own option in every message (``--output``, or ``arg:output`` for a
+    positional argument); ``protect`` maps what the command reads (``{"the adapter": path}``) to
+    paths that replacing the output directory must not delete. Returns the output path."""
+    out = Path(str(output)).expanduser()
+    _check_path(output, out, key)
+    name = _plain(key)
+    if out.is_symlink():
+        raise ConfigError(
+            f"{_label(key)} is '{output}', a symbolic link (to '{os.readlink(out)}'); {command} writes a new "
+            "directory and renames it into place, which would replace the link, not write into its target.",
+            fix=f"give the link's target as {name}, or choose another {name}.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"{_label(key)} is '{output}', which is a file; {command} writes a model directory there "
+            f"(config.json, the weights and the tokenizer), and {overwrite_flag} only replaces a directory, never "
+            "a file.",
+            fix=f"give {name} a directory path that is not a file (e.g. '{output}-merged'), or move or delete the "
+            "file first.")
+    if not out.exists():
+        _check_creatable(output, out, key)
+        return out
+    err = _probe_writable(out.parent)  # <output>.partial is written beside it
+    if err is not None:
+        raise _unwritable(key, out.parent, err)
+    if any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"{_label(key)} is '{output}', a directory that exists and is not empty.",
+                fix=f"choose another {name} (a new or empty directory), or add {overwrite_flag} to replace that "
+                "directory and everything in it.")
+        whole = out.resolve()
+        for what, value in (protect or {}).items():
+            if not value or not Path(str(value)).expanduser().exists():
+                continue
+            src = Path(str(value)).expanduser().resolve()
+            if src == whole or whole in src.parents:
+                raise ConfigError(
+                    f"{_label(key)} is '{output}', and {overwrite_flag} would delete that directory, which holds "
+                    f"{what} ('{value}') that {command} reads.",
+                    fix=f"choose another {name}, outside '{value}'.")
+    return out
+
+
 def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: bool = False,
-                     key: str = "train.output_dir", protect: dict[str, str | None] | None = None) -> None:
+                     key: str = "train.output_dir", protect: dict[str, str | None] | None = None,
+                     overwrite_key: str = "train.overwrite_output_dir=true") -> None:
     """Refuse an output directory the run could not write, or one holding another run (see module doc).
 
     ``protect`` maps config keys to paths the run reads (the model, tokenizer, reference): an
-    overwrite that would delete one of them is refused."""
-    if not str(output_dir).strip():
-        raise ConfigError(f"{setting(key)} is empty.", fix=f"set {key} to a directory, e.g. runs/my-run.")
+    overwrite that would delete one of them is refused. ``key`` and ``overwrite_key`` name the
+    caller's own settings in the messages (a command's ``--out`` and ``--overwrite``)."""
     out = Path(output_dir).expanduser()
-    too_long = [part for part in out.parts if len(part.encode()) > 255]
-    if too_long:
-        raise ConfigError(f"{setting(key)} has a path component of {len(too_long[0].encode())} bytes; file systems "
-                          "allow 255.", fix=f"choose a shorter {key}.")
-    for p in (out, *out.parents):
-        if _dangling(p):
-            raise ConfigError(f"{setting(key)} is '{output_dir}', but '{p}' is a symbolic link to "
-                              f"'{os.readlink(p)}', which does not exist.",
-                              fix="create the link's target, remove the link, or choose another directory.")
+    _check_path(output_dir, out, key)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{setting(key)} is '{output_dir}', which is a file, not a directory.",
-                          fix=f"choose another {key}, or move the file away.")
+        raise ConfigError(f"{_label(key)} is '{output_dir}', which is a file, not a directory.",
+                          fix=f"choose another {_plain(key)}, or move the file away.")
     if overwrite and not resume and out.is_dir():
         doomed = [out / "checkpoints", out / "final"]
         for d in doomed:
             if d.is_symlink():
                 raise ConfigError(
-                    f"train.overwrite_output_dir=true would delete the old run's {d.name}/, but '{d}' is a symbolic "
+                    f"{overwrite_key} would delete the old run's {d.name}/, but '{d}' is a symbolic "
                     f"link (to '{os.readlink(d)}'), and posttrain does not delete through links.",
                     fix=f"delete the old {d.name} yourself (or remove the link), or choose another {key}.")
         for pkey, value in (protect or {}).items():
@@ -115,19 +206,11 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
             for d in doomed:
                 if d.exists() and (src == d.resolve() or d.resolve() in src.parents):
                     raise ConfigError(
-                        f"train.overwrite_output_dir=true would delete '{d}', which holds {pkey}={value}, a "
+                        f"{overwrite_key} would delete '{d}', which holds {pkey}={value}, a "
                         "model this run reads.",
                         fix=f"copy that model elsewhere and point {pkey} there, or choose another {key}.")
     if not out.exists():
-        ancestor = out.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise ConfigError(f"{setting(key)} is '{output_dir}', which lies under '{ancestor}', a file "
-                              "(a directory cannot be created inside a file).", fix=f"choose another {key}.")
-        err = _probe_writable(ancestor)
-        if err is not None:
-            raise _unwritable(key, ancestor, err)
+        _check_creatable(output_dir, out, key)
         return
     err = _probe_writable(out)
     if err is not None:
@@ -150,7 +233,7 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
         raise ConfigError(
             f"{setting(key)} is '{output_dir}', which holds {' and '.join(foreign)} that a posttrain run did not "
             "write; the run writes its own there and would replace them.",
-            fix=f"choose another {key} (e.g. a subdirectory), or set train.overwrite_output_dir=true to let the run "
+            fix=f"choose another {key} (e.g. a subdirectory), or set {overwrite_key} to let the run "
             "replace them.")
     found = ([f"{len(steps)} checkpoint(s) ({steps[0]} .. {steps[-1]})"] if steps else []) + (
         ["a final/ model"] if final else [])
@@ -160,7 +243,7 @@ def check_output_dir(output_dir: str, *, resume: str | None = None, overwrite: b
         raise ConfigError(
             f"{setting(key)} is '{output_dir}', which already holds an earlier run ({', '.join(found)}). "
             "A fresh run there would mix its checkpoints with the old ones or replace its model.",
-            fix=f"{cont}choose another train.output_dir, or set train.overwrite_output_dir=true to delete the old "
+            fix=f"{cont}choose another {key}, or set {overwrite_key} to delete the old "
             "checkpoints and final model first.",
         )
     if resume == "auto" and found and not has_checkpoints:
