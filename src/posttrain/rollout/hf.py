@@ -1,9 +1,16 @@
-"""Generation with Hugging Face ``generate`` (the CPU / default rollout backend).
+"""One completion per prompt: greedy decoding (evaluation) or sampling with Hugging Face ``generate``.
 
 Prompts are token-id lists (already chat-rendered); they are sorted by length and run in
 left-padded batches with a KV cache. Each result keeps the completion ids *including* the
 stop token when the model stopped by itself (``finished=True``), because later stages score
 and train on that token; ``text`` is the decoded completion without special tokens.
+
+Greedy decoding (``temperature == 0``, every evaluation) runs the sampler's own loop
+(:func:`posttrain.rollout.sampler.sample_groups` with one sample per prompt), which drops a row
+from the batch and the KV cache as soon as it emits a stop token. ``model.generate`` keeps
+decoding finished rows as padding until the longest answer of the batch ends, which on a CPU
+costs as much as decoding them: for answers of ~20 tokens in batches whose longest runs to the
+64-token budget, more than half of the decoding work. The tokens are the same argmax path.
 """
 
 from __future__ import annotations
@@ -87,15 +94,22 @@ def generate(
     check_position_limit(model, prompts, max_new_tokens, key="max_new_tokens (--max-new-tokens for posttrain eval)")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    sampling = temperature > 0
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt")
+    if not sampling:  # (the sampler switches the model to eval mode and back itself)
+        try:
+            _greedy_batches(model, tokenizer, prompts, order, results, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, bar=bar)
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     if seed is not None:
         torch.manual_seed(seed)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
-    sampling = temperature > 0
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt")
     # a model directory's generation_config.json must not change decoding (beams, penalties, or
     # strategies that would need repository code): decode with a clean config, restored after
     saved_config = model.generation_config
@@ -110,6 +124,19 @@ def generate(
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _greedy_batches(model, tokenizer, prompts, order, results, *, batch_size, max_new_tokens, bar) -> None:
+    """Greedy completions of ``prompts`` in length-sorted batches, finished rows leaving the batch."""
+    from .sampler import sample_groups  # (the sampler imports this module's helpers)
+
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        rolls = sample_groups(model, tokenizer, [prompts[i] for i in idx], group_size=1,
+                              max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+        for i, r in zip(idx, rolls):
+            results[i] = Generation(list(prompts[i]), r.completion_ids, r.text, r.finished)
+        bar.update(len(idx))
 
 
 def _generate_batches(model, tokenizer, prompts, order, results, *, batch_size, pad_id, stops, device, max_new_tokens,
