@@ -347,7 +347,8 @@ def test_config_errors(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cai_runs_from_the_command_line_with_the_instruct_templates(capsys, model_dirs, tmp_path, arch):
     """A tiny random model as policy, reviser and judge with the default (instruct-model)
-    templates and a YAML constitution: plumbing only (its answers never parse, and are counted)."""
+    templates and a YAML constitution: plumbing only. Its judge answers never parse: they are
+    counted, the artefacts are written, and the run stops with the reason (no AI labels at all)."""
     const = tmp_path / "constitution.yaml"
     const.write_text("- name: harmless\n  critique_request: Identify anything harmful in your last response.\n"
                      "  revision_request: Rewrite the response to remove anything harmful.\n"
@@ -359,9 +360,10 @@ def test_cai_runs_from_the_command_line_with_the_instruct_templates(capsys, mode
                  "sampling.max_new_tokens=6", "revise.critique_max_new_tokens=4", "revise.revision_max_new_tokens=6",
                  "revise.temperature=1.0", "judge.max_new_tokens=2", "select.train=none"])
     printed = capsys.readouterr()
-    assert code == 0, printed.err
-    assert "artefacts in" in printed.out
+    assert code == 2, printed.err
     s = json.loads((out / "cai.json").read_text())
+    assert f"none of the judge's {s['judge/answers']} answers parsed" in printed.err and "judge.model" in printed.err
+    assert s["judge/unparseable_answers"] == s["judge/answers"] >= 4 and s["pairs/made"] == 0
     samples = _jsonl(out / "samples.jsonl")
     assert len(samples) == 4 and all(len(r["rounds"]) == 1 for r in samples)
     assert s["judge/responses_unparseable"] + s["judge/responses_n"] == 4
@@ -373,11 +375,44 @@ def test_cai_runs_from_the_command_line_with_the_instruct_templates(capsys, mode
 def test_cai_with_the_world_base_model_in_every_role_counts_what_it_cannot_use(tmp_path):
     """The shipped base model as policy, reviser and judge (the paper's setting, untrained): the
     loop runs end to end and every unusable answer is counted (its revisions run past the token
-    limit, its judge answers do not parse), and nothing is trained on."""
-    res = run_cai(_cfg(tmp_path / "r", **{"sampling.prompts": 8, "revise.rounds": 1, "select.train": "none",
-                                          "revise.revision_max_new_tokens": 16}), log=lambda s: None)
-    s = res.summary
+    limit, its judge answers do not parse), nothing is trained on, and the run stops saying the
+    judge gave no label."""
+    with pytest.raises(TrainingError, match="none of the judge's 8 answers parsed"):
+        run_cai(_cfg(tmp_path / "r", **{"sampling.prompts": 8, "revise.rounds": 1, "select.train": "none",
+                                        "revise.revision_max_new_tokens": 16}), log=lambda s: None)
+    s = json.loads((tmp_path / "r" / "cai.json").read_text())
     assert s["judge/responses_unparseable"] + s["judge/responses_n"] == 8
     assert s["revise/revision_cut"] + s["revise/revision_empty"] + s["revise/revised"] + s["revise/too_long"] == 8
     assert len(_jsonl(tmp_path / "r" / "sft.jsonl")) == s["sft/records"] == s["revise/revised"]
-    assert res.final_dir is None
+    assert not (tmp_path / "r" / "final").exists()
+
+
+class MostlyMuteJudge(OracleJudge):
+    """The oracle's answer to every third question, an unparseable one to the others."""
+
+    def ask(self, questions):
+        real = super().ask(questions)
+        return [a if i % 3 == 0 else "hmm" for i, a in enumerate(real)]
+
+
+def test_a_judge_whose_answers_mostly_do_not_parse_warns_and_counts_them(tmp_path):
+    problems = generate_problems(40, seed=0, split="train")
+    lines = []
+    res = run_cai(_cfg(tmp_path / "r", **{"select.train": "none"}), model=tiny_model("llama", seed=0, hidden=32),
+                  tokenizer=world_tokenizer(), log=lines.append, reviser=OracleReviser(problems),
+                  judge=MostlyMuteJudge(problems))
+    s = res.summary
+    # 24 responses and 24 revisions scored, each changed pair compared in both orders
+    changed = 24 - s["pairs/unchanged"]
+    assert s["judge/answers"] == 48 + 2 * changed
+    assert s["judge/unparseable_answers"] == (s["judge/responses_unparseable"] + s["judge/revisions_unparseable"]
+                                              + s["pairs/unparseable_answers"])
+    assert s["judge/unparseable_answers"] >= s["judge/answers"] / 2
+    warned = [ln for ln in lines if ln.startswith("warning:") and "answers did not parse" in ln]
+    assert len(warned) == 1 and f"{s['judge/unparseable_answers']} of the judge's {s['judge/answers']}" in warned[0]
+    # the oracle's own answers (no unparseable score) warn about nothing
+    lines.clear()
+    run_cai(_cfg(tmp_path / "r2", **{"select.train": "none", "judge.pairs": "score"}),
+            model=tiny_model("llama", seed=0, hidden=32), tokenizer=world_tokenizer(), log=lines.append,
+            reviser=OracleReviser(problems), judge=OracleJudge(problems))
+    assert not [ln for ln in lines if "did not parse" in ln]

@@ -281,10 +281,92 @@ def _check_bounds(key: str, value: Any, meta: dict) -> None:
                           fix=f"set '{key}' to a value {rng}.")
 
 
-def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
+# Option names of peer trainers (TRL / transformers TrainingArguments, OpenRLHF, verl) and the
+# posttrain keys that mean the same; the first candidate that the command has is suggested.
+PEER_NAMES: dict[str, tuple[str, ...]] = {
+    "num_generations": ("rollout.group_size", "sampling.samples_per_prompt"),
+    "n_samples_per_prompt": ("rollout.group_size", "sampling.samples_per_prompt"),
+    "per_device_train_batch_size": ("train.micro_batch_size",),
+    "micro_train_batch_size": ("train.micro_batch_size",),
+    "gradient_accumulation_steps": ("train.grad_accum",),
+    "max_completion_length": ("rollout.max_new_tokens", "sampling.max_new_tokens", "loss.max_new_tokens"),
+    "max_new_tokens": ("rollout.max_new_tokens", "sampling.max_new_tokens", "loss.max_new_tokens"),
+    "generate_max_len": ("rollout.max_new_tokens", "sampling.max_new_tokens"),
+    "max_prompt_length": ("data.max_prompt_length",),
+    "prompt_max_len": ("data.max_prompt_length",),
+    "max_seq_length": ("data.max_length",),
+    "max_length": ("data.max_length",),
+    "beta": ("loss.kl_beta", "loss.beta"),
+    "init_kl_coef": ("loss.kl_beta",),
+    "kl_coef": ("loss.kl_beta",),
+    "learning_rate": ("train.lr",),
+    "actor_learning_rate": ("train.lr",),
+    "critic_learning_rate": ("critic.lr",),
+    "num_train_epochs": ("train.epochs",),
+    "num_iterations": ("loss.epochs",),
+    "ppo_epochs": ("loss.epochs",),
+    "epsilon": ("loss.clip_eps",),
+    "eps_clip": ("loss.clip_eps",),
+    "cliprange": ("loss.clip_eps",),
+    "epsilon_high": ("loss.clip_eps_high",),
+    "temperature": ("rollout.temperature", "sampling.temperature"),
+    "top_p": ("rollout.top_p", "sampling.top_p"),
+    "top_k": ("rollout.top_k", "sampling.top_k"),
+    "logging_steps": ("train.log_every",),
+    "save_steps": ("train.save_every",),
+    "eval_steps": ("train.eval_every",),
+    "save_total_limit": ("train.save_total_limit",),
+    "warmup_ratio": ("train.warmup_ratio",),
+    "weight_decay": ("train.weight_decay",),
+    "max_grad_norm": ("train.max_grad_norm",),
+    "seed": ("train.seed",),
+    "output_dir": ("train.output_dir",),
+    "report_to": ("train.report_to",),
+    "resume_from_checkpoint": ("train.resume",),
+    "gradient_checkpointing": ("train.gradient_checkpointing",),
+    "neftune_noise_alpha": ("train.neftune_alpha",),
+    "packing": ("data.packing",),
+    "model_name_or_path": ("model.name_or_path",),
+    "pretrain": ("model.name_or_path",),
+    "dataset_name": ("data.train",),
+    "train_dataset": ("data.train",),
+    "eval_dataset": ("data.eval",),
+    "lora_r": ("model.peft.r",),
+    "lora_alpha": ("model.peft.alpha",),
+    "lora_dropout": ("model.peft.dropout",),
+    "lora_target_modules": ("model.peft.target_modules",),
+    "mask_truncated_completions": ("rollout.mask_truncated",),
+    "label_smoothing": ("loss.label_smoothing",),
+    "rpo_alpha": ("loss.dpop_lambda",),
+    "entropy_coeff": ("loss.entropy_coef",),
+    "gamma": ("loss.gamma",),
+    "lam": ("loss.lam",),
+}
+
+
+def _peer_hint(prefix: str, key: str, cls: type | None) -> str | None:
+    """``rollout.group_size`` for ``num_generations``: the key of this command (``cls`` is the
+    section at ``prefix``) that a peer trainer's option name means."""
+    if cls is None:
+        return None
+    here = set(config_keys(cls))
+    for target in PEER_NAMES.get(key, ()):
+        rest = target[len(prefix):] if target.startswith(prefix) else None
+        if rest is not None and rest in here and target != f"{prefix}{key}":
+            return target
+    return None
+
+
+def _unknown_key(prefix: str, key: str, valid: list[str], cls: type | None = None) -> ConfigError:
     full = f"{prefix}{key}"
+    peer = _peer_hint(prefix, key, cls)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    if peer:
+        hint = f" Did you mean '{peer}'? ('{key}' is the name other trainers use for it.)"
+    elif close:
+        hint = f" Did you mean '{prefix}{close[0]}'?"
+    else:
+        hint = ""
     return ConfigError(
         f"Config key '{full}' does not exist.{hint} Valid keys here: "
         f"{', '.join(prefix + v for v in valid)}.",
@@ -335,7 +417,7 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
             raise ConfigError(f"Config section '{prefix.rstrip('.') or '(top level)'}' has the key {key!r}, which is "
                               "not a name.", fix=f"use option names such as {', '.join(list(fields)[:3])}.")
         if key not in fields:
-            raise _unknown_key(prefix, key, list(fields))
+            raise _unknown_key(prefix, key, list(fields), cls)
     try:
         return _build(cls, data, prefix, hints, fields)
     except PosttrainError as e:  # sections and validate() name keys relative to cls

@@ -337,7 +337,8 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     if model is None:
         model = load_policy(cfg.model, accelerator)
     s, rv = cfg.sampling, cfg.revise
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + s.max_new_tokens)
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + s.max_new_tokens,
+                     parts={"data.max_prompt_length": cfg.data.max_prompt_length, "sampling.max_new_tokens": s.max_new_tokens})
     if tokenizer.pad_token_id is None:
         raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
     prompts, eval_prompts, source = load_prompt_sets(cfg.data, tokenizer, seed=cfg.train.seed, log=log)
@@ -483,6 +484,16 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
         f"{_fmt(summary['judge/responses_agreement'])}, unparseable {summary['judge/responses_unparseable']}; "
         f"pairs {summary['pairs/made']} (both orders agree {_fmt(pr.agreement_rate)}, unchanged {pr.unchanged})")
 
+    asked = n + len(rev_idx) + (2 * (n - pr.unchanged - sum(f is None for f in finals))
+                                if cfg.judge.pairs == "compare" else 0)
+    unparsed = (sum(v is None for v in v_resp) + sum(v_rev[i] is None for i in rev_idx)
+                + (pr.unparseable if cfg.judge.pairs == "compare" else 0))
+    summary.update({"judge/answers": asked, "judge/unparseable_answers": unparsed})
+    judge_failed = asked > 0 and unparsed == asked
+    if unparsed and not judge_failed and unparsed >= asked / 2:
+        log(f"warning: {unparsed} of the judge's {asked} answers did not parse ({cfg.judge.model}); only the rest "
+            "label pairs. See the judge's answers in samples.jsonl; " + _JUDGE_FIX)
+
     # artefacts
     sft_records, pair_records = [], []
     for i, p in enumerate(items):
@@ -502,6 +513,15 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     summary.update({"sft/records": len(sft_records), "pairs/records": len(pair_records)})
     log(f"wrote {out / 'samples.jsonl'}, {len(sft_records)} SFT records to {out / 'sft.jsonl'}, "
         f"{len(pair_records)} pairs to {out / 'pairs.jsonl'}")
+
+    if judge_failed:
+        write_on_main(_write_summary, out, summary)
+        raise TrainingError(
+            f"cai: none of the judge's {asked} answers parsed (judge.model={cfg.judge.model}; an answer must be "
+            f"{'Yes or No for a score, A or B for a comparison' if cfg.judge.pairs == 'compare' else 'Yes or No'}), "
+            f"so there are no AI labels: 0 pairs"
+            f"{' and no judge_yes revisions' if cfg.select.sft == 'judge_yes' else ''}. The loop's artefacts are in "
+            f"{out}.", fix=_JUDGE_FIX)
 
     final_dir = None
     after: dict = {}
@@ -539,6 +559,12 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     table = summary_table(summary)
     log("\n" + table)
     return CAIResult(summary=summary, final_dir=final_dir, eval_metrics=after or before)
+
+
+_JUDGE_FIX = ("use an instruct judge that answers in one word (judge.model; in the tiny world one trained with "
+              "posttrain sft data.train=builtin:world-judge), give it room (judge.max_new_tokens; with "
+              "judge.reasoning=true only the last line is parsed), or make judge.score_template / "
+              "judge.compare_template ask for exactly that word.")
 
 
 def _rate(flags: list[bool | None]) -> str:

@@ -356,7 +356,9 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_policy(cfg.model, accelerator)
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                     parts={"data.max_prompt_length": cfg.data.max_prompt_length,
+                            "rollout.max_new_tokens": cfg.rollout.max_new_tokens})
     if tokenizer.pad_token_id is None:
         raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
     model = apply_peft(model, cfg.model.peft, log=log)

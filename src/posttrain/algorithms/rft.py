@@ -261,7 +261,8 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
         if model is not None:
             log(f"note: resuming after round {last}: the model passed in is replaced by round {last}'s weights")
         model = _load_policy(cfg, accelerator, done, out)
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + s.max_new_tokens)
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + s.max_new_tokens,
+                     parts={"data.max_prompt_length": cfg.data.max_prompt_length, "sampling.max_new_tokens": s.max_new_tokens})
     if tokenizer.pad_token_id is None:
         raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
     if not is_peft(model):

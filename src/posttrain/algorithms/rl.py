@@ -42,7 +42,7 @@ import torch
 from ..config import unused_notes, validated
 from ..data import EncodedExample, load_records
 from ..data.chat import render_prompt
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingError
 from ..models.loading import (
     accelerator_for,
     check_model_fits,
@@ -623,7 +623,49 @@ class RLRunner:
                                            dropped_groups, rounds, metrics_parts)
         self.state.pending.update(process_metrics)
         self._write_samples(k, kept, groups)
+        self._check_signal(k, self.state.pending, valid)
         return groups
+
+    def _check_signal(self, k: int, m: dict, valid: torch.Tensor) -> None:
+        """Warn when an iteration carries no learning signal, and stop when no valid reward has arrived
+        for ``monitor.no_reward_steps`` iterations in a row (the policy gradient is zero throughout)."""
+        mon, state = self.cfg.monitor, self.state
+        if not bool(valid.any()):
+            state.no_reward_run += 1
+            why = ", ".join(f"{key.split('reward/invalid_', 1)[1]}: {int(v)}" for key, v in m.items()
+                            if key.startswith("reward/invalid_") and v) or "none counted"
+            text = (f"iteration {k + 1}: no valid reward: every one of the {len(valid)} completions got a NaN or "
+                    f"None reward (invalid per function: {why}), so nothing is trained this iteration")
+            if mon.no_reward_steps and state.no_reward_run >= mon.no_reward_steps:
+                raise TrainingError(
+                    f"{text}; that is {state.no_reward_run} iterations in a row (monitor.no_reward_steps="
+                    f"{mon.no_reward_steps}), so the run stops.",
+                    fix="check the reward functions on a few samples (samples.jsonl has the completions): a reward "
+                    "returns None / NaN only for completions it cannot score (e.g. no parseable answer; raise "
+                    "rollout.max_new_tokens if they are cut off), and its record fields must be present; "
+                    "monitor.no_reward_steps=0 only warns.")
+            state._warn("no_reward", f"{text}. The run stops after monitor.no_reward_steps="
+                            f"{mon.no_reward_steps} such iterations in a row. Check the reward functions "
+                            "(samples.jsonl has the completions).")
+            return
+        state.no_reward_run = 0
+        group_based = self.estimator.needs_groups or bool(self.est_hparams.get("subtract_group_mean"))
+        zero = m.get("zero_variance_groups", 0.0)
+        if not group_based or self.cfg.rollout.group_size < 2 or self.loss.dynamic_sampling:
+            return
+        if zero >= 1.0:
+            state._warn("zero_variance_all", (
+                f"iteration {k + 1}: every prompt group had identical rewards, so the group-relative "
+                "advantages and this iteration's policy gradient are zero (the KL and entropy terms aside). "
+                "Set loss.dynamic_sampling=true (resample such groups), raise rollout.temperature or "
+                "rollout.group_size, or use harder prompts / a reward that tells the completions apart."))
+        elif k == 0 and mon.zero_variance_warn and zero >= mon.zero_variance_warn:
+            state._warn("zero_variance", (
+                f"iteration {k + 1}: {zero:.0%} of the prompt groups had identical rewards (at or above "
+                f"monitor.zero_variance_warn={mon.zero_variance_warn}); those groups give no gradient, so the "
+                "policy starts too peaked (or the prompts too easy or too hard) to learn much. Set "
+                "loss.dynamic_sampling=true, raise rollout.temperature or rollout.group_size, or pick prompts "
+                "the model solves only sometimes."))
 
     def _sample_scored(self, idx: list[int], G: int, temperature: float, seed: int, times: dict):
         """``G`` rollouts of each prompt ``idx[p]`` (group id ``p``) and their scores. With N
@@ -1062,7 +1104,9 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     tokenizer = tokenizer or tokenizer_for(cfg.model)
     if model is None:
         model = load_policy(cfg.model, accelerator)
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                     parts={"data.max_prompt_length": cfg.data.max_prompt_length,
+                            "rollout.max_new_tokens": cfg.rollout.max_new_tokens})
     if tokenizer.pad_token_id is None:
         raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
     # the critic (only for estimators that need one) copies the policy's backbone before any adapter is added

@@ -259,6 +259,13 @@ class MonitorConfig:
                                     "with the gold functions (0: off) ...", min=0)
     hacking_gold_drop: float = option(0.03, "... warning when the trained reward rose while the gold mean fell by "
                                             "more than this between the two half-windows.", min=0.0)
+    no_reward_steps: int = option(3, "No signal: stop when this many iterations in a row have no valid reward (every "
+                                     "reward NaN or None, so nothing is trained); the first one warns. 0: warn only.",
+                                  min=0)
+    zero_variance_warn: float = option(0.5, "Warn when, at the first iteration, at least this fraction of the prompt "
+                                            "groups have identical rewards (no gradient from them; group-relative "
+                                            "estimators). A later iteration warns only when every group does. 0: "
+                                            "off.", min=0.0, max=1.0)
 
 
 def check_sequence_level_aggregation(loss: RLLossConfig) -> None:

@@ -27,6 +27,7 @@ class RLState:
         self.gold_acc: list[float] = []
         self.warned: dict[str, bool] = {"collapse": False, "kl": False, "hacking": False}
         self.entropy0: float | None = None  # the first iteration's entropy (collapse is a fall from it)
+        self.no_reward_run = 0              # iterations in a row without a valid reward
 
     # -- engine callback
     def __call__(self, record: dict) -> None:
@@ -40,6 +41,7 @@ class RLState:
             record.setdefault(f"warning/{k}", 0)
 
     def _warn(self, key: str, text: str) -> None:
+        """Print ``warning: text`` the first time ``key`` fires in this run."""
         if not self.warned.get(key):
             self.warned[key] = True
             self.log(f"warning: {text}")
@@ -83,7 +85,7 @@ class RLState:
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "kl": self.kl.state_dict(), "proxy": self.proxy, "gold": self.gold_acc,
-                "warned": dict(self.warned), "entropy0": self.entropy0}
+                "warned": dict(self.warned), "entropy0": self.entropy0, "no_reward_run": self.no_reward_run}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
@@ -92,3 +94,4 @@ class RLState:
         self.gold_acc = [float(x) for x in state.get("gold", [])]
         self.warned.update(state.get("warned", {}))
         self.entropy0 = None if state.get("entropy0") is None else float(state["entropy0"])
+        self.no_reward_run = int(state.get("no_reward_run", 0))

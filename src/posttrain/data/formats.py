@@ -1,6 +1,6 @@
 """Record schemas, validation and loading.
 
-A data set is a sequence of JSON-like records in one of six formats:
+A data set is a sequence of JSON-like records in one of these formats:
 
 ``conversational``
     ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
@@ -29,6 +29,13 @@ A data set is a sequence of JSON-like records in one of six formats:
     ``{"prompt": ..., "completion": ..., "label": true|false}`` (KTO-style data).
 ``prompt_answer``
     ``{"prompt": str | messages, "answer": str | int}`` (RL with verifiable rewards).
+``stepwise``
+    ``{"prompt": ..., "completions": [step, ...]}`` with optional ``"labels"`` (process reward models).
+``prompt``
+    ``{"prompt": str | messages}`` and nothing a format above needs: prompts for the sampling
+    methods whose rewards read no reference answer (a reward model, a judge, a length or
+    format rule, a user function reading the record's other fields). Detected last, so a
+    record with a ``completion`` or an ``answer`` is never taken for prompt-only.
 
 :func:`load_records` reads JSON Lines, JSON arrays, Parquet, or any iterable of dicts
 (a Hugging Face ``datasets.Dataset`` included), validates every record, and returns a
@@ -59,6 +66,7 @@ FORMATS: tuple[str, ...] = (
     "prompt_answer",
     "ranked",
     "stepwise",
+    "prompt",
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -71,6 +79,7 @@ _FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "prompt_answer": ("prompt", "answer"),
     "ranked": ("prompt", "responses", "rewards"),
     "stepwise": ("prompt", "completions"),
+    "prompt": ("prompt",),
 }
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -366,6 +375,8 @@ def detect_format(record: Mapping) -> str | None:
         return "prompt_answer"
     if _present(record, "prompt") and _present(record, "completion"):
         return "prompt_completion"
+    if _present(record, "prompt"):
+        return "prompt"
     return None
 
 
@@ -541,6 +552,10 @@ def _validate_prompt_answer(chk: _Checker, record: Mapping) -> dict:
     return {**record, "prompt": prompt, "answer": answer}
 
 
+def _validate_prompt_only(chk: _Checker, record: Mapping) -> dict:
+    return {**record, "prompt": _prompt(chk, record["prompt"])}
+
+
 def _validate_ranked(chk: _Checker, record: Mapping) -> dict:
     prompt = _prompt(chk, record["prompt"])
     responses, rewards = record["responses"], record["rewards"]
@@ -626,6 +641,7 @@ _VALIDATORS = {
     "prompt_answer": _validate_prompt_answer,
     "ranked": _validate_ranked,
     "stepwise": _validate_stepwise,
+    "prompt": _validate_prompt_only,
 }
 
 
@@ -943,6 +959,19 @@ def open_records(source: str | os.PathLike | Iterable[Mapping], format: str = "a
     return source_name, _validated(items, source_name, format, field_map)
 
 
+def _layout_hint(keys: list[str]) -> str | None:
+    """The field-mapping preset that fits a public data set's own layout, if the keys show one."""
+    have = set(keys)
+    if {"question", "answer"} <= have:
+        return ("these look like GSM8K records (question, answer with the final number after '####'): add "
+                "data.fields=gsm8k for RL (question -> prompt, the number after #### -> answer) or "
+                "data.fields=gsm8k-sft for SFT (question -> prompt, the worked answer -> completion).")
+    if {"instruction", "output"} <= have:
+        return ("these look like Alpaca records (instruction, input, output): add data.fields=alpaca "
+                "(instruction + input -> prompt, output -> completion).")
+    return None
+
+
 def _validated(items, source_name: str, format: str, field_map) -> Iterator[tuple[str, dict, str]]:
     from .fields import map_record
 
@@ -975,7 +1004,8 @@ def _validated(items, source_name: str, format: str, field_map) -> Iterator[tupl
                     None,
                     f"cannot tell the data format from the keys {found}. Each format needs these keys: "
                     f"{options}.",
-                    "rename the keys to one of these sets, or pass the format explicitly.",
+                    _layout_hint(found) or "rename the keys to one of these sets, or map your fields to them with "
+                    "data.fields (e.g. data.fields='{prompt: question}'; presets gsm8k, gsm8k-sft, alpaca).",
                 )
             if fmt is None:
                 fmt, first_location = detected, location

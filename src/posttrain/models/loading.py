@@ -710,15 +710,30 @@ def max_positions(config) -> int | None:
     return None
 
 
-def check_max_length(max_length: int, model, *, key: str = "data.max_length") -> None:
-    """Refuse sequences longer than the model's position limit, naming both numbers."""
+def check_max_length(max_length: int, model, *, key: str = "data.max_length",
+                     parts: dict[str, int] | None = None) -> None:
+    """Refuse sequences longer than the model's position limit, naming both numbers. ``parts``:
+    the config keys whose sum is ``max_length`` (a prompt budget plus new tokens), named instead of
+    ``key`` so the message speaks of the settings the user wrote."""
     limit = max_positions(model.config)
-    if limit is not None and max_length > limit:
+    if limit is None or max_length <= limit:
+        return
+    if parts:
+        names = list(parts)
+        shown = " + ".join(f"{k}={v}" for k, v in parts.items())
+        last, rest = names[-1], sum(parts[k] for k in names[:-1])
+        room = (f"set {last} to at most {limit - rest}" if limit - rest >= 1
+                else f"lower {' or '.join(names[:-1])} below {limit}")
         raise ConfigError(
-            f"{setting(key)} is {max_length}, longer than the model's position limit of {limit} tokens "
-            f"(max_position_embeddings in its config.json).",
-            fix=f"set {key} to at most {limit}.",
+            f"The longest sequence is {shown} = {max_length} tokens, longer than the model's position limit of "
+            f"{limit} tokens (max_position_embeddings in its config.json).",
+            fix=f"{room}, or lower {' / '.join(names)} so that their sum is at most {limit}.",
         )
+    raise ConfigError(
+        f"{setting(key)} is {max_length}, longer than the model's position limit of {limit} tokens "
+        f"(max_position_embeddings in its config.json).",
+        fix=f"set {key} to at most {limit}.",
+    )
 
 
 def check_tokenizer_fits(tokenizer, model, *, key: str = "model.tokenizer") -> None:
@@ -757,10 +772,10 @@ def check_same_vocabulary(other, model, *, key: str) -> None:
             "frozen copy of the starting model).")
 
 
-def check_model_fits(model, tokenizer, model_cfg, *, max_length: int) -> None:
-    """After loading: ``data.max_length`` within the model's position limit, and every token id of
-    the tokenizer inside its embedding."""
-    check_max_length(max_length, model)
+def check_model_fits(model, tokenizer, model_cfg, *, max_length: int, parts: dict[str, int] | None = None) -> None:
+    """After loading: ``data.max_length`` (or the sum of the keys ``parts`` names) within the model's
+    position limit, and every token id of the tokenizer inside its embedding."""
+    check_max_length(max_length, model, parts=parts)
     check_tokenizer_fits(tokenizer, model, key="model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
 
 

@@ -234,6 +234,7 @@ def check_reward_fields(functions: Iterable[RewardFunction], available_fields: s
             shown = ", ".join(repr(k) for k in sorted(available_fields)) or "none"
             raise DataError(
                 f"{where(source)}: reward function '{f.name}' needs the record field(s) "
-                f"{', '.join(repr(k) for k in missing)}, which the records do not have (their fields: {shown}).",
+                f"{', '.join(repr(k) for k in missing)}, which the records do not have (their fields besides the "
+                f"prompt: {shown}).",
                 fix=f"add {' and '.join(repr(k) for k in missing)} to every record of {source or 'the data'} (for "
                 f"example the reference answer as \"answer\"), or remove '{f.name}' from reward.functions.")
