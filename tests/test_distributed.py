@@ -223,14 +223,20 @@ def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, c
     are exchanged) and train their share of each step: the same weights, and their JSONL
     artefacts (the same samples, pairs and rounds) written once. On-policy distillation samples
     each micro-batch's completions where it is trained (per-sample seeds): the same weights. CAI
-    (responses, critiques, revisions, judge verdicts, pairs) writes the same artefacts."""
+    (responses, critiques, revisions, judge verdicts, pairs) writes the same artefacts (and, with a judge
+    that parses nothing, stops the same way)."""
     common = [f"model.name_or_path={ws / 'model'}", "data.world_examples=24", "data.eval=null", "train.progress=false",
               "train.lr=1e-3", *(a.format(ws=ws) for a in args)]
     # rft's SFT stage as sft: 2 processes x accumulation 1 = 1 process x accumulation 2; online DPO's steps are
     # its iterations' pairs whatever the process count
     one, two = (["train.grad_accum=2"], ["train.grad_accum=1"]) if accumulation else ([], [])
-    assert main([command, *common, *one, f"train.output_dir={tmp_path / 'one'}"]) == 0
-    _torchrun([command, *common, *two, f"train.output_dir={tmp_path / 'two'}"], tmp_path)
+    # a random judge parses none of its answers: CAI stops (exit 2) after writing its artefacts, under one
+    # process and under two alike
+    want = 2 if command == "cai" else 0
+    assert main([command, *common, *one, f"train.output_dir={tmp_path / 'one'}"]) == want
+    r = _torchrun([command, *common, *two, f"train.output_dir={tmp_path / 'two'}"], tmp_path, check=want == 0)
+    if want:
+        assert r.returncode != 0 and "none of the judge's" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     if command == "cai":   # a random reviser's revisions are cut, so nothing to fine-tune: the artefacts only
         assert not (tmp_path / "one" / "final").exists() and not (tmp_path / "two" / "final").exists()
         def summary(run):
