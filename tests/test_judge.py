@@ -115,16 +115,15 @@ def test_a_reasoning_judge_is_parsed_on_its_last_line_only():
             self.scripted = answers
 
         def ask(self, questions):
-            import posttrain.rollout.sampler as sampler
-            from posttrain.rollout.sampler import Rollout
+            from posttrain.rollout import HFSampler, Rollout
 
-            real = sampler.sample_groups
-            sampler.sample_groups = lambda m, t, ids, **kw: [Rollout(i, [], [], [], a, True)
-                                                             for i, a in enumerate(self.scripted[:len(ids)])]
+            real = HFSampler.generate
+            HFSampler.generate = lambda backend, reqs, sampling: [Rollout(i, [], [], [], a, True)
+                                                                  for i, a in enumerate(self.scripted[:len(reqs)])]
             try:
                 return super().ask(questions)
             finally:
-                sampler.sample_groups = real
+                HFSampler.generate = real
 
     answers = ["7 + 5 = 12\n#### 12\nYes", "working\nmaybe", "No"]
     verdicts, bad = Scripted(answers, reasoning=True).score(["q"] * 3, ["r"] * 3, principle="p")

@@ -17,7 +17,6 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms import rl as rl_mod
 from posttrain.algorithms.rl import RLConfig, run_rl
 from posttrain.config import load_config
 from posttrain.data.chat import render_prompt
@@ -123,15 +122,17 @@ def test_the_loop_places_u_per_token_or_sums_it(dirs, tmp_path, monkeypatch, alg
     grpo: one advantage per completion, the group-normalized sum of u."""
     from posttrain.models.loading import load_causal_lm
 
+    from posttrain.rollout import HFSampler
+
     seen = []
-    real = rl_mod.sample_groups
+    real = HFSampler.generate
 
     def recording(*a, **kw):
         out = real(*a, **kw)
         seen.extend(out)
         return out
 
-    monkeypatch.setattr(rl_mod, "sample_groups", recording)
+    monkeypatch.setattr(HFSampler, "generate", recording)
     out = tmp_path / algorithm
     res = run_rl(_cfg(out, dirs["teacher"], algorithm=algorithm), model=tiny_model("llama", seed=0, hidden=32),
                  tokenizer=world_tokenizer(), log=lambda s: None)

@@ -71,7 +71,7 @@ from ..rewards.judge import (
     chat_replies,
     load_constitution,
 )
-from ..rollout.sampler import sample_groups
+from ..rollout import HFSampler, Rollout, SamplingParams, requests
 from ..train.engine import fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
@@ -371,8 +371,6 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     def gold(items, texts: list[str | None], finished: list[bool]) -> list[bool | None]:
         if not verifier:
             return [None] * len(texts)
-        from ..rollout.sampler import Rollout
-
         rolls = [Rollout(i, [], [], [], t or "", f) for i, (t, f) in enumerate(zip(texts, finished))]
         res = score_rollouts(verifier, items, rolls, max_new_tokens=s.max_new_tokens)
         return [bool(v >= cfg.verifier_threshold) if ok else None for v, ok in zip(res.total.tolist(), res.valid.tolist())]
@@ -387,9 +385,10 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     n = len(items)
     log(f"cai: {n} prompts, {rv.rounds} revision round(s) under {len(constitution)} principle(s) "
         f"({', '.join(names)}); reviser {rv.model}, judge {cfg.judge.model}")
-    rolls = sample_groups(model, tokenizer, [p.ids for p in items], group_size=1, max_new_tokens=s.max_new_tokens,
-                          temperature=s.temperature, top_p=s.top_p,
-                          seed=random.Random(f"cai-sample-{cfg.train.seed}").getrandbits(62), batch_size=s.batch_size)
+    rolls = HFSampler(model, tokenizer, batch_size=s.batch_size).generate(
+        requests([p.ids for p in items]),
+        SamplingParams(s.max_new_tokens, s.temperature, s.top_p,
+                       seed=random.Random(f"cai-sample-{cfg.train.seed}").getrandbits(62)))
     responses = [r.text for r in rolls]
     gold_response = gold(items, responses, [r.finished for r in rolls])
     log(f"responses: {n} sampled in {time.time() - t0:.0f}s"

@@ -197,7 +197,7 @@ class OnPolicyPlan:
 
     def batches(self, step: int) -> list[dict]:
         from ..data import EncodedExample, best_fit_decreasing
-        from ..rollout.sampler import sample_groups
+        from ..rollout import HFSampler, SamplingParams, requests
         from .sft import _collate
 
         if not self.on_policy(step):
@@ -208,8 +208,9 @@ class OnPolicyPlan:
         idx = [i for mb in units for u in mb for i in u]
         examples = self.base.examples
         prompts = [examples[i].input_ids[: _prompt_length(examples[i])] for i in idx]
-        rolls = sample_groups(self.model, self.tokenizer, prompts, group_size=1, max_new_tokens=self.max_new_tokens,
-                              temperature=self.temperature, seed=_step_seed("on-policy-sample", self.seed, step))
+        rolls = HFSampler(self.model, self.tokenizer).generate(
+            requests(prompts),
+            SamplingParams(self.max_new_tokens, self.temperature, seed=_step_seed("on-policy-sample", self.seed, step)))
         new = {i: EncodedExample(input_ids=p + r.completion_ids, labels=[-100] * len(p) + r.completion_ids)
                for i, p, r in zip(idx, prompts, rolls)}
         out = []
@@ -245,7 +246,7 @@ def _prompt_length(e) -> int:
 
 def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResult:
     from ..rewards import compute_rewards, resolve_reward_functions
-    from ..rollout.sampler import sample_groups
+    from ..rollout import HFSampler, SamplingParams, requests
     from ..train.rundir import check_output_dir
     from .rl import encode_prompts, load_prompt_source
     from .rl_config import RLDataConfig
@@ -261,8 +262,9 @@ def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResu
     functions = resolve_reward_functions(list(c.filter), None, options={}, tokenizer=tokenizer) if c.filter else []
     log(f"seqkd: the teacher answers {len(prompts)} prompts x {c.samples}"
         + (f" (filter: {', '.join(c.filter)})" if c.filter else ""))
-    rolls = sample_groups(teacher, tokenizer, [p.ids for p in prompts], group_size=c.samples,
-                          max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature, seed=cfg.train.seed)
+    rolls = HFSampler(teacher, tokenizer).generate(
+        requests([p.ids for p in prompts]),
+        SamplingParams(c.max_new_tokens, c.sample_temperature, n=c.samples, seed=cfg.train.seed))
     keep = [r.finished for r in rolls]
     if functions:
         flat = [p for p in prompts for _ in range(c.samples)]

@@ -49,6 +49,7 @@ from ..models.loading import (
 from ..models.peft import apply_peft
 from ..ops import get_preference_loss
 from ..rewards import check_reward_fields
+from ..rollout import HFSampler, SamplingParams, generate_shared, requests
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
 from ..train.plan import spread_eval_every, write_on_main
@@ -60,7 +61,6 @@ from .rl import (
     epoch_order_indices,
     load_prompt_sets,
     prompt_evaluator,
-    sample_groups_shared,
     score_rollouts,
 )
 from .rl_config import RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
@@ -202,6 +202,7 @@ class PairPlan:
                  state: OnlineState, log, out_dir: Path):
         self.cfg = cfg
         self.model, self.reference, self.tokenizer = model, reference, tokenizer
+        self.backend = HFSampler(model, tokenizer, batch_size=cfg.rollout.batch_size)
         self.prompts, self.functions, self.gold = prompts, functions, gold
         self.algo, self.state, self.log, self.out_dir = algo, state, log, out_dir
         self.k = cfg.online.steps_per_rollout
@@ -251,10 +252,10 @@ class PairPlan:
             n = want if rounds == 0 else min(4 * want, math.ceil(missing / max(len(units) / stats["prompts"], 0.25)))
             idx = self._next_prompts(n)
             stats["prompts"] += n
-            rolls = sample_groups_shared(self.model, self.tokenizer, [self.prompts[i].ids for i in idx], group_size=G,
-                                  max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
-                                  top_k=ro.top_k, seed=_seed("online-dpo-sample", self.seed, k, rounds),
-                                  batch_size=ro.batch_size)
+            rolls = generate_shared(
+                self.backend, requests([self.prompts[i].ids for i in idx]),
+                SamplingParams(ro.max_new_tokens, ro.temperature, ro.top_p, ro.top_k, n=G,
+                               seed=_seed("online-dpo-sample", self.seed, k, rounds)))
             items = [self.prompts[i] for i in idx for _ in range(G)]
             res = score_rollouts(self.functions, items, rolls, max_new_tokens=ro.max_new_tokens)
             rewards_all.append(res.total[res.valid])

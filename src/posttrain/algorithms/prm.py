@@ -65,7 +65,7 @@ from ..rewards.process import (
     split_steps,
     step_logits,
 )
-from ..rollout.sampler import sample_groups
+from ..rollout import HFSampler, SamplingParams, requests
 from ..train.engine import FitResult, fit
 from ..train.plan import StepPlan, write_on_main
 from ..train.rundir import check_output_dir
@@ -239,9 +239,11 @@ def monte_carlo_labels(records: list[dict], steps: list[list[str]], *, policy, t
                               max_new_tokens=labels.max_new_tokens, **fields)
         return [bool(v) and float(t) >= labels.threshold for v, t in zip(res.valid, res.total)]
 
+    backend = HFSampler(policy, tokenizer, batch_size=labels.batch_size)
+
     def sample(prefs, k):
-        rolls = sample_groups(policy, tokenizer, prefs, group_size=k, max_new_tokens=labels.max_new_tokens,
-                              temperature=labels.temperature, seed=seed, batch_size=labels.batch_size)
+        rolls = backend.generate(requests(prefs), SamplingParams(labels.max_new_tokens, labels.temperature, n=k,
+                                                                 seed=seed))
         return [r.text for r in rolls]
 
     counts = mc_success_counts(

@@ -48,6 +48,7 @@ from ..models.loading import (
 )
 from ..models.peft import apply_peft, is_peft
 from ..rewards import check_reward_fields
+from ..rollout import HFSampler, SamplingParams, generate_shared, requests
 from ..train.engine import fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
@@ -57,7 +58,6 @@ from .rl import (
     epoch_order_indices,
     evaluate_prompts,
     load_prompt_sets,
-    sample_groups_shared,
     score_rollouts,
 )
 from .rl_config import RewardConfig, RLDataConfig, check_reward_config
@@ -307,10 +307,10 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
         idx = round_prompts(len(prompts), seed=cfg.train.seed, start=(r - 1) * s.prompts_per_round,
                             count=s.prompts_per_round)
         K = s.samples_per_prompt
-        rolls = sample_groups_shared(model, tokenizer, [prompts[i].ids for i in idx], group_size=K,
-                              max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                              top_k=s.top_k, seed=random.Random(f"rft-sample-{cfg.train.seed}-{r}").getrandbits(62),
-                              batch_size=s.batch_size)
+        rolls = generate_shared(
+            HFSampler(model, tokenizer, batch_size=s.batch_size), requests([prompts[i].ids for i in idx]),
+            SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.top_k, n=K,
+                           seed=random.Random(f"rft-sample-{cfg.train.seed}-{r}").getrandbits(62)))
         t_sample = time.time() - t0
         res = score_rollouts(functions, [prompts[i] for i in idx for _ in range(K)], rolls,
                              max_new_tokens=s.max_new_tokens)

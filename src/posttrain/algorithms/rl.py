@@ -68,7 +68,7 @@ from ..ops import (
     value_loss,
 )
 from ..rewards import check_reward_fields, compute_rewards, resolve_reward_functions
-from ..rollout.sampler import Rollout, sample_groups
+from ..rollout import HFSampler, Rollout, RolloutBackend, SamplingParams, my_share, place_groups, requests
 from ..train.engine import FitResult, fit, to_device
 from ..data.fields import check_builtin
 from ..train.plan import gather_objects, rank_world, split_even, spread_eval_every
@@ -450,6 +450,7 @@ class RLRunner:
                  algorithm: OnlineRLAlgorithm, state: RLState, out_dir: Path, log, critic=None):
         self.cfg, self.loss = cfg, loss
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
+        self.backend: RolloutBackend = HFSampler(model, tokenizer, batch_size=cfg.rollout.batch_size)
         self.critic = critic
         self.prompts: list[PromptItem] = prompts
         self.rewards, self.gold = rewards, gold
@@ -672,12 +673,12 @@ class RLRunner:
         processes, process r samples and scores groups r, r+N, ... and the shares are exchanged,
         so every process returns the whole batch (the same as a single process would)."""
         ro = self.cfg.rollout
-        rank, world = rank_world()
-        mine = list(range(rank, len(idx), world))
+        _, world = rank_world()
+        mine = my_share(len(idx))
         t = time.time()
-        rolls = sample_groups(self.model, self.tokenizer, [self.prompts[idx[p]].ids for p in mine], group_size=G,
-                              max_new_tokens=ro.max_new_tokens, temperature=temperature, top_p=ro.top_p,
-                              top_k=ro.top_k, seed=seed, batch_size=ro.batch_size, group_ids=mine)
+        rolls = self.backend.generate(
+            requests([self.prompts[idx[p]].ids for p in mine], mine),
+            SamplingParams(ro.max_new_tokens, temperature, ro.top_p, ro.top_k, n=G, seed=seed))
         times["generate"] += time.time() - t
         t = time.time()
         scored = self._score([idx[p] for p in mine], rolls) if mine else None
@@ -925,27 +926,6 @@ class RLRunner:
                     fh.write(json.dumps(record) + "\n")
 
 
-def place_groups(parts: list[tuple[list[int], list[Rollout]]], n_groups: int, G: int) -> list[Rollout]:
-    """The whole batch's rollouts from the processes' shares ``(group ids, their rollouts)``."""
-    full: list = [None] * (n_groups * G)
-    for ps, rs in parts:
-        for n, p in enumerate(ps):
-            full[p * G:(p + 1) * G] = rs[n * G:(n + 1) * G]
-    return full
-
-
-def sample_groups_shared(model, tokenizer, prompts: list[list[int]], *, group_size: int, **kw) -> list[Rollout]:
-    """:func:`posttrain.rollout.sampler.sample_groups` over N processes: process r samples groups
-    r, r+N, ... (with their group ids, so the draws are the single-process ones) and every process
-    returns the whole batch. In a single process, ``sample_groups`` itself."""
-    rank, world = rank_world()
-    if world == 1:
-        return sample_groups(model, tokenizer, prompts, group_size=group_size, **kw)
-    mine = list(range(rank, len(prompts), world))
-    rolls = sample_groups(model, tokenizer, [prompts[p] for p in mine], group_size=group_size, group_ids=mine, **kw)
-    return place_groups(gather_objects((mine, rolls)), len(prompts), group_size)
-
-
 def _zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:
     vals = total[valid]
     return vals.numel() < 2 or bool((vals == vals[0]).all())
@@ -1016,8 +996,8 @@ def evaluate_prompts(model, tokenizer, prompts: list[PromptItem], functions, *, 
     (``eval_reward/<name>``) and the mean completion length."""
     if not prompts:
         return {}
-    rolls = sample_groups(model, tokenizer, [p.ids for p in prompts], group_size=1, max_new_tokens=max_new_tokens,
-                          temperature=0.0, batch_size=batch_size)
+    rolls = HFSampler(model, tokenizer, batch_size=batch_size).generate(
+        requests([p.ids for p in prompts]), SamplingParams(max_new_tokens, temperature=0.0))
     res = score_rollouts(functions, prompts, rolls, max_new_tokens=max_new_tokens)
     out = {}
     for name, v in res.per_function.items():

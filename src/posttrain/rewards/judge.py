@@ -138,18 +138,18 @@ def check_template(template: str, fields: set[str], key: str) -> None:
 
 def chat_replies(model, tokenizer, conversations: list, *, max_new_tokens: int, temperature: float = 0.0,
                  seed: int = 0, batch_size: int = 64) -> list:
-    """One reply (a :class:`posttrain.rollout.sampler.Rollout`) to each conversation (a message
+    """One reply (a :class:`posttrain.rollout.Rollout`) to each conversation (a message
     list, or a string as one user turn), chat-rendered; None where prompt + ``max_new_tokens``
     would not fit the model's context."""
     from ..data.chat import render_prompt
     from ..models.loading import max_positions
-    from ..rollout.sampler import sample_groups
+    from ..rollout import HFSampler, SamplingParams, requests
 
     limit = max_positions(model.config)
     ids = [render_prompt(tokenizer, c) for c in conversations]
     ok = [i for i, x in enumerate(ids) if limit is None or len(x) + max_new_tokens <= limit]
-    rolls = sample_groups(model, tokenizer, [ids[i] for i in ok], group_size=1, max_new_tokens=max_new_tokens,
-                          temperature=temperature, seed=seed, batch_size=batch_size) if ok else []
+    rolls = HFSampler(model, tokenizer, batch_size=batch_size).generate(
+        requests([ids[i] for i in ok]), SamplingParams(max_new_tokens, temperature, seed=seed)) if ok else []
     out = [None] * len(conversations)
     for i, r in zip(ok, rolls):
         out[i] = r

@@ -1,0 +1,19 @@
+"""Rollouts: the backend interface (:mod:`.backend`) every sampling method goes through, and the
+own sampler (:mod:`.sampler`), its first implementation."""
+
+from .backend import (
+    BACKENDS,
+    HFSampler,
+    RolloutBackend,
+    RolloutRequest,
+    SamplingParams,
+    generate_shared,
+    make_backend,
+    my_share,
+    place_groups,
+    requests,
+)
+from .sampler import Rollout
+
+__all__ = ["BACKENDS", "HFSampler", "Rollout", "RolloutBackend", "RolloutRequest", "SamplingParams",
+           "generate_shared", "make_backend", "my_share", "place_groups", "requests"]

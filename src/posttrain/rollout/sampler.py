@@ -55,6 +55,11 @@ class Rollout:
     text: str
     finished: bool
 
+    @property
+    def finish_reason(self) -> str:
+        """``"stop"`` (a stop token or string ended it) or ``"length"`` (the token budget did)."""
+        return "stop" if self.finished else "length"
+
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Logits with the tokens outside top-k / the top-p nucleus set to -inf. ``(N, V)``."""
@@ -85,6 +90,9 @@ def sample_groups(
     seed: int = 0,
     batch_size: int = 64,
     group_ids: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    extra_stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
 ) -> list[Rollout]:
     """``group_size`` completions for each prompt (greedy when ``temperature == 0``).
 
@@ -93,16 +101,27 @@ def sample_groups(
     (a chunk holds ``max(1, batch_size // group_size)`` prompts). Sample ``j`` of prompt ``i``
     draws from a generator seeded by ``(seed, group_ids[i], j)`` (``group_ids`` defaults to
     ``0 .. len(prompts)-1``), so a process sampling a share of a batch passes the share's
-    positions in the whole batch and gets the samples the whole batch would have had.
+    positions in the whole batch and gets the samples the whole batch would have had. ``seeds``
+    gives each prompt its own seed in place of ``seed``.
+
+    A row ends at the tokenizer's / model's EOS, at any of ``extra_stop_ids``, or at the token
+    that completes one of ``stop_strings`` in the decoded completion (kept in the completion,
+    ``finished=True``); otherwise after ``max_new_tokens`` (``finished=False``).
     """
     if not prompts:
         return []
     group_ids = list(range(len(prompts))) if group_ids is None else [int(g) for g in group_ids]
     if len(group_ids) != len(prompts):
         raise ValueError(f"group_ids has {len(group_ids)} entries for {len(prompts)} prompts")
+    seeds = [int(seed)] * len(prompts) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+    stop_strings = tuple(s for s in stop_strings if s)
     model = base_model_of(model)  # a PeftModel decodes through its transformers model (LoRA layers inside)
     check_position_limit(model, prompts, max_new_tokens, key="rollout.max_new_tokens (or data.max_prompt_length)")
-    stops = torch.tensor(stop_token_ids(tokenizer, model), dtype=torch.long)
+    stop_ids = stop_token_ids(tokenizer, model)
+    stop_ids += [int(t) for t in extra_stop_ids if int(t) not in stop_ids]
+    stops = torch.tensor(stop_ids, dtype=torch.long)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
     device = next(model.parameters()).device
     was_training = model.training
@@ -114,10 +133,10 @@ def sample_groups(
             chunk = list(range(start, min(start + per_chunk, len(prompts))))
             uniforms = None
             if temperature > 0:
-                uniforms = torch.stack([row_uniforms(seed, group_ids[i], j, max_new_tokens)
+                uniforms = torch.stack([row_uniforms(seeds[i], group_ids[i], j, max_new_tokens)
                                         for i in chunk for j in range(group_size)])
             results.extend(_sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens,
-                                         temperature, top_p, top_k, uniforms, stops, pad_id, device))
+                                         temperature, top_p, top_k, uniforms, stops, pad_id, device, stop_strings))
     finally:
         model.train(was_training)
     return results
@@ -144,7 +163,7 @@ def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, temperature, top_p, top_k,
-                  uniforms, stops, pad_id, device) -> list[Rollout]:
+                  uniforms, stops, pad_id, device, stop_strings=()) -> list[Rollout]:
     input_ids, attention = left_pad([prompts[i] for i in chunk], pad_id)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
@@ -163,6 +182,9 @@ def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, 
     active = torch.arange(n)  # original row index of each row still in the batch
     attention = attention.to(device)
     stops_dev = stops.to(device)
+    # a stop string of c characters lies within the last c + 1 tokens of the row (a token decodes to
+    # at least one character, and the string may start inside the token before)
+    window = max((len(s) for s in stop_strings), default=0) + 1
     for step in range(max_new_tokens):
         if temperature > 0:
             scaled = logits / temperature
@@ -177,6 +199,9 @@ def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, 
             row = int(active[r])
             tokens[row].append(tok)
             logps[row].append(lp)
+            if not d and stop_strings and _ends_in_stop(tokenizer, tokens[row], stop_strings, window):
+                d = True
+                done[r] = True
             if d:
                 finished[row] = True
         if step == max_new_tokens - 1:
@@ -199,3 +224,13 @@ def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, 
                                log_probs=logps[row], text=tokenizer.decode(tokens[row], skip_special_tokens=True),
                                finished=finished[row]))
     return results
+
+
+def _ends_in_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str], window: int) -> bool:
+    """Whether the newest token completes one of ``stop_strings``: a stop string occurs in the
+    decoded tail of the row that did not occur before its newest token."""
+    tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+    if not any(s in tail for s in stop_strings):
+        return False
+    before = tokenizer.decode(tokens[-window:-1], skip_special_tokens=False)
+    return any(s in tail and s not in before for s in stop_strings)
