@@ -198,7 +198,7 @@ def test_identical_rewards_in_every_group_warn_with_the_fix(ws, tmp_path, capsys
 
 
 def test_a_mostly_identical_first_iteration_warns_once(ws, tmp_path, capsys, monkeypatch):
-    """3 of 4 groups identical at iteration 1 (>= monitor.zero_variance_warn=0.5): one warning naming the share."""
+    """3 of 4 groups identical at iteration 1 (>= monitor.zero_variance_warn=0.75): one warning naming the share."""
     from posttrain.algorithms import rl
 
     real = rl.score_rollouts
@@ -218,7 +218,7 @@ def test_a_mostly_identical_first_iteration_warns_once(ws, tmp_path, capsys, mon
     assert code == 0, printed.err
     text = printed.out + printed.err
     assert text.count("75% of the prompt groups had identical rewards") == 1
-    assert "monitor.zero_variance_warn=0.5" in text
+    assert "monitor.zero_variance_warn=0.75" in text
     assert [h["zero_variance_groups"] for h in _history(out)] == [0.75, 0.75]
 
 
