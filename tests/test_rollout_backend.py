@@ -13,17 +13,9 @@ import pytest
 from posttrain.rollout import HFSampler, RolloutRequest, SamplingParams, generate_shared, make_backend, requests
 from posttrain.rollout.sampler import sample_groups
 
-from .tiny import tiny_model, world_tokenizer
+from .test_sampler import setup  # noqa: F401 (the sampler tests' tiny model, tokenizer and prompts)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "posttrain"
-
-
-@pytest.fixture(scope="module")
-def setup():
-    tok = world_tokenizer()
-    model = tiny_model("llama", seed=3, hidden=32)
-    prompts = [tok.encode(t) for t in ["Ann has 3 apples.", "How many?", "Tom buys 12 more pens.", "7 * 8 ="]]
-    return model, tok, prompts
 
 
 def _key(rolls):
