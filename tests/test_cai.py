@@ -21,7 +21,8 @@ from posttrain.algorithms.cai import (
 from posttrain.cli import main
 from posttrain.config import load_config
 from posttrain.errors import ConfigError, DataError, TrainingError
-from posttrain.rewards.judge import Comparison, Judge, Principle, load_constitution
+from posttrain.rewards.judge import Comparison, Judge, Principle
+from posttrain.world.feedback import load_constitution
 from posttrain.rollout.sampler import Rollout
 from posttrain.world import feedback as fb
 from posttrain.world.grader import is_correct

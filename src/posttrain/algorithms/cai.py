@@ -69,13 +69,13 @@ from ..rewards.judge import (
     Judge,
     Principle,
     chat_replies,
-    load_constitution,
 )
 from ..rollout import HFSampler, Rollout, SamplingParams, requests
 from ..train.engine import fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
 from ..train.sharding import refuse_sharding
+from ..world.feedback import load_constitution
 from .rl import build_rewards, epoch_order_indices, evaluate_prompts, load_prompt_sets, score_rollouts
 from .rl_config import RewardConfig, RLDataConfig
 from .sft import SFTAlgorithm, SFTPlan

@@ -222,14 +222,11 @@ _FIELDS = ("name", "critique_request", "revision_request")
 
 def load_constitution(path: str | Path) -> list[Principle]:
     """A YAML list of principles (``name``, ``critique_request``, ``revision_request``, optional
-    ``principle``), safe-loaded; errors name the file, the entry and the field.
-    ``builtin:world`` is the tiny world's constitution."""
+    ``principle``), safe-loaded; errors name the file, the entry and the field. Built-in
+    constitutions (``builtin:world``) are the world's: :func:`posttrain.world.feedback.load_constitution`
+    resolves them and hands files to this function."""
     import yaml
 
-    if str(path) == "builtin:world":
-        from ..world.feedback import WORLD_CONSTITUTION
-
-        return list(WORLD_CONSTITUTION)
     if str(path).startswith("builtin:"):
         raise ConfigError(f"Unknown built-in constitution '{path}'.", fix="use builtin:world or a YAML file.")
     p = Path(path).expanduser()

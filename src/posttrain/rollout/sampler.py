@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..errors import ConfigError
+from ..models.loading import max_positions
 from ..models.peft import base_model_of
-from .hf import check_position_limit, left_pad, stop_token_ids
 
 
 @dataclass
@@ -59,6 +60,43 @@ class Rollout:
     def finish_reason(self) -> str:
         """``"stop"`` (a stop token or string ended it) or ``"length"`` (the token budget did)."""
         return "stop" if self.finished else "length"
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS plus the model's generation-config EOS."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(extra, int):
+        extra = [extra]
+    for t in extra or []:
+        if int(t) not in ids:
+            ids.append(int(t))
+    return ids
+
+
+def check_position_limit(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, key: str) -> None:
+    """Refuse a generation that would run past the model's position limit, naming ``key``."""
+    limit = max_positions(model.config)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"Generation would run past the model's position limit of {limit} tokens: the longest prompt has "
+            f"{longest} tokens and {key.split(' ')[0]} is {max_new_tokens}.",
+            fix=f"lower {key} to at most {max(0, limit - longest)}, or shorten the prompts.")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)``, each ``(N, longest prompt)``."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        attention[row, width - len(p):] = 1
+    return input_ids, attention
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..rewards.judge import (
     REASONING_SCORE_TEMPLATE,
     Principle,
 )
+from ..rewards.judge import load_constitution as load_constitution_file
 from .preferences import wrong_solution
 from .tasks import Problem, generate_problems
 
@@ -47,6 +48,14 @@ WORLD_CONSTITUTION: tuple[Principle, ...] = (
               principle="The solution ends with the answer line #### N."),
 )
 BUILTIN_CONSTITUTION = "builtin:world"
+
+
+def load_constitution(spec) -> list[Principle]:
+    """``builtin:world`` (:data:`WORLD_CONSTITUTION`), or a YAML file of principles
+    (:func:`posttrain.rewards.judge.load_constitution`, which refuses other ``builtin:`` names)."""
+    if str(spec) == BUILTIN_CONSTITUTION:
+        return list(WORLD_CONSTITUTION)
+    return load_constitution_file(spec)
 
 _ANSWER_LINE = re.compile(r"^####\s*\S+$")
 
@@ -192,5 +201,5 @@ def judge_records(n: int, *, seed: int, split: str = "train", compare_fraction: 
     return out
 
 
-__all__ = ["BUILTIN_CONSTITUTION", "WORLD_CONSTITUTION", "conversation", "critique", "first_wrong_step", "follows",
+__all__ = ["BUILTIN_CONSTITUTION", "WORLD_CONSTITUTION", "load_constitution", "conversation", "critique", "first_wrong_step", "follows",
            "has_answer_line", "judge_records", "revise_records", "revision", "step_lines", "world_response"]
