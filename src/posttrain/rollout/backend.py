@@ -106,13 +106,12 @@ class HFSampler(RolloutBackend):
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Rollout]:
         if not requests:
             return []
-        own_seeds = any(r.seed is not None for r in requests)
         return sample_groups(
             self.model, self.tokenizer, [r.prompt_ids for r in requests], group_size=sampling.n,
             max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, seed=sampling.seed, batch_size=self.batch_size,
             group_ids=[i if r.group_id is None else r.group_id for i, r in enumerate(requests)],
-            seeds=[sampling.seed if r.seed is None else r.seed for r in requests] if own_seeds else None,
+            seeds=[sampling.seed if r.seed is None else r.seed for r in requests],
             extra_stop_ids=sampling.stop_token_ids, stop_strings=sampling.stop)
 
     def sync_weights(self, model) -> None:

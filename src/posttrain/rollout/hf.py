@@ -1,5 +1,4 @@
-"""One completion per prompt (greedy for evaluation, or sampled), and the decoding helpers the
-sampler shares.
+"""One completion per prompt (greedy for evaluation, or sampled), in prompt order.
 
 Prompts are token-id lists (already chat-rendered); they are sorted by length and run in
 batches through the rollout-backend interface (:class:`posttrain.rollout.backend.HFSampler`, the
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.peft import base_model_of
+from .backend import HFSampler, SamplingParams, requests
 from .sampler import check_position_limit
 
 
@@ -51,8 +51,6 @@ def generate(
 ) -> list[Generation]:
     """One completion per prompt (greedy when ``temperature == 0``; sampled, prompt ``i``
     drawing from ``(seed, i)``, otherwise), in prompt order."""
-    from .backend import HFSampler, RolloutRequest, SamplingParams
-
     if not prompts:
         return []
     check_position_limit(base_model_of(model), prompts, max_new_tokens,
@@ -64,7 +62,7 @@ def generate(
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            rolls = backend.generate([RolloutRequest(list(prompts[i]), i) for i in idx], sampling)
+            rolls = backend.generate(requests([prompts[i] for i in idx], idx), sampling)
             for i, r in zip(idx, rolls):
                 results[i] = Generation(list(prompts[i]), r.completion_ids, r.text, r.finished)
             bar.update(len(idx))

@@ -57,6 +57,7 @@ def load_constitution(spec) -> list[Principle]:
         return list(WORLD_CONSTITUTION)
     return load_constitution_file(spec)
 
+
 _ANSWER_LINE = re.compile(r"^####\s*\S+$")
 
 
@@ -201,5 +202,6 @@ def judge_records(n: int, *, seed: int, split: str = "train", compare_fraction: 
     return out
 
 
-__all__ = ["BUILTIN_CONSTITUTION", "WORLD_CONSTITUTION", "load_constitution", "conversation", "critique", "first_wrong_step", "follows",
-           "has_answer_line", "judge_records", "revise_records", "revision", "step_lines", "world_response"]
+__all__ = ["BUILTIN_CONSTITUTION", "WORLD_CONSTITUTION", "conversation", "critique", "first_wrong_step", "follows",
+           "has_answer_line", "judge_records", "load_constitution", "revise_records", "revision", "step_lines",
+           "world_response"]
