@@ -86,7 +86,7 @@ def prompt_order(n: int, seed: int = 0) -> list[int]:
     """posttrain's prompt order for its first pass over the data (RLRunner._next_prompts)."""
     import random
 
-    from posttrain.algorithms.rl import _seed
+    from posttrain.algorithms.online import derive_seed as _seed
 
     order = list(range(n))
     random.Random(_seed("rl-prompts", seed, 0)).shuffle(order)
@@ -158,7 +158,7 @@ def child_trl(preset: str, inputs: dict, args) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from posttrain.algorithms.rl import world_problem_records
+    from posttrain.algorithms.online import world_problem_records
     from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.world.grader import is_correct
 
@@ -295,8 +295,8 @@ def cross_check(init: str, preset: str, args) -> dict:
         RLRunner,
         Sample,
         collate_samples,
-        world_problem_records,
     )
+    from posttrain.algorithms.online import world_problem_records
     from posttrain.data import EncodedExample
     from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.ops import get_advantage_estimator, kl_estimate

@@ -15,7 +15,7 @@ from posttrain.algorithms.distill import (
     TokenKDAlgorithm,
     run_distill,
 )
-from posttrain.algorithms.sft import SFTAlgorithm, _collate
+from posttrain.algorithms.sft import SFTAlgorithm, collate_sft
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
 from posttrain.models.logprobs import shift_labels
@@ -27,7 +27,7 @@ from .tiny import sft_examples, tiny_model, world_tokenizer
 def _batch(n=3):
     """Packed rows: two examples in the first row, one in the second (document boundaries inside a row)."""
     ex = sft_examples(n)
-    return _collate([ex[:2], ex[2:]], packing=True, pad_token_id=world_tokenizer().pad_token_id, row_length=384)
+    return collate_sft([ex[:2], ex[2:]], packing=True, pad_token_id=world_tokenizer().pad_token_id, row_length=384)
 
 
 def _totals(algo, batch):

@@ -81,7 +81,7 @@ def test_bad_mappings_are_config_errors():
 
 
 def test_the_config_key_takes_a_mapping_a_preset_or_dotted_overrides(tmp_path):
-    from posttrain.algorithms.rl_config import RLConfig
+    from posttrain.algorithms.rl import RLConfig
     from posttrain.algorithms.sft import SFTConfig
 
     cfg = load_config(SFTConfig, None, ["data.fields=alpaca"])
@@ -93,7 +93,7 @@ def test_the_config_key_takes_a_mapping_a_preset_or_dotted_overrides(tmp_path):
     with pytest.raises(ConfigError, match="data.fields"):
         load_config(SFTConfig, None, ["data.fields=[a, b]"])
     # built-in data needs no mapping: a mapping there would be ignored, so it is refused
-    from posttrain.algorithms.rl import load_prompt_source
+    from posttrain.algorithms.online import load_prompt_source
     from posttrain.algorithms.sft import load_sft_source
 
     with pytest.raises(ConfigError, match="data.train=builtin:world-sft is built-in data"):

@@ -377,9 +377,9 @@ def test_predicted_dpo_and_grpo_peaks_are_within_15_percent_of_the_measured_ones
     import json
 
     import posttrain.algorithms.dpo as dpo
-    import posttrain.algorithms.rl as rl
+    import posttrain.algorithms.rl.run as rl
     from posttrain.algorithms.dpo import DPOConfig, run_preference
-    from posttrain.algorithms.rl_config import RLConfig
+    from posttrain.algorithms.rl import RLConfig
     from posttrain.config import load_config
     from posttrain.memory import load_model_config
 

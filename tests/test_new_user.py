@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms.rl_config import RLConfig
+from posttrain.algorithms.rl import RLConfig
 from posttrain.cli import main
 from posttrain.config import PEER_NAMES, config_keys, load_config
 from posttrain.data import load_records

@@ -1,4 +1,4 @@
-"""The run plots (posttrain.algorithms.rl_report) on synthetic metrics records: which panel draws
+"""The run plots (posttrain.train.curves) on synthetic metrics records: which panel draws
 what, under which label, from which step (read from the matplotlib objects, not the pixels)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from posttrain.algorithms.rl_report import (  # noqa: E402
+from posttrain.train.curves import (  # noqa: E402
     plot_preference_curves,
     plot_rl_curves,
     plot_sft_curves,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.algorithms.critic import PolicyWithCritic, critic_from_policy
+from posttrain.algorithms.rl.critic import PolicyWithCritic, critic_from_policy
 from posttrain.algorithms.rl import RLRunner, Sample, run_rl
 from posttrain.data import EncodedExample
 from posttrain.errors import ConfigError

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
+from posttrain.algorithms.rl import run as rl_run
 from posttrain.algorithms import rl as rl_mod
-from posttrain.algorithms.rl import PRESETS, RLConfig, _padded, run_rl
+from posttrain.algorithms.rl import PRESETS, RLConfig, run_rl
+from posttrain.algorithms.rl.loss import _padded
 from posttrain.cli import main
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
@@ -151,8 +153,8 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_no_reference_model_when_beta_is_zero(tmp_path, monkeypatch):
     made = []
-    real = rl_mod.reference_policy
-    monkeypatch.setattr(rl_mod, "reference_policy", lambda m: made.append(1) or real(m))
+    real = rl_run.reference_policy
+    monkeypatch.setattr(rl_run, "reference_policy", lambda m: made.append(1) or real(m))
     res = _run(_cfg(tmp_path / "r", **{"algorithm": "dr_grpo", "train.max_steps": 1}))
     assert made == [] and "kl_k1" not in res.fit.history[0]
     _run(_cfg(tmp_path / "r2", **{"algorithm": "grpo", "train.max_steps": 1}))

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.algorithms.rl import OnlineRLAlgorithm, RLConfig, Sample, collate_samples
-from posttrain.algorithms.rl_config import RLLossConfig
+from posttrain.algorithms.rl import OnlineRLAlgorithm, RLConfig, RLLossConfig, Sample, collate_samples
 from posttrain.config import load_config
 from posttrain.data import EncodedExample
 from posttrain.errors import ConfigError

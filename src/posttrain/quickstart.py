@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .algorithms.dpo import DPOConfig, PreferenceDataConfig, PreferenceLossConfig, run_preference
 from .algorithms.rl import RLConfig, RLDataConfig, RLLossConfig, RolloutConfig, run_rl
-from .algorithms.rl_report import plot_rl_curves, plot_sft_curves
+from .train.curves import plot_rl_curves, plot_sft_curves
 from .algorithms.rm import RM_LOSS_DATA, RMConfig, run_rm
 from .algorithms.sft import SFTConfig, SFTDataConfig, run_sft
 from .config import ModelConfig, TrainConfig, option, reroot, rerooter, validated

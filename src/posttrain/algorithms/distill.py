@@ -198,7 +198,7 @@ class OnPolicyPlan:
     def batches(self, step: int) -> list[dict]:
         from ..data import EncodedExample, best_fit_decreasing
         from ..rollout import HFSampler, SamplingParams, requests
-        from .sft import _collate
+        from .sft import collate_sft
 
         if not self.on_policy(step):
             self.last = self.base.batches(step)
@@ -221,7 +221,7 @@ class OnPolicyPlan:
                 items = [[exs[j] for j in b] for b in bins]
             else:
                 items = exs
-            out.append(_collate(items, packing=self.packing, pad_token_id=self.pad_token_id, row_length=self.row_length))
+            out.append(collate_sft(items, packing=self.packing, pad_token_id=self.pad_token_id, row_length=self.row_length))
         self.last = out
         return out
 
@@ -248,8 +248,7 @@ def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResu
     from ..rewards import compute_rewards, resolve_reward_functions
     from ..rollout import HFSampler, SamplingParams, requests
     from ..train.rundir import check_output_dir
-    from .rl import encode_prompts, load_prompt_source
-    from .rl_config import RLDataConfig
+    from .online import RLDataConfig, encode_prompts, load_prompt_source
     from .sft import SFTConfig
 
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)

@@ -27,7 +27,7 @@ rejected responses go through one forward pass. Logged every step: chosen / reje
 and their change versus the reference, implicit rewards, margins, preference accuracy, response
 lengths, and a likelihood-displacement warning when the chosen log-prob keeps falling below the
 reference while the loss improves (reference note 001 section 6.8). The run ends by writing
-``curves.png`` (:func:`posttrain.algorithms.rl_report.plot_preference_curves`): the chosen and
+``curves.png`` (:func:`posttrain.train.curves.plot_preference_curves`): the chosen and
 rejected log-ratios against the reference, the margin, the preference accuracy and the loss.
 """
 
@@ -58,7 +58,7 @@ from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit, to_device
 from ..train.plan import hold_out, spread_eval_every
 from ..train.rundir import check_output_dir
-from .rl_report import plot_preference_curves
+from ..train.curves import plot_preference_curves
 from .sequences import (
     UnitPlan,
     collate_examples,

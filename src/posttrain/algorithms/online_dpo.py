@@ -55,16 +55,19 @@ from ..train.engine import FitResult, fit
 from ..train.plan import spread_eval_every, write_on_main
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
-from .rl import (
-    _seed,
+from ..train.curves import plot_rl_curves
+from .online import (
+    RewardConfig,
+    RLDataConfig,
+    RolloutConfig,
     build_rewards,
+    check_reward_config,
+    derive_seed,
     epoch_order_indices,
     load_prompt_sets,
     prompt_evaluator,
     score_rollouts,
 )
-from .rl_config import RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
-from .rl_report import plot_rl_curves
 from .sequences import collate_examples, reference_policy
 
 # --------------------------------------------------------------------------- config
@@ -225,7 +228,7 @@ class PairPlan:
 
     def _next_prompts(self, n: int) -> list[int]:
         out = epoch_order_indices(len(self.prompts), self.state.cursor, n,
-                                  lambda epoch: _seed("online-dpo-prompts", self.seed, epoch))
+                                  lambda epoch: derive_seed("online-dpo-prompts", self.seed, epoch))
         self.state.cursor += n
         return out
 
@@ -255,7 +258,7 @@ class PairPlan:
             rolls = generate_shared(
                 self.backend, requests([self.prompts[i].ids for i in idx]),
                 SamplingParams(ro.max_new_tokens, ro.temperature, ro.top_p, ro.top_k, n=G,
-                               seed=_seed("online-dpo-sample", self.seed, k, rounds)))
+                               seed=derive_seed("online-dpo-sample", self.seed, k, rounds)))
             items = [self.prompts[i] for i in idx for _ in range(G)]
             res = score_rollouts(self.functions, items, rolls, max_new_tokens=ro.max_new_tokens)
             rewards_all.append(res.total[res.valid])
@@ -320,7 +323,7 @@ class PairPlan:
             self.units = self.sample_pairs(it)
         mb = step % self.k
         order = list(range(len(self.units)))
-        random.Random(_seed("online-dpo-order", self.seed, it)).shuffle(order)
+        random.Random(derive_seed("online-dpo-order", self.seed, it)).shuffle(order)
         chosen = order[mb::self.k] or order  # fewer pairs than steps: a step repeats the whole set
         size = self.cfg.train.micro_batch_size
         self.last = [self.collate_units([self.units[i] for i in chosen[j:j + size]])

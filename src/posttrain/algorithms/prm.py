@@ -69,7 +69,7 @@ from ..rollout import HFSampler, SamplingParams, requests
 from ..train.engine import FitResult, fit
 from ..train.plan import StepPlan, write_on_main
 from ..train.rundir import check_output_dir
-from .rl import prompt_text
+from .online import prompt_text
 
 BUILTIN_STEPS = "builtin:world-steps"
 

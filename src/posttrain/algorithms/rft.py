@@ -53,14 +53,16 @@ from ..train.engine import fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
 from ..train.sharding import refuse_sharding
-from .rl import (
+from .online import (
+    RewardConfig,
+    RLDataConfig,
     build_rewards,
+    check_reward_config,
     epoch_order_indices,
     evaluate_prompts,
     load_prompt_sets,
     score_rollouts,
 )
-from .rl_config import RewardConfig, RLDataConfig, check_reward_config
 from .sft import SFTAlgorithm, SFTPlan
 
 # --------------------------------------------------------------------------- config

@@ -150,7 +150,7 @@ class SFTAlgorithm:
 # --------------------------------------------------------------------------- batching plan
 
 
-def _collate(examples: list[EncodedExample] | list[list[EncodedExample]], *, packing: bool,
+def collate_sft(examples: list[EncodedExample] | list[list[EncodedExample]], *, packing: bool,
              pad_token_id: int, row_length: int) -> dict:
     if packing:
         batch = packed_collate(examples, pad_token_id, row_length=row_length)
@@ -187,7 +187,7 @@ class SFTPlan(StepPlan):
 
         def collate(mb: list) -> dict:
             items = [[examples[i] for i in row] for row in mb] if packing else [examples[i] for i in mb]
-            return _collate(items, packing=packing, pad_token_id=pad_token_id, row_length=row_length)
+            return collate_sft(items, packing=packing, pad_token_id=pad_token_id, row_length=row_length)
 
         super().__init__(n_items=len(examples), epoch_units=epoch_units, collate=collate,
                          content=lambda: ([e.input_ids, e.labels] for e in examples),
@@ -208,7 +208,7 @@ def eval_loss(model, algorithm: SFTAlgorithm, examples: list[EncodedExample], *,
     nll = ent = 0.0
     n = 0
     for i in range(0, len(examples), batch_size):
-        batch = _collate(examples[i : i + batch_size], packing=False, pad_token_id=pad_token_id, row_length=0)
+        batch = collate_sft(examples[i : i + batch_size], packing=False, pad_token_id=pad_token_id, row_length=0)
         batch = to_device(batch, device)
         targets = shift_labels(batch["labels"])
         out = token_log_probs_from_model(model, batch["input_ids"], targets,

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
-from ..models.logprobs import forward_kwargs
-from ..train.optim import parameter_groups
+from ...errors import ConfigError
+from ...models.logprobs import forward_kwargs
+from ...train.optim import parameter_groups
 
 CRITIC_DIR = "critic"
 

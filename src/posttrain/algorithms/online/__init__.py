@@ -1,0 +1,15 @@
+"""What every method that learns from its own samples shares (rl, rft, online-dpo, cai, prm
+Monte-Carlo labels, distill seqkd / on-policy): the ``data`` / ``rollout`` / ``reward`` config
+sections, prompt loading, seeds and the prompt order, scoring, and held-out evaluation. Sampling
+itself goes through :mod:`posttrain.rollout`'s backend interface."""
+
+from .config import BUILTIN_PROMPTS, RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
+from .evaluate import evaluate_prompts, prompt_evaluator
+from .prompts import PromptItem, encode_prompts, load_prompt_sets, load_prompt_source, prompt_text, world_problem_records
+from .scoring import build_rewards, score_rollouts
+from .stream import derive_seed, epoch_order_indices, refill_count
+
+__all__ = ["BUILTIN_PROMPTS", "PromptItem", "RLDataConfig", "RewardConfig", "RolloutConfig", "build_rewards",
+           "check_reward_config", "derive_seed", "encode_prompts", "epoch_order_indices", "evaluate_prompts", "refill_count",
+           "load_prompt_sets", "load_prompt_source", "prompt_evaluator", "prompt_text", "score_rollouts",
+           "world_problem_records"]
