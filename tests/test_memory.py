@@ -376,7 +376,7 @@ def test_predicted_dpo_and_grpo_peaks_are_within_15_percent_of_the_measured_ones
     estimate's two full sequences per pair hold), and GRPO's training step on its rollouts."""
     import json
 
-    import posttrain.algorithms.dpo as dpo
+    import posttrain.algorithms.dpo.run as dpo
     import posttrain.algorithms.rl.run as rl
     from posttrain.algorithms.dpo import DPOConfig, run_preference
     from posttrain.algorithms.rl import RLConfig

@@ -162,7 +162,7 @@ def test_dpo_grad_accumulation_equals_one_batch(tmp_path):
 
 
 def test_reference_free_losses_load_no_reference(tmp_path, monkeypatch):
-    import posttrain.algorithms.dpo as dpo_mod
+    import posttrain.algorithms.dpo.run as dpo_mod
 
     def boom(*a, **k):
         raise AssertionError("a reference model was built for a reference-free loss")
