@@ -15,8 +15,8 @@ import torch
 from posttrain.cli import main
 from posttrain.config import PeftConfig, load_config
 from posttrain.errors import CheckpointError
-from posttrain.models.loading import load_causal_lm
-from posttrain.models.peft import apply_peft, merge_adapter_dir, portable_base
+from posttrain.models.loading import load_causal_lm, merge_adapter_dir, portable_base
+from posttrain.models.peft import apply_peft
 
 from .tiny import tiny_model, world_tokenizer
 
@@ -172,7 +172,7 @@ def test_export_onto_a_file_is_refused_before_the_merge(tmp_path, capsys, monkey
     def no_merge(*a, **k):
         raise AssertionError("the output must be checked before the merge")
 
-    monkeypatch.setattr("posttrain.models.peft.merge_adapter_dir", no_merge)
+    monkeypatch.setattr("posttrain.models.loading.merge_adapter_dir", no_merge)
     assert main(["export", str(adapter), "--output", str(target), *(["--overwrite"] if overwrite else [])]) == 2
     err = capsys.readouterr().err
     assert "Option '--output'" in err and "is a file" in err and "--overwrite only replaces a directory" in err

@@ -524,14 +524,15 @@ def test_a_crash_on_one_process_stops_the_run_naming_it(ws, tmp_path):
 
 NAN_UNDER_ZERO = r"""
 import json, os, sys
-from posttrain.train.engine import EngineConfig, fit
+from posttrain.config import TrainConfig
+from posttrain.train.engine import fit
 from tests.test_engine import _NaNAt, _plan
 from tests.tiny import sft_examples, tiny_model, world_tokenizer
 
 model = tiny_model("llama")
 plan = _plan(sft_examples(16, seed=8), mbs=2, ga=1, packing=False, steps=4)
-cfg = EngineConfig(output_dir=sys.argv[1], lr=3e-3, warmup_ratio=0.0, progress=False, max_bad_steps=2,
-                   sharding=sys.argv[2])
+cfg = TrainConfig(output_dir=sys.argv[1], lr=3e-3, warmup_ratio=0.0, progress=False, max_bad_steps=2,
+                  sharding=sys.argv[2])
 # rank 1's first micro-batch gives a NaN loss: the whole step must be skipped on both processes
 res = fit(model, _NaNAt({1} if os.environ["RANK"] == "1" else set()), plan, cfg,
           tokenizer=world_tokenizer(), log=lambda s: None)

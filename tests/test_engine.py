@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from posttrain.algorithms.sft import SFTAlgorithm, SFTPlan
+from posttrain.config import TrainConfig
 from posttrain.errors import CheckpointError, TrainingError
 from posttrain.train.checkpoint import list_checkpoints
-from posttrain.train.engine import EngineConfig, fit
+from posttrain.train.engine import fit
 from posttrain.train.neftune import neftune
 
 from .rounding import assert_adamw_weights_explained, assert_same_gradients, optimizer_steps
@@ -28,7 +29,7 @@ def _plan(examples, *, mbs, ga, packing, steps=0, epochs=1.0, row_length=128, se
 def _cfg(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), lr=3e-3, warmup_ratio=0.0, progress=False, log_every=1)
     base.update(kw)
-    return EngineConfig(**base)
+    return TrainConfig(**base)
 
 
 def _grads(model, algorithm, micro):

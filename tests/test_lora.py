@@ -15,9 +15,9 @@ from posttrain.algorithms.rm import run_rm
 from posttrain.algorithms.sft import run_sft
 from posttrain.config import PeftConfig
 from posttrain.errors import ConfigError
-from posttrain.models.loading import load_causal_lm
+from posttrain.models.loading import load_causal_lm, merge_adapter_dir
 from posttrain.models.logprobs import selected_log_probs
-from posttrain.models.peft import AdapterDisabled, apply_peft, merge_adapter_dir
+from posttrain.models.peft import AdapterDisabled, apply_peft
 
 from .rounding import assert_adamw_weights_explained, assert_same_gradients, optimizer_steps
 from .test_preference_training import _dpo_cfg

@@ -11,11 +11,11 @@ import torch
 
 from posttrain.algorithms.sft import SFTAlgorithm, SFTConfig, SFTPlan, run_sft
 from posttrain.cli import main
-from posttrain.config import load_config
+from posttrain.config import TrainConfig, load_config
 from posttrain.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from posttrain.train import rundir
 from posttrain.train.checkpoint import CorruptCheckpointError, list_checkpoints, verify_checkpoint
-from posttrain.train.engine import EngineConfig, fit
+from posttrain.train.engine import fit
 from posttrain.world.datasets import sft_record, write_jsonl
 from posttrain.world.tasks import generate_problems
 
@@ -31,7 +31,7 @@ def _plan(examples=None, *, steps=4, mbs=4, seed=0):
 def _cfg(out, **kw):
     base = dict(output_dir=str(out), lr=3e-3, warmup_ratio=0.0, progress=False)
     base.update(kw)
-    return EngineConfig(**base)
+    return TrainConfig(**base)
 
 
 def _fit(out, *, model_seed=0, plan=None, logs=None, **kw):

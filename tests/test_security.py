@@ -19,10 +19,11 @@ import torch
 
 from posttrain.algorithms.sft import SFTAlgorithm, SFTPlan
 from posttrain.cli import main
+from posttrain.config import TrainConfig
 from posttrain.errors import CheckpointError, ConfigError, TokenizerError
 from posttrain.models import loading
 from posttrain.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer, locate
-from posttrain.train.engine import EngineConfig, fit
+from posttrain.train.engine import fit
 from posttrain.train.safestate import StateFormatError, load_state, save_state
 
 from .tiny import sft_examples, tiny_model, world_tokenizer
@@ -121,7 +122,7 @@ def _plan(n=8):
 
 
 def _cfg(out, **kw):
-    return EngineConfig(output_dir=str(out), lr=1e-3, warmup_ratio=0.0, progress=False, **kw)
+    return TrainConfig(output_dir=str(out), lr=1e-3, warmup_ratio=0.0, progress=False, **kw)
 
 
 def test_checkpoint_state_is_json_and_safetensors_only(tmp_path):

@@ -122,11 +122,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .models.loading import load_tokenizer
-    from .models.peft import (
+    from .models.loading import (
         ADAPTER_CONFIG,
         find_adapter_base,
         is_adapter_dir,
+        load_tokenizer,
         merge_adapter_dir,
     )
     from .train.checkpoint import save_pretrained_atomic

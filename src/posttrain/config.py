@@ -755,11 +755,3 @@ class TrainConfig:
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("train.epochs and train.max_steps are both 0, so there is nothing to train.",
                               fix="set train.epochs > 0 or train.max_steps > 0.")
-
-    def engine(self):
-        from .train.engine import EngineConfig
-
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
-        values["report_to"] = tuple(self.report_to)
-        return EngineConfig(**values)

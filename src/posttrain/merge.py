@@ -327,8 +327,7 @@ class _Weights:
     def __init__(self, spec: str, key: str):
         from safetensors import safe_open
 
-        from .models.loading import check_weights, locate
-        from .models.peft import is_adapter_dir
+        from .models.loading import check_weights, is_adapter_dir, locate
 
         if is_adapter_dir(spec):
             raise ConfigError(f"merge config {key} '{spec}' is a LoRA adapter, not a full model.",

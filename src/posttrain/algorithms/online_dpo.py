@@ -404,11 +404,11 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
 
     evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
-    engine_cfg = cfg.train.engine()
+    train_cfg = cfg.train
     if eval_times:
-        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
+        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
-    result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(model, algo, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,
                  callbacks=[state, monitor])
     if accelerator.is_main_process and result.history:

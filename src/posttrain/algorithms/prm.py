@@ -429,7 +429,7 @@ def run_prm(cfg: PRMConfig, *, model=None, tokenizer=None, policy=None, log=prin
         scores = score_examples(m, eval_examples, pad_token_id=tokenizer.pad_token_id)
         return {f"eval_{k}": v for k, v in step_metrics(scores, eval_examples, first_errors).items()}
 
-    result = fit(model, algo, plan, cfg.train.engine(), tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(model, algo, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if eval_examples else None, run_config=dataclasses.asdict(cfg), log=log)
     return PRMResult(fit=result, final_dir=result.final_dir, label_stats=label_stats,
                      eval_metrics=result.eval_history[-1] if result.eval_history else {})

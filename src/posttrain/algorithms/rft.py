@@ -352,14 +352,12 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
         plan = SFTPlan(examples, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, packing=True, row_length=row_length,
                        pad_token_id=tokenizer.pad_token_id, seed=cfg.train.seed + r)
-        engine_cfg = cfg.train.engine()
-        engine_cfg.output_dir = str(rdir)
         # resume inside a round only from its own checkpoints (a round without any restarts clean)
         has_ckpt = (rdir / "checkpoints").is_dir() and any((rdir / "checkpoints").glob("step-*/checkpoint.json"))
-        engine_cfg.resume = "auto" if cfg.train.resume and has_ckpt else None
-        engine_cfg.overwrite_output_dir = True
+        train_cfg = dataclasses.replace(cfg.train, output_dir=str(rdir), overwrite_output_dir=True,
+                                        resume="auto" if cfg.train.resume and has_ckpt else None)
         log(f"round {r}: SFT on {len(examples)} kept samples, {plan.num_steps()} optimizer steps")
-        result = fit(model, SFTAlgorithm(), plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+        result = fit(model, SFTAlgorithm(), plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
                      run_config={**dataclasses.asdict(cfg), "round": r}, log=log)
         row.update({"train_loss": result.history[-1].get("loss") if result.history else None,
                     "steps": result.steps, **evaluate(model), "seconds": time.time() - t0})
@@ -460,7 +458,8 @@ def _load_policy(cfg: RFTConfig, accelerator, done: list[dict], out: Path):
 def _load_adapter(model, directory: Path) -> None:
     from safetensors.torch import load_file
 
-    from ..models.peft import ADAPTER_WEIGHTS, load_adapter_state
+    from ..models.loading import ADAPTER_WEIGHTS
+    from ..models.peft import load_adapter_state
 
     f = directory / ADAPTER_WEIGHTS
     if not f.is_file():

@@ -326,7 +326,7 @@ def run_rm(cfg: RMConfig, *, model=None, tokenizer=None, log=print) -> RMResult:
     def evaluate(m) -> dict:
         return evaluate_reward_model(m, algo, eval_units, collate_units)
 
-    result = fit(model, algo, plan, cfg.train.engine(), tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(model, algo, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if eval_units else None, run_config=dataclasses.asdict(cfg), log=log)
     return RMResult(fit=result, final_dir=result.final_dir, encode_summary=summary,
                     eval_metrics=result.eval_history[-1] if result.eval_history else {})

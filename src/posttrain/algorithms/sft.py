@@ -403,10 +403,10 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         notes += unused_notes(cfg.train, "train.", ["eval_every"], "there is no eval data")
     for note in notes:
         log(f"note: {note}")
-    engine_cfg = cfg.train.engine()
+    train_cfg = cfg.train
     if eval_times:
-        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
-    result = fit(model, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
+    result = fit(model, algorithm, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log)
     return SFTResult(fit=result, output_dir=Path(cfg.train.output_dir), final_dir=result.final_dir,
                      encode_summary=report.summary(), padding_summary=stats.summary(),

@@ -1,7 +1,10 @@
 """Loading policy / reference / reward models and tokenizers — without ever running foreign code.
 
 ``builtin:tiny-world-base`` names the tiny world's shipped base model (inside the package, so
-nothing is downloaded); anything else is a local Hugging Face directory or a hub id.
+nothing is downloaded); anything else is a local Hugging Face directory or a hub id. A LoRA
+adapter directory (peft's format, as a ``model.peft.method=lora`` run writes it) is read here
+too: :func:`merge_adapter_dir` merges it into its base model (``posttrain export``, and a run
+that starts from an adapter).
 
 Every model and tokenizer posttrain loads goes through this module, and three rules hold
 for all of them (``docs/security.md``):
@@ -26,11 +29,13 @@ for all of them (``docs/security.md``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,6 +383,136 @@ def check_attn_implementation(name: str | None, device: torch.device, *, key: st
                           f"GPUs; this run is on {device.type}.", fix=f"set {key}=sdpa.")
 
 
+# --------------------------------------------------------------------------- LoRA adapter directories
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads a transformers property that warns of its own rename on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def require_peft():
+    """Refuse LoRA, naming the fix, when the peft package is not installed."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.peft.method=lora needs the peft package, which is not installed.",
+                          fix="pip install 'peft>=0.13' (it is a dependency of posttrain; reinstall with pip install -e .)."
+                          ) from None
+
+
+def portable_base(name_or_path: str | None) -> str | None:
+    """The base model as ``adapter_config.json`` records it (``base_model_name_or_path``): a local
+    directory as an absolute path, so the adapter exports and loads from any working directory;
+    the built-in model as its ``builtin:`` name (its files live inside the installed package); a
+    hub id, or anything that is not a local directory, as it is."""
+    if not name_or_path or str(name_or_path).startswith(BUILTIN_PREFIX):
+        return name_or_path
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    absolute = Path(os.path.abspath(path))  # symbolic links on the way are kept, not resolved
+    for builtin, where in BUILTIN_MODELS.items():
+        if where.is_dir() and absolute.resolve() == where.resolve():
+            return BUILTIN_PREFIX + builtin
+    return str(absolute)
+
+
+def find_adapter_base(adapter_dir, *, base_option: str | None = "--base", key: str = "adapter") -> str:
+    """The base model an adapter directory names, checked to exist before anything loads.
+
+    When it cannot be found (moved or deleted, or a relative path written by an older posttrain
+    and read from another working directory) the error says so, and how to fix it: with
+    ``base_option`` (``posttrain export``'s ``--base``), or else by exporting first (``key`` is
+    the setting that named the adapter, e.g. ``model.name_or_path``)."""
+    name = adapter_base(adapter_dir)
+    if name.startswith(BUILTIN_PREFIX):
+        locate(name, key="base_model_name_or_path")  # an unknown builtin: that message is the clearest
+        return name
+    try:
+        locate(name, key="base_model_name_or_path")
+    except ConfigError:
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            why = ("there is no such directory any more: the base model was moved or deleted after the adapter "
+                   "was trained")
+        else:
+            why = (f"it is not a directory under the working directory ('{os.getcwd()}'), nor a model this machine "
+                   "can fetch from the Hugging Face Hub or find in its cache. A relative path is read from the "
+                   "working directory: this adapter was saved with the path as typed (posttrain now records "
+                   "absolute paths), so it only resolves from the directory its run was started in; or the base "
+                   "model was moved or deleted")
+        there = f"put the base model back at '{name}'"
+        if not path.is_absolute():
+            there += " (or run the command from the directory the adapter was trained in)"
+        export = f"posttrain export {adapter_dir} --base <base model directory> --output <merged directory>"
+        fix = (f"pass the base model's current location with {base_option}: {export}; or {there}."
+               if base_option else
+               f"merge the adapter into its base model at its current location first ({export}) and set {key} to "
+               f"the merged directory; or {there}.")
+        raise CheckpointError(
+            f"The LoRA adapter '{adapter_dir}' names its base model '{name}' (base_model_name_or_path in its "
+            f"{ADAPTER_CONFIG}), which cannot be found: {why}.", fix=fix) from None
+    return name
+
+
+def adapter_base(directory: Path) -> str:
+    """The base model an adapter directory names (``base_model_name_or_path`` in its config)."""
+    try:
+        cfg = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot read {Path(directory) / ADAPTER_CONFIG}: {e}.",
+                              fix="pass a directory written by a posttrain LoRA run (or peft's save_pretrained).") from None
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not base:
+        raise CheckpointError(f"{Path(directory) / ADAPTER_CONFIG} does not name its base model "
+                              "(base_model_name_or_path).", fix="pass the base model explicitly (--base).")
+    return str(base)
+
+
+def is_adapter_dir(path) -> bool:
+    p = Path(str(path))
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def adapter_task(directory) -> str:
+    try:
+        cfg = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "CAUSAL_LM"
+    return str(cfg.get("task_type") or "CAUSAL_LM") if isinstance(cfg, dict) else "CAUSAL_LM"
+
+
+def merge_adapter_dir(adapter_dir, *, base: str | None = None, dtype: str = "auto", device: str = "cpu",
+                      attn_implementation: str | None = "sdpa", key: str = "adapter",
+                      base_option: str | None = "--base"):
+    """Load ``base`` (default: the adapter's own base model) and the adapter, and merge it into the
+    weights (peft's ``merge_and_unload``): a plain transformers model (a causal LM, or a sequence
+    classifier for a reward model's adapter, ``task_type`` SEQ_CLS).
+
+    ``base_option`` is the caller's option for passing ``base`` (``posttrain export --base``), named
+    in the fix when the adapter's own base is missing or does not fit; None where there is none
+    (a run started from an adapter directory named by ``key``)."""
+    explicit = base is not None
+    base = base if explicit else find_adapter_base(adapter_dir, base_option=base_option, key=key)
+    base_key = base_option if explicit and base_option else "base_model_name_or_path"
+    if adapter_task(adapter_dir) == "SEQ_CLS":
+        model = load_sequence_classifier(base, num_labels=1, dtype=dtype, device=device,
+                                         attn_implementation=attn_implementation, key=base_key)
+    else:
+        model = load_causal_lm(base, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               key=base_key)
+    return load_adapter_into(model, adapter_dir, key=key, base=base, base_option=base_option,
+                             explicit_base=explicit).merge_and_unload()
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -579,8 +714,6 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", device: str = "aut
     run can start from it (with a new adapter, its reference is the merged model)."""
     from transformers import AutoModelForCausalLM
 
-    from .peft import is_adapter_dir, merge_adapter_dir
-
     if is_adapter_dir(name_or_path):
         print(f"note: {name_or_path} ({key}) is a LoRA adapter: loading its base model with the adapter merged in")
         merged = merge_adapter_dir(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
@@ -620,8 +753,6 @@ def _adapter_misfit(e: Exception, d: Path, key: str, base: str | None, base_opti
                     explicit_base: bool) -> CheckpointError:
     """The error for an adapter that does not fit the base model: a size mismatch (the adapter was
     trained on a base of another size) is summarized, not printed tensor by tensor."""
-    from .peft import ADAPTER_CONFIG
-
     text = str(e)
     mismatches = _SIZE_MISMATCH.findall(text)
     on = f" '{base}'" if base else ""
@@ -654,12 +785,10 @@ def load_adapter_into(model, directory, *, key: str, base: str | None = None, ba
                       explicit_base: bool = False):
     """``model`` with the adapter of ``directory`` loaded (frozen, not merged), safetensors only.
     ``base`` (the model's name), ``base_option`` and ``explicit_base`` only shape the error for an
-    adapter that does not fit (see :func:`posttrain.models.peft.merge_adapter_dir`)."""
+    adapter that does not fit (see :func:`merge_adapter_dir`)."""
     from peft import PeftModel
 
-    from .peft import ADAPTER_WEIGHTS, _quiet, _require_peft
-
-    _require_peft()
+    require_peft()
 
     d = Path(directory)
     if not (d / ADAPTER_WEIGHTS).is_file():
@@ -669,7 +798,7 @@ def load_adapter_into(model, directory, *, key: str, base: str | None = None, ba
                                                          "never loads)" if pickled else "") + ".",
             fix="save the adapter with safe_serialization=True (peft's default), where the file is trusted.")
     try:
-        with _quiet():
+        with quiet_peft():
             return PeftModel.from_pretrained(model, str(d), is_trainable=False, use_safetensors=True)
     except Exception as e:  # peft raises ValueError / KeyError / RuntimeError for a mismatched adapter
         raise _adapter_misfit(e, d, key, base, base_option, explicit_base) from None
@@ -683,8 +812,6 @@ def load_sequence_classifier(name_or_path: str, *, num_labels: int = 1, dtype: s
     ``per_token`` an ``AutoModelForTokenClassification`` (a process reward model: a score at
     every token)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    from .peft import is_adapter_dir
 
     if is_adapter_dir(name_or_path):
         raise CheckpointError(

@@ -1,10 +1,11 @@
-"""LoRA adapters through ``peft`` for every method, the adapter-disabled reference, and merging.
+"""LoRA adapters through ``peft`` for every method, and the adapter-disabled reference.
 
 ``model.peft.method=lora`` wraps the loaded model with ``peft.get_peft_model``: only the adapter
 weights train (and a reward model's ``score`` head), checkpoints and ``final/`` hold the adapter
 in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
-``PeftModel.from_pretrained``), and :func:`merge_adapter_dir` turns such a directory into a
-full Hugging Face model (``posttrain export``).
+``PeftModel.from_pretrained``). Reading such a directory (merging it into a full Hugging Face
+model for ``posttrain export``, or starting a run from it) is :mod:`posttrain.models.loading`'s
+part: :func:`~posttrain.models.loading.merge_adapter_dir`.
 
 **The reference is the same model with the adapter disabled** (:class:`AdapterDisabled`): DPO's
 and online RL's reference log-probs run through the policy's own weights under
@@ -18,35 +19,12 @@ disables the adapter for the duration.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import warnings
-from pathlib import Path
 
 import torch
 
 from ..config import PeftConfig
 from ..errors import CheckpointError, ConfigError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """peft reads a transformers property that warns of its own rename on every call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
-        yield
-
-
-def _require_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise ConfigError("model.peft.method=lora needs the peft package, which is not installed.",
-                          fix="pip install 'peft>=0.13' (it is a dependency of posttrain; reinstall with pip install -e .)."
-                          ) from None
+from .loading import portable_base, quiet_peft, require_peft
 
 
 def is_peft(model) -> bool:
@@ -65,7 +43,7 @@ def apply_peft(model, cfg: PeftConfig, *, task: str = "CAUSAL_LM", log=None):
     whose ``score`` head then trains in full), or ``model`` unchanged when ``cfg.method`` is none."""
     if not cfg.enabled:
         return model
-    _require_peft()
+    require_peft()
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.target_modules
@@ -77,10 +55,10 @@ def apply_peft(model, cfg: PeftConfig, *, task: str = "CAUSAL_LM", log=None):
     if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms / embeddings in fp32, base frozen
         from peft import prepare_model_for_kbit_training
 
-        with _quiet():
+        with quiet_peft():
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
-        with _quiet():
+        with quiet_peft():
             wrapped = get_peft_model(model, lora)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"model.peft: peft cannot add LoRA to {type(model).__name__}: {e}",
@@ -168,114 +146,3 @@ def load_adapter_state(model, state_dict: dict[str, torch.Tensor], where: str) -
     if unexpected or missing:
         raise CheckpointError(f"Checkpoint '{where}' does not match the adapter: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}.", fix="resume with the model.peft settings that wrote it.")
-
-
-def portable_base(name_or_path: str | None) -> str | None:
-    """The base model as ``adapter_config.json`` records it (``base_model_name_or_path``): a local
-    directory as an absolute path, so the adapter exports and loads from any working directory;
-    the built-in model as its ``builtin:`` name (its files live inside the installed package); a
-    hub id, or anything that is not a local directory, as it is."""
-    from .loading import BUILTIN_MODELS, BUILTIN_PREFIX
-
-    if not name_or_path or str(name_or_path).startswith(BUILTIN_PREFIX):
-        return name_or_path
-    path = Path(str(name_or_path)).expanduser()
-    if not path.is_dir():
-        return name_or_path
-    absolute = Path(os.path.abspath(path))  # symbolic links on the way are kept, not resolved
-    for builtin, where in BUILTIN_MODELS.items():
-        if where.is_dir() and absolute.resolve() == where.resolve():
-            return BUILTIN_PREFIX + builtin
-    return str(absolute)
-
-
-def find_adapter_base(adapter_dir, *, base_option: str | None = "--base", key: str = "adapter") -> str:
-    """The base model an adapter directory names, checked to exist before anything loads.
-
-    When it cannot be found (moved or deleted, or a relative path written by an older posttrain
-    and read from another working directory) the error says so, and how to fix it: with
-    ``base_option`` (``posttrain export``'s ``--base``), or else by exporting first (``key`` is
-    the setting that named the adapter, e.g. ``model.name_or_path``)."""
-    from .loading import BUILTIN_PREFIX, locate
-
-    name = adapter_base(adapter_dir)
-    if name.startswith(BUILTIN_PREFIX):
-        locate(name, key="base_model_name_or_path")  # an unknown builtin: that message is the clearest
-        return name
-    try:
-        locate(name, key="base_model_name_or_path")
-    except ConfigError:
-        path = Path(name).expanduser()
-        if path.is_absolute():
-            why = ("there is no such directory any more: the base model was moved or deleted after the adapter "
-                   "was trained")
-        else:
-            why = (f"it is not a directory under the working directory ('{os.getcwd()}'), nor a model this machine "
-                   "can fetch from the Hugging Face Hub or find in its cache. A relative path is read from the "
-                   "working directory: this adapter was saved with the path as typed (posttrain now records "
-                   "absolute paths), so it only resolves from the directory its run was started in; or the base "
-                   "model was moved or deleted")
-        there = f"put the base model back at '{name}'"
-        if not path.is_absolute():
-            there += " (or run the command from the directory the adapter was trained in)"
-        export = f"posttrain export {adapter_dir} --base <base model directory> --output <merged directory>"
-        fix = (f"pass the base model's current location with {base_option}: {export}; or {there}."
-               if base_option else
-               f"merge the adapter into its base model at its current location first ({export}) and set {key} to "
-               f"the merged directory; or {there}.")
-        raise CheckpointError(
-            f"The LoRA adapter '{adapter_dir}' names its base model '{name}' (base_model_name_or_path in its "
-            f"{ADAPTER_CONFIG}), which cannot be found: {why}.", fix=fix) from None
-    return name
-
-
-def adapter_base(directory: Path) -> str:
-    """The base model an adapter directory names (``base_model_name_or_path`` in its config)."""
-    try:
-        cfg = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"Cannot read {Path(directory) / ADAPTER_CONFIG}: {e}.",
-                              fix="pass a directory written by a posttrain LoRA run (or peft's save_pretrained).") from None
-    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
-    if not base:
-        raise CheckpointError(f"{Path(directory) / ADAPTER_CONFIG} does not name its base model "
-                              "(base_model_name_or_path).", fix="pass the base model explicitly (--base).")
-    return str(base)
-
-
-def is_adapter_dir(path) -> bool:
-    p = Path(str(path))
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
-
-
-def adapter_task(directory) -> str:
-    try:
-        cfg = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "CAUSAL_LM"
-    return str(cfg.get("task_type") or "CAUSAL_LM") if isinstance(cfg, dict) else "CAUSAL_LM"
-
-
-def merge_adapter_dir(adapter_dir, *, base: str | None = None, dtype: str = "auto", device: str = "cpu",
-                      attn_implementation: str | None = "sdpa", key: str = "adapter",
-                      base_option: str | None = "--base"):
-    """Load ``base`` (default: the adapter's own base model) and the adapter, and merge it into the
-    weights (peft's ``merge_and_unload``): a plain transformers model (a causal LM, or a sequence
-    classifier for a reward model's adapter, ``task_type`` SEQ_CLS).
-
-    ``base_option`` is the caller's option for passing ``base`` (``posttrain export --base``), named
-    in the fix when the adapter's own base is missing or does not fit; None where there is none
-    (a run started from an adapter directory named by ``key``)."""
-    from .loading import load_adapter_into, load_causal_lm, load_sequence_classifier
-
-    explicit = base is not None
-    base = base if explicit else find_adapter_base(adapter_dir, base_option=base_option, key=key)
-    base_key = base_option if explicit and base_option else "base_model_name_or_path"
-    if adapter_task(adapter_dir) == "SEQ_CLS":
-        model = load_sequence_classifier(base, num_labels=1, dtype=dtype, device=device,
-                                         attn_implementation=attn_implementation, key=base_key)
-    else:
-        model = load_causal_lm(base, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               key=base_key)
-    return load_adapter_into(model, adapter_dir, key=key, base=base, base_option=base_option,
-                             explicit_base=explicit).merge_and_unload()

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from .checkpoint import (
     check_checkpoint,
@@ -79,36 +80,6 @@ class Plan(Protocol):
     def batches(self, step: int) -> list[dict]: ...
 
     def fingerprint(self) -> str: ...
-
-
-@dataclass
-class EngineConfig:
-    """What the loop needs; mirrors :class:`posttrain.algorithms.sft.TrainConfig` fields."""
-
-    output_dir: str
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    neftune_alpha: float | None = None
-    max_bad_steps: int = 10
-    log_every: int = 1
-    eval_every: int = 0
-    save_every: int = 0
-    resume: str | None = None
-    save_total_limit: int | None = None
-    overwrite_output_dir: bool = False
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    sharding: str = "none"
-    fsdp_reshard_after_forward: bool = True
-    progress: bool = True
-    report_to: tuple[str, ...] = ()
 
 
 @dataclass
@@ -256,7 +227,7 @@ def fit(
     model,
     algorithm: Algorithm,
     plan: Plan,
-    cfg: EngineConfig,
+    cfg: TrainConfig,
     *,
     tokenizer=None,
     accelerator=None,
@@ -268,6 +239,8 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring.
 
+    ``cfg`` is the command's ``train`` section; the loop reads its optimizer, schedule, logging,
+    checkpoint and precision options (its batch sizes, epochs and seed are the plan's business).
     ``callbacks`` see every step's metrics record before it is logged and may add keys to it
     (e.g. the likelihood-displacement monitor of the preference trainer). A callback with
     ``state_dict()`` / ``load_state_dict(state)`` has its state saved in every checkpoint and
@@ -300,7 +273,7 @@ def fit(
                     evaluate=evaluate, run_config=run_config, inputs=inputs, log=log, callbacks=callbacks)
 
 
-def _fit(model, algorithm, plan, cfg: EngineConfig, out: Path, *, tokenizer, accelerator, evaluate, run_config,
+def _fit(model, algorithm, plan, cfg: TrainConfig, out: Path, *, tokenizer, accelerator, evaluate, run_config,
          inputs, log, callbacks) -> FitResult:
     """:func:`fit` once the run directory is prepared and locked."""
     total_steps = plan.num_steps()

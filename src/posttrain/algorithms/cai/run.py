@@ -305,10 +305,9 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
         plan = SFTPlan(examples, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, packing=True, row_length=row_length,
                        pad_token_id=tokenizer.pad_token_id, seed=cfg.train.seed)
-        engine_cfg = cfg.train.engine()
-        engine_cfg.overwrite_output_dir = True
+        train_cfg = dataclasses.replace(cfg.train, overwrite_output_dir=True)
         log(f"SFT on {len(examples)} revisions, {plan.num_steps()} optimizer steps")
-        res = fit(model, SFTAlgorithm(), plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+        res = fit(model, SFTAlgorithm(), plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
                   run_config=dataclasses.asdict(cfg), log=log)
         summary.update({"sft/steps": res.steps, "sft/loss": res.history[-1].get("loss") if res.history else None})
         final_dir = out / "final" if (out / "final").is_dir() else None

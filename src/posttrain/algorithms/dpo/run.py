@@ -116,11 +116,11 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     for note in data_notes(cfg.data, has_eval=bool(eval_units or extra_eval)) + unused_notes(
             cfg.train, "train.", ["eval_every"] if not (eval_units or extra_eval) else [], "there is no eval data"):
         log(f"note: {note}")
-    engine_cfg = cfg.train.engine()
+    train_cfg = cfg.train
     if eval_times:
-        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
+        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
-    result = fit(model, algo, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(model, algo, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if (eval_units or extra_eval) else None,
                  run_config=dataclasses.asdict(cfg), inputs=inputs, log=log, callbacks=[monitor])
     if accelerator.is_main_process and result.history:

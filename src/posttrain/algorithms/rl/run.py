@@ -129,9 +129,9 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
 
     evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
-    engine_cfg = cfg.train.engine()
+    train_cfg = cfg.train
     if eval_times:
-        engine_cfg.eval_every = spread_eval_every(plan.num_steps(), eval_times)
+        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}
@@ -141,7 +141,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
         inputs["critic_init_sha256"] = _file_digest(critic_dir)
     if cfg.teacher.name_or_path:
         inputs["teacher_sha256"] = _file_digest(cfg.teacher.name_or_path)
-    result = fit(trained, algorithm, plan, engine_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(trained, algorithm, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=run_config, inputs=inputs, log=log,
                  callbacks=[state])
     if accelerator.is_main_process and result.history:
