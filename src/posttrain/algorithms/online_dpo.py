@@ -37,15 +37,7 @@ import torch
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import EncodedExample
 from ..errors import ConfigError, TrainingError
-from ..models.loading import (
-    accelerator_for,
-    check_model_fits,
-    check_same_vocabulary,
-    load_causal_lm,
-    load_policy,
-    read_paths,
-    tokenizer_for,
-)
+from ..models.loading import check_same_vocabulary, load_causal_lm, read_paths
 from ..models.peft import apply_peft
 from ..ops import get_preference_loss
 from ..rewards import check_reward_fields
@@ -66,6 +58,8 @@ from .online import (
     epoch_order_indices,
     load_prompt_sets,
     prompt_evaluator,
+    refill_count,
+    sampling_policy,
     score_rollouts,
 )
 from .sequences import collate_examples, reference_policy
@@ -251,8 +245,7 @@ class PairPlan:
         rewards_all, gold_all, chosen_r, rejected_r = [], [], [], []
         rounds = 0
         while True:
-            missing = want - len(units)
-            n = want if rounds == 0 else min(4 * want, math.ceil(missing / max(len(units) / stats["prompts"], 0.25)))
+            n = refill_count(want, len(units), stats["prompts"], rounds)
             idx = self._next_prompts(n)
             stats["prompts"] += n
             rolls = generate_shared(
@@ -354,17 +347,10 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
                      protect=read_paths(cfg.model, **{"loss.reference": cfg.loss.reference,
                                                       "reward.reward_model": cfg.reward.reward_model,
                                                       "reward.process_reward_model": cfg.reward.process_reward_model}))
-    torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
-    accelerator = accelerator_for(cfg.model)
-    tokenizer = tokenizer or tokenizer_for(cfg.model)
-    if model is None:
-        model = load_policy(cfg.model, accelerator)
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-                     parts={"data.max_prompt_length": cfg.data.max_prompt_length,
-                            "rollout.max_new_tokens": cfg.rollout.max_new_tokens})
-    if tokenizer.pad_token_id is None:
-        raise ConfigError("The tokenizer has no pad token.", fix="set model.pad_token (e.g. to its EOS token).")
+    accelerator, tokenizer, model = sampling_policy(cfg, model=model, tokenizer=tokenizer,
+                                                   max_new_tokens=cfg.rollout.max_new_tokens,
+                                                   new_tokens_key="rollout.max_new_tokens")
     model = apply_peft(model, cfg.model.peft, log=log)
     prompts, eval_prompts, source = load_prompt_sets(cfg.data, tokenizer, seed=cfg.train.seed, log=log)
     functions, gold = build_rewards(cfg.reward, tokenizer, accelerator.device,

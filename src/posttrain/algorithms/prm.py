@@ -54,6 +54,7 @@ from ..models.loading import (
 )
 from ..models.peft import apply_peft
 from ..ops import mc_step_labels, prm_step_loss
+from ..world.sources import builtin_records, is_builtin
 from ..rewards import compute_rewards, resolve_reward_functions
 from ..rewards.process import (
     StepExample,
@@ -147,23 +148,13 @@ class PRMConfig:
 # --------------------------------------------------------------------------- data
 
 
-def world_step_records(n: int, *, split: str, seed: int) -> list[dict]:
-    from ..world.preferences import step_records
-
-    return step_records(n, seed=seed, split=split)
-
-
 def load_step_source(spec: str, data: PRMDataConfig, seed: int, key: str = "data.train"):
     check_builtin(spec, data.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_STEPS}.")
-    if spec in (BUILTIN_STEPS, BUILTIN_STEPS + "-heldout"):
-        split = "heldout" if spec.endswith("-heldout") else "train"
-        n = data.world_examples if split == "train" else data.world_eval_examples
-        return load_records(world_step_records(n, split=split, seed=seed), "stepwise")
-    if spec.startswith("builtin:"):
-        raise ConfigError(f"Unknown built-in step data '{spec}'; it is {BUILTIN_STEPS} (and {BUILTIN_STEPS}-heldout).",
-                          fix="use that or a file path.")
+    if is_builtin(spec):
+        return builtin_records(spec, kinds=("steps",), n=data.world_examples, n_heldout=data.world_eval_examples,
+                               seed=seed, key=key, what="step data")
     ds = load_records(spec, fields=data.fields)
     if ds.format != "stepwise":
         raise DataError(f"{ds.source} holds {ds.format} records; a process reward model trains on stepwise records "

@@ -46,10 +46,10 @@ from ..ops import masked_sum, sft_loss
 from ..train.engine import FitResult, fit, to_device
 from ..train.plan import StepPlan, hold_out, spread_eval_every
 from ..train.rundir import check_output_dir
+from ..world.sources import HELDOUT, builtin_records, is_builtin, split_builtin
 
 BUILTIN_DATA = "builtin:world-sft"
 #: the tiny world's AI-feedback roles (posttrain cai): a judge and a critique/revision model
-BUILTIN_FEEDBACK = ("builtin:world-judge", "builtin:world-judge-reasoning", "builtin:world-revise")
 
 
 @dataclass
@@ -224,12 +224,6 @@ def eval_loss(model, algorithm: SFTAlgorithm, examples: list[EncodedExample], *,
 # --------------------------------------------------------------------------- data sources
 
 
-def world_sft_records(n: int, *, split: str, seed: int) -> list[dict]:
-    from ..world.tasks import generate_problems
-
-    return [{"messages": p.messages()} for p in generate_problems(n, seed=seed, split=split)]
-
-
 def _check_spec(spec: str, cfg: SFTDataConfig, key: str) -> None:
     check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
@@ -238,7 +232,7 @@ def _check_spec(spec: str, cfg: SFTDataConfig, key: str) -> None:
 
 def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
     _check_spec(spec, cfg, key)
-    ds = _load_sft_source(spec, cfg, seed)
+    ds = _load_sft_source(spec, cfg, seed, key)
     if ds.format not in SFT_FORMATS:
         raise _not_sft(key, ds.source, ds.format)
     return ds
@@ -250,26 +244,10 @@ def _not_sft(key: str, source: str, fmt: str) -> ConfigError:
                        "(preference pairs train with `posttrain dpo` / `rm`).")
 
 
-def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int):
-    if spec == BUILTIN_DATA:
-        return load_records(world_sft_records(cfg.world_examples, split="train", seed=seed), "conversational")
-    if spec == BUILTIN_DATA + "-heldout":
-        return load_records(world_sft_records(cfg.world_eval_examples, split="heldout", seed=seed),
-                            "conversational")
-    for name in BUILTIN_FEEDBACK:
-        if spec in (name, name + "-heldout"):
-            from ..world import feedback
-
-            held = spec.endswith("-heldout")
-            kw = dict(seed=seed, split="heldout" if held else "train")
-            n = cfg.world_eval_examples if held else cfg.world_examples
-            records = (feedback.revise_records(n, **kw) if name.endswith("revise")
-                       else feedback.judge_records(n, reasoning=name.endswith("reasoning"), **kw))
-            return load_records(records, "prompt_completion")
-    if spec.startswith("builtin:"):
-        names = [BUILTIN_DATA, *BUILTIN_FEEDBACK]
-        raise ConfigError(f"Unknown built-in dataset '{spec}'; built-in SFT data is "
-                          + ", ".join(f"{n} (and {n}-heldout)" for n in names) + ".", fix="use one of those or a file path.")
+def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str):
+    if is_builtin(spec):
+        return builtin_records(spec, kinds=("sft",), n=cfg.world_examples, n_heldout=cfg.world_eval_examples,
+                               seed=seed, key=key, what="SFT data")
     return load_records(spec, cfg.format, fields=cfg.fields)
 
 
@@ -358,7 +336,7 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     log(f"train data {cfg.data.train}: {report.summary()}" + (" (from the tokenization cache)" if hit else ""))
     eval_spec = cfg.data.eval
     if eval_spec == "auto":  # the world's held-out set only for the world's own data
-        eval_spec = (cfg.data.train + "-heldout" if cfg.data.train in (BUILTIN_DATA, *BUILTIN_FEEDBACK)
+        eval_spec = (cfg.data.train + HELDOUT if is_builtin(cfg.data.train) and split_builtin(cfg.data.train)[1] == "train"
                      else None)
     if eval_spec:
         eval_examples, eval_report, hit = encode_sft_source(eval_spec, cfg.data, cfg.train.seed, tokenizer, encode_kw,

@@ -934,11 +934,6 @@ def accelerator_for(model_cfg):
     return Accelerator(cpu=dev.type == "cpu")
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """The local directory or hub id a model name resolves to (see :func:`locate`)."""
-    return locate(name_or_path).path
-
-
 def load_model_config(name_or_path: str, *, key: str = "model.name_or_path"):
     """Only the transformers config of a model (a directory, a ``config.json``, a cached or
     reachable hub id, or ``builtin:...``): no weights are read and no repository code runs."""

@@ -531,8 +531,6 @@ class PreferenceLoss(NamedTuple):
     hyperparameters: tuple[str, ...]
 
 
-PREFERENCE_DATA_KINDS = ("paired", "unpaired", "ranked")
-
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     loss.name: loss
     for loss in (

@@ -1,6 +1,7 @@
 """The training engine: one lean loop shared by every method.
 
-An *algorithm* (SFT today; DPO, RM and the online methods later) supplies two things:
+An *algorithm* (every method: SFT, RM, PRM, the DPO family, distillation, and the online methods
+through their plans) supplies two things:
 
 * ``counts(batch) -> dict[str, int]`` — how many loss tokens / sequences a micro-batch holds;
 * ``loss(model, batch, totals) -> (loss, metrics)`` — the micro-batch's share of the step loss,

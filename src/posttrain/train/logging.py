@@ -130,6 +130,3 @@ class MetricsLogger:
         if self._trackio is not None:
             self._trackio.finish()
 
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -13,6 +13,7 @@ from ...data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaire
 from ...errors import ConfigError
 from ...ops import PREFERENCE_LOSSES
 from ...train.plan import hold_out
+from ...world.sources import builtin_records, is_builtin
 from .config import BUILTIN_SOURCES, PreferenceDataConfig, PreferenceLossConfig
 
 
@@ -54,33 +55,14 @@ def unit_targets(u: Unit) -> list:
 
 
 def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int, key: str = "data.train"):
-    from ...world import preferences as wp
-
     check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.",
                           fix=f"set {key} to a JSONL / Parquet file or one of {', '.join(BUILTIN_SOURCES)}.")
 
-    builtin = {
-        "builtin:world-pairs": ("paired", wp.preference_records, {}),
-        "builtin:world-unpaired": ("unpaired", wp.unpaired_records, {}),
-        "builtin:world-ranked": ("ranked", wp.ranked_records, {"k": cfg.world_k}),
-    }
-    name, split = spec, "train"
-    if spec.endswith("-heldout"):
-        name, split = spec[: -len("-heldout")], "heldout"
-    if name in builtin:
-        data_kind, fn, kw = builtin[name]
-        if data_kind != kind:
-            wanted = next(k for k, v in builtin.items() if v[0] == kind)
-            raise ConfigError(f"data source '{spec}' holds {data_kind} data, but the loss needs {kind} data.",
-                              fix=f"use {wanted} or a file in the matching format.")
-        n = cfg.world_examples if split == "train" else cfg.world_eval_examples
-        return load_records(fn(n, seed=seed, split=split, **kw))
-    if spec.startswith("builtin:"):
-        raise ConfigError(f"Unknown built-in data '{spec}'; built-in preference data: "
-                          f"{', '.join(BUILTIN_SOURCES)} (and their -heldout variants).",
-                          fix="use one of those or a file path.")
+    if is_builtin(spec):
+        return builtin_records(spec, kinds=(kind,), n=cfg.world_examples, n_heldout=cfg.world_eval_examples,
+                               seed=seed, key=key, what=f"{kind} preference data", world_k=cfg.world_k)
     return load_records(spec, fields=cfg.fields)
 
 

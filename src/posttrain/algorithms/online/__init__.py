@@ -7,9 +7,10 @@ from .config import BUILTIN_PROMPTS, RewardConfig, RLDataConfig, RolloutConfig, 
 from .evaluate import evaluate_prompts, prompt_evaluator
 from .prompts import PromptItem, encode_prompts, load_prompt_sets, load_prompt_source, prompt_text, world_problem_records
 from .scoring import build_rewards, score_rollouts
+from .setup import sampling_policy
 from .stream import derive_seed, epoch_order_indices, refill_count
 
 __all__ = ["BUILTIN_PROMPTS", "PromptItem", "RLDataConfig", "RewardConfig", "RolloutConfig", "build_rewards",
-           "check_reward_config", "derive_seed", "encode_prompts", "epoch_order_indices", "evaluate_prompts", "refill_count",
-           "load_prompt_sets", "load_prompt_source", "prompt_evaluator", "prompt_text", "score_rollouts",
-           "world_problem_records"]
+           "check_reward_config", "derive_seed", "encode_prompts", "epoch_order_indices", "evaluate_prompts",
+           "load_prompt_sets", "load_prompt_source", "prompt_evaluator", "prompt_text", "refill_count",
+           "sampling_policy", "score_rollouts", "world_problem_records"]

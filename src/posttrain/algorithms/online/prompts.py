@@ -9,6 +9,7 @@ from ...data import load_records
 from ...data.chat import render_prompt
 from ...data.fields import check_builtin
 from ...errors import DataError
+from ...world.sources import BUILTINS, builtin_records, is_builtin
 from .config import BUILTIN_PROMPTS, RLDataConfig
 from ...errors import ConfigError
 
@@ -24,23 +25,16 @@ class PromptItem:
 
 
 def world_problem_records(n: int, *, split: str, seed: int) -> list[dict]:
-    from ...world.datasets import problem_record
-    from ...world.tasks import generate_problems
-
-    return [problem_record(p) for p in generate_problems(n, seed=seed, split=split)]
+    return BUILTINS[BUILTIN_PROMPTS].generate(n, split=split, seed=seed)
 
 
 def load_prompt_source(spec: str, cfg: RLDataConfig, seed: int, key: str = "data.train"):
     check_builtin(spec, cfg.fields, key)
     if not str(spec).strip():
         raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_PROMPTS}.")
-    if spec in (BUILTIN_PROMPTS, BUILTIN_PROMPTS + "-heldout"):
-        split = "heldout" if spec.endswith("-heldout") else "train"
-        n = cfg.world_examples if split == "train" else cfg.world_eval_examples
-        return load_records(world_problem_records(n, split=split, seed=seed), "prompt_answer")
-    if spec.startswith("builtin:"):
-        raise ConfigError(f"Unknown built-in prompt set '{spec}'; built-in RL prompts are {BUILTIN_PROMPTS} and "
-                          f"{BUILTIN_PROMPTS}-heldout.", fix="use one of those or a file path.")
+    if is_builtin(spec):
+        return builtin_records(spec, kinds=("prompts",), n=cfg.world_examples, n_heldout=cfg.world_eval_examples,
+                               seed=seed, key=key, what="prompt sets")
     ds = load_records(spec, fields=cfg.fields)
     if not all("prompt" in r for r in ds.records[:1]):
         raise DataError(f"{ds.source} holds {ds.format} records, which have no 'prompt' field to sample from.",
