@@ -58,14 +58,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .algorithms.rl.config import PRESETS
 from .errors import ConfigError, setting
+from .ops import PREFERENCE_LOSSES
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PREFERENCE = ("dpo", "dpop", "hinge", "ipo", "kto", "orpo", "simpo", "tilt")
-REFERENCE_FREE = ("orpo", "simpo")
-UNPAIRED = ("kto", "tilt")        # one sequence per example, not two per pair
-ONLINE = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "remax", "reinforce_pp", "ppo", "online-dpo")
+# the methods, read from the registries (a new loss or preset is planned without an edit here)
+PREFERENCE = tuple(sorted(PREFERENCE_LOSSES))
+REFERENCE_FREE = tuple(n for n in PREFERENCE if not PREFERENCE_LOSSES[n].needs_reference)
+UNPAIRED = tuple(n for n in PREFERENCE if PREFERENCE_LOSSES[n].data != "paired")  # one sequence per example
+ONLINE = (*PRESETS, "online-dpo")
 METHODS = ("sft", "rm") + PREFERENCE + ONLINE
 
 #: the ``posttrain plan`` flag of each numeric PlanInput field (errors name the flag)

@@ -54,8 +54,9 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
         notes += unused_notes(cfg.loss, "loss.", ["dynamic_sampling_rounds"], "dynamic sampling is off")
     if loss.tis_cap is None:
         notes += unused_notes(cfg.loss, "loss.", ["tis_level"], "loss.tis_cap is not set")
-    if loss.advantage != "reinforce_pp":
-        notes += unused_notes(cfg.loss, "loss.", ["subtract_group_mean"], "it applies to loss.advantage=reinforce_pp")
+    if "subtract_group_mean" not in get_advantage_estimator(loss.advantage).hyperparameters:
+        notes += unused_notes(cfg.loss, "loss.", ["subtract_group_mean"],
+                              f"loss.advantage={loss.advantage} does not take it")
     if "reward_model" not in cfg.reward.functions + cfg.reward.gold:
         notes += unused_notes(cfg.reward, "reward.", ["reward_model"], "no reward_model function is used")
     if "prm" not in cfg.reward.functions + cfg.reward.gold:
