@@ -292,11 +292,13 @@ CASES = [
     Case("quickstart-foreign-dir", lambda ws: ["quickstart", f"output_dir={ws / 'model'}"], ("did not write",)),
     Case("world-data-out-file", lambda ws: ["world", "data", "--out", str(ws / "sft.jsonl")], ("is a file",)),
     # ---- eval command (4)
-    Case("eval-model-missing", lambda ws: ["eval", "--model", str(ws / "nope")], ("--model", "no such directory")),
-    Case("eval-n-zero", lambda ws: ["eval", "--model", str(ws / "model"), "--n", "0"], ("--n",), fix=False),
-    Case("eval-long-generation", lambda ws: ["eval", "--model", str(ws / "model"), "--n", "2",
-                                             "--max-new-tokens", "100000"], ("position limit", "max-new-tokens")),
-    Case("eval-device-cuda", lambda ws: ["eval", "--model", str(ws / "model"), "--device", "cuda"], ("--device",)),
+    Case("eval-model-missing", lambda ws: ["eval", f"model.name_or_path={ws / 'nope'}"],
+         ("model.name_or_path", "no such directory")),
+    Case("eval-n-zero", lambda ws: ["eval", f"model.name_or_path={ws / 'model'}", "eval.n=0"], ("'eval.n'",)),
+    Case("eval-long-generation", lambda ws: ["eval", f"model.name_or_path={ws / 'model'}", "data.world_examples=2",
+                                             "eval.max_new_tokens=100000"], ("position limit", "eval.max_new_tokens")),
+    Case("eval-device-cuda", lambda ws: ["eval", f"model.name_or_path={ws / 'model'}", "model.device=cuda"],
+         ("model.device",)),
 ]
 
 
@@ -357,11 +359,12 @@ ROUND2 = [
     Case("tokenizer-past-embedding", sft(lambda ws: f"model.name_or_path={ws / 'm-small'}"),
          ("400 tokens", "only 300 rows"), setup=_small_vocab),
     Case("other-models-tokenizer", sft("model.tokenizer=builtin:tiny-world-base"), ("'model.tokenizer'", "rows")),
-    Case("eval-no-template", lambda ws: ["eval", "--model", str(ws / "m-notemplate"), "--n", "2"],
-         ("no chat template", "--chat-template"),
+    Case("eval-no-template", lambda ws: ["eval", f"model.name_or_path={ws / 'm-notemplate'}", "data.world_examples=2"],
+         ("no chat template", "model.chat_template"),
          setup=copied("m-notemplate", lambda d: _edit_config_tok(d, chat_template=None) or (
              (d / "chat_template.jinja").unlink() if (d / "chat_template.jinja").exists() else None))),
-    Case("eval-template-renders-nothing", lambda ws: ["eval", "--model", str(ws / "m-tpl-empty"), "--n", "2"],
+    Case("eval-template-renders-nothing", lambda ws: ["eval", f"model.name_or_path={ws / 'm-tpl-empty'}",
+                                                      "data.world_examples=2"],
          ("empty prompt",), setup=_template("m-tpl-empty", "{% if false %}x{% endif %}")),
     Case("template-type-error", sft("model.chat_template={{ messages | length + 'x' }}"), ("raised TypeError",)),
     Case("template-zero-division", sft("model.chat_template={{ 1 // 0 }}"), ("ZeroDivisionError",)),
@@ -425,7 +428,7 @@ ROUND2 = [
 # The third trial (after the second round of fixes).
 ROUND3 = [
     Case("model-is-a-run-dir", sft(lambda ws: f"model.name_or_path={ws / 'run'}"), ("run directory", "final")),
-    Case("model-is-a-checkpoint", lambda ws: ["eval", "--model", str(ws / "run/checkpoints/step-000001")],
+    Case("model-is-a-checkpoint", lambda ws: ["eval", f"model.name_or_path={ws / 'run/checkpoints/step-000001'}"],
          ("training checkpoint", "model")),
     Case("model-is-empty", sft(lambda ws: f"model.name_or_path={ws / 'empty-dir'}"), ("it is empty",),
          setup=lambda ws: (ws / "empty-dir").mkdir(exist_ok=True)),

@@ -24,6 +24,7 @@ import pytest
 from posttrain.algorithms.cai import CAIConfig
 from posttrain.algorithms.distill import DistillConfig
 from posttrain.algorithms.dpo import DPOConfig
+from posttrain.algorithms.evaluate import EvalConfig
 from posttrain.algorithms.online_dpo import OnlineDPOConfig
 from posttrain.algorithms.prm import PRMConfig
 from posttrain.algorithms.rft import RFTConfig
@@ -41,7 +42,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND_CONFIGS: dict[str, type] = {
     "sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "rl": RLConfig, **{p: RLConfig for p in PRESETS},
     "rft": RFTConfig, "online-dpo": OnlineDPOConfig, "prm": PRMConfig, "cai": CAIConfig, "distill": DistillConfig,
-    "quickstart": QuickstartConfig,
+    "quickstart": QuickstartConfig, "eval": EvalConfig,
 }
 
 # spans in backticks that look like config keys but are not, each with the reason

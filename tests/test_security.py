@@ -268,9 +268,10 @@ def test_custom_code_from_the_cli_ends_cleanly(model_dir, tmp_path, no_prompt, c
     d = _custom_code_dir(model_dir, tmp_path / "m", marker, model_type="evil_arch")
     for argv in (["rm", f"model.name_or_path={d}", f"model.tokenizer={model_dir}"],
                  ["dpo", f"model.name_or_path={model_dir}", f"loss.reference={d}"],
-                 ["eval", "--model", str(d)]):
+                 ["eval", f"model.name_or_path={d}", f"model.tokenizer={model_dir}"]):
         out = tmp_path / f"run-{argv[0]}"
-        extra = [f"train.output_dir={out}", "train.max_steps=1", "data.world_examples=4"] if argv[0] != "eval" else []
+        extra = [f"train.output_dir={out}", "train.max_steps=1"] if argv[0] != "eval" else []
+        extra.append("data.world_examples=4")
         code = main(argv + extra)
         err = capsys.readouterr().err
         assert code == 2 and "never runs code" in err, (argv, err)

@@ -34,15 +34,21 @@ def test_greedy_generate_matches_manual_argmax_and_reports_stops():
 
 
 def test_evaluation_metrics_by_hand(monkeypatch):
+    import posttrain.algorithms.online.evaluate as one_evaluator
+    from posttrain.rollout import Rollout
+
     problems = generate_problems(4, seed=0, split="heldout")
     answers = [p.answer for p in problems]
-    canned = [
-        Generation([], [1, 2, 3], f"1 + 1 = 2\n#### {answers[0]}", True),        # correct, compliant
-        Generation([], [1, 2], f"I think {answers[1]}", True),                   # correct, not compliant
-        Generation([], [1] * 5, f"1 + 1 = 2\n#### {answers[2]}", False),         # correct, ran out of tokens
-        Generation([], [1], f"1 + 1 = 2\n#### {answers[3] + 1}", True),          # wrong, compliant
+    canned = [  # (completion ids, text, finished)
+        ([1, 2, 3], f"1 + 1 = 2\n#### {answers[0]}", True),        # correct, compliant
+        ([1, 2], f"I think {answers[1]}", True),                   # correct, not compliant
+        ([1] * 5, f"1 + 1 = 2\n#### {answers[2]}", False),         # correct, ran out of tokens
+        ([1], f"1 + 1 = 2\n#### {answers[3] + 1}", True),          # wrong, compliant
     ]
-    monkeypatch.setattr(world_eval, "generate", lambda *a, **k: canned)
+    # the world's evaluation is the one evaluator's: canned completions in place of its generation
+    monkeypatch.setattr(one_evaluator, "generate_rollouts", lambda model, tok, prompts, sampling, **k: [
+        Rollout(i, list(p), ids, [0.0] * len(ids), text, fin)
+        for i, (p, (ids, text, fin)) in enumerate(zip(prompts, canned))])
     res = world_eval.evaluate_problems(None, world_tokenizer(), problems)
     assert res.accuracy == 0.75
     assert res.format_compliance == 0.5
@@ -50,6 +56,7 @@ def test_evaluation_metrics_by_hand(monkeypatch):
     assert [p.level for p in problems] == [1, 2, 3, 4]
     assert res.per_level == {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0}
     assert [s["correct"] for s in res.samples] == [True, True, True, False]
+    assert [s["format_ok"] for s in res.samples] == [True, False, False, True]
 
 
 def _sha(path):

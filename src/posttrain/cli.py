@@ -11,7 +11,7 @@
     posttrain prm model.name_or_path=runs/sft/final labels.source=mc labels.policy=runs/sft/final   # PRM
     posttrain cai model.name_or_path=runs/sft/final revise.model=... judge.model=...   # Constitutional AI loop
     posttrain plan --model DIR --method dpo --seq-len 2048 --devices 8 --device-memory 80   # memory planner
-    posttrain eval --model runs/sft/final     # held-out accuracy on the tiny world
+    posttrain eval model.name_or_path=runs/sft/final data.eval=... eval.n=8 ...   # accuracy / rewards / pass@k
     posttrain export runs/sft/final --output merged/   # merge a LoRA adapter (model.peft.method=lora)
     posttrain merge merge.yaml out/           # merge models (mergekit-style YAML: linear, slerp, ties, dare...)
     posttrain distill teacher.name_or_path=runs/sft/final ...   # token-level KD, SeqKD or on-policy into model.name_or_path
@@ -104,20 +104,25 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .models.loading import check_tokenizer_fits, load_causal_lm, load_tokenizer
-    from .world.evaluate import evaluate_problems
-    from .world.tasks import generate_problems
+# the flags of the earlier `posttrain eval` and the keys that replace them
+_EVAL_FLAGS = {"--model": "model.name_or_path", "--n": "data.world_examples", "--seed": "data.seed",
+               "--max-new-tokens": "eval.max_new_tokens", "--device": "model.device",
+               "--chat-template": "model.chat_template", "--samples": "eval.show_samples"}
 
-    tok = load_tokenizer(args.model, key="--model", chat_template=args.chat_template)
-    model = load_causal_lm(args.model, device=args.device, key="--model")
-    check_tokenizer_fits(tok, model, key="--model")
-    problems = generate_problems(args.n, seed=args.seed, split="heldout")
-    res = evaluate_problems(model, tok, problems, max_new_tokens=args.max_new_tokens, progress=True)
-    print(json.dumps(res.metrics(), indent=2))
-    if args.samples:
-        for s in res.samples[: args.samples]:
-            print(f"\nQ: {s['question']}\nA: {s['response']!r}  [{'correct' if s['correct'] else 'wrong'}]")
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .algorithms.evaluate import EvalConfig, run_eval
+
+    used = [flag for flag in _EVAL_FLAGS if getattr(args, "legacy_" + flag[2:].replace("-", "_")) is not None]
+    if used:
+        raise ConfigError(f"posttrain eval takes key=value settings; {', '.join(used)} "
+                          f"{'is' if len(used) == 1 else 'are'} no longer options.",
+                          fix="write " + ", ".join(f"{f} X as {_EVAL_FLAGS[f]}=X" for f in used)
+                          + " (posttrain eval --help lists every key).")
+    # model=DIR is short for model.name_or_path=DIR
+    short = [o.startswith("model=") and not o[6:].lstrip().startswith("{") for o in args.overrides]
+    overrides = ["model.name_or_path=" + o[6:] if s else o for o, s in zip(args.overrides, short)]
+    run_eval(load_config(EvalConfig, args.config, overrides))
     return 0
 
 
@@ -486,15 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_quickstart)
 
-    p = sub.add_parser("eval", help="held-out accuracy of a model on the tiny world")
-    p.add_argument("--model", required=True, help="model directory (or builtin:tiny-world-base)")
-    p.add_argument("--n", type=_positive_int, default=200, help="held-out problems")
-    p.add_argument("--seed", type=_nonnegative_int, default=0)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=96)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--chat-template", default=None, help="a Jinja chat template (file path or text) to use "
-                   "instead of the tokenizer's own")
-    p.add_argument("--samples", type=_nonnegative_int, default=0, help="print this many question/answer samples")
+    from .algorithms.evaluate import EvalConfig
+
+    p = sub.add_parser("eval", help="accuracy, mean rewards and pass@k of any model on any prompt set",
+                       formatter_class=_HelpFormatter,
+                       description="Evaluate a model (model.name_or_path: a run's final/, a LoRA adapter directory "
+                       "(loaded merged), a merged or Hugging Face directory, builtin:tiny-world-base; model=DIR for "
+                       "short) on prompt records (data.eval: JSONL / Parquet with data.fields, as posttrain rl reads "
+                       "them, or builtin:world-problems-heldout, the default) with posttrain rl's reward functions "
+                       "(reward.functions, reward.gold). Greedy (eval.temperature=0, the default): accuracy and the "
+                       "mean reward per function; eval.n=k samples at eval.temperature > 0: pass@1 and pass@k "
+                       "(unbiased estimator), mean rewards; both per level when the records have a level / "
+                       "difficulty field. Prints a table; output_dir=DIR also writes eval.json (the metrics) and "
+                       "samples.jsonl (every completion with its rewards). Under torchrun the processes split the "
+                       "generation and rank 0 writes.", epilog=_config_help(EvalConfig))
+    p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    for flag in _EVAL_FLAGS:  # the earlier flags: refused with the key that replaces each
+        p.add_argument(flag, dest="legacy_" + flag[2:].replace("-", "_"), default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="merge a LoRA adapter (a model.peft run's final/) into a full model directory")

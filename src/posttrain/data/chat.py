@@ -86,7 +86,7 @@ def check_tokenizer(tokenizer, *, need_chat_template: bool) -> None:
         raise TokenizerError(
             f"tokenizer {name!r} has no chat template, but chat messages (the data, or the prompts of an "
             "evaluation) must be rendered with the model's template.",
-            fix="set model.chat_template (posttrain eval: --chat-template) to a Jinja template or the path of a "
+            fix="set model.chat_template to a Jinja template or the path of a "
             ".jinja file (for example "
             "the ChatML template of the model family you fine-tune from; keep using it at inference), "
             "point model.tokenizer to a tokenizer that has one, or give the data as prompt/completion strings.",
@@ -108,7 +108,7 @@ def _validate_messages(messages: Any, *, prompt: bool, source: str | None, locat
     return msgs
 
 
-_TEMPLATE_PLACES = ("model.chat_template (posttrain eval: --chat-template), or the tokenizer's own template in "
+_TEMPLATE_PLACES = ("model.chat_template, or the tokenizer's own template in "
                     "tokenizer_config.json / chat_template.jinja")
 
 

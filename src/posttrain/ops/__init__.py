@@ -17,6 +17,7 @@ from .advantages import (
 )
 from .kl import KL_ESTIMATORS, exact_kl, kl_estimate, kl_k1, kl_k2, kl_k3
 from .distill import DIVERGENCES, token_divergence
+from .evaluation import pass_at_k
 from .kl_control import AdaptiveKLController, FixedKLController, kl_penalized_token_rewards
 from .logprobs import compute_entropy, linear_log_probs, token_log_probs
 from .policy import (
@@ -115,6 +116,7 @@ __all__ = [
     "masked_sum",
     "masked_whiten",
     "orpo_loss",
+    "pass_at_k",
     "policy_gradient_loss",
     "pool_sequences",
     "ppo_clip_loss",

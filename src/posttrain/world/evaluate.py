@@ -4,6 +4,11 @@ The model sees each question as a chat prompt (the tokenizer's template with the
 prompt) and answers greedily. Reported: accuracy (the extracted final answer equals the true
 one), mean response length in tokens, format compliance (the strict world format, stopped on
 its own), and accuracy per difficulty level.
+
+This is the one evaluator (:func:`posttrain.algorithms.online.evaluate.evaluate_model`, behind
+``posttrain eval``) with the world's verifier (``world_correct``) as correctness and its strict
+format (``format`` with ``format_strict``) scored beside, grouped by level; each process
+evaluates every problem.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..algorithms.online import PromptItem
+from ..algorithms.online.evaluate import evaluate_model
 from ..data.chat import render_prompt
 from ..errors import TokenizerError
-from ..rollout.hf import generate
-from .grader import is_correct, is_format_compliant
+from ..rewards import resolve_reward_functions
+from ..rollout import SamplingParams
 from .tasks import Problem
 
 
@@ -60,33 +67,24 @@ def evaluate_problems(
 
     ``prompts`` overrides the chat rendering (e.g. a plain-text prompt for probing a base model).
     """
+    if not problems:
+        return EvalResult(accuracy=0.0, mean_response_tokens=0.0, format_compliance=0.0)
     if prompts is None:
         prompts = [chat_prompt_ids(tokenizer, p.question) for p in problems]
-    gens = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        progress=progress, desc="evaluating",
-    )
-    correct = fmt = 0
-    tokens = 0
-    by_level: dict[int, list[int]] = {}
-    samples = []
-    for p, g in zip(problems, gens):
-        ok = is_correct(g.text, p.answer)
-        good_format = is_format_compliant(g.text, g.finished)
-        correct += ok
-        fmt += good_format
-        tokens += len(g.completion_ids)
-        by_level.setdefault(p.level, []).append(int(ok))
-        samples.append(
-            {"question": p.question, "answer": p.answer, "response": g.text,
-             "correct": ok, "format_ok": good_format, "finished": g.finished, "level": p.level}
-        )
-    n = max(1, len(problems))
+    items = [PromptItem(ids=list(ids), text=p.question, fields={"answer": p.answer, "level": p.level},
+                        prompt=p.question) for p, ids in zip(problems, prompts, strict=True)]
+    functions = resolve_reward_functions(["world_correct", "format"], None, options={"format_strict": True}, log=None)
+    res = evaluate_model(model, tokenizer, items, functions, SamplingParams(max_new_tokens, temperature=0.0),
+                         correct="world_correct", group_by="level", batch_size=batch_size, progress=progress,
+                         shared=False, key="max_new_tokens")
+    samples = [{"question": p.question, "answer": p.answer, "response": s["completion"], "correct": bool(s["correct"]),
+                "format_ok": s["rewards"]["format"] == 1.0, "finished": s["finished"], "level": p.level}
+               for p, s in zip(problems, res.samples)]
     return EvalResult(
-        accuracy=correct / n,
-        mean_response_tokens=tokens / n,
-        format_compliance=fmt / n,
-        per_level={k: sum(v) / len(v) for k, v in sorted(by_level.items())},
+        accuracy=res.metrics["accuracy"],
+        mean_response_tokens=res.metrics["response_tokens"],
+        format_compliance=res.metrics["reward/format"],
+        per_level={int(k): v["accuracy"] for k, v in res.by_group.items()},
         n=len(problems),
         samples=samples,
     )

@@ -10,6 +10,7 @@ from ...data.fields import FIELDS_HELP
 from ...errors import ConfigError
 
 BUILTIN_PROMPTS = "builtin:world-problems"
+TEACHER_REWARD = "teacher_logprob"   # the per-token reward of on-policy distillation as RL
 
 
 

@@ -14,7 +14,7 @@ from ...config import ModelConfig, TrainConfig, option
 from ...errors import ConfigError
 from ...ops import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, get_advantage_estimator
 
-from ..online.config import RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
+from ..online.config import TEACHER_REWARD, RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
 
 # --------------------------------------------------------------------------- presets
 
@@ -137,9 +137,6 @@ class CriticConfig:
                                       gt=0.0)
     vf_coef: float = option(0.1, "Weight of the value loss in the summed loss (policy and critic share one "
                                  "gradient-norm clip).", gt=0.0)
-
-
-TEACHER_REWARD = "teacher_logprob"
 
 
 @dataclass
