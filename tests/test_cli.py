@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from posttrain.cli import main
-from posttrain.world.datasets import sft_record, write_jsonl
+from posttrain.data import write_jsonl
+from posttrain.world.datasets import sft_record
 from posttrain.world.tasks import generate_problems
 
 from .tiny import tiny_model, world_tokenizer

@@ -40,7 +40,8 @@ from .models.loading import (
     tokenizer_for,
 )
 from .train.rundir import check_output_dir, run_lock
-from .world.datasets import problem_record, write_jsonl, write_world_datasets
+from .data import write_jsonl
+from .world.datasets import problem_record, write_world_datasets
 from .world.evaluate import EvalResult, evaluate_problems
 from .world.preferences import preference_records
 from .world.tasks import generate_problems

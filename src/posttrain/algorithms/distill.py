@@ -245,10 +245,10 @@ def _prompt_length(e) -> int:
 
 
 def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResult:
-    from ..rewards import compute_rewards, resolve_reward_functions
+    from ..rewards import resolve_reward_functions
     from ..rollout import HFSampler, SamplingParams, requests
     from ..train.rundir import check_output_dir
-    from .online import RLDataConfig, encode_prompts, load_prompt_source
+    from .online import RLDataConfig, encode_prompts, load_prompt_source, score_rollouts
     from .sft import SFTConfig
 
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir)
@@ -267,10 +267,7 @@ def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResu
     keep = [r.finished for r in rolls]
     if functions:
         flat = [p for p in prompts for _ in range(c.samples)]
-        fields = {k: [p.fields.get(k) for p in flat] for k in flat[0].fields}
-        res = compute_rewards(functions, [p.text for p in flat], [r.text for r in rolls],
-                              completion_ids=[r.completion_ids for r in rolls], finished=keep,
-                              max_new_tokens=c.max_new_tokens, **fields)
+        res = score_rollouts(functions, flat, rolls, max_new_tokens=c.max_new_tokens)
         keep = [k and bool(v) and float(t) > 0 for k, v, t in zip(keep, res.valid.tolist(), res.total.tolist())]
     records, seen = [], set()
     for i, (r, k) in enumerate(zip(rolls, keep)):

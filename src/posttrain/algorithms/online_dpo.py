@@ -36,6 +36,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import EncodedExample
+from ..data.formats import write_jsonl
 from ..errors import ConfigError, TrainingError
 from ..models.loading import check_same_vocabulary, load_causal_lm, read_paths
 from ..models.peft import apply_peft
@@ -266,7 +267,7 @@ class PairPlan:
                 if len(units) >= want:
                     break
                 rc, rr = rolls[p * G + c], rolls[p * G + r]
-                units.append(Unit([_example(rc), _example(rr)]))
+                units.append(Unit([rc.training_example(), rr.training_example()]))
                 chosen_r.append(rows[p][c])
                 rejected_r.append(rows[p][r])
                 records.append({"iteration": k + 1, "prompt": self.prompts[idx[p]].text, "chosen": rc.text,
@@ -306,7 +307,7 @@ class PairPlan:
         self.state.pending = m
         every = ro.samples_every
         if every and k % every == 0:
-            write_on_main(_append_jsonl, self.out_dir / "pairs.jsonl", records)
+            write_on_main(write_jsonl, self.out_dir / "pairs.jsonl", records, append=True)
         return units
 
     def batches(self, step: int) -> list[dict]:
@@ -325,10 +326,6 @@ class PairPlan:
 
     def probe_batches(self) -> list[dict]:
         return self.last
-
-
-def _example(r) -> EncodedExample:
-    return EncodedExample(input_ids=r.prompt_ids + r.completion_ids, labels=[-100] * len(r.prompt_ids) + r.completion_ids)
 
 
 @dataclass
@@ -403,11 +400,5 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
     return OnlineDPOResult(fit=result, final_dir=result.final_dir,
                            eval_metrics=result.eval_history[-1] if result.eval_history else {})
 
-
-
-def _append_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
 
 __all__ = ["OnlineConfig", "OnlineDPOConfig", "OnlineDPOResult", "Pairing", "best_worst_pairs", "run_online_dpo"]

@@ -32,8 +32,6 @@ solutions and aggregates step scores by min, product or last step.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from ..data.fields import FIELDS_HELP, check_builtin
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import load_records
 from ..data.chat import render_prompt
+from ..data.formats import write_jsonl
 from ..errors import ConfigError, DataError
 from ..models.loading import (
     accelerator_for,
@@ -439,16 +438,14 @@ def _label_stats(records: list[dict], labels: list[list[float]]) -> dict:
 
 
 def _write_labels(path: Path, records, steps, labels, counts, k: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r, st, ls, cs in zip(records, steps, labels, counts):
-            rec = {k2: v for k2, v in r.items() if k2 not in ("completions", "labels")}
-            rec.update(completions=st, labels=ls, mc_successes=cs, mc_k=k)
-            if r.get("labels") is not None:
-                rec["gold_labels"] = r["labels"]
-            fh.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
+    out = []
+    for r, st, ls, cs in zip(records, steps, labels, counts):
+        rec = {k2: v for k2, v in r.items() if k2 not in ("completions", "labels")}
+        rec.update(completions=st, labels=ls, mc_successes=cs, mc_k=k)
+        if r.get("labels") is not None:
+            rec["gold_labels"] = r["labels"]
+        out.append(rec)
+    write_jsonl(path, out)
 
 
 __all__ = ["PRMConfig", "PRMResult", "StepExample", "StepScorer", "encode_steps", "mc_success_counts",

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
-from ..data import EncodedExample
+from ..data.formats import write_jsonl
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..models.loading import (
     accelerator_for,
@@ -346,9 +346,7 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
                 fix="lower select.threshold (or set it to null for top-k), raise sampling.samples_per_prompt or "
                 "sampling.temperature, set select.require_finished=false if answers are cut, or start from a "
                 "stronger model.")
-        examples = [EncodedExample(input_ids=ro.prompt_ids + ro.completion_ids,
-                                   labels=[-100] * len(ro.prompt_ids) + ro.completion_ids)
-                    for g, kept in zip(by_prompt, selection.kept) for j in kept for ro in [g[j]]]
+        examples = [g[j].training_example() for g, kept in zip(by_prompt, selection.kept) for j in kept]
         plan = SFTPlan(examples, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, packing=True, row_length=row_length,
                        pad_token_id=tokenizer.pad_token_id, seed=cfg.train.seed + r)
@@ -422,21 +420,15 @@ def _clear_rounds(out: Path) -> None:
 
 
 def _append(out: Path, row: dict) -> None:
-    with (out / ROUNDS_FILE).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
+    write_jsonl(out / ROUNDS_FILE, [row], append=True)
 
 
 def _write_kept(path: Path, prompts, groups, total: torch.Tensor, selection: Selection) -> None:
     """The round's kept samples as prompt/completion records (``posttrain sft`` trains on them)."""
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for g, (p, rolls, kept) in enumerate(zip(prompts, groups, selection.kept)):
-            for j in kept:
-                record = {"prompt": [{"role": "user", "content": p.text}],
-                          "completion": [{"role": "assistant", "content": rolls[j].text}],
-                          "reward": float(total[g, j]), **p.fields}
-                fh.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, [{"prompt": [{"role": "user", "content": p.text}],
+                        "completion": [{"role": "assistant", "content": rolls[j].text}],
+                        "reward": float(total[g, j]), **p.fields}
+                       for g, (p, rolls, kept) in enumerate(zip(prompts, groups, selection.kept)) for j in kept])
 
 
 def _load_policy(cfg: RFTConfig, accelerator, done: list[dict], out: Path):

@@ -20,7 +20,7 @@ Sequence-level methods (reward models, DPO family, KTO, tilt)::
 
 from .chat import check_tokenizer, has_generation_markers, render_conversation, render_prompt, render_turns
 from .collate import collate_sequences, packed_collate, pad_collate
-from .formats import FORMATS, ROLES, Dataset, detect_format, load_records, open_records, validate_record
+from .formats import FORMATS, ROLES, Dataset, detect_format, load_records, open_records, validate_record, write_jsonl
 from .packing import PaddingStats, best_fit_decreasing, padding_stats
 from .prefix import collate_shared_prefix, prediction_index
 from .preference import (
@@ -85,4 +85,5 @@ __all__ = [
     "render_turns",
     "tokenize_prompt_and_output",
     "validate_record",
+    "write_jsonl",
 ]

@@ -1018,3 +1018,20 @@ def _validated(items, source_name: str, format: str, field_map) -> Iterator[tupl
                     "to get an error naming the missing field.",
                 )
         yield location, validate_record(obj, fmt, source=source_name, location=location), fmt
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping], *, append: bool = False) -> Path:
+    """Write ``records`` to a JSONL file, one JSON object per line (its folder created). A new file
+    appears whole or not at all (written beside it, then renamed); ``append`` adds to the end of
+    an existing log instead."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if append:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(lines)
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(lines, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..data.tokenize import EncodedExample
 from ..errors import ConfigError
 from ..models.loading import max_positions
 from ..models.peft import base_model_of
@@ -60,6 +61,12 @@ class Rollout:
     def finish_reason(self) -> str:
         """``"stop"`` (a stop token or string ended it) or ``"length"`` (the token budget did)."""
         return "stop" if self.finished else "length"
+
+    def training_example(self) -> EncodedExample:
+        """The sampled sequence as a training example: prompt and completion tokens exactly as
+        sampled (never re-tokenized), the loss on the completion's tokens only."""
+        return EncodedExample(input_ids=self.prompt_ids + self.completion_ids,
+                              labels=[-100] * len(self.prompt_ids) + self.completion_ids)
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

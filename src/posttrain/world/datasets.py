@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..data.formats import write_jsonl
 
 from .tasks import Problem, generate_problems
 
@@ -20,14 +21,6 @@ def sft_record(p: Problem, direct: bool = False) -> dict:
 def problem_record(p: Problem) -> dict:
     """Prompt-with-answer record (for evaluation and RL with verifiable rewards)."""
     return {"prompt": [{"role": "user", "content": p.question}], "answer": str(p.answer), "level": p.level}
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return path
 
 
 WORLD_DATA_FILES = ("sft_train.jsonl", "sft_heldout.jsonl", "problems_heldout.jsonl")

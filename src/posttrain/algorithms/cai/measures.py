@@ -160,14 +160,6 @@ def summary_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
 def write_summary(out: Path, summary: dict) -> None:
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
     tmp = out / "cai.json.tmp"

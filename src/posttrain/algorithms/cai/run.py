@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from ...config import validated
-from ...data.formats import load_records
+from ...data.formats import load_records, write_jsonl
 from ...data.tokenize import encode_dataset
 from ...errors import ConfigError, DataError, TrainingError
 from ...models.loading import load_causal_lm, load_tokenizer, read_paths
@@ -43,7 +43,6 @@ from .measures import (
     score_pairs,
     summary_table,
     verdict_agreement,
-    write_jsonl,
     write_summary,
 )
 # --------------------------------------------------------------------------- the loop

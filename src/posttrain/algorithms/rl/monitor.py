@@ -7,11 +7,11 @@ checkpoint (prompt cursor, KL coefficient, monitor windows), so a resumed run co
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 
+from ...data.formats import write_jsonl
 from ...errors import TrainingError
 from ...train.plan import rank_world
 
@@ -208,23 +208,23 @@ def write_samples(runner, k: int, kept, groups) -> None:
     every = runner.cfg.rollout.samples_every
     if not every or k % every or rank_world()[0] != 0:   # only rank 0 writes
         return
-    path = runner.out_dir / "samples.jsonl"
-    with path.open("a", encoding="utf-8") as fh:
-        for (i, rolls, rows), g in zip(kept, groups):
-            for j, (r, s) in enumerate(zip(rolls, g)):
-                reward = float(rows["total"][j])
-                record = {"iteration": k + 1, "prompt": runner.prompts[i].text, "completion": r.text,
-                          "reward": reward if math.isfinite(reward) else None,
-                          "advantage": s.advantage, "finished": r.finished, "tokens": s.n_tokens}
-                if s.token_advantages is not None:  # per completion token (GAE, REINFORCE++)
-                    record.update(advantage=None, token_advantages=s.token_advantages)
-                    if s.returns is not None:
-                        record.update(returns=s.returns, values=s.old_values)
-                if s.process_rewards is not None:
-                    record["process_rewards"] = s.process_rewards
-                if s.token_rewards is not None:  # the per-token reward functions' values (teacher_logprob)
-                    record["token_rewards"] = s.token_rewards
-                fh.write(json.dumps(record) + "\n")
+    records = []
+    for (i, rolls, rows), g in zip(kept, groups):
+        for j, (r, s) in enumerate(zip(rolls, g)):
+            reward = float(rows["total"][j])
+            record = {"iteration": k + 1, "prompt": runner.prompts[i].text, "completion": r.text,
+                      "reward": reward if math.isfinite(reward) else None,
+                      "advantage": s.advantage, "finished": r.finished, "tokens": s.n_tokens}
+            if s.token_advantages is not None:  # per completion token (GAE, REINFORCE++)
+                record.update(advantage=None, token_advantages=s.token_advantages)
+                if s.returns is not None:
+                    record.update(returns=s.returns, values=s.old_values)
+            if s.process_rewards is not None:
+                record["process_rewards"] = s.process_rewards
+            if s.token_rewards is not None:  # the per-token reward functions' values (teacher_logprob)
+                record["token_rewards"] = s.token_rewards
+            records.append(record)
+    write_jsonl(runner.out_dir / "samples.jsonl", records, append=True)
 
 
 def zero_variance(total: torch.Tensor, valid: torch.Tensor) -> bool:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ...data import EncodedExample
 from ...models.loading import check_same_vocabulary
 from ...models.logprobs import selected_log_probs
 from ...ops import (
@@ -159,8 +158,7 @@ class RLRunner:
         for _, rolls, rows in kept:
             group = []
             for j, r in enumerate(rolls):
-                ex = EncodedExample(input_ids=r.prompt_ids + r.completion_ids,
-                                    labels=[-100] * len(r.prompt_ids) + r.completion_ids)
+                ex = r.training_example()
                 trained = bool(rows["valid"][j]) and not (ro.mask_truncated and not r.finished)
                 group.append(Sample(example=ex, n_tokens=len(r.completion_ids), advantage=0.0,
                                     trained=trained, rollout_logps=r.log_probs))
