@@ -149,22 +149,22 @@ def check_signal(runner, k: int, m: dict, valid: torch.Tensor) -> None:
 def rollout_metrics(runner, k, kept, groups, total, valid, kl_seq, adv_metrics, times, dropped_groups, rounds,
              parts) -> dict:
     flat = [s for g in groups for s in g]
-    rolls = [r for g in kept for r in g[1]]
+    rolls = [r for g in kept for r in g.rollouts]
     lengths = torch.tensor([float(s.n_tokens) for s in flat])
     truncated = sum(1 for r in rolls if not r.finished)
     m: dict[str, float] = {"iteration": k + 1}
     v = valid
     m["reward/mean"] = float(total[v].mean()) if v.any() else float("nan")
     m["reward/std"] = float(total[v].std()) if int(v.sum()) > 1 else 0.0
-    for key in kept[0][2]:
+    for key in kept[0].scores:
         if key.startswith(("fn/", "gold/")):
-            vals = torch.cat([g[2][key] for g in kept])
+            vals = torch.cat([g.scores[key] for g in kept])
             ok = torch.isfinite(vals)
             name = key.split("/", 1)[1]
             prefix = "reward" if key.startswith("fn/") else "gold"
             m[f"{prefix}/{name}"] = float(vals[ok].mean()) if ok.any() else float("nan")
-    if "gold" in kept[0][2]:
-        gold = torch.cat([g[2]["gold"] for g in kept])
+    if "gold" in kept[0].scores:
+        gold = torch.cat([g.scores["gold"] for g in kept])
         ok = torch.isfinite(gold)
         m["gold/mean"] = float(gold[ok].mean()) if ok.any() else float("nan")
     invalid = {}
@@ -177,10 +177,10 @@ def rollout_metrics(runner, k, kept, groups, total, valid, kl_seq, adv_metrics, 
     m["response_length/mean"] = float(lengths.mean())
     m["response_length/max"] = float(lengths.max())
     m["truncated_rate"] = truncated / max(1, len(rolls))
-    distinct = [len({tuple(r.completion_ids) for r in g[1]}) / len(g[1]) for g in kept]
+    distinct = [len({tuple(r.completion_ids) for r in g.rollouts}) / len(g.rollouts) for g in kept]
     m["distinct_rate"] = sum(distinct) / len(distinct)
     G = runner.cfg.rollout.group_size
-    zero = sum(1 for g in kept if zero_variance(g[2]["total"], g[2]["valid"])) if G > 1 else 0
+    zero = sum(1 for g in kept if zero_variance(g.scores["total"], g.scores["valid"])) if G > 1 else 0
     m["zero_variance_groups"] = (zero + dropped_groups) / max(1, len(kept) + dropped_groups)
     if runner.loss.dynamic_sampling:
         m["dynamic_sampling/rounds"] = float(rounds)
@@ -209,10 +209,10 @@ def write_samples(runner, k: int, kept, groups) -> None:
     if not every or k % every or rank_world()[0] != 0:   # only rank 0 writes
         return
     records = []
-    for (i, rolls, rows), g in zip(kept, groups):
-        for j, (r, s) in enumerate(zip(rolls, g)):
-            reward = float(rows["total"][j])
-            record = {"iteration": k + 1, "prompt": runner.prompts[i].text, "completion": r.text,
+    for sg, g in zip(kept, groups):
+        for j, (r, s) in enumerate(zip(sg.rollouts, g)):
+            reward = float(sg.scores["total"][j])
+            record = {"iteration": k + 1, "prompt": runner.prompts[sg.prompt].text, "completion": r.text,
                       "reward": reward if math.isfinite(reward) else None,
                       "advantage": s.advantage, "finished": r.finished, "tokens": s.n_tokens}
             if s.token_advantages is not None:  # per completion token (GAE, REINFORCE++)

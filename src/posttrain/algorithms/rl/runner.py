@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,31 @@ from .monitor import check_signal, rollout_metrics, write_samples, zero_variance
 
 
 # --------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class ScoredGroup:
+    """One prompt's ``G`` rollouts and their scores (``total``, ``valid``, ``fn/<name>``,
+    ``gold/<name>``, ... : ``G`` rows each)."""
+
+    prompt: int
+    rollouts: list[Rollout]
+    scores: dict
+
+
+@dataclass
+class Draw:
+    """An iteration's sampling: the groups trained on, the rounds it took, the groups dynamic
+    sampling dropped, and each round's scores (for the metrics)."""
+
+    groups: list[ScoredGroup]
+    rounds: int
+    dropped: int
+    parts: list[dict]
+
+
+def _cat(groups: list[ScoredGroup], key: str) -> torch.Tensor:
+    return torch.cat([g.scores[key] for g in groups])
 
 
 # estimator keyword -> loss.* config key where the names differ
@@ -110,31 +136,58 @@ class RLRunner:
         """Rollout batch ``k``: its groups of samples, advantages attached. ``layout(n_groups)``: this
         process's first-epoch micro-batches (group indices), where the old / reference log-probs
         are computed."""
-        ro, loss = self.cfg.rollout, self.loss
         t0 = time.time()
         times = {"generate": 0.0, "score": 0.0, "logprobs": 0.0}
-        G = ro.group_size
-        kept: list[tuple[list[int], list[Rollout], dict]] = []  # (prompt idx, rollouts, reward rows)
-        metrics_parts = []
-        rounds = 0
-        want = ro.prompts_per_step
-        dropped_groups = 0
-        drawn = 0
-        dropped: list = []
+        draw = self._draw(k, times)                        # sample and score (dynamic sampling: until enough)
+        kept = draw.groups
+        baseline = self._baseline(kept, times)             # ReMax: the greedy completion's reward
+        groups = self._samples(kept)
+        total, valid = _cat(kept, "total"), _cat(kept, "valid")
+        # what the token-level estimators put at the last token: the sequence reward less the per-token functions'
+        seq_total = _cat(kept, "seq_total") if "seq_total" in kept[0].scores else total
+        process_metrics = self._process_rewards(kept, groups, times)
+        t = time.time()
+        if self.needs_old or self.reference is not None or self.critic is not None:
+            self._attach_logprobs(groups, layout(len(groups)))   # through the training layout
+        times["logprobs"] += time.time() - t
+        kl_seq = self._kl_seq(groups)
+        adv_metrics = self._advantages(groups, total, seq_total, valid, baseline, kl_seq)
+        # adaptive KL: update beta from this iteration's KL (KL in the reward: from the next iteration on;
+        # KL in the loss: already for this iteration's optimizer steps)
+        if kl_seq is not None:
+            self.state.kl.update(float(kl_seq[valid].mean()) if valid.any() else 0.0, len(kl_seq))
+            self.algorithm.kl_beta = self.state.kl.value  # the in-loss coefficient of this iteration's steps
+        times["total"] = time.time() - t0
+        self.state.pending = rollout_metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times,
+                                             draw.dropped, draw.rounds, draw.parts)
+        self.state.pending.update(process_metrics)
+        write_samples(self, k, kept, groups)
+        check_signal(self, k, self.state.pending, valid)
+        return groups
+
+    def _draw(self, k: int, times: dict) -> Draw:
+        """Sample and score ``rollout.prompts_per_step`` prompt groups. With dynamic sampling, groups
+        whose rewards are all equal are dropped and more prompts drawn, up to
+        ``loss.dynamic_sampling_rounds`` extra rounds."""
+        ro, loss = self.cfg.rollout, self.loss
+        G, want = ro.group_size, ro.prompts_per_step
+        kept: list[ScoredGroup] = []
+        dropped: list[ScoredGroup] = []
+        parts, rounds, drawn = [], 0, 0
         while True:
             n = refill_count(want, len(kept), drawn, rounds)
             idx = self._next_prompts(n)
             drawn += n
-            rolls, scored = self._sample_scored(idx, G, ro.temperature, derive_seed("rl-sample", self.seed, k, rounds), times)
-            metrics_parts.append(scored)
+            rolls, scored = self._sample_scored(idx, G, ro.temperature, derive_seed("rl-sample", self.seed, k, rounds),
+                                                times)
+            parts.append(scored)
             for gi, i in enumerate(idx):
                 rows = slice(gi * G, (gi + 1) * G)
-                group = (i, rolls[rows], {k2: v[rows] for k2, v in scored.items() if torch.is_tensor(v)})
-                if loss.dynamic_sampling and G > 1 and zero_variance(group[2]["total"], group[2]["valid"]):
-                    dropped_groups += 1
+                group = ScoredGroup(i, rolls[rows], {k2: v[rows] for k2, v in scored.items() if torch.is_tensor(v)})
+                if loss.dynamic_sampling and G > 1 and zero_variance(group.scores["total"], group.scores["valid"]):
                     dropped.append(group)
-                    continue
-                kept.append(group)
+                else:
+                    kept.append(group)
             rounds += 1
             if not loss.dynamic_sampling or len(kept) >= want or rounds > loss.dynamic_sampling_rounds:
                 break
@@ -147,81 +200,76 @@ class RLRunner:
             self.log(f"warning: iteration {k + 1}: every sampled group had identical rewards after {rounds} sampling "
                      "rounds, so this iteration's gradient is zero. Raise loss.dynamic_sampling_rounds, "
                      "rollout.temperature or rollout.group_size, or check that the rewards can tell completions apart.")
-        # baseline rollouts (ReMax): the greedy completion of each prompt, scored the same way
-        baseline = None
-        if self.estimator.needs_baseline:
-            _, bs = self._sample_scored([g[0] for g in kept], 1, 0.0, 0, times)
-            base = torch.where(bs["valid"], bs["total"], torch.full_like(bs["total"], float("nan")))
-            baseline = base.repeat_interleave(G)
-        # samples
-        groups: list[list[Sample]] = []
-        for _, rolls, rows in kept:
-            group = []
-            for j, r in enumerate(rolls):
-                ex = r.training_example()
-                trained = bool(rows["valid"][j]) and not (ro.mask_truncated and not r.finished)
-                group.append(Sample(example=ex, n_tokens=len(r.completion_ids), advantage=0.0,
-                                    trained=trained, rollout_logps=r.log_probs))
-                if "token_rewards" in rows:  # per-token reward functions (teacher_logprob), token-level estimators
-                    group[-1].token_rewards = rows["token_rewards"][j, : len(r.completion_ids)].tolist()
-            groups.append(group)
-        total = torch.cat([g[2]["total"] for g in kept])
-        valid = torch.cat([g[2]["valid"] for g in kept])
-        # what the token-level estimators put at the last token: the sequence reward less the per-token functions'
-        seq_total = torch.cat([g[2]["seq_total"] for g in kept]) if "seq_total" in kept[0][2] else total
-        process_metrics = {}
-        if self.process is not None:
-            from ...rewards.process import process_token_rewards
+        return Draw(kept, rounds, len(dropped), parts)
 
-            t = time.time()
-            flat_rolls = [r for g in kept for r in g[1]]
-            rewards, mismatched = process_token_rewards(
-                self.process, [self.prompts[i].text for i, rolls, _ in kept for _ in rolls],
-                [r.completion_ids for r in flat_rolls], mode=self.cfg.reward.process_mode)
-            for smp, r in zip((s for g in groups for s in g), rewards):
-                smp.process_rewards = r
-            times["score"] += time.time() - t
-            process_metrics = {"process/reward_sum": sum(sum(r) for r in rewards) / max(1, len(rewards)),
-                               "process/reencode_mismatch": float(mismatched)}
-        # old / reference log-probs through the training layout
+    def _baseline(self, kept: list[ScoredGroup], times: dict) -> torch.Tensor | None:
+        """ReMax's baseline: the greedy completion of each prompt, scored the same way (per sample)."""
+        if not self.estimator.needs_baseline:
+            return None
+        _, bs = self._sample_scored([g.prompt for g in kept], 1, 0.0, 0, times)
+        base = torch.where(bs["valid"], bs["total"], torch.full_like(bs["total"], float("nan")))
+        return base.repeat_interleave(self.cfg.rollout.group_size)
+
+    def _samples(self, kept: list[ScoredGroup]) -> list[list[Sample]]:
+        """The training samples: the sampled tokens as they are, trained unless the reward is invalid
+        (or the completion truncated with rollout.mask_truncated)."""
+        mask_truncated = self.cfg.rollout.mask_truncated
+        groups: list[list[Sample]] = []
+        for g in kept:
+            group = []
+            for j, r in enumerate(g.rollouts):
+                trained = bool(g.scores["valid"][j]) and not (mask_truncated and not r.finished)
+                group.append(Sample(example=r.training_example(), n_tokens=len(r.completion_ids), advantage=0.0,
+                                    trained=trained, rollout_logps=r.log_probs))
+                if "token_rewards" in g.scores:  # per-token reward functions (teacher_logprob), token-level estimators
+                    group[-1].token_rewards = g.scores["token_rewards"][j, : len(r.completion_ids)].tolist()
+            groups.append(group)
+        return groups
+
+    def _process_rewards(self, kept: list[ScoredGroup], groups: list[list[Sample]], times: dict) -> dict:
+        """The PRM's per-step rewards of every sample (reward.process_weight > 0), and their metrics."""
+        if self.process is None:
+            return {}
+        from ...rewards.process import process_token_rewards
+
         t = time.time()
-        if self.needs_old or self.reference is not None or self.critic is not None:
-            self._attach_logprobs(groups, layout(len(groups)))
-        times["logprobs"] += time.time() - t
-        kl_seq = None
-        if self.reference is not None:
-            flat = [s for g in groups for s in g]
-            pol = [s.old_logps if s.old_logps is not None else s.rollout_logps for s in flat]
-            kl_seq = torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
-        reward_for_adv = total
+        rewards, mismatched = process_token_rewards(
+            self.process, [self.prompts[g.prompt].text for g in kept for _ in g.rollouts],
+            [r.completion_ids for g in kept for r in g.rollouts], mode=self.cfg.reward.process_mode)
+        for smp, r in zip((s for g in groups for s in g), rewards):
+            smp.process_rewards = r
+        times["score"] += time.time() - t
+        return {"process/reward_sum": sum(sum(r) for r in rewards) / max(1, len(rewards)),
+                "process/reencode_mismatch": float(mismatched)}
+
+    def _kl_seq(self, groups: list[list[Sample]]) -> torch.Tensor | None:
+        """Per-sequence KL to the reference (sum over tokens of log pi_old - log pi_ref), when there is one."""
+        if self.reference is None:
+            return None
+        flat = [s for g in groups for s in g]
+        pol = [s.old_logps if s.old_logps is not None else s.rollout_logps for s in flat]
+        return torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
+
+    def _advantages(self, groups, total, seq_total, valid, baseline, kl_seq) -> dict:
+        """Attach the estimator's advantages to the samples (per token for GAE / REINFORCE++);
+        returns its metrics."""
+        loss = self.loss
         if self.estimator.needs_critic:
-            adv_metrics = self._token_advantages(groups, seq_total, valid)
-        elif self.estimator.token_level:
-            adv_metrics = self._token_returns_advantages(groups, seq_total, valid, G)
-        elif kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
+            return self._token_advantages(groups, seq_total, valid)
+        if self.estimator.token_level:
+            return self._token_returns_advantages(groups, seq_total, valid, self.cfg.rollout.group_size)
+        reward_for_adv = total
+        if kl_seq is not None and loss.kl_placement == "reward" and loss.kl_beta > 0:
             beta = self.state.kl.value
             flat = [s for g in groups for s in g]
             est = torch.tensor([float(kl_estimate(torch.tensor(s.old_logps), torch.tensor(s.ref_logps),
                                                   loss.kl_estimator).sum()) for s in flat])
             reward_for_adv = total - beta * est
-        if not self.estimator.token_level:
-            adv, adv_metrics = self.estimator.fn(reward_for_adv, valid, group_size=G, baseline=baseline,
-                                                 **self.est_hparams)
-            for s, a in zip((s for g in groups for s in g), adv.tolist()):
-                s.advantage = float(a)
-        # adaptive KL: update beta from this iteration's KL (KL in the reward: from the next iteration on;
-        # KL in the loss: already for this iteration's optimizer steps)
-        if kl_seq is not None:
-            self.state.kl.update(float(kl_seq[valid].mean()) if valid.any() else 0.0, len(kl_seq))
-            self.algorithm.kl_beta = self.state.kl.value  # the in-loss coefficient of this iteration's steps
-        times["total"] = time.time() - t0
-        self.state.pending = rollout_metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times,
-                                           dropped_groups, rounds, metrics_parts)
-        self.state.pending.update(process_metrics)
-        write_samples(self, k, kept, groups)
-        check_signal(self, k, self.state.pending, valid)
-        return groups
-
+        adv, metrics = self.estimator.fn(reward_for_adv, valid, group_size=self.cfg.rollout.group_size,
+                                         baseline=baseline, **self.est_hparams)
+        for s, a in zip((s for g in groups for s in g), adv.tolist()):
+            s.advantage = float(a)
+        return metrics
 
     def _sample_scored(self, idx: list[int], G: int, temperature: float, seed: int, times: dict):
         """``G`` rollouts of each prompt ``idx[p]`` (group id ``p``) and their scores. With N
