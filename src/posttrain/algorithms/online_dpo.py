@@ -45,7 +45,7 @@ from ..rewards import check_reward_fields
 from ..rollout import HFSampler, SamplingParams, generate_shared, requests
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
-from ..train.plan import spread_eval_every, write_on_main
+from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
 from ..train.curves import plot_rl_curves
@@ -387,13 +387,10 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
 
     evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
-    train_cfg = cfg.train
-    if eval_times:
-        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
-    result = fit(model, algo, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(model, algo, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,
-                 callbacks=[state, monitor])
+                 callbacks=[state, monitor], eval_times=eval_times)
     if accelerator.is_main_process and result.history:
         plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain online-dpo "
                        f"({spec.name})")

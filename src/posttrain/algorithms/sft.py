@@ -39,12 +39,12 @@ from ..data import (
     padding_stats,
 )
 from ..errors import ConfigError
-from ..models.loading import accelerator_for, check_model_fits, load_policy, read_paths, tokenizer_for
+from ..models.loading import prepare_policy, read_paths
 from ..models.peft import apply_peft
 from ..models.logprobs import shift_labels, token_log_probs_from_model
 from ..ops import masked_sum, sft_loss
 from ..train.engine import FitResult, fit, to_device
-from ..train.plan import StepPlan, hold_out, spread_eval_every
+from ..train.plan import StepPlan, hold_out
 from ..train.rundir import check_output_dir
 from ..world.sources import HELDOUT, builtin_records, is_builtin, split_builtin
 
@@ -319,12 +319,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
     log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model))
-    torch.manual_seed(cfg.train.seed)
-    accelerator = accelerator_for(cfg.model)
-    tokenizer = tokenizer or tokenizer_for(cfg.model)
-    if model is None:
-        model = load_policy(cfg.model, accelerator)
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
+    accelerator, tokenizer, model = prepare_policy(cfg, model=model, tokenizer=tokenizer,
+                                                  max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
     eval_examples: list[EncodedExample] = []
     encode_kw = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, loss_on=cfg.data.loss_on)
@@ -381,11 +377,9 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         notes += unused_notes(cfg.train, "train.", ["eval_every"], "there is no eval data")
     for note in notes:
         log(f"note: {note}")
-    train_cfg = cfg.train
-    if eval_times:
-        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
-    result = fit(model, algorithm, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
-                 evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log)
+    result = fit(model, algorithm, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
+                 evaluate=evaluate if has_eval else None, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,
+                 eval_times=eval_times)
     return SFTResult(fit=result, output_dir=Path(cfg.train.output_dir), final_dir=result.final_dir,
                      encode_summary=report.summary(), padding_summary=stats.summary(),
                      eval_metrics=result.eval_history[-1] if result.eval_history else {})

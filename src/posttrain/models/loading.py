@@ -899,6 +899,21 @@ def check_same_vocabulary(other, model, *, key: str) -> None:
             "frozen copy of the starting model).")
 
 
+def prepare_policy(cfg, *, model=None, tokenizer=None, max_length: int, parts: dict[str, int] | None = None):
+    """``(accelerator, tokenizer, model)`` of a training run's config ``cfg`` (sections ``model`` and
+    ``train``): torch seeded with ``train.seed``, the causal LM loaded unless given, checked to hold
+    ``max_length`` tokens (the sum of the keys ``parts`` names, for the message)."""
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    accelerator = accelerator_for(cfg.model)
+    tokenizer = tokenizer or tokenizer_for(cfg.model)
+    if model is None:
+        model = load_policy(cfg.model, accelerator)
+    check_model_fits(model, tokenizer, cfg.model, max_length=max_length, parts=parts)
+    return accelerator, tokenizer, model
+
+
 def check_model_fits(model, tokenizer, model_cfg, *, max_length: int, parts: dict[str, int] | None = None) -> None:
     """After loading: ``data.max_length`` (or the sum of the keys ``parts`` names) within the model's
     position limit, and every token id of the tokenizer inside its embedding."""

@@ -24,6 +24,7 @@ evaluates and checkpoints on schedule.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -51,7 +52,7 @@ from .gradient_checkpointing import gradient_checkpointing
 from .logging import MetricsLogger
 from .neftune import neftune
 from .optim import build_optimizer, build_scheduler
-from .plan import init_distributed
+from .plan import init_distributed, spread_eval_every
 from .rundir import prepare_output_dir, run_lock
 from .sharding import (
     by_index,
@@ -237,6 +238,7 @@ def fit(
     inputs: dict | None = None,
     log: Callable[[str], None] = print,
     callbacks: list[Callable[[dict], None]] = (),
+    eval_times: int | None = None,
 ) -> FitResult:
     """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring.
 
@@ -247,6 +249,7 @@ def fit(
     ``state_dict()`` / ``load_state_dict(state)`` has its state saved in every checkpoint and
     restored on resume (JSON-serializable values). ``inputs`` identifies what the run reads but
     does not checkpoint (e.g. ``{"reference_weights_sha256": ...}``); a resume refuses other inputs.
+    ``eval_times``: evaluate about that many times, evenly spread (in place of ``cfg.eval_every``).
 
     The run ends as a success only if the final model gives a finite loss on a probe batch and
     no more than half of the optimizer steps were skipped as non-finite; otherwise it raises
@@ -263,6 +266,8 @@ def fit(
     if plan.num_steps() <= 0:
         raise TrainingError("The training plan has no optimizer steps (the dataset is empty after "
                             "filtering, or train.max_steps is 0).", fix="check the data and train.* settings.")
+    if eval_times:
+        cfg = dataclasses.replace(cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     out, lock = Path(cfg.output_dir), contextlib.nullcontext()
     if accelerator.is_main_process:  # only rank 0 writes
         out = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)

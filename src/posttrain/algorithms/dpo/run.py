@@ -6,23 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ...config import unused_notes, validated
-from ...models.loading import (
-    accelerator_for,
-    check_model_fits,
-    check_same_vocabulary,
-    load_causal_lm,
-    load_policy,
-    read_paths,
-    tokenizer_for,
-)
+from ...models.loading import check_same_vocabulary, load_causal_lm, prepare_policy, read_paths
 from ...models.peft import apply_peft
 from ...ops import get_preference_loss
 from ...train.checkpoint import weights_digest
 from ...train.engine import FitResult, fit
-from ...train.plan import spread_eval_every
 from ...train.rundir import check_output_dir
 from ...train.curves import plot_preference_curves
 from ..sequences import UnitPlan, collate_examples, reference_policy
@@ -49,13 +39,9 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     log = log or (lambda line: None)
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"loss.reference": cfg.loss.reference}))
-    torch.manual_seed(cfg.train.seed)
     spec = get_preference_loss(cfg.loss.name)
-    accelerator = accelerator_for(cfg.model)
-    tokenizer = tokenizer or tokenizer_for(cfg.model)
-    if model is None:
-        model = load_policy(cfg.model, accelerator)
-    check_model_fits(model, tokenizer, cfg.model, max_length=cfg.data.max_length)
+    accelerator, tokenizer, model = prepare_policy(cfg, model=model, tokenizer=tokenizer,
+                                                  max_length=cfg.data.max_length)
     model = apply_peft(model, cfg.model.peft, log=log)
     kind = spec.data
     units, eval_units, summary = encode_sources(cfg.data, tokenizer, kind, seed=cfg.train.seed, log=log,
@@ -116,13 +102,11 @@ def run_preference(cfg: DPOConfig, *, model=None, tokenizer=None, log=print, ext
     for note in data_notes(cfg.data, has_eval=bool(eval_units or extra_eval)) + unused_notes(
             cfg.train, "train.", ["eval_every"] if not (eval_units or extra_eval) else [], "there is no eval data"):
         log(f"note: {note}")
-    train_cfg = cfg.train
-    if eval_times:
-        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
-    result = fit(model, algo, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(model, algo, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate if (eval_units or extra_eval) else None,
-                 run_config=dataclasses.asdict(cfg), inputs=inputs, log=log, callbacks=[monitor])
+                 run_config=dataclasses.asdict(cfg), inputs=inputs, log=log, callbacks=[monitor],
+                 eval_times=eval_times)
     if accelerator.is_main_process and result.history:
         plot_preference_curves(result.history, result.eval_history, Path(cfg.train.output_dir) / "curves.png",
                                title=f"posttrain dpo (loss.name={cfg.loss.name})")

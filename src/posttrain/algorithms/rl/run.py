@@ -14,7 +14,6 @@ from ...models.peft import apply_peft
 from ...ops import AdaptiveKLController, FixedKLController, get_advantage_estimator, get_policy_loss
 from ...rewards import check_reward_fields
 from ...train.engine import FitResult, fit
-from ...train.plan import spread_eval_every
 from ...train.rundir import check_output_dir
 from .critic import PolicyWithCritic, check_critic_fits, critic_from_policy
 from .config import CRITIC_INITS, RLConfig, RLLossConfig
@@ -130,9 +129,6 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
 
     evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
-    train_cfg = cfg.train
-    if eval_times:
-        train_cfg = dataclasses.replace(train_cfg, eval_every=spread_eval_every(plan.num_steps(), eval_times))
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}
@@ -142,9 +138,9 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
         inputs["critic_init_sha256"] = _file_digest(critic_dir)
     if cfg.teacher.name_or_path:
         inputs["teacher_sha256"] = _file_digest(cfg.teacher.name_or_path)
-    result = fit(trained, algorithm, plan, train_cfg, tokenizer=tokenizer, accelerator=accelerator,
+    result = fit(trained, algorithm, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=run_config, inputs=inputs, log=log,
-                 callbacks=[state])
+                 callbacks=[state], eval_times=eval_times)
     if accelerator.is_main_process and result.history:
         plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain {cfg.algorithm}")
     return RLResult(fit=result, final_dir=result.final_dir, loss=loss,
