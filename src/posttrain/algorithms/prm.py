@@ -37,9 +37,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.fields import FIELDS_HELP, check_builtin
+from ..data.fields import FIELDS_HELP
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
-from ..data import load_records
 from ..data.chat import render_prompt
 from ..data.formats import write_jsonl
 from ..errors import ConfigError, DataError
@@ -53,7 +52,7 @@ from ..models.loading import (
 )
 from ..models.peft import apply_peft
 from ..ops import mc_step_labels, prm_step_loss
-from ..world.sources import builtin_records, is_builtin
+from ..world.sources import load_source
 from ..rewards import compute_rewards, resolve_reward_functions
 from ..rewards.process import (
     StepExample,
@@ -148,13 +147,7 @@ class PRMConfig:
 
 
 def load_step_source(spec: str, data: PRMDataConfig, seed: int, key: str = "data.train"):
-    check_builtin(spec, data.fields, key)
-    if not str(spec).strip():
-        raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_STEPS}.")
-    if is_builtin(spec):
-        return builtin_records(spec, kinds=("steps",), n=data.world_examples, n_heldout=data.world_eval_examples,
-                               seed=seed, key=key, what="step data")
-    ds = load_records(spec, fields=data.fields)
+    ds = load_source(spec, data, kinds=("steps",), seed=seed, key=key, what="step data")
     if ds.format != "stepwise":
         raise DataError(f"{ds.source} holds {ds.format} records; a process reward model trains on stepwise records "
                         "with a 'completions' list of steps.",

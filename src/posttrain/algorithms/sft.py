@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.fields import FIELDS_HELP, check_builtin
+from ..data.fields import FIELDS_HELP
 from ..config import ModelConfig, TrainConfig, option, unused_notes, validated
 from ..data import (
     SFT_FORMATS,
     EncodedExample,
     best_fit_decreasing,
     encode_dataset,
-    load_records,
     packed_collate,
     pad_collate,
     padding_stats,
@@ -46,7 +45,7 @@ from ..ops import masked_sum, sft_loss
 from ..train.engine import FitResult, fit, to_device
 from ..train.plan import StepPlan, hold_out
 from ..train.rundir import check_output_dir
-from ..world.sources import HELDOUT, builtin_records, is_builtin, split_builtin
+from ..world.sources import HELDOUT, check_source, is_builtin, load_source, split_builtin
 
 BUILTIN_DATA = "builtin:world-sft"
 #: the tiny world's AI-feedback roles (posttrain cai): a judge and a critique/revision model
@@ -224,15 +223,8 @@ def eval_loss(model, algorithm: SFTAlgorithm, examples: list[EncodedExample], *,
 # --------------------------------------------------------------------------- data sources
 
 
-def _check_spec(spec: str, cfg: SFTDataConfig, key: str) -> None:
-    check_builtin(spec, cfg.fields, key)
-    if not str(spec).strip():
-        raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_DATA}.")
-
-
 def load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str = "data.train"):
-    _check_spec(spec, cfg, key)
-    ds = _load_sft_source(spec, cfg, seed, key)
+    ds = load_source(spec, cfg, kinds=("sft",), seed=seed, key=key, what="SFT data", format=cfg.format)
     if ds.format not in SFT_FORMATS:
         raise _not_sft(key, ds.source, ds.format)
     return ds
@@ -244,13 +236,6 @@ def _not_sft(key: str, source: str, fmt: str) -> ConfigError:
                        "(preference pairs train with `posttrain dpo` / `rm`).")
 
 
-def _load_sft_source(spec: str, cfg: SFTDataConfig, seed: int, key: str):
-    if is_builtin(spec):
-        return builtin_records(spec, kinds=("sft",), n=cfg.world_examples, n_heldout=cfg.world_eval_examples,
-                               seed=seed, key=key, what="SFT data")
-    return load_records(spec, cfg.format, fields=cfg.fields)
-
-
 def encode_sft_source(spec: str, data: SFTDataConfig, seed: int, tokenizer, encode_kw: dict, *, log,
                       progress: bool = False, key: str = "data.train"):
     """Load, validate and tokenize an SFT source through the tokenization cache (files only:
@@ -259,7 +244,7 @@ def encode_sft_source(spec: str, data: SFTDataConfig, seed: int, tokenizer, enco
     from ..data.formats import open_records
     from ..data.tokenize import encode_records
 
-    _check_spec(spec, data, key)
+    check_source(spec, data, kinds=("sft",), key=key)
     directory, parts = cache_location(spec, data, tokenizer, {"kind": "sft", "format": data.format, **encode_kw})
 
     def build():

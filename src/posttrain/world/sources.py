@@ -118,4 +118,30 @@ def builtin_records(spec: str, *, kinds: tuple[str, ...], n: int, n_heldout: int
     return load_records(records, b.format) if b.format else load_records(records)
 
 
-__all__ = ["BUILTINS", "BuiltinData", "builtin_names", "builtin_records", "is_builtin", "split_builtin"]
+def check_source(spec, data, *, kinds: tuple[str, ...], key: str) -> None:
+    """A data key's value before anything is read: not empty, and no field map on built-in data."""
+    from ..data.fields import check_builtin
+
+    check_builtin(spec, data.fields, key)
+    if not str(spec).strip():
+        names = builtin_names(kinds)
+        raise ConfigError(f"Config key '{key}' is empty.",
+                          fix=f"set {key} to a JSONL / Parquet file or {' / '.join(names) if names else 'a file'}.")
+
+
+def load_source(spec, data, *, kinds: tuple[str, ...], seed: int, key: str, what: str, format: str = "auto"):
+    """The records a data key names: built-in data of one of ``kinds`` (``data.world_examples`` /
+    ``data.world_eval_examples`` of them, with the ``data.*`` options its generator takes), or a
+    JSONL / Parquet file read with ``data.fields``. ``what``: the caller's name for that data."""
+    from ..data import load_records
+
+    check_source(spec, data, kinds=kinds, key=key)
+    if is_builtin(spec):
+        options = {k: getattr(data, k) for b in BUILTINS.values() for k in b.options if hasattr(data, k)}
+        return builtin_records(spec, kinds=kinds, n=data.world_examples, n_heldout=data.world_eval_examples,
+                               seed=seed, key=key, what=what, **options)
+    return load_records(spec, format, fields=data.fields)
+
+
+__all__ = ["BUILTINS", "BuiltinData", "builtin_names", "builtin_records", "check_source", "is_builtin", "load_source",
+           "split_builtin"]

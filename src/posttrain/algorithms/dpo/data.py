@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...data.fields import check_builtin
 from ...config import unused_notes
-from ...data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired, load_records
+from ...data import check_tokenizer, encode_pairs, encode_ranked, encode_unpaired
 from ...errors import ConfigError
 from ...ops import PREFERENCE_LOSSES
 from ...train.plan import hold_out
-from ...world.sources import builtin_records, is_builtin
+from ...world.sources import load_source
 from .config import BUILTIN_SOURCES, PreferenceDataConfig, PreferenceLossConfig
 
 
@@ -55,15 +54,7 @@ def unit_targets(u: Unit) -> list:
 
 
 def load_preference_source(spec: str, cfg: PreferenceDataConfig, kind: str, seed: int, key: str = "data.train"):
-    check_builtin(spec, cfg.fields, key)
-    if not str(spec).strip():
-        raise ConfigError(f"Config key '{key}' is empty.",
-                          fix=f"set {key} to a JSONL / Parquet file or one of {', '.join(BUILTIN_SOURCES)}.")
-
-    if is_builtin(spec):
-        return builtin_records(spec, kinds=(kind,), n=cfg.world_examples, n_heldout=cfg.world_eval_examples,
-                               seed=seed, key=key, what=f"{kind} preference data", world_k=cfg.world_k)
-    return load_records(spec, fields=cfg.fields)
+    return load_source(spec, cfg, kinds=(kind,), seed=seed, key=key, what=f"{kind} preference data")
 
 
 _KIND_FORMAT = {"paired": "preference", "unpaired": "unpaired", "ranked": "ranked"}

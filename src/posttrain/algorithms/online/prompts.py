@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...data import load_records
 from ...data.chat import render_prompt
-from ...data.fields import check_builtin
 from ...errors import DataError
-from ...world.sources import BUILTINS, builtin_records, is_builtin
+from ...world.sources import BUILTINS, load_source
 from .config import BUILTIN_PROMPTS, RLDataConfig
-from ...errors import ConfigError
 
 
 @dataclass
@@ -29,13 +26,7 @@ def world_problem_records(n: int, *, split: str, seed: int) -> list[dict]:
 
 
 def load_prompt_source(spec: str, cfg: RLDataConfig, seed: int, key: str = "data.train"):
-    check_builtin(spec, cfg.fields, key)
-    if not str(spec).strip():
-        raise ConfigError(f"Config key '{key}' is empty.", fix=f"set {key} to a JSONL / Parquet file or {BUILTIN_PROMPTS}.")
-    if is_builtin(spec):
-        return builtin_records(spec, kinds=("prompts",), n=cfg.world_examples, n_heldout=cfg.world_eval_examples,
-                               seed=seed, key=key, what="prompt sets")
-    ds = load_records(spec, fields=cfg.fields)
+    ds = load_source(spec, cfg, kinds=("prompts",), seed=seed, key=key, what="prompt sets")
     if not all("prompt" in r for r in ds.records[:1]):
         raise DataError(f"{ds.source} holds {ds.format} records, which have no 'prompt' field to sample from.",
                         fix=f"give {key} records with a 'prompt' (e.g. {{\"prompt\": ..., \"answer\": ...}}).")
