@@ -56,7 +56,7 @@ from .online import (
     build_rewards,
     check_reward_config,
     derive_seed,
-    epoch_order_indices,
+    LoopState,
     load_prompt_sets,
     prompt_evaluator,
     refill_count,
@@ -169,26 +169,6 @@ def best_worst_pairs(rewards: list[list[float | None]]) -> Pairing:
 # --------------------------------------------------------------------------- the loop
 
 
-class OnlineState:
-    """Checkpointed between iterations (engine callback): the prompt cursor; as a callback it adds
-    the iteration's sampling metrics to the first step record of each iteration."""
-
-    def __init__(self):
-        self.cursor = 0
-        self.pending: dict | None = None
-
-    def __call__(self, record: dict) -> None:
-        if self.pending is not None:
-            record.update(self.pending)
-            self.pending = None
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cursor = int(state["cursor"])
-
-
 class PairPlan:
     """The engine's plan: iteration ``k`` covers optimizer steps ``k*K .. (k+1)*K - 1``
     (K = online.steps_per_rollout); its first step samples and pairs with the current weights,
@@ -197,7 +177,7 @@ class PairPlan:
     samples_from_model = True  # the engine refuses to shard it (train.sharding)
 
     def __init__(self, cfg: OnlineDPOConfig, *, model, reference, tokenizer, prompts, functions, gold, algo,
-                 state: OnlineState, log, out_dir: Path):
+                 state: LoopState, log, out_dir: Path):
         self.cfg = cfg
         self.model, self.reference, self.tokenizer = model, reference, tokenizer
         self.backend = HFSampler(model, tokenizer, batch_size=cfg.rollout.batch_size)
@@ -222,10 +202,8 @@ class PairPlan:
         return h.hexdigest()[:16]
 
     def _next_prompts(self, n: int) -> list[int]:
-        out = epoch_order_indices(len(self.prompts), self.state.cursor, n,
-                                  lambda epoch: derive_seed("online-dpo-prompts", self.seed, epoch))
-        self.state.cursor += n
-        return out
+        return self.state.next_prompts(len(self.prompts), n,
+                                       lambda epoch: derive_seed("online-dpo-prompts", self.seed, epoch))
 
     def collate_units(self, units: list[Unit]) -> dict:
         return self.algo.collate(units, pad_token_id=self.tokenizer.pad_token_id, packing=True,
@@ -369,7 +347,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
             reference = reference_policy(model)
     hparams = cfg.loss.hyperparameters(spec.hyperparameters)
     algo = PreferenceAlgorithm(spec, hparams, reference=None)  # reference log-probs travel in the batches
-    state = OnlineState()
+    state = LoopState()
     out_dir = Path(cfg.train.output_dir)
     plan = PairPlan(cfg, model=model, reference=reference, tokenizer=tokenizer, prompts=prompts, functions=functions,
                     gold=gold, algo=algo, state=state, log=log, out_dir=out_dir)

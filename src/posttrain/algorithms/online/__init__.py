@@ -8,9 +8,9 @@ from .evaluate import evaluate_prompts, prompt_evaluator
 from .prompts import PromptItem, encode_prompts, load_prompt_sets, load_prompt_source, prompt_text, world_problem_records
 from .scoring import build_rewards, score_rollouts
 from .setup import sampling_policy
-from .stream import derive_seed, epoch_order_indices, refill_count
+from .stream import LoopState, derive_seed, epoch_order_indices, refill_count
 
-__all__ = ["BUILTIN_PROMPTS", "PromptItem", "RLDataConfig", "RewardConfig", "RolloutConfig", "TEACHER_REWARD", "build_rewards",
+__all__ = ["BUILTIN_PROMPTS", "LoopState", "PromptItem", "RLDataConfig", "RewardConfig", "RolloutConfig", "TEACHER_REWARD", "build_rewards",
            "check_reward_config", "derive_seed", "encode_prompts", "epoch_order_indices", "evaluate_prompts",
            "load_prompt_sets", "load_prompt_source", "prompt_evaluator", "prompt_text", "refill_count",
            "sampling_policy", "score_rollouts", "world_problem_records"]

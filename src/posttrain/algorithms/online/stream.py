@@ -33,3 +33,34 @@ def refill_count(want: int, kept: int, drawn: int, rounds: int) -> int:
     if rounds == 0:
         return want
     return min(4 * want, math.ceil((want - kept) / max(kept / drawn, 0.25)))
+
+
+class LoopState:
+    """What an online method carries between iterations, as an engine callback: the prompt cursor
+    (saved in every checkpoint, so a resumed run draws the same prompts) and the iteration's
+    sampling metrics, added to the first step record after the rollout (``pending``)."""
+
+    def __init__(self):
+        self.cursor = 0
+        self.pending: dict | None = None
+
+    def next_prompts(self, n_prompts: int, count: int, epoch_seed) -> list[int]:
+        """The next ``count`` prompt indices of the seeded per-epoch order (:func:`epoch_order_indices`)."""
+        out = epoch_order_indices(n_prompts, self.cursor, count, epoch_seed)
+        self.cursor += count
+        return out
+
+    def __call__(self, record: dict) -> None:
+        if self.pending is not None:
+            record.update(self.pending)
+            self.pending = None
+            self.on_rollout_record(record)
+
+    def on_rollout_record(self, record: dict) -> None:
+        """Called with the first step record of an iteration, once its metrics are in."""
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])

@@ -15,22 +15,22 @@ from ...data.formats import write_jsonl
 from ...errors import TrainingError
 from ...train.plan import rank_world
 
+from ..online.stream import LoopState
 from .config import MonitorConfig
 
 
-class RLState:
+class RLState(LoopState):
     """What the loop carries between iterations, saved in every checkpoint (engine callback
     protocol): the prompt cursor, the KL coefficient, and the monitors' windows. As a callback
     it adds the iteration's rollout metrics to the first step record of each iteration and
     prints the failure-mode warnings."""
 
     def __init__(self, monitor: MonitorConfig, kl, *, log=print, gold: bool):
-        self.cursor = 0
+        super().__init__()
         self.kl = kl
         self.cfg = monitor
         self.log = log
         self.gold = gold
-        self.pending: dict | None = None   # rollout metrics waiting for the next step record
         self.proxy: list[float] = []
         self.gold_acc: list[float] = []
         self.warned: dict[str, bool] = {"collapse": False, "kl": False, "hacking": False}
@@ -39,14 +39,13 @@ class RLState:
 
     # -- engine callback
     def __call__(self, record: dict) -> None:
-        if self.pending is not None:
-            rollout_s = self.pending.get("time/rollout_total", 0.0)
-            record.update(self.pending)
-            record["time/train"] = max(0.0, record["step_seconds"] - rollout_s)
-            self.pending = None
-            self._check(record)
+        super().__call__(record)
         for k in ("collapse", "kl_blowup", "hacking"):
             record.setdefault(f"warning/{k}", 0)
+
+    def on_rollout_record(self, record: dict) -> None:
+        record["time/train"] = max(0.0, record["step_seconds"] - record.get("time/rollout_total", 0.0))
+        self._check(record)
 
     def _warn(self, key: str, text: str) -> None:
         """Print ``warning: text`` the first time ``key`` fires in this run."""
@@ -92,11 +91,11 @@ class RLState:
             r["warning/hacking"] = flag
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "kl": self.kl.state_dict(), "proxy": self.proxy, "gold": self.gold_acc,
+        return {**super().state_dict(), "kl": self.kl.state_dict(), "proxy": self.proxy, "gold": self.gold_acc,
                 "warned": dict(self.warned), "entropy0": self.entropy0, "no_reward_run": self.no_reward_run}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cursor = int(state["cursor"])
+        super().load_state_dict(state)
         self.kl.load_state_dict(state["kl"])
         self.proxy = [float(x) for x in state.get("proxy", [])]
         self.gold_acc = [float(x) for x in state.get("gold", [])]

@@ -27,7 +27,7 @@ from .config import RLConfig, RLLossConfig
 from .monitor import RLState
 from ..online.prompts import PromptItem
 from ..online.scoring import score_rollouts
-from ..online.stream import derive_seed, epoch_order_indices, refill_count
+from ..online.stream import derive_seed, refill_count
 from .loss import OnlineRLAlgorithm, Sample, collate_samples, pad_rows, per_sequence
 from .monitor import check_signal, rollout_metrics, write_samples, zero_variance
 
@@ -106,10 +106,7 @@ class RLRunner:
     # -- prompts
     def _next_prompts(self, n: int) -> list[int]:
         """The next ``n`` prompt indices in a seeded per-epoch order (the cursor is checkpointed)."""
-        out = epoch_order_indices(len(self.prompts), self.state.cursor, n,
-                                  lambda epoch: derive_seed("rl-prompts", self.seed, epoch))
-        self.state.cursor += n
-        return out
+        return self.state.next_prompts(len(self.prompts), n, lambda epoch: derive_seed("rl-prompts", self.seed, epoch))
 
     def collate(self, groups: list[list[Sample]]) -> dict:
         batch = collate_samples(groups, pad_token_id=self.pad_id, attn_implementation=self.attn,
