@@ -157,6 +157,10 @@ RL_COMMON = ["data.world_examples=24", "data.eval=null", "rollout.group_size=4",
     # ((groups, max_new_tokens) rows) are exchanged and placed per token
     ("reinforce_pp", ["rollout.prompts_per_step=3", "train.micro_batch_size=2", "train.max_steps=2",
                       "loss.kl_beta=0.0", "reward.functions=[teacher_logprob]", "teacher.name_or_path={ws}/teacher"]),
+    # 3 micro-batches of one group for 2 processes: rank 1 pads its share with a zero-weight copy (the same
+    # number of forward / backward passes on both)
+    pytest.param("grpo", ["rollout.prompts_per_step=3", "train.micro_batch_size=1", "train.max_steps=2",
+                          "loss.kl_beta=0.05"], id="grpo-zero-weight-copy"),
 ])
 def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, preset, extra):
     """Each process samples and scores every other prompt group; the groups are exchanged so
@@ -217,12 +221,18 @@ def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, pre
     ("cai", ["revise.model={ws}/model", "judge.model={ws}/model", "sampling.prompts=6", "sampling.max_new_tokens=6",
              "revise.critique_max_new_tokens=4", "revise.revision_max_new_tokens=6", "revise.temperature=1.0",
              "judge.max_new_tokens=2", "select.train=none", "data.world_eval_examples=4"], True),
+    # 3 pairs a step in micro-batches of 1: rank 1 pads its share with a zero-weight copy of a pair
+    pytest.param("online-dpo", ["online.steps_per_rollout=1", "rollout.prompts_per_step=3", "rollout.group_size=4",
+                                "rollout.max_new_tokens=8", "reward.functions=[tests.test_rft:digit_reward]",
+                                "train.micro_batch_size=1", "train.max_steps=2", "rollout.samples_every=1"], False,
+                 id="online-dpo-zero-weight-copy"),
 ])
 def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, command, args, accumulation):
     """RFT and online DPO split their sampling (process r decodes groups r, r+N, ...; the shares
-    are exchanged) and train their share of each step: the same weights, and their JSONL
-    artefacts (the same samples, pairs and rounds) written once. On-policy distillation samples
-    each micro-batch's completions where it is trained (per-sample seeds): the same weights. CAI
+    are exchanged) and train their share of each step (a short share padded with a zero-weight
+    copy): the same weights, and their JSONL artefacts (the same samples, pairs and rounds) written
+    once. On-policy distillation samples each micro-batch's completions where it is trained
+    (per-sample seeds): the same weights. CAI
     (responses, critiques, revisions, judge verdicts, pairs) writes the same artefacts (and, with a judge
     that parses nothing, stops the same way)."""
     common = [f"model.name_or_path={ws / 'model'}", "data.world_examples=24", "data.eval=null", "train.progress=false",
@@ -256,6 +266,8 @@ def test_sampling_commands_under_two_processes_equal_one_process(ws, tmp_path, c
                 return [{k: v for k, v in json.loads(ln).items() if "seconds" not in k}
                         for ln in path.read_text().splitlines()]
             assert untimed(tmp_path / "two" / rel) == untimed(f), rel
+    if "rollout.prompts_per_step=3" in args:  # 3 pairs in both iterations: the zero-weight copy did run
+        assert len((tmp_path / "one" / "pairs.jsonl").read_text().splitlines()) == 6
 
 
 def _grad_norms(run) -> list[float]:

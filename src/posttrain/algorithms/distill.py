@@ -47,7 +47,7 @@ from ..models.loading import (
 from ..models.logprobs import selected_logits, shift_labels
 from ..ops import DIVERGENCES, token_divergence
 from ..train.checkpoint import weights_digest
-from ..train.plan import write_on_main
+from ..train.plan import share_layout, write_on_main
 from .sft import SFTDataConfig, SFTResult, run_sft
 
 
@@ -103,12 +103,15 @@ class DistillConfig:
 
 class TokenKDAlgorithm:
     """``kd_weight * divergence + (1 - kd_weight) * NLL`` per trained token, normalized by the
-    step's token count (so accumulation changes nothing)."""
+    step's token count (so accumulation changes nothing). A batch with ``zero_weight`` set (a
+    data-parallel padding copy) counts nothing and contributes a zero loss and zero metrics."""
 
     def __init__(self, teacher, loss: DistillLossConfig):
         self.teacher, self.cfg = teacher, loss
 
     def counts(self, batch: dict) -> dict[str, int]:
+        if batch.get("zero_weight"):  # a data-parallel padding copy (share_layout): it counts nothing
+            return {"tokens": 0, "sequences": 0, "input_tokens": 0}
         return {"tokens": int((batch["labels"][:, 1:] != -100).sum()), "sequences": int(batch["num_sequences"]),
                 "input_tokens": int(batch["num_input_tokens"])}
 
@@ -125,6 +128,8 @@ class TokenKDAlgorithm:
         n = totals["tokens"].clamp(min=1)
         kd_mean, nll_mean = kd.sum() / n, nll.sum() / n  # every selected row is a trained token
         loss = c.kd_weight * kd_mean + (1 - c.kd_weight) * nll_mean if c.kd_weight < 1 else kd_mean
+        if batch.get("zero_weight"):  # a padding copy: the forward / backward runs, loss and metrics are 0
+            loss, kd_mean, nll_mean = loss * 0.0, kd_mean * 0.0, nll_mean * 0.0
         return loss, {"kd": kd_mean.detach(), "nll": nll_mean.detach()}
 
 
@@ -165,7 +170,12 @@ def run_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=None,
 
 class OnPolicyPlan:
     """A step of the SFT plan with every example's completion resampled from the current student
-    (on the steps drawn as on-policy); other steps are the data's. See the module docstring."""
+    (on the steps drawn as on-policy); other steps are the data's. See the module docstring.
+
+    With N processes, process r samples and trains only its share of an on-policy step's
+    micro-batches (r, r+N, ...: :func:`posttrain.train.plan.share_layout`, as the SFT plan shares
+    the data's steps); each example's sample is seeded by its position in the whole step, so the
+    processes together draw exactly the single-process samples."""
 
     samples_from_model = True  # the engine refuses to shard it (train.sharding)
 
@@ -203,25 +213,37 @@ class OnPolicyPlan:
         if not self.on_policy(step):
             self.last = self.base.batches(step)
             return self.last
-        micro = self.base.steps[step]
-        units = [[list(u) if self.packing else [u] for u in mb] for mb in micro]
-        idx = [i for mb in units for u in mb for i in u]
+        # the step's micro-batches for all processes, as units (packed rows, or single examples) of
+        # (position in the step, example index); this process samples and trains only its share, each
+        # example seeded by its position in the whole step, so it draws what a single process draws
+        layout, rows, n = [], [], 0
+        for mb in self.base.steps[step]:
+            layout.append(list(range(len(rows), len(rows) + len(mb))))
+            for u in mb:
+                ex = list(u) if self.packing else [u]
+                rows.append(list(zip(range(n, n + len(ex)), ex)))
+                n += len(ex)
+        mine = share_layout(layout, self.base.rank, self.base.world)
+        todo = sorted({pe for ids in mine for j in ids for pe in rows[j if j >= 0 else ~j]})
         examples = self.base.examples
-        prompts = [examples[i].input_ids[: _prompt_length(examples[i])] for i in idx]
+        prompts = [examples[i].input_ids[: _prompt_length(examples[i])] for _, i in todo]
         rolls = HFSampler(self.model, self.tokenizer).generate(
-            requests(prompts),
+            requests(prompts, group_ids=[p for p, _ in todo]),
             SamplingParams(self.max_new_tokens, self.temperature, seed=_step_seed("on-policy-sample", self.seed, step)))
-        new = {i: EncodedExample(input_ids=p + r.completion_ids, labels=[-100] * len(p) + r.completion_ids)
-               for i, p, r in zip(idx, prompts, rolls)}
+        new = {p: EncodedExample(input_ids=prompt + r.completion_ids, labels=[-100] * len(prompt) + r.completion_ids)
+               for (p, _), prompt, r in zip(todo, prompts, rolls)}
         out = []
-        for mb in units:
-            exs = [new[i] for u in mb for i in u]
+        for ids in mine:
+            exs = [new[p] for j in ids for p, _ in rows[j if j >= 0 else ~j]]
             if self.packing:
                 bins = best_fit_decreasing([len(e) for e in exs], self.row_length)
                 items = [[exs[j] for j in b] for b in bins]
             else:
                 items = exs
-            out.append(collate_sft(items, packing=self.packing, pad_token_id=self.pad_token_id, row_length=self.row_length))
+            batch = collate_sft(items, packing=self.packing, pad_token_id=self.pad_token_id, row_length=self.row_length)
+            if ids[0] < 0:  # [~j]: a zero-weight copy of unit j (TokenKDAlgorithm counts it as nothing)
+                batch["zero_weight"] = True
+            out.append(batch)
         self.last = out
         return out
 

@@ -45,7 +45,7 @@ from ..rewards import check_reward_fields
 from ..rollout import HFSampler, SamplingParams, generate_shared, requests
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
-from ..train.plan import write_on_main
+from ..train.plan import rank_world, share_layout, write_on_main
 from ..train.rundir import check_output_dir
 from .dpo import DisplacementMonitor, PreferenceAlgorithm, PreferenceLossConfig, Unit, attach_reference
 from ..train.curves import plot_rl_curves
@@ -172,7 +172,12 @@ def best_worst_pairs(rewards: list[list[float | None]]) -> Pairing:
 class PairPlan:
     """The engine's plan: iteration ``k`` covers optimizer steps ``k*K .. (k+1)*K - 1``
     (K = online.steps_per_rollout); its first step samples and pairs with the current weights,
-    then the pairs are shuffled (seeded) into K mini-batches of micro-batches."""
+    then the pairs are shuffled (seeded) into K mini-batches of micro-batches.
+
+    With N processes every process holds all the iteration's pairs (the sampling is split and
+    exchanged, ``generate_shared``; pairing and reference log-probs are computed on the whole
+    batch everywhere) and trains its share of each step's micro-batches, r, r+N, ...
+    (:func:`posttrain.train.plan.share_layout`: a short share is padded with a zero-weight copy)."""
 
     samples_from_model = True  # the engine refuses to shard it (train.sharding)
 
@@ -190,6 +195,7 @@ class PairPlan:
         self.iteration = -1
         self.units: list[Unit] = []
         self.last: list[dict] = []
+        self.rank, self.world = rank_world()
 
     def num_steps(self) -> int:
         return self.cfg.train.max_steps
@@ -293,14 +299,22 @@ class PairPlan:
         if it != self.iteration:
             self.iteration = it
             self.units = self.sample_pairs(it)
-        mb = step % self.k
+        self.last = []
+        for ids in share_layout(self.micro_batch_layout(it, step % self.k), self.rank, self.world):
+            batch = self.collate_units([self.units[i if i >= 0 else ~i] for i in ids])
+            if ids[0] < 0:  # [~i]: a zero-weight copy of pair i (PreferenceAlgorithm counts it as nothing)
+                batch["zero_weight"] = True
+            self.last.append(batch)
+        return self.last
+
+    def micro_batch_layout(self, iteration: int, mb: int) -> list[list[int]]:
+        """The pair indices of each micro-batch of the iteration's mini-batch ``mb`` (its seeded
+        shuffle, every K-th pair, chunks of ``train.micro_batch_size``), for all processes."""
         order = list(range(len(self.units)))
-        random.Random(derive_seed("online-dpo-order", self.seed, it)).shuffle(order)
+        random.Random(derive_seed("online-dpo-order", self.seed, iteration)).shuffle(order)
         chosen = order[mb::self.k] or order  # fewer pairs than steps: a step repeats the whole set
         size = self.cfg.train.micro_batch_size
-        self.last = [self.collate_units([self.units[i] for i in chosen[j:j + size]])
-                     for j in range(0, len(chosen), size)]
-        return self.last
+        return [chosen[j:j + size] for j in range(0, len(chosen), size)]
 
     def probe_batches(self) -> list[dict]:
         return self.last

@@ -171,7 +171,7 @@ class SFTPlan(StepPlan):
 
     def __init__(self, examples: list[EncodedExample], *, micro_batch_size: int, grad_accum: int,
                  epochs: float, max_steps: int, packing: bool, row_length: int, pad_token_id: int,
-                 seed: int):
+                 seed: int, rank: int | None = None, world: int | None = None):
         self.examples = examples
 
         def epoch_units(epoch: int, rng: random.Random) -> list:
@@ -191,7 +191,8 @@ class SFTPlan(StepPlan):
         super().__init__(n_items=len(examples), epoch_units=epoch_units, collate=collate,
                          content=lambda: ([e.input_ids, e.labels] for e in examples),
                          micro_batch_size=micro_batch_size, grad_accum=grad_accum, epochs=epochs,
-                         max_steps=max_steps, seed=seed, tag="sft", extra=[packing, row_length])
+                         max_steps=max_steps, seed=seed, tag="sft", extra=[packing, row_length], rank=rank,
+                         world=world)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -15,6 +15,9 @@ token / sequence counts summed over all processes, so N processes with accumulat
 exactly like one process with accumulation N*k. A step with fewer micro-batches than a
 multiple of N (an epoch's last) has its units re-split into N-multiple micro-batches (the
 gradient does not depend on the split); a step with fewer units than processes is refused.
+The plans that build a step's micro-batches as they train (online RL, online DPO, on-policy
+distillation) take each process's share with :func:`share_layout` (the same r::N split, padded
+with zero-weight copies so every process runs the same number of passes).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import ConfigError, DataError
 
@@ -93,6 +96,41 @@ def split_even(units: list, parts: int) -> list[list]:
         out.append(units[i:i + n])
         i += n
     return out
+
+
+def share_layout(micro_batches: Sequence[Sequence[int]], rank: int, world: int) -> list[list[int]]:
+    """Process ``rank``'s micro-batches of one optimizer step, out of ``world`` processes.
+
+    ``micro_batches`` are the step's micro-batches for all processes, in training order, each a
+    list of item indices ``>= 0`` (prompt groups, pairs, packed rows ...). Process r takes every
+    N-th one from r (``micro_batches[r::N]``; all of them when N = 1), and every process gets the
+    same number of them, ``ceil(max(len(micro_batches), N) / N)``, so all run the same number of
+    forward / backward passes:
+
+    * a step with fewer micro-batches than processes has its items re-split into N micro-batches
+      (:func:`split_even`), or, with fewer items than processes, into one item each;
+    * the step's list is then padded to a multiple of N with *zero-weight copies*, the ``j``-th
+      being ``[~items[j % len(items)]]`` (``~i = -i - 1``: item ``i`` again, negative), which land
+      on the processes whose share is one short.
+
+    A zero-weight copy is always a micro-batch of one item, never mixed with real ones. The method
+    builds it from item ``i`` and makes it count nothing: zero loss tokens / sequences / units in
+    ``counts`` and its loss and metrics multiplied by 0 (``batch["zero_weight"]``, or, in online RL,
+    samples with no trained token), so its backward adds exact zeros to the gradient and the
+    step's global normalizers are those of a single process.
+
+    Example: 3 micro-batches ``[[0, 1], [2, 3], [4]]`` on 2 processes: rank 0 gets
+    ``[[0, 1], [4]]``, rank 1 ``[[2, 3], [~0]]``."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of {world} processes")
+    micro = [list(mb) for mb in micro_batches]
+    items = [i for mb in micro for i in mb]
+    if not items or any(i < 0 for i in items):
+        raise ValueError(f"a step's micro-batches must hold item indices >= 0, got {micro_batches!r}")
+    if len(micro) < world:
+        micro = split_even(items, world) if len(items) >= world else [[i] for i in items]
+    micro += [[~items[j % len(items)]] for j in range(-len(micro) % world)]
+    return micro[rank::world]
 
 
 def hold_out(units: list, fraction: float, *, seed: str, what: str = "training examples",

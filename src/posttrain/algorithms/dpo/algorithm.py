@@ -16,7 +16,8 @@ from .data import Unit
 
 class PreferenceAlgorithm:
     """Sequence log-probs of a micro-batch of units -> the selected loss, normalized by the
-    step's global number of units (pairs / examples / prompts)."""
+    step's global number of units (pairs / examples / prompts). A batch with ``zero_weight``
+    set (a data-parallel padding copy) counts nothing and contributes a zero loss and zero metrics."""
 
     def __init__(self, spec, hparams: dict, *, reference=None):
         self.spec = spec
@@ -59,6 +60,8 @@ class PreferenceAlgorithm:
         return batch
 
     def counts(self, batch: dict) -> dict[str, int]:
+        if batch.get("zero_weight"):  # a data-parallel padding copy (share_layout): it counts nothing
+            return {"units": 0, "tokens": 0, "input_tokens": 0}
         return {
             "units": int(batch["num_units"]),
             "tokens": int(batch["lp_targets"].numel()),
@@ -111,6 +114,10 @@ class PreferenceAlgorithm:
                 metrics[k] = v * (units_here / n_units)
             elif v.shape[0] == units_here:  # per-unit values: a mean over the step's units
                 metrics[k] = v.sum() / n_units
+        if batch.get("zero_weight"):
+            # a padding copy (posttrain.train.plan.share_layout): the forward / backward runs, but its
+            # loss and metrics are 0 (num_units stays the copy's real size: it splits chosen / rejected)
+            return losses.sum() * 0.0, {k: v * 0.0 for k, v in metrics.items()}
         return losses.sum() / n_units, metrics
 
 

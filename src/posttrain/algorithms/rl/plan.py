@@ -8,7 +8,7 @@ import json
 import random
 
 
-from ...train.plan import rank_world, split_even
+from ...train.plan import rank_world, share_layout
 from ..online.stream import derive_seed
 from .loss import Sample
 
@@ -23,8 +23,10 @@ class RolloutPlan:
     With N processes, every process holds the whole rollout batch (each samples and scores a
     share of the groups, then they exchange them) and process r trains micro-batches r, r+N, ...
     of each optimizer step. A step with fewer micro-batches than processes has its groups
-    re-split into N micro-batches; with fewer groups than processes, a process without a group
-    runs a zero-weight copy of one (every process must take part in the step's exchanges)."""
+    re-split into N micro-batches; a process whose share is short (fewer groups than processes, or
+    a number of micro-batches that is not a multiple of N) runs a zero-weight copy of a group, so
+    every process runs the same number of forward / backward passes
+    (:func:`posttrain.train.plan.share_layout`)."""
 
     samples_from_model = True  # the engine refuses to shard it (train.sharding)
 
@@ -50,40 +52,33 @@ class RolloutPlan:
     def micro_batch_layout(self, iteration: int, epoch: int, mb: int, n_groups: int) -> list[list[int]]:
         """The group indices of each micro-batch of mini-batch ``mb`` in ``epoch`` of ``iteration``
         (the epoch's seeded shuffle, every ``M``-th group, chunks of ``micro_batch_size``), for all
-        processes. With N processes there are at least N micro-batches; ``~i`` (negative) stands
-        for a zero-weight copy of group ``i``."""
+        processes (:meth:`share` gives this process its share)."""
         order = list(range(n_groups))
         random.Random(derive_seed("rl-epoch", self.r.seed, iteration, epoch)).shuffle(order)
         m = self.r.loss.mini_batches
         # dynamic sampling can keep fewer groups than mini-batches: an empty share takes the whole batch
         chosen = order[mb::m] or order
         size = self.r.micro_batch_size
-        micro = [chosen[i:i + size] for i in range(0, len(chosen), size)]
-        if len(micro) < self.world:
-            if len(chosen) >= self.world:
-                micro = split_even(chosen, self.world)
-            else:
-                micro = [[g] for g in chosen] + [[~chosen[i % len(chosen)]]
-                                                 for i in range(self.world - len(chosen))]
-        return micro
+        return [chosen[i:i + size] for i in range(0, len(chosen), size)]
 
     def share(self, micro: list[list[int]]) -> list[list[int]]:
-        """This process's micro-batches of a step's ``micro`` (all of them in a single process)."""
-        return micro[self.rank::self.world]
+        """This process's micro-batches of a step's ``micro`` (:func:`posttrain.train.plan.share_layout`:
+        micro-batches r, r+N, ..., the same number on every process; ``~i`` (negative) stands for a
+        zero-weight copy of group ``i``)."""
+        return share_layout(micro, self.rank, self.world)
 
-    def first_epoch_layout(self, iteration: int, n_groups: int, *, mine: bool = False) -> list[list[int]]:
-        """Every micro-batch of the first epoch, in training order (``mine``: this process's)."""
+    def first_epoch_layout(self, iteration: int, n_groups: int) -> list[list[int]]:
+        """This process's micro-batches of the first epoch, in training order."""
         out = []
         for mb in range(self.r.loss.mini_batches):
-            micro = self.micro_batch_layout(iteration, 0, mb, n_groups)
-            out.extend(self.share(micro) if mine else micro)
+            out.extend(self.share(self.micro_batch_layout(iteration, 0, mb, n_groups)))
         return out
 
     def batches(self, step: int) -> list[dict]:
         k = step // self.per_iter
         if k != self.iteration:
             self.iteration = k
-            self.groups = self.r.rollout(k, lambda n: self.first_epoch_layout(k, n, mine=True))
+            self.groups = self.r.rollout(k, lambda n: self.first_epoch_layout(k, n))
         epoch, mb = divmod(step % self.per_iter, self.r.loss.mini_batches)
         layout = self.share(self.micro_batch_layout(self.iteration, epoch, mb, len(self.groups)))
         self.last = []
