@@ -161,7 +161,7 @@ def test_no_reward_steps_zero_only_warns(ws, tmp_path, capsys):
 
 def test_no_reward_counter_resets_when_a_reward_arrives(ws, tmp_path, capsys, monkeypatch):
     """Iterations alternate between no valid reward and valid ones: never 2 in a row, so the run ends."""
-    from posttrain.algorithms import rl
+    from posttrain.algorithms.rl import runner as rl   # where the runner scores
 
     calls = {"n": 0}
     real = rl.score_rollouts
@@ -199,7 +199,7 @@ def test_identical_rewards_in_every_group_warn_with_the_fix(ws, tmp_path, capsys
 
 def test_a_mostly_identical_first_iteration_warns_once(ws, tmp_path, capsys, monkeypatch):
     """3 of 4 groups identical at iteration 1 (>= monitor.zero_variance_warn=0.75): one warning naming the share."""
-    from posttrain.algorithms import rl
+    from posttrain.algorithms.rl import runner as rl   # where the runner scores
 
     real = rl.score_rollouts
 
@@ -266,6 +266,7 @@ def test_every_peer_target_is_a_key_of_some_command():
     from posttrain.algorithms.cai import CAIConfig
     from posttrain.algorithms.distill import DistillConfig
     from posttrain.algorithms.dpo import DPOConfig
+    from posttrain.algorithms.evaluate import EvalConfig
     from posttrain.algorithms.online_dpo import OnlineDPOConfig
     from posttrain.algorithms.prm import PRMConfig
     from posttrain.algorithms.rft import RFTConfig
@@ -274,7 +275,7 @@ def test_every_peer_target_is_a_key_of_some_command():
 
     keys = set()
     for cls in (SFTConfig, RMConfig, DPOConfig, RLConfig, RFTConfig, OnlineDPOConfig, PRMConfig, CAIConfig,
-                DistillConfig):
+                DistillConfig, EvalConfig):
         keys |= set(config_keys(cls))
     missing = {peer: t for peer, targets in PEER_NAMES.items() for t in targets if t not in keys}
     assert not missing
