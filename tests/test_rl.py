@@ -362,3 +362,31 @@ def test_monitors_warn_on_falls_not_on_levels():
     rec = step(4, 0.005, 0.1, 0.7, 0.70)
     assert rec["warning/hacking"] == 1 and rec["warning/collapse"] == 1
     assert sum("reward hacking" in ln for ln in logs) == 1 and sum("mode collapse" in ln for ln in logs) == 1
+
+
+def test_the_starting_model_is_evaluated_as_step_0_and_not_again_on_resume(tmp_path):
+    """eval at step 0 is the one evaluator's score of the model before any update (a copy of the
+    initial weights scored separately); a resumed run does not add a second step 0."""
+    import copy
+
+    from posttrain.algorithms.online import RLDataConfig, build_rewards, encode_prompts, evaluate_prompts
+    from posttrain.algorithms.online import load_prompt_source
+
+    over = {"data.eval": "builtin:world-problems-heldout", "data.world_eval_examples": 6,
+            "rollout.eval_max_new_tokens": 12, "train.max_steps": 2, "train.save_every": 1}
+    model = tiny_model("llama", hidden=32)
+    start = copy.deepcopy(model)
+    tok = world_tokenizer()
+    res = run_rl(_cfg(tmp_path / "a", **over), model=model, tokenizer=tok, log=lambda s: None)
+    assert [e["step"] for e in res.fit.eval_history] == [0, 2]
+    prompts, _ = encode_prompts(load_prompt_source("builtin:world-problems-heldout",
+                                                   RLDataConfig(world_eval_examples=6), 0), tok, max_prompt_length=256)
+    functions, _ = build_rewards(load_config(RLConfig, None, ["reward.functions=[tests.test_rl:digit_reward]"]).reward,
+                                 tok, "cpu", max_new_tokens=12)
+    want = evaluate_prompts(start, tok, prompts, functions, max_new_tokens=12)
+    assert {k: v for k, v in res.fit.eval_history[0].items() if k != "step"} == want
+    assert res.fit.eval_history[1] != res.fit.eval_history[0]   # the trained model answers otherwise
+
+    resumed = run_rl(_cfg(tmp_path / "a", **{**over, "train.resume": "auto"}),
+                     model=tiny_model("llama", hidden=32), tokenizer=tok, log=lambda s: None)
+    assert 0 not in [e["step"] for e in resumed.fit.eval_history]

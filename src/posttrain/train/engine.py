@@ -239,6 +239,7 @@ def fit(
     log: Callable[[str], None] = print,
     callbacks: list[Callable[[dict], None]] = (),
     eval_times: int | None = None,
+    eval_at_start: bool = False,
 ) -> FitResult:
     """Train ``model`` for ``plan.num_steps()`` optimizer steps; see the module docstring.
 
@@ -250,6 +251,7 @@ def fit(
     restored on resume (JSON-serializable values). ``inputs`` identifies what the run reads but
     does not checkpoint (e.g. ``{"reference_weights_sha256": ...}``); a resume refuses other inputs.
     ``eval_times``: evaluate about that many times, evenly spread (in place of ``cfg.eval_every``).
+    ``eval_at_start``: also evaluate the starting model, as step 0 (not on a resume).
 
     The run ends as a success only if the final model gives a finite loss on a probe batch and
     no more than half of the optimizer steps were skipped as non-finite; otherwise it raises
@@ -276,11 +278,12 @@ def fit(
     with lock, gradient_checkpointing(model, cfg.gradient_checkpointing,
                                       log=log if accelerator.is_main_process else None):
         return _fit(model, algorithm, plan, cfg, out, tokenizer=tokenizer, accelerator=accelerator,
-                    evaluate=evaluate, run_config=run_config, inputs=inputs, log=log, callbacks=callbacks)
+                    evaluate=evaluate, run_config=run_config, inputs=inputs, log=log, callbacks=callbacks,
+                    eval_at_start=eval_at_start)
 
 
 def _fit(model, algorithm, plan, cfg: TrainConfig, out: Path, *, tokenizer, accelerator, evaluate, run_config,
-         inputs, log, callbacks) -> FitResult:
+         inputs, log, callbacks, eval_at_start: bool = False) -> FitResult:
     """:func:`fit` once the run directory is prepared and locked."""
     total_steps = plan.num_steps()
     ckpt_dir = out / "checkpoints"
@@ -420,6 +423,11 @@ def _fit(model, algorithm, plan, cfg: TrainConfig, out: Path, *, tokenizer, acce
     t_start = time.time()
     tokens_seen = 0
     last_saved = start_step if resume_from is not None else None
+    if evaluate is not None and eval_at_start and start_step == 0:   # the starting point, before any update
+        with tqdm.external_write_mode():
+            eval_record = {"step": 0, **evaluate(accelerator.unwrap_model(model))}
+        result.eval_history.append(eval_record)
+        logger.log(eval_record, split="eval")
     model.train()
     step = start_step
     try:

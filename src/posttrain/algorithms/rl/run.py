@@ -140,7 +140,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
         inputs["teacher_sha256"] = _file_digest(cfg.teacher.name_or_path)
     result = fit(trained, algorithm, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=run_config, inputs=inputs, log=log,
-                 callbacks=[state], eval_times=eval_times)
+                 callbacks=[state], eval_times=eval_times, eval_at_start=True)
     if accelerator.is_main_process and result.history:
         plot_rl_curves(result.history, result.eval_history, out_dir / "curves.png", title=f"posttrain {cfg.algorithm}")
     return RLResult(fit=result, final_dir=result.final_dir, loss=loss,
