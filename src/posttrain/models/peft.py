@@ -25,6 +25,16 @@ import torch
 from ..config import PeftConfig
 from ..errors import CheckpointError, ConfigError
 from .loading import portable_base, quiet_peft, require_peft
+# the adapter-directory helpers live in models.loading (no import cycle); importable from here as before
+from .loading import (  # noqa: F401
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_base,
+    adapter_task,
+    find_adapter_base,
+    is_adapter_dir,
+    merge_adapter_dir,
+)
 
 
 def is_peft(model) -> bool:
