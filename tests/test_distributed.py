@@ -33,14 +33,14 @@ def _free_port() -> int:
 
 
 def _torchrun(args: list[str], tmp_path, *, check: bool = True, env_extra: dict | None = None,
-              launcher: str = "torchrun"):
+              launcher: str = "torchrun", nproc: int = 2):
     if launcher.startswith("accelerate"):   # without GPUs accelerate starts the processes through torchrun's API
         mode = ["--multi_gpu"] if launcher == "accelerate" else ["--config_file", str(ROOT / "configs" / launcher)]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "posttrain", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "posttrain", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            **(env_extra or {})}
@@ -136,6 +136,19 @@ def _records(run) -> list[dict]:
         out.append({k: v for k, v in rec.items() if isinstance(v, (int, float))
                     and not k.startswith(("time/", "step_seconds", "tokens_per", "elapsed", "samples_per"))})
     return out
+
+
+def test_a_launcher_with_one_process_trains_like_a_plain_process(ws, tmp_path):
+    """torchrun --nproc_per_node 1: accelerate would wrap the model in DDP (nothing to exchange; it
+    hid the model's config from the log-prob path and the run crashed); the run equals a plain one."""
+    common = [f"model.name_or_path={ws / 'model'}", "data.world_examples=24", "data.eval=null",
+              "rollout.group_size=4", "rollout.max_new_tokens=8", "rollout.prompts_per_step=4",
+              "reward.functions=[tests.test_rl:digit_reward]", "train.max_steps=2", "train.progress=false",
+              "train.save_every=0", "train.lr=1e-3"]
+    assert main(["online-dpo", *common, f"train.output_dir={tmp_path / 'plain'}"]) == 0
+    _torchrun(["online-dpo", *common, f"train.output_dir={tmp_path / 'launched'}"], tmp_path, nproc=1)
+    assert _records(tmp_path / "launched") == _records(tmp_path / "plain")
+    _assert_same_weights(tmp_path / "plain", tmp_path / "launched")
 
 
 RL_COMMON = ["data.world_examples=24", "data.eval=null", "rollout.group_size=4", "rollout.max_new_tokens=8",

@@ -318,6 +318,11 @@ def _fit(model, algorithm, plan, cfg: TrainConfig, out: Path, *, tokenizer, acce
         optimizer = accelerator.prepare(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # a launcher with one process (torchrun --nproc_per_node 1): accelerate wraps the model in
+            # DDP, which has nothing to exchange and hides the model's attributes (its config) from
+            # the log-prob path; train the model itself, as in a plain single process
+            model = model.module
     device = accelerator.device
     stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
 
