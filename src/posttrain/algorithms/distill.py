@@ -206,7 +206,7 @@ class OnPolicyPlan:
         return _step_seed("on-policy", self.seed, step) / 2**62 < self.fraction
 
     def batches(self, step: int) -> list[dict]:
-        from ..data import EncodedExample, best_fit_decreasing
+        from ..data import best_fit_decreasing
         from ..rollout import HFSampler, SamplingParams, requests
         from .sft import collate_sft
 
@@ -230,8 +230,7 @@ class OnPolicyPlan:
         rolls = HFSampler(self.model, self.tokenizer).generate(
             requests(prompts, group_ids=[p for p, _ in todo]),
             SamplingParams(self.max_new_tokens, self.temperature, seed=_step_seed("on-policy-sample", self.seed, step)))
-        new = {p: EncodedExample(input_ids=prompt + r.completion_ids, labels=[-100] * len(prompt) + r.completion_ids)
-               for (p, _), prompt, r in zip(todo, prompts, rolls)}
+        new = {p: r.training_example() for (p, _), r in zip(todo, rolls)}
         out = []
         for ids in mine:
             exs = [new[p] for j in ids for p, _ in rows[j if j >= 0 else ~j]]

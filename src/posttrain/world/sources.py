@@ -115,7 +115,7 @@ def builtin_records(spec: str, *, kinds: tuple[str, ...], n: int, n_heldout: int
                           fix=f"use {listing}, or a file in the matching format.")
     records = b.generate(n if split == "train" else n_heldout, split=split, seed=seed,
                          **{k: options[k] for k in b.options if k in options})
-    return load_records(records, b.format) if b.format else load_records(records)
+    return load_records(records, b.format or "auto")
 
 
 def check_source(spec, data, *, kinds: tuple[str, ...], key: str) -> None:
