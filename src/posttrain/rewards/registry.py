@@ -64,7 +64,12 @@ def _is_module(exc: ModuleNotFoundError, module_name: str) -> bool:
 
 
 def _import_module(module_name: str, spec: str):
-    """Import ``module_name``; when it is not on ``sys.path``, once more with the working directory
+    return import_user_module(module_name, _setting_value(spec), f"Built-in reward functions: {_valid_names()}.")
+
+
+def import_user_module(module_name: str, setting: str, known: str = ""):
+    """Import the user's ``module_name`` (named by ``setting``, e.g. "Config key 'k' has value 'v'";
+    ``known`` lists the built-in alternatives for the error message); when it is not on ``sys.path``, once more with the working directory
     appended to ``sys.path`` (where it then stays, lowest priority, so the module's own later
     imports of its neighbours work too; a console script's ``sys.path`` lacks the working
     directory, unlike ``python -m``)."""
@@ -84,16 +89,16 @@ def _import_module(module_name: str, spec: str):
     except ModuleNotFoundError as exc:
         if _is_module(exc, module_name):
             raise ConfigError(
-                f"{_setting_value(spec)}, but no module '{module_name}' can be imported (looked on sys.path and in "
-                f"the working directory {cwd}). Built-in reward functions: {_valid_names()}.",
-                fix="use a built-in name, or a 'package.module:function' path of a module that Python can import "
+                f"{setting}, but no module '{module_name}' can be imported (looked on sys.path and in "
+                f"the working directory {cwd}). {known}".rstrip(),
+                fix="use a built-in name, or a 'package.module:name' path of a module that Python can import "
                 "(run from the directory that holds it, or add that directory to PYTHONPATH).") from None
         raise ConfigError(
-            f"{_setting_value(spec)}: importing module '{module_name}' failed: {exc}.",
+            f"{setting}: importing module '{module_name}' failed: {exc}.",
             fix=f"install the missing package ('{exc.name}') or fix the import in '{module_name}'.") from exc
     except Exception as exc:  # the user's module raised while running its top-level code
         raise ConfigError(
-            f"{_setting_value(spec)}: importing module '{module_name}' raised {type(exc).__name__}: {exc}",
+            f"{setting}: importing module '{module_name}' raised {type(exc).__name__}: {exc}",
             fix=f"fix the error in '{module_name}' (the traceback is chained to this error).") from exc
     finally:
         if added:
