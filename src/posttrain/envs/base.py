@@ -66,6 +66,7 @@ class Environment:
 
     name: str = "?"
     tools: Sequence[Tool] = ()
+    tool_parser: str = "hermes"   # how this environment's tool calls are written (env.tool_parser overrides)
 
     def __init__(self, **options):
         if options:

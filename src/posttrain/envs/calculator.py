@@ -12,6 +12,7 @@ class CalculatorEnv(Environment):
 
     name = "world-calculator"
     tools = (CALCULATOR,)
+    tool_parser = "pythonic"   # the tiny world's template writes calls as calculator(expression="...")
 
     def reset(self, record: dict) -> list[dict]:
         prompt = record["prompt"]

@@ -83,6 +83,29 @@ class RewardConfig:
 
 
 
+@dataclass
+class EnvConfig:
+    """Multi-turn episodes: the policy talks to an environment (tool results, a simulated user)."""
+
+    name: str | None = option(None, "Environment of multi-turn episodes: world-calculator, world-pieces, "
+                              "world-pieces-heldout-user, world-retry, or package.module:Class (a subclass of "
+                              "posttrain.envs.Environment; importing it runs that module). null: single-turn "
+                              "prompt -> completion.")
+    options: dict = option(default_factory=dict, help="Keyword arguments of the environment's constructor.")
+    tool_parser: str | None = option(None, "How tool calls are read from the policy's text: hermes "
+                                     "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>) or pythonic "
+                                     "(<tool_call>name(key=\"value\")</tool_call>); null: the environment's own.",
+                                     choices=(None, "hermes", "pythonic"))
+    max_turns: int = option(8, "Assistant turns per episode at most (more: the episode ends truncated).", min=1)
+    max_total_tokens: int = option(256, "Tokens per episode after the prompt, the policy's and the environment's "
+                                        "(each turn also stops at rollout.max_new_tokens).", min=2)
+    credit: str = option("episode", "episode: every turn of an episode gets the episode's advantage (the final "
+                         "reward plus the per-turn rewards); turn: each turn gets the return from that turn on "
+                         "(per-turn rewards discounted by env.gamma per turn), compared within the group turn by "
+                         "turn (gae / reinforce_pp: per-turn rewards at each turn's last token).",
+                         choices=("episode", "turn"))
+    gamma: float = option(1.0, "env.credit=turn: discount per turn of the returns.", min=0.0, max=1.0)
+
 
 def check_reward_config(reward: RewardConfig, *, command: str | None = None) -> None:
     """The ``reward.*`` rules every sampling method shares: functions named, one weight each, a

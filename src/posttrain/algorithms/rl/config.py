@@ -14,7 +14,7 @@ from ...config import ModelConfig, TrainConfig, option
 from ...errors import ConfigError
 from ...ops import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, get_advantage_estimator
 
-from ..online.config import TEACHER_REWARD, RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
+from ..online.config import TEACHER_REWARD, EnvConfig, RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
 
 # --------------------------------------------------------------------------- presets
 
@@ -203,6 +203,7 @@ class RLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: RLDataConfig = field(default_factory=RLDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: RLLossConfig = field(default_factory=RLLossConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
@@ -300,6 +301,28 @@ class RLConfig:
                 f"loss.kl_estimator=exact computes the KL over the whole vocabulary inside the loss, but "
                 f"loss.kl_placement={loss.kl_placement} puts a per-token estimate into the reward.",
                 fix="set loss.kl_placement=loss, or use loss.kl_estimator=k1 (the usual in-reward estimator).")
+        if self.env.name:
+            check_env_config(self, loss, est)
         if loss.kl_target is not None and loss.kl_beta == 0:
             raise ConfigError("loss.kl_target is set but loss.kl_beta is 0: the adaptive controller scales beta.",
                               fix="set loss.kl_beta > 0 as the starting value, or remove loss.kl_target.")
+
+
+def check_env_config(cfg: RLConfig, loss: RLLossConfig, est) -> None:
+    """The combinations multi-turn episodes do not support, refused with the way out."""
+    if TEACHER_REWARD in cfg.reward.functions + cfg.reward.gold or cfg.reward.process_weight > 0:
+        raise ConfigError(
+            f"env.name={cfg.env.name!r} with per-token rewards ({TEACHER_REWARD} or reward.process_weight): "
+            "per-token rewards of multi-turn episodes are not supported.",
+            fix="use the environment's per-turn rewards (env.credit=turn), or train single-turn (env.name=null).")
+    if cfg.env.credit == "turn" and est.needs_baseline:
+        raise ConfigError(
+            f"env.credit=turn with loss.advantage={loss.advantage}: ReMax's baseline is one greedy episode's "
+            "reward, which has no return per turn.",
+            fix="use env.credit=episode with remax, or a group estimator (grpo, rloo) with env.credit=turn.")
+    if cfg.env.max_total_tokens < cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"env.max_total_tokens={cfg.env.max_total_tokens} is less than rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens}: no turn could use its whole budget.",
+            fix="raise env.max_total_tokens (it bounds the whole episode after the prompt) or lower "
+            "rollout.max_new_tokens (one turn).")

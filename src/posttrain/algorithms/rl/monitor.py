@@ -222,6 +222,9 @@ def write_samples(runner, k: int, kept, groups) -> None:
                 record["process_rewards"] = s.process_rewards
             if s.token_rewards is not None:  # the per-token reward functions' values (teacher_logprob)
                 record["token_rewards"] = s.token_rewards
+            if hasattr(r, "messages"):  # a multi-turn episode: the whole conversation and how it ended
+                record.update(messages=r.messages, end=r.end, turns=r.n_turns, turn_rewards=r.turn_rewards,
+                              tool_calls=r.tool_calls, malformed_calls=r.malformed_calls, error=r.error)
             records.append(record)
     write_jsonl(runner.out_dir / "samples.jsonl", records, append=True)
 

@@ -69,6 +69,11 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
         notes += unused_notes(cfg.reward, "reward.", ["reward_model_batch_size"], "no model scores the rewards")
     if not cfg.teacher.name_or_path:
         notes += unused_notes(cfg.teacher, "teacher.", ["dtype", "batch_size"], "teacher.name_or_path is not set")
+    if not cfg.env.name:
+        notes += unused_notes(cfg.env, "env.", ["options", "tool_parser", "max_turns", "max_total_tokens", "credit",
+                                                "gamma"], "env.name is not set (single-turn)")
+    elif cfg.env.credit != "turn":
+        notes += unused_notes(cfg.env, "env.", ["gamma"], "env.credit is not turn")
     return notes
 
 
@@ -84,9 +89,11 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
                                                       "reward.process_reward_model": cfg.reward.process_reward_model,
                                                       "critic.init": critic_dir,
                                                       "teacher.name_or_path": cfg.teacher.name_or_path}))
-    accelerator, tokenizer, model = sampling_policy(cfg, model=model, tokenizer=tokenizer,
-                                                   max_new_tokens=cfg.rollout.max_new_tokens,
-                                                   new_tokens_key="rollout.max_new_tokens")
+    episodes = bool(cfg.env.name)   # multi-turn: an episode holds up to env.max_total_tokens after the prompt
+    accelerator, tokenizer, model = sampling_policy(
+        cfg, model=model, tokenizer=tokenizer,
+        max_new_tokens=cfg.env.max_total_tokens if episodes else cfg.rollout.max_new_tokens,
+        new_tokens_key="env.max_total_tokens" if episodes else "rollout.max_new_tokens")
     # the critic (only for estimators that need one) copies the policy's backbone before any adapter is added
     critic = None
     if get_advantage_estimator(loss.advantage).needs_critic:
@@ -127,8 +134,15 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     for note in _unused(cfg, loss):
         log(f"note: {note}")
 
-    evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
-                                max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
+    if runner.episodes is not None:
+        from .multiturn import episode_evaluator
+
+        log(f"environment {cfg.env.name}: at most {cfg.env.max_turns} turns and {cfg.env.max_total_tokens} tokens per "
+            f"episode, tool calls read as {runner.episodes.parser}, credit per {cfg.env.credit}")
+        evaluate = episode_evaluator(runner.episodes, tokenizer, eval_prompts, functions + gold, extra_eval=extra_eval)
+    else:
+        evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
+                                    max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}

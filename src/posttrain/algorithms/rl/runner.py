@@ -83,7 +83,13 @@ class RLRunner:
         self.out_dir = out_dir
         self.log = log
         self.attn = str(getattr(model.config, "_attn_implementation", "sdpa"))
-        self.row_length = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        self.episodes = None   # multi-turn episodes (env.name set)
+        if cfg.env.name:
+            from .multiturn import EpisodeSampler
+
+            self.episodes = EpisodeSampler(cfg)
+        self.row_length = cfg.data.max_prompt_length + (cfg.env.max_total_tokens if self.episodes is not None
+                                                         else cfg.rollout.max_new_tokens)
         self.needs_old = loss.epochs * loss.mini_batches > 1 or loss.tis_cap is not None or \
             (loss.kl_beta > 0 and loss.kl_placement == "reward")
         self.pad_id = tokenizer.pad_token_id
@@ -148,7 +154,7 @@ class RLRunner:
             self._attach_logprobs(groups, layout(len(groups)))   # through the training layout
         times["logprobs"] += time.time() - t
         kl_seq = self._kl_seq(groups)
-        adv_metrics = self._advantages(groups, total, seq_total, valid, baseline, kl_seq)
+        adv_metrics = self._advantages(kept, groups, total, seq_total, valid, baseline, kl_seq)
         # adaptive KL: update beta from this iteration's KL (KL in the reward: from the next iteration on;
         # KL in the loss: already for this iteration's optimizer steps)
         if kl_seq is not None:
@@ -158,6 +164,12 @@ class RLRunner:
         self.state.pending = rollout_metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times,
                                              draw.dropped, draw.rounds, draw.parts)
         self.state.pending.update(process_metrics)
+        if self.episodes is not None:
+            from ..online.episodes import episode_metrics, log_invalid
+
+            eps = [r for g in kept for r in g.rollouts]
+            self.state.pending.update(episode_metrics(eps))
+            log_invalid(eps, self.log, f"iteration {k + 1}")
         write_samples(self, k, kept, groups)
         check_signal(self, k, self.state.pending, valid)
         return groups
@@ -216,12 +228,20 @@ class RLRunner:
             group = []
             for j, r in enumerate(g.rollouts):
                 trained = bool(g.scores["valid"][j]) and not (mask_truncated and not r.finished)
-                group.append(Sample(example=r.training_example(), n_tokens=len(r.completion_ids), advantage=0.0,
+                # n_tokens: the trained (policy) tokens; an episode's environment tokens carry no label
+                group.append(Sample(example=r.training_example(), n_tokens=len(r.log_probs), advantage=0.0,
                                     trained=trained, rollout_logps=r.log_probs))
                 if "token_rewards" in g.scores:  # per-token reward functions (teacher_logprob), token-level estimators
                     group[-1].token_rewards = g.scores["token_rewards"][j, : len(r.completion_ids)].tolist()
+                elif self._turn_token_rewards():
+                    group[-1].token_rewards = self.episodes.turn_token_rewards(r)
             groups.append(group)
         return groups
+
+    def _turn_token_rewards(self) -> bool:
+        """Whether per-turn rewards go to the turns' last tokens (env.credit=turn, token-level estimator)."""
+        return self.episodes is not None and self.episodes.credit == "turn" and (
+            self.estimator.token_level or self.estimator.needs_critic)
 
     def _process_rewards(self, kept: list[ScoredGroup], groups: list[list[Sample]], times: dict) -> dict:
         """The PRM's per-step rewards of every sample (reward.process_weight > 0), and their metrics."""
@@ -247,7 +267,7 @@ class RLRunner:
         pol = [s.old_logps if s.old_logps is not None else s.rollout_logps for s in flat]
         return torch.tensor([sum(a - b for a, b in zip(p, s.ref_logps)) for p, s in zip(pol, flat)])
 
-    def _advantages(self, groups, total, seq_total, valid, baseline, kl_seq) -> dict:
+    def _advantages(self, kept, groups, total, seq_total, valid, baseline, kl_seq) -> dict:
         """Attach the estimator's advantages to the samples (per token for GAE / REINFORCE++);
         returns its metrics."""
         loss = self.loss
@@ -262,6 +282,14 @@ class RLRunner:
             est = torch.tensor([float(kl_estimate(torch.tensor(s.old_logps), torch.tensor(s.ref_logps),
                                                   loss.kl_estimator).sum()) for s in flat])
             reward_for_adv = total - beta * est
+        if self.episodes is not None and self.episodes.credit == "turn":
+            eps = [r for g in kept for r in g.rollouts]
+            final = reward_for_adv - _cat(kept, "env_reward")   # the reward functions' part (less any KL)
+            rows, metrics = self.episodes.turn_advantages(self.estimator, self.est_hparams, eps, final, valid,
+                                                          self.cfg.rollout.group_size)
+            for s, row in zip((s for g in groups for s in g), rows):
+                s.token_advantages = row
+            return metrics
         adv, metrics = self.estimator.fn(reward_for_adv, valid, group_size=self.cfg.rollout.group_size,
                                          baseline=baseline, **self.est_hparams)
         for s, a in zip((s for g in groups for s in g), adv.tolist()):
@@ -276,9 +304,12 @@ class RLRunner:
         _, world = rank_world()
         mine = my_share(len(idx))
         t = time.time()
-        rolls = self.backend.generate(
-            requests([self.prompts[idx[p]].ids for p in mine], mine),
-            SamplingParams(ro.max_new_tokens, temperature, ro.top_p, ro.top_k, n=G, seed=seed))
+        sampling = SamplingParams(ro.max_new_tokens, temperature, ro.top_p, ro.top_k, n=G, seed=seed)
+        if self.episodes is not None:
+            rolls = self.episodes.sample(self.backend, self.tokenizer, [self.prompts[idx[p]] for p in mine], sampling,
+                                         mine, model=self.model)
+        else:
+            rolls = self.backend.generate(requests([self.prompts[idx[p]].ids for p in mine], mine), sampling)
         times["generate"] += time.time() - t
         t = time.time()
         scored = self._score([idx[p] for p in mine], rolls) if mine else None
@@ -373,6 +404,10 @@ class RLRunner:
             out[f"fn/{name}"] = v
         if res.per_token and self.estimator.token_level:
             out.update(self._placed_token_rewards(res, len(rolls)))
+        if self.episodes is not None:
+            if self._turn_token_rewards():   # the final reward at the last token, the turns' at theirs
+                out["seq_total"] = out["total"].clone()
+            self.episodes.add_scores(out, rolls)
         if self.gold:
             g = score_rollouts(self.gold, prompts, rolls, max_new_tokens=max_new)
             out["gold"] = g.total
