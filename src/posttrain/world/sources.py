@@ -53,6 +53,15 @@ def _preferences(which: str):
     return records
 
 
+def _pieces(sft: bool):
+    def records(n: int, *, split: str, seed: int) -> list[dict]:
+        from . import pieces
+
+        return (pieces.pieces_sft_records if sft else pieces.pieces_records)(n, split=split, seed=seed)
+
+    return records
+
+
 def _steps(n: int, *, split: str, seed: int) -> list[dict]:
     from .preferences import step_records
 
@@ -80,6 +89,10 @@ BUILTINS: dict[str, BuiltinData] = {b.name: b for b in (
     BuiltinData("builtin:world-unpaired", "unpaired", None, _preferences("unpaired"), "KTO-style labelled samples"),
     BuiltinData("builtin:world-ranked", "ranked", None, _preferences("ranked"), "scored K-sets", ("world_k",)),
     BuiltinData("builtin:world-steps", "steps", "stepwise", _steps, "step-labelled solutions"),
+    BuiltinData("builtin:world-pieces", "prompts", "prompt_answer", _pieces(False),
+                "word problems told in pieces (env world-pieces)"),
+    BuiltinData("builtin:world-pieces-sft", "sft", "conversational", _pieces(True),
+                "word problems told in pieces with running-total replies"),
 )}
 
 
