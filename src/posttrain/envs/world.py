@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-WORLD_ENVIRONMENTS: dict[str, type] = {}
+from .calculator import CalculatorEnv
+from .users import USER_ENVIRONMENTS
 
-
-def _register() -> None:
-    from .calculator import CalculatorEnv
-
-    WORLD_ENVIRONMENTS.update({"world-calculator": CalculatorEnv})
-    try:
-        from .users import USER_ENVIRONMENTS
-    except ImportError:  # pragma: no cover (the simulated users land separately)
-        return
-    WORLD_ENVIRONMENTS.update(USER_ENVIRONMENTS)
-
-
-_register()
+WORLD_ENVIRONMENTS: dict[str, type] = {"world-calculator": CalculatorEnv, **USER_ENVIRONMENTS}
