@@ -96,6 +96,8 @@ class EnvConfig:
                                      "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>) or pythonic "
                                      "(<tool_call>name(key=\"value\")</tool_call>); null: the environment's own.",
                                      choices=(None, "hermes", "pythonic"))
+    stop: list[str] = option(default_factory=list, help="Strings that end an assistant turn besides the end-of-turn "
+                             "token (e.g. </tool_call>: the environment answers right after the call).")
     max_turns: int = option(8, "Assistant turns per episode at most (more: the episode ends truncated).", min=1)
     max_total_tokens: int = option(256, "Tokens per episode after the prompt, the policy's and the environment's "
                                         "(each turn also stops at rollout.max_new_tokens).", min=2)

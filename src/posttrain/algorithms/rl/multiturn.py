@@ -22,6 +22,7 @@ Credit (``env.credit``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -38,8 +39,11 @@ class EpisodeSampler:
         self.parser = cfg.env.tool_parser or getattr(self.env, "tool_parser", "hermes")
         self.limits = EpisodeLimits(cfg.env.max_turns, cfg.env.max_total_tokens, cfg.rollout.max_new_tokens)
         self.credit, self.gamma = cfg.env.credit, cfg.env.gamma
+        self.stop = tuple(cfg.env.stop)
 
     def sample(self, backend, tokenizer, items, sampling, group_ids, model=None):
+        if self.stop:
+            sampling = dataclasses.replace(sampling, stop=tuple(sampling.stop) + self.stop)
         return run_episodes(self.env, backend, tokenizer, [episode_record(p) for p in items], sampling, self.limits,
                             parser=self.parser, group_ids=group_ids, model=model)
 

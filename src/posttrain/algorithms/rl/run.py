@@ -70,7 +70,7 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
     if not cfg.teacher.name_or_path:
         notes += unused_notes(cfg.teacher, "teacher.", ["dtype", "batch_size"], "teacher.name_or_path is not set")
     if not cfg.env.name:
-        notes += unused_notes(cfg.env, "env.", ["options", "tool_parser", "max_turns", "max_total_tokens", "credit",
+        notes += unused_notes(cfg.env, "env.", ["options", "tool_parser", "stop", "max_turns", "max_total_tokens", "credit",
                                                 "gamma"], "env.name is not set (single-turn)")
     elif cfg.env.credit != "turn":
         notes += unused_notes(cfg.env, "env.", ["gamma"], "env.credit is not turn")
