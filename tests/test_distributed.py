@@ -174,6 +174,11 @@ RL_COMMON = ["data.world_examples=24", "data.eval=null", "rollout.group_size=4",
     # number of forward / backward passes on both)
     pytest.param("grpo", ["rollout.prompts_per_step=3", "train.micro_batch_size=1", "train.max_steps=2",
                           "loss.kl_beta=0.05"], id="grpo-zero-weight-copy"),
+    # multi-turn episodes: each process plays its share of the groups' episodes (environment stepping
+    # included), turn-level credit on the exchanged whole batch
+    pytest.param("grpo", ["rollout.prompts_per_step=3", "train.micro_batch_size=1", "train.max_steps=2",
+                          "env.name=tests.test_rl_episodes:DigitUser", "env.stop=[e,a,o,1,2]",
+                          "env.max_total_tokens=40", "env.credit=turn"], id="grpo-multi-turn"),
 ])
 def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, preset, extra):
     """Each process samples and scores every other prompt group; the groups are exchanged so
@@ -211,9 +216,9 @@ def test_online_rl_split_over_two_processes_equals_one_process(ws, tmp_path, pre
     assert [r["reward"] for r in two] == pytest.approx([r["reward"] for r in one], rel=0, abs=tol)
     if not teacher:
         assert [r["reward"] for r in two] == [r["reward"] for r in one]
-    # per-token advantages with gae (ppo) and reinforce_pp (the dapo case), one per sample otherwise
+    # per-token advantages with gae (ppo), reinforce_pp (the dapo case) and turn-level credit, one per sample otherwise
     adv = "token_advantages" if one[0].get("token_advantages") is not None else "advantage"
-    assert (adv == "token_advantages") == (preset in ("ppo", "dapo", "reinforce_pp"))
+    assert (adv == "token_advantages") == (preset in ("ppo", "dapo", "reinforce_pp") or "env.credit=turn" in extra)
     for a, b in zip(one, two):
         assert b[adv] == pytest.approx(a[adv], rel=1e-5, abs=tol)
         assert ("token_rewards" in a) == ("token_rewards" in b) == teacher
