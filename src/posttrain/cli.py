@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online: completions per prompt (rollout.group_size); the sampler decodes "
                         "max(1, rollout batch // group size) prompts x group size sequences at a time")
     p.add_argument("--new-tokens", type=parse_count, default=512, metavar="N",
-                   help="online: longest completion (rollout.max_new_tokens)")
+                   help="online: longest completion (rollout.max_new_tokens; multi-turn: a whole episode after the prompt, env.max_total_tokens)")
     p.set_defaults(func=_cmd_plan)
 
     from .algorithms.cai import CAIConfig
