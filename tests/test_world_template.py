@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
+from posttrain.data.chat import render_conversation, render_turns
 from posttrain.envs.tools import CALCULATOR, Tool, parse_pythonic
 from posttrain.models.loading import BUILTIN_MODELS
 from posttrain.world.tasks import generate_problems
@@ -138,3 +140,33 @@ def test_content_and_several_calls_round_trip_through_the_parser(tok):
     assert problems == []
     assert [(c.name, c.arguments) for c in calls] == [("calculator", {"expression": "1 + 2"}),
                                                      ("lookup", {"key": 'say "hi"', "n": 3, "exact": True})]
+
+
+def test_json_string_arguments_are_refused_by_the_template_and_parsed_by_the_data_layer(tok):
+    turn = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "calculator",
+                                                             "arguments": '{"expression": "14 + 9"}'}}]}
+    messages = [TOOL_CONVERSATION[0], turn] + TOOL_CONVERSATION[2:]
+    with pytest.raises(TemplateError, match="not a JSON string"):
+        render(tok, messages, tools=[CALCULATOR.schema()])
+    ids, _ = render_turns(tok, messages, tools=[CALCULATOR.schema()])
+    assert tok.decode(ids) == TOOL_TEXT
+
+
+def test_the_mask_covers_the_calls_and_end_of_turn_not_the_results(tok):
+    out = render_conversation(tok, TOOL_CONVERSATION, tools=[CALCULATOR.schema()])
+    ids, mask = out["input_ids"], out["assistant_mask"]
+    assert tok.decode(ids) == TOOL_TEXT
+    spans, start = [], None
+    for j, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = j
+        elif not m and start is not None:
+            spans.append(tok.decode(ids[start:j]))
+            start = None
+    assert spans == ['<tool_call>calculator(expression="14 + 9")</tool_call><|im_end|>', "#### 23<|im_end|>"]
+    # everything else, the tool result "23" included, is context
+    unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert unmasked == ("<|im_start|>system\ntools: calculator(expression)<|im_end|>\n"
+                        f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n\n"
+                        "<|im_start|>tool\n23<|im_end|>\n<|im_start|>assistant\n\n")
