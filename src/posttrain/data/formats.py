@@ -178,6 +178,8 @@ class _Checker:
         self.source = source
         self.location = location
 
+    kind = staticmethod(_type_name)   # "a string", "an object", ... (for the checks in tool_turns)
+
     def fail(self, field: str | None, problem: str, fix: str) -> DataError:
         return DataError(f"{_where(self.source, self.location, field)}: {problem}", fix=fix)
 

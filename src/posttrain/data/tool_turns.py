@@ -34,23 +34,17 @@ _SCHEMA_FIX = ('write \'tools\' as a list of function schemas such as {"type": "
                '"properties": {"expression": {"type": "string"}}}}}.')
 
 
-def _kind(value: Any) -> str:
-    from .formats import _type_name
-
-    return _type_name(value)
-
-
 def check_tools(chk, value: Any, field: str = "tools") -> list[dict]:
     """The record's ``tools``: a list of function schemas, OpenAI-style (``{"type": "function",
     "function": {...}}``) or bare (``{"name": ..., "parameters": ...}``), each with a string name
     and, if given, an object of parameters. Returned as given (copied)."""
     if not isinstance(value, (list, tuple)):
-        raise chk.fail(field, f"expected a list of tool schemas, found {_kind(value)}.", _SCHEMA_FIX)
+        raise chk.fail(field, f"expected a list of tool schemas, found {chk.kind(value)}.", _SCHEMA_FIX)
     out = []
     for i, tool in enumerate(value):
         path = f"{field}[{i}]"
         if not isinstance(tool, Mapping):
-            raise chk.fail(path, f"expected a tool schema (an object), found {_kind(tool)}.", _SCHEMA_FIX)
+            raise chk.fail(path, f"expected a tool schema (an object), found {chk.kind(tool)}.", _SCHEMA_FIX)
         fn, fn_path = tool, path
         if "function" in tool:
             if tool.get("type", "function") != "function":
@@ -58,7 +52,7 @@ def check_tools(chk, value: Any, field: str = "tools") -> list[dict]:
                                _SCHEMA_FIX)
             fn, fn_path = tool["function"], f"{path}.function"
             if not isinstance(fn, Mapping):
-                raise chk.fail(fn_path, f"expected the function's schema (an object), found {_kind(fn)}.",
+                raise chk.fail(fn_path, f"expected the function's schema (an object), found {chk.kind(fn)}.",
                                _SCHEMA_FIX)
         if not isinstance(fn.get("name"), str) or not fn["name"].strip():
             raise chk.fail(f"{fn_path}.name", "the tool has no name (a non-empty string).", _SCHEMA_FIX)
@@ -66,7 +60,7 @@ def check_tools(chk, value: Any, field: str = "tools") -> list[dict]:
         if params is not None and not (isinstance(params, Mapping)
                                        and isinstance(params.get("properties", {}), Mapping)):
             raise chk.fail(f"{fn_path}.parameters", "expected a JSON schema object whose 'properties' is an "
-                           f"object, found {_kind(params)}.", _SCHEMA_FIX)
+                           f"object, found {chk.kind(params)}.", _SCHEMA_FIX)
         out.append(dict(tool))
     return out
 
@@ -78,12 +72,12 @@ _CALL_FIX = ('write each call as {"type": "function", "function": {"name": "calc
 def check_tool_calls(chk, value: Any, field: str) -> list[dict]:
     """An assistant message's ``tool_calls``, normalized (see the module docstring)."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise chk.fail(field, f"expected a non-empty list of tool calls, found {_kind(value)}.", _CALL_FIX)
+        raise chk.fail(field, f"expected a non-empty list of tool calls, found {chk.kind(value)}.", _CALL_FIX)
     out = []
     for i, call in enumerate(value):
         path = f"{field}[{i}]"
         if not isinstance(call, Mapping):
-            raise chk.fail(path, f"expected a tool call (an object), found {_kind(call)}.", _CALL_FIX)
+            raise chk.fail(path, f"expected a tool call (an object), found {chk.kind(call)}.", _CALL_FIX)
         fn, fn_path = call, path
         if "function" in call:
             if call.get("type", "function") != "function":
@@ -91,7 +85,7 @@ def check_tool_calls(chk, value: Any, field: str) -> list[dict]:
                                _CALL_FIX)
             fn, fn_path = call["function"], f"{path}.function"
             if not isinstance(fn, Mapping):
-                raise chk.fail(fn_path, f"expected the called function (an object), found {_kind(fn)}.", _CALL_FIX)
+                raise chk.fail(fn_path, f"expected the called function (an object), found {chk.kind(fn)}.", _CALL_FIX)
         if not isinstance(fn.get("name"), str) or not fn["name"].strip():
             raise chk.fail(f"{fn_path}.name", "the tool call has no name (a non-empty string).", _CALL_FIX)
         args = fn.get("arguments", {})
@@ -104,7 +98,7 @@ def check_tool_calls(chk, value: Any, field: str) -> list[dict]:
                 raise chk.fail(f"{fn_path}.arguments", f"the arguments string is not valid JSON ({exc.msg}).",
                                _CALL_FIX) from None
         if not isinstance(args, Mapping):
-            raise chk.fail(f"{fn_path}.arguments", f"expected the arguments as an object, found {_kind(args)}.",
+            raise chk.fail(f"{fn_path}.arguments", f"expected the arguments as an object, found {chk.kind(args)}.",
                            _CALL_FIX)
         normalized = {"type": "function", "function": {"name": fn["name"], "arguments": dict(args)}}
         if call.get("id") is not None:
