@@ -196,3 +196,12 @@ def test_a_template_without_markers_masks_tool_turns_too(data_make_tokenizer):
     assert spans == [call_text + "<|im_end|>", "#### 23<|im_end|>"]
     assert tok.decode(ids).startswith("<|im_start|>system\n# Tools\ncalculator<|im_end|>\n<|im_start|>user\n")
     assert parse_hermes(spans[0]) == ([ToolCall("calculator", {"expression": "14 + 9"})], [])
+
+
+def test_render_prompt_takes_tools(tok):
+    from posttrain.data.chat import render_prompt
+
+    head = "<|im_start|>system\ntools: calculator(expression)<|im_end|>\n"
+    rest = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(tok, QUESTION, tools=TOOLS) == tok(head + rest, add_special_tokens=False)["input_ids"]
+    assert render_prompt(tok, MESSAGES[:1]) == tok(rest, add_special_tokens=False)["input_ids"]
