@@ -56,7 +56,8 @@ class SFTDataConfig:
     """Training / evaluation data and how it is tokenized and batched."""
 
     train: str = option(BUILTIN_DATA, "JSONL/Parquet file of conversational or prompt/completion records, "
-                                      "or builtin:world-sft (tiny-world problems); builtin:world-judge(-reasoning) / "
+                                      "or builtin:world-sft (tiny-world problems); builtin:world-tool-sft (the same with "
+                                      "calculator calls); builtin:world-judge(-reasoning) / "
                                       "builtin:world-revise train the world's judge / reviser for posttrain cai.")
     eval: str | None = option("auto", "Held-out file for eval loss, or builtin:world-sft-heldout; auto: the "
                               "world's held-out set when train is builtin:world-sft, else none (then "
@@ -80,6 +81,8 @@ class SFTDataConfig:
                            min=0, max=256)
     world_examples: int = option(4000, "Examples generated for builtin:world-sft.", min=1, max=1_000_000)
     world_eval_examples: int = option(200, "Examples generated for the builtin *-heldout sets.", min=1, max=1_000_000)
+    world_tool_fraction: float = option(0.5, "Share of builtin:world-tool-sft problems solved with calculator calls "
+                                             "(the others: a worked solution).", min=0.0, max=1.0)
     max_examples: int = option(0, "Use only the first N training records (0: all).", min=0)
 
 
@@ -357,6 +360,8 @@ def run_sft(cfg: SFTConfig, *, model=None, tokenizer=None, log=print, extra_eval
         notes += unused_notes(cfg.data, "data.", ["eval_fraction"], f"data.eval ({eval_spec}) is the held-out set")
     if not cfg.data.train.startswith("builtin:"):
         notes += unused_notes(cfg.data, "data.", ["world_examples"], "data.train is a file")
+    if split_builtin(cfg.data.train)[0] != "builtin:world-tool-sft":
+        notes += unused_notes(cfg.data, "data.", ["world_tool_fraction"], "data.train is not builtin:world-tool-sft")
     if not (eval_spec or "").startswith("builtin:"):
         notes += unused_notes(cfg.data, "data.", ["world_eval_examples"], "data.eval is not builtin data")
     if not has_eval:

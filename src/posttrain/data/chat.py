@@ -100,11 +100,11 @@ def check_tokenizer(tokenizer, *, need_chat_template: bool) -> None:
 
 def _validate_messages(messages: Any, *, prompt: bool, source: str | None, location: str | None) -> list[dict]:
     chk = _Checker(source or "<messages>", location)
-    msgs = chk.messages(messages, "messages")
+    msgs = chk.messages(messages, "messages", tools=True)
     if prompt:
-        chk.order(msgs, "messages", last="user")
+        chk.order(msgs, "messages", last="user", tools=True)
     else:
-        chk.order(msgs, "messages")
+        chk.order(msgs, "messages", tools=True)
     return msgs
 
 
@@ -112,8 +112,11 @@ _TEMPLATE_PLACES = ("model.chat_template, or the tokenizer's own template in "
                     "tokenizer_config.json / chat_template.jinja")
 
 
-def _apply(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tokenize: bool, **kwargs):
-    """apply_chat_template with every template failure turned into TokenizerError."""
+def _apply(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tokenize: bool, tools=None, **kwargs):
+    """apply_chat_template with every template failure turned into TokenizerError (``tools``: the
+    function schemas, passed as ``tools=`` only when given)."""
+    if tools is not None:
+        kwargs["tools"] = tools
     try:
         return tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs
@@ -167,13 +170,14 @@ def _refuse(problem: str, source: str | None, location: str | None) -> Tokenizer
 
 
 def _render_with_markers(
-    tokenizer, messages: list[dict], add_generation_prompt: bool, source, location
+    tokenizer, messages: list[dict], add_generation_prompt: bool, source, location, tools=None
 ) -> tuple[list[int], list[tuple[int, int, int]]]:
     out = _apply(
         tokenizer,
         messages,
         add_generation_prompt=add_generation_prompt,
         tokenize=True,
+        tools=tools,
         return_dict=True,
         return_assistant_tokens_mask=True,
     )
@@ -220,7 +224,7 @@ def _boundary_token(
 
 
 def _render_incremental(
-    tokenizer, messages: list[dict], add_generation_prompt: bool, source, location
+    tokenizer, messages: list[dict], add_generation_prompt: bool, source, location, tools=None
 ) -> tuple[list[int], list[tuple[int, int, int]]]:
     if not getattr(tokenizer, "is_fast", False):
         raise TokenizerError(
@@ -228,13 +232,13 @@ def _render_incremental(
             f"with offset mappings; {type(tokenizer).__name__} has none.",
             fix="load the tokenizer with use_fast=True (the default), or " + _TEMPLATE_FIX,
         )
-    full = _apply(tokenizer, messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    full = _apply(tokenizer, messages, add_generation_prompt=add_generation_prompt, tokenize=False, tools=tools)
     char_spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _apply(tokenizer, messages[:i], add_generation_prompt=True, tokenize=False)
-        upto = _apply(tokenizer, messages[: i + 1], add_generation_prompt=False, tokenize=False)
+        before = _apply(tokenizer, messages[:i], add_generation_prompt=True, tokenize=False, tools=tools)
+        upto = _apply(tokenizer, messages[: i + 1], add_generation_prompt=False, tokenize=False, tools=tools)
         if not upto.startswith(before):
             raise _refuse(
                 f"the template is not prefix-consistent: rendering messages[:{i}] with the generation "
@@ -262,7 +266,7 @@ def _render_incremental(
     ids = _to_list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     reference = _to_list(_apply(tokenizer, messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                return_dict=False))
+                                return_dict=False, tools=tools))
     if ids != reference:
         raise _refuse(
             "tokenizing the rendered text does not reproduce apply_chat_template(tokenize=True).",
@@ -302,18 +306,21 @@ def render_turns(
     add_generation_prompt: bool = False,
     source: str | None = None,
     location: str | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> tuple[list[int], list[tuple[int, int, int]]]:
     """Tokenize a conversation and locate each assistant turn.
 
     Returns ``(input_ids, spans)`` where ``spans`` holds ``(message_index, start, end)``
-    token ranges, one per assistant message, in order. ``source``/``location`` only serve
-    the error messages.
+    token ranges, one per assistant message (tool-calling turns included), in order; ``tool``
+    results are not spans. ``tools``: function schemas passed to the template as ``tools=``.
+    ``source``/``location`` only serve the error messages.
     """
     check_tokenizer(tokenizer, need_chat_template=True)
     msgs = _validate_messages(messages, prompt=False, source=source, location=location)
+    tools = None if tools is None else list(tools)
     if has_generation_markers(tokenizer):
-        return _render_with_markers(tokenizer, msgs, add_generation_prompt, source, location)
-    return _render_incremental(tokenizer, msgs, add_generation_prompt, source, location)
+        return _render_with_markers(tokenizer, msgs, add_generation_prompt, source, location, tools)
+    return _render_incremental(tokenizer, msgs, add_generation_prompt, source, location, tools)
 
 
 def render_conversation(
@@ -323,12 +330,15 @@ def render_conversation(
     add_generation_prompt: bool = False,
     source: str | None = None,
     location: str | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> dict[str, list[int]]:
     """Tokenize ``messages`` with the tokenizer's chat template and an assistant mask.
 
     Returns ``{"input_ids": [...], "assistant_mask": [...]}`` (same length): 1 on every token
     of every assistant turn, its end-of-turn token included; 0 on system and user turns, role
-    headers, and the generation prompt (when ``add_generation_prompt``).
+    headers, and the generation prompt (when ``add_generation_prompt``). ``tools``: function
+    schemas passed to the template (``tools=``); assistant turns with ``tool_calls`` are masked
+    like any other, ``tool`` results are not.
 
     Raises:
         TokenizerError: no chat template / EOS / pad token, or the mask cannot be derived
@@ -336,7 +346,8 @@ def render_conversation(
         DataError: malformed messages (bad role, order, empty assistant content).
     """
     ids, spans = render_turns(
-        tokenizer, messages, add_generation_prompt=add_generation_prompt, source=source, location=location
+        tokenizer, messages, add_generation_prompt=add_generation_prompt, source=source, location=location,
+        tools=tools,
     )
     mask = [0] * len(ids)
     for _, start, end in spans:
@@ -344,14 +355,16 @@ def render_conversation(
     return {"input_ids": ids, "assistant_mask": mask}
 
 
-def render_prompt(tokenizer, messages_or_str: str | Sequence[dict], *, chat: bool = True) -> list[int]:
+def render_prompt(tokenizer, messages_or_str: str | Sequence[dict], *, chat: bool = True,
+                  tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of a prompt, ready for generation.
 
     A list of messages (ending with a user turn) is rendered with the chat template and its
     generation prompt. A string is wrapped as one user message when ``chat`` is true; with
     ``chat=False`` it is tokenized as plain text with the tokenizer's special tokens (e.g.
     BOS), exactly like the prompt side of string prompt/completion SFT data, so a model
-    trained on such data is prompted the way it was trained.
+    trained on such data is prompted the way it was trained. ``tools``: function schemas
+    passed to the chat template (``tools=``).
     """
     if isinstance(messages_or_str, str):
         if not chat:
@@ -362,4 +375,5 @@ def render_prompt(tokenizer, messages_or_str: str | Sequence[dict], *, chat: boo
         messages = messages_or_str
     check_tokenizer(tokenizer, need_chat_template=True)
     msgs = _validate_messages(messages, prompt=True, source=None, location=None)
-    return _to_list(_apply(tokenizer, msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return _to_list(_apply(tokenizer, msgs, add_generation_prompt=True, tokenize=True, return_dict=False,
+                           tools=None if tools is None else list(tools)))

@@ -5,7 +5,10 @@ A data set is a sequence of JSON-like records in one of these formats:
 ``conversational``
     ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
     An optional single system turn first, then user and assistant turns alternating,
-    starting with user; at least one assistant turn (the turns that are trained).
+    starting with user; at least one assistant turn (the turns that are trained). With tool
+    use (:mod:`posttrain.data.tool_turns`): an optional ``"tools"`` list of function schemas
+    (given to the chat template as ``tools=``), assistant turns with ``tool_calls`` and the
+    ``tool`` turns answering them.
 ``prompt_completion``
     ``{"prompt": ..., "completion": ...}``: both strings, or both lists of messages.
     As messages, the prompt is the conversation so far (it ends with a user turn) and the
@@ -42,7 +45,9 @@ A data set is a sequence of JSON-like records in one of these formats:
 :class:`Dataset` that remembers where each record came from so later stages (tokenization,
 training) can name the offending line in their own error messages.
 
-Records are normalized: message lists contain only ``role`` and ``content`` keys, and an
+Records are normalized: message lists contain only ``role`` and ``content`` keys (and the
+tool keys of conversational records: assistant ``tool_calls``, a tool turn's ``name`` /
+``tool_call_id``), and an
 implicit preference prompt is made explicit. Other top-level keys (``"id"``, metadata)
 are kept unchanged.
 """
@@ -57,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import DataError, where
+
+from .tool_turns import TOOL_MESSAGE_KEYS, check_tool_calls, check_tools, next_roles
 
 FORMATS: tuple[str, ...] = (
     "conversational",
@@ -171,6 +178,8 @@ class _Checker:
         self.source = source
         self.location = location
 
+    kind = staticmethod(_type_name)   # "a string", "an object", ... (for the checks in tool_turns)
+
     def fail(self, field: str | None, problem: str, fix: str) -> DataError:
         return DataError(f"{_where(self.source, self.location, field)}: {problem}", fix=fix)
 
@@ -193,8 +202,12 @@ class _Checker:
 
     # -- messages ------------------------------------------------------------------------
 
-    def messages(self, value: Any, field: str) -> list[dict]:
-        """A list of {"role", "content"} dicts with valid roles (order is checked separately)."""
+    def messages(self, value: Any, field: str, *, tools: bool = False) -> list[dict]:
+        """A list of {"role", "content"} dicts with valid roles (order is checked separately).
+
+        ``tools``: tool turns are allowed too (conversational records; see
+        :mod:`posttrain.data.tool_turns`): ``tool`` messages (with an optional ``name`` /
+        ``tool_call_id``) and assistant messages with ``tool_calls`` (whose content may be empty)."""
         if not isinstance(value, (list, tuple)):
             raise self.fail(
                 field,
@@ -214,13 +227,16 @@ class _Checker:
                     'write each message as {"role": "...", "content": "..."}.',
                 )
             # Parquet and HF datasets fill absent struct fields with null: treat null as absent.
-            extra = sorted(k for k, v in msg.items() if k not in ("role", "content") and v is not None)
+            allowed = ("role", "content") + (TOOL_MESSAGE_KEYS.get(msg.get("role"), ()) if tools else ())
+            extra = sorted(k for k, v in msg.items() if k not in allowed and v is not None)
             if extra:
                 raise self.fail(
                     path,
-                    f"unsupported message key(s) {extra}; posttrain renders only 'role' and 'content', "
-                    "so these would be dropped without notice.",
-                    "remove the extra keys, or fold their text into 'content'.",
+                    f"unsupported message key(s) {extra}; posttrain renders only 'role' and 'content'"
+                    f"{' (and tool calls / results)' if tools else ''}, so these would be dropped without notice.",
+                    "remove the extra keys, or fold their text into 'content'"
+                    + ("." if tools else "; assistant 'tool_calls' and 'tool' turns are supported in "
+                       "conversational ('messages') records only."),
                 )
             if msg.get("role") is None:
                 raise self.fail(
@@ -229,21 +245,32 @@ class _Checker:
                     f"add a role, one of {list(ROLES)}.",
                 )
             role = msg["role"]
-            if role not in ROLES:
+            roles = ROLES + (("tool",) if tools else ())
+            if role not in roles:
                 raise self.fail(
                     f"{path}.role",
-                    f"unknown role {_short(role)}; expected one of {list(ROLES)}.",
-                    "rename the role (e.g. 'human' -> 'user', 'gpt'/'bot' -> 'assistant'); tool and "
-                    "function turns are not supported.",
+                    f"unknown role {_short(role)}; expected one of {list(roles)}.",
+                    "rename the role (e.g. 'human' -> 'user', 'gpt'/'bot' -> 'assistant'); "
+                    + ("function turns are 'tool' turns." if tools else
+                       "tool turns are supported in conversational ('messages') records only."),
                 )
+            calls = msg.get("tool_calls") if role == "assistant" else None
+            if calls is not None:
+                calls = check_tool_calls(self, calls, f"{path}.tool_calls")
+                if msg.get("content") is None:   # a turn that only calls tools
+                    msg = {**msg, "content": ""}
             if "content" not in msg or msg["content"] is None:
                 raise self.fail(
                     f"{path}.content", "the message has no 'content'.", "add the message text as 'content'."
                 )
-            content = self.text(
-                msg["content"], f"{path}.content", nonempty=(role == "assistant"), what=f"the {role} message"
-            )
+            content = self.text(msg["content"], f"{path}.content", nonempty=(role == "assistant" and calls is None),
+                                what=f"the {role} message")
             out.append({"role": role, "content": content})
+            if calls is not None:
+                out[-1]["tool_calls"] = calls
+            for key in ("name", "tool_call_id") if role == "tool" else ():
+                if msg.get(key) is not None:
+                    out[-1][key] = self.text(msg[key], f"{path}.{key}", nonempty=True, what=f"the tool message's {key}")
         return out
 
     def order(
@@ -256,13 +283,18 @@ class _Checker:
         need_assistant: bool = False,
         offset: int = 0,
         allow_system: bool = True,
+        tools: bool = False,
     ) -> None:
         """Check the turn order: [system] then alternating turns starting with ``first``.
 
         ``offset`` shifts the indices in messages (for a completion that continues a prompt).
+        ``tools``: an assistant turn with tool calls is followed by ``tool`` turns (its results),
+        and they by the assistant's next turn (:func:`posttrain.data.tool_turns.next_roles`).
         """
+        if tools:
+            self._order_with_tools(messages, field, first=first, offset=offset, allow_system=allow_system)
         expected = first
-        for i, msg in enumerate(messages):
+        for i, msg in enumerate(() if tools else messages):
             role = msg["role"]
             path = f"{field}[{i + offset}].role"
             if role == "system":
@@ -297,6 +329,33 @@ class _Checker:
                 "the conversation has no assistant turn, so there is nothing to train on.",
                 "add the assistant's reply, or remove this record.",
             )
+
+    def _order_with_tools(self, messages: list[dict], field: str, *, first: str, offset: int,
+                          allow_system: bool) -> None:
+        previous = None
+        for i, msg in enumerate(messages):
+            role, path = msg["role"], f"{field}[{i + offset}].role"
+            if role == "system":
+                if i == 0 and allow_system:
+                    continue
+                raise self.fail(
+                    path,
+                    "a system message is only allowed as the first message of a conversation.",
+                    "merge this system text into the first system message, or drop it.",
+                )
+            allowed = next_roles(previous, first)
+            if role not in allowed:
+                why = ("; a 'tool' turn answers an assistant turn with tool_calls" if role == "tool" else
+                       "; the assistant turn before it calls tools, so their results ('tool' turns) come next"
+                       if allowed == ("tool",) else
+                       "; turns must alternate user, assistant, user, ... after an optional system message")
+                raise self.fail(
+                    path,
+                    f"expected role {' or '.join(repr(r) for r in allowed)} here, found '{role}'{why}.",
+                    "answer each assistant turn that has tool_calls with 'tool' turns holding the results, merge "
+                    "consecutive turns of the same role, and start the conversation with a user turn.",
+                )
+            previous = msg
 
     def number(self, value: Any, field: str, *, what: str) -> float | int:
         """A finite JSON number (int or float; booleans are not numbers here)."""
@@ -432,9 +491,12 @@ def _response(chk: _Checker, value: Any, field: str, prompt: str | list[dict]) -
 
 
 def _validate_conversational(chk: _Checker, record: Mapping) -> dict:
-    msgs = chk.messages(record["messages"], "messages")
-    chk.order(msgs, "messages", need_assistant=True)
-    return {**record, "messages": msgs}
+    msgs = chk.messages(record["messages"], "messages", tools=True)
+    chk.order(msgs, "messages", need_assistant=True, tools=True)
+    out = {**record, "messages": msgs}
+    if _present(record, "tools"):
+        out["tools"] = check_tools(chk, record["tools"])
+    return out
 
 
 def _validate_prompt_completion(chk: _Checker, record: Mapping) -> dict:

@@ -182,7 +182,8 @@ def _encode(
     location: str | None,
 ) -> tuple[EncodedExample | None, str]:
     if format == "conversational":
-        ids, spans = render_turns(tokenizer, record["messages"], source=source, location=location)
+        ids, spans = render_turns(tokenizer, record["messages"], source=source, location=location,
+                                  tools=record.get("tools"))
         labels = [IGNORE_INDEX] * len(ids)
         for _, start, end in spans:
             labels[start:end] = ids[start:end]
@@ -229,8 +230,9 @@ def encode_sft_example(
 ) -> EncodedExample | None:
     """Tokenize one validated SFT record (see :func:`posttrain.data.formats.load_records`).
 
-    * ``conversational``: the chat template renders the conversation; every assistant turn
-      (with its end-of-turn token) is trained.
+    * ``conversational``: the chat template renders the conversation (with the record's
+      ``tools`` as ``tools=``, if any); every assistant turn (with its end-of-turn token, a
+      tool-calling turn included) is trained, ``tool`` results are not.
     * ``prompt_completion`` with strings: prompt tokens with the tokenizer's special tokens
       (e.g. BOS), then the completion tokens and EOS; the completion and EOS are trained.
       (Prompt and completion are tokenized separately, so a word straddling the two is split

@@ -12,7 +12,8 @@ Parsers (``env.tool_parser``):
 * ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes, Qwen 2.5 / 3
   and many others);
 * ``pythonic``: ``<tool_call>name(key="value", ...)</tool_call>`` (keyword or positional
-  literals; the tiny world's compact form).
+  literals, Python's or JSON's ``true`` / ``false`` / ``null``; the tiny world's compact form,
+  which its chat template writes with JSON-encoded values).
 
 Each returns ``(calls, problems)``: the well-formed calls in order and a message per malformed
 one (an unclosed tag, bad JSON, a missing name, non-literal arguments), which the environment
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -101,6 +101,9 @@ def parse_hermes(text: str) -> tuple[list[ToolCall], list[str]]:
         except json.JSONDecodeError as exc:
             problems.append(f"tool call is not valid JSON ({exc.msg} at character {exc.pos}): {body[:80]!r}")
             continue
+        except RecursionError:
+            problems.append(f"tool call is nested too deeply: {body[:80]!r}")
+            continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             problems.append(f"tool call needs a string 'name': {body[:80]!r}")
             continue
@@ -108,7 +111,7 @@ def parse_hermes(text: str) -> tuple[list[ToolCall], list[str]]:
         if isinstance(args, str):  # some models write the arguments as a JSON string
             try:
                 args = json.loads(args)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 problems.append(f"tool call arguments are not a JSON object: {body[:80]!r}")
                 continue
         if not isinstance(args, dict):
@@ -118,13 +121,26 @@ def parse_hermes(text: str) -> tuple[list[ToolCall], list[str]]:
     return calls, problems
 
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+class _JSONLiterals(ast.NodeTransformer):
+    """JSON's ``true`` / ``false`` / ``null`` as the Python constants (chat templates write values
+    with ``tojson``); every other name stays a name, which ``ast.literal_eval`` refuses."""
+
+    def visit_Name(self, node: ast.Name):
+        return ast.Constant(_JSON_NAMES[node.id]) if node.id in _JSON_NAMES else node
+
+
+def _literal(node):
+    return ast.literal_eval(_JSONLiterals().visit(node))
 
 
 def parse_pythonic(text: str, positional: dict[str, list[str]] | None = None) -> tuple[list[ToolCall], list[str]]:
     """Calls written as ``<tool_call>name(key=literal, ...)</tool_call>``. Arguments must be Python
-    literals (``ast.literal_eval``: strings, numbers, lists, dicts; never evaluated as code).
-    Positional arguments take the tool's parameter names in order (``positional``: name -> names)."""
+    literals (``ast.literal_eval``: strings, numbers, lists, dicts, and JSON's ``true`` / ``false`` /
+    ``null``; never evaluated as code). Positional arguments take the tool's parameter names in
+    order (``positional``: name -> names); an argument given twice is a problem."""
     bodies, problems = _blocks(text)
     calls = []
     for body in bodies:
@@ -133,27 +149,32 @@ def parse_pythonic(text: str, positional: dict[str, list[str]] | None = None) ->
         except (SyntaxError, ValueError) as exc:
             problems.append(f"tool call is not name(arguments): {getattr(exc, 'msg', exc)}: {body[:80]!r}")
             continue
+        except (MemoryError, RecursionError):   # the parser's own limits on nesting
+            problems.append(f"tool call is nested too deeply: {body[:80]!r}")
+            continue
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
             problems.append(f"tool call is not name(arguments): {body[:80]!r}")
             continue
         name = node.func.id
-        try:
-            args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
-            values = [ast.literal_eval(a) for a in node.args]
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            problems.append(f"tool call arguments must be literals (strings, numbers): {body[:80]!r}")
-            continue
         if any(kw.arg is None for kw in node.keywords):
             problems.append(f"tool call arguments must be literals (no **): {body[:80]!r}")
             continue
-        if values:
-            names = (positional or {}).get(name, [])
-            if len(values) > len(names):
-                problems.append(f"tool call {name} has {len(values)} positional argument(s); it takes {names}")
-                continue
-            for k, v in zip(names, values):
-                args.setdefault(k, v)
-        calls.append(ToolCall(name, args))
+        try:
+            args = {kw.arg: _literal(kw.value) for kw in node.keywords}
+            values = [_literal(a) for a in node.args]
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            problems.append(f"tool call arguments must be literals (strings, numbers): {body[:80]!r}")
+            continue
+        keywords = [kw.arg for kw in node.keywords]
+        names = (positional or {}).get(name, [])
+        if len(values) > len(names):
+            problems.append(f"tool call {name} has {len(values)} positional argument(s); it takes {names}")
+            continue
+        twice = sorted({k for k in keywords if keywords.count(k) > 1} | set(names[:len(values)]) & set(keywords))
+        if twice:
+            problems.append(f"tool call {name} gives argument(s) {twice} more than once: {body[:80]!r}")
+            continue
+        calls.append(ToolCall(name, {**dict(zip(names, values)), **args}))
     return calls, problems
 
 
@@ -176,6 +197,8 @@ MAX_DIGITS = 30  # operands and results beyond this many digits are refused (no 
 
 def _value(node) -> Fraction:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if node.value in (float("inf"), float("-inf")):   # a literal such as 1e999
+            raise ValueError("number too large")
         v = Fraction(node.value) if isinstance(node.value, int) else Fraction(str(node.value))
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         v = _value(node.operand)
@@ -201,7 +224,8 @@ def _value(node) -> Fraction:
 
 def calculate(expression: str) -> str:
     """The value of an arithmetic ``expression`` (numbers, ``+ - * /``, parentheses): an integer
-    as ``"23"``, a fraction as a decimal rounded to 6 places. Raises ValueError for anything else.
+    as ``"23"``, a fraction as a decimal rounded to 6 places (trailing zeros dropped: ``"3.5"``;
+    a value that rounds to zero is ``"0"``). Raises ValueError for anything else.
     It parses the text into a syntax tree and walks it: no ``eval``."""
     if not isinstance(expression, str):
         raise ValueError(f"expression must be a string, not {type(expression).__name__}")
@@ -214,7 +238,8 @@ def calculate(expression: str) -> str:
     v = _value(tree.body)
     if v.denominator == 1:
         return str(v.numerator)
-    return f"{float(v):.6f}".rstrip("0").rstrip(".")
+    text = f"{float(v):.6f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 CALCULATOR = Tool(

@@ -30,6 +30,12 @@ def _sft(n: int, *, split: str, seed: int) -> list[dict]:
     return [{"messages": p.messages()} for p in generate_problems(n, seed=seed, split=split)]
 
 
+def _tool_sft(n: int, *, split: str, seed: int, world_tool_fraction: float = 0.5) -> list[dict]:
+    from .datasets import tool_sft_records
+
+    return tool_sft_records(n, seed=seed, split=split, tool_fraction=world_tool_fraction)
+
+
 def _feedback(which: str):
     def records(n: int, *, split: str, seed: int) -> list[dict]:
         from . import feedback
@@ -81,6 +87,8 @@ class BuiltinData:
 BUILTINS: dict[str, BuiltinData] = {b.name: b for b in (
     BuiltinData("builtin:world-problems", "prompts", "prompt_answer", _problems, "word problems with answers"),
     BuiltinData("builtin:world-sft", "sft", "conversational", _sft, "worked solutions as conversations"),
+    BuiltinData("builtin:world-tool-sft", "sft", "conversational", _tool_sft,
+                "worked solutions and calculator calls as conversations with tools", ("world_tool_fraction",)),
     BuiltinData("builtin:world-judge", "sft", "prompt_completion", _feedback("judge"), "judge training data"),
     BuiltinData("builtin:world-judge-reasoning", "sft", "prompt_completion", _feedback("judge-reasoning"),
                 "judge training data with reasoning"),

@@ -4,6 +4,24 @@ A byte-level BPE (so any text encodes, nothing is unknown) whose pre-tokenizer s
 digit into its own token (arithmetic on digit tokens is far easier for a small model), saved
 as a Hugging Face fast tokenizer with a ChatML-style chat template that carries
 ``{% generation %}`` markers around each assistant reply and its end-of-turn token.
+
+The template also renders tools (the Hugging Face convention: ``tools=`` schemas, assistant
+``tool_calls``, ``tool`` messages) compactly, for a model of 512 positions::
+
+    <|im_start|>system
+    tools: calculator(expression)<|im_end|>
+    <|im_start|>user
+    Mia has 14 shells. She finds 9 more. How many shells does Mia have now?<|im_end|>
+    <|im_start|>assistant
+    <tool_call>calculator(expression="14 + 9")</tool_call><|im_end|>
+    <|im_start|>tool
+    23<|im_end|>
+    <|im_start|>assistant
+    #### 23<|im_end|>
+
+Each call is ``name(key=<value as JSON>, ...)``, which :func:`posttrain.envs.tools.parse_pythonic`
+reads back; the generation block covers the calls and ``<|im_end|>``, so they are trained like
+any reply, and tool results are not. Conversations without tools render exactly as before.
 """
 
 from __future__ import annotations
@@ -20,12 +38,51 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]
 
 CHAT_TEMPLATE = (
+    # With ``tools``: one compact system block naming each tool and its parameters
+    # (``tools: calculator(expression)``); a leading system message is merged into it (its text, a
+    # newline, then the tools line). Without tools the output is byte-identical to the template the
+    # assets were trained with (tests/test_world_template.py keeps that one as the reference).
+    "{%- if tools %}"
+    "{%- set ns = namespace(line='tools: ') %}"
+    "{%- for tool in tools %}"
+    "{%- set fn = tool['function'] if tool['function'] is defined else tool %}"
+    "{%- set params = fn['parameters']['properties'] if fn['parameters'] is defined and "
+    "fn['parameters']['properties'] is defined else {} %}"
+    "{%- set ns.line = ns.line + fn['name'] + '(' + (params | list | join(', ')) + ')' + (', ' if not loop.last else '') %}"
+    "{%- endfor %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '\\n' + ns.line + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\n' + ns.line + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{% generation %}"
+    # An assistant turn with tool calls: its text (if any) and a newline, then one
+    # <tool_call>name(key=<JSON value>, ...)</tool_call> per call (posttrain.envs.tools.parse_pythonic).
+    "{%- if message['tool_calls'] %}"
+    "{{- message['content'] + '\\n' if message['content'] else '' }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{%- if fn['arguments'] is string %}"
+    "{{- raise_exception('tool call arguments must be an object (a dict), not a JSON string') }}"
+    "{%- endif %}"
+    "{{- '<tool_call>' + fn['name'] + '(' }}"
+    "{%- for key, value in fn['arguments'] | items %}{{- key + '=' + value | tojson }}{{- ', ' if not loop.last }}"
+    "{%- endfor %}"
+    "{{- ')</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' }}"
+    "{%- endif %}"
+    "{% endgeneration %}{{- '\\n' }}"
     "{%- else %}"
     "{{- message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
