@@ -53,7 +53,7 @@ def rl(out: Path, name: str, start: Path, steps: int, tools: bool, seed: int) ->
             "rollout.prompts_per_step=16", "rollout.max_new_tokens=64", "rollout.samples_every=10", "data.eval=null",
             f"train.seed={seed}"]
     if tools:
-        args += ["env.name=world-calculator", "env.max_turns=6", "env.max_total_tokens=320",
+        args += ["env.name=world-calculator", "env.max_turns=6", "env.max_total_tokens=320", "data.max_prompt_length=128",
                  "data.train=builtin:world-problems"]
     t0 = time.time()
     res = run_rl(load_config(RLConfig, None, args), log=lambda s: None)
