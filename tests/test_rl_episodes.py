@@ -180,3 +180,39 @@ def test_env_settings_without_an_environment_are_noted(tmp_path):
     cfg = _cfg(tmp_path / "n", **{"env.name": None, "env.max_turns": 3, "train.max_steps": 1})
     run_rl(cfg, model=tiny_model("llama", hidden=32), tokenizer=world_tokenizer(), log=lines.append)
     assert any("env.max_turns=3" in ln and "not used: env.name is not set" in ln for ln in lines)
+
+
+def _doc_example():
+    """The example environment of docs/multi_turn.md, as written there."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "multi_turn.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/multi_turn.md", "exec"), namespace)  # our own documentation's example
+    return namespace["GuessTheNumber"]
+
+
+def test_the_documented_example_environment_plays_as_described():
+    from posttrain.envs import AssistantTurn
+
+    env = _doc_example()(cost=0.05).fresh()
+    assert env.reset({"answer": "42"}) == [{"role": "user", "content": "Guess my number between 1 and 100."}]
+    turn = lambda text, i: AssistantTurn(text, [], [], True, i)  # noqa: E731
+    assert env.step(turn("50", 0)) == StepResult([{"role": "user", "content": "lower"}], reward=-0.05)
+    assert env.step(turn("no idea", 1)).messages == [{"role": "user", "content": "Please answer with a number."}]
+    assert env.step(turn("42", 2)) == StepResult(reward=1.0, done=True)
+    with pytest.raises(ConfigError, match="does not take"):
+        _doc_example()(colour="red")
+
+
+def test_an_environment_can_be_the_whole_reward(tmp_path):
+    """reward.functions=[] with an environment: the per-turn rewards are the reward."""
+    out = tmp_path / "envonly"
+    res = _run(_cfg(out, **{"reward.functions": [], "train.max_steps": 1}))
+    recs = _samples(out)
+    for r in recs:
+        assert r["reward"] == pytest.approx(sum(x for x in r["turn_rewards"] if x is not None))
+    assert res.fit.history[0]["reward/env"] == pytest.approx(sum(r["reward"] for r in recs) / len(recs))
+    with pytest.raises(ConfigError, match="reward.functions is empty"):
+        _run(_cfg(tmp_path / "none", **{"reward.functions": [], "env.name": None}))

@@ -22,7 +22,8 @@ class RLDataConfig:
     train: str = option(BUILTIN_PROMPTS, "JSONL/Parquet prompt records (e.g. {\"prompt\", \"answer\"}; every "
                         "other field is passed to the reward functions), or builtin:world-problems.")
     eval: str | None = option("auto", "Held-out prompts scored greedily with the reward functions; auto: "
-                              "builtin:world-problems-heldout for the world's data, else none.")
+                              "the held-out split of a built-in prompt set (builtin:world-problems -> "
+                              "builtin:world-problems-heldout), else none.")
     fields: dict | str | None = option(None, FIELDS_HELP)
     max_prompt_length: int = option(256, "Prompts longer than this (in tokens, chat-rendered) are dropped "
                                          "and counted.", min=1)
@@ -109,16 +110,17 @@ class EnvConfig:
     gamma: float = option(1.0, "env.credit=turn: discount per turn of the returns.", min=0.0, max=1.0)
 
 
-def check_reward_config(reward: RewardConfig, *, command: str | None = None) -> None:
+def check_reward_config(reward: RewardConfig, *, command: str | None = None, env_rewards: bool = False) -> None:
     """The ``reward.*`` rules every sampling method shares: functions named, one weight each, a
     function either trained on or gold. ``command``: a method without per-token rewards (rft,
-    online-dpo), which refuses process-reward placement instead of ignoring it."""
+    online-dpo), which refuses process-reward placement instead of ignoring it. ``env_rewards``:
+    an environment rewards the turns, so no reward function is needed."""
     if command is not None and reward.process_weight > 0:
         raise ConfigError(f"reward.process_weight={reward.process_weight}: `posttrain {command}` scores whole "
                           "completions, so per-step process rewards have no token to go to.",
                           fix="score solutions with the PRM as a reward function (reward.functions=[prm] with "
                           "reward.process_reward_model), and remove reward.process_weight.")
-    if not reward.functions:
+    if not reward.functions and not env_rewards:   # an environment's per-turn rewards can be the whole reward
         raise ConfigError("reward.functions is empty.", fix="name at least one reward function.")
     if reward.weights is not None and len(reward.weights) != len(reward.functions):
         raise ConfigError(f"reward.weights has {len(reward.weights)} values for {len(reward.functions)} reward "

@@ -71,8 +71,9 @@ def load_prompt_sets(data: RLDataConfig, tokenizer, *, seed: int, log) -> tuple[
         raise DataError(f"No training prompts are left from {train_ds.source}.",
                         fix="raise data.max_prompt_length or check the data.")
     eval_spec = data.eval
-    if eval_spec == "auto":
-        eval_spec = BUILTIN_PROMPTS + "-heldout" if data.train == BUILTIN_PROMPTS else None
+    if eval_spec == "auto":   # a built-in prompt set's held-out split (builtin:world-pieces -> ...-pieces-heldout)
+        builtin = BUILTINS.get(data.train)
+        eval_spec = data.train + "-heldout" if builtin is not None and builtin.kind == "prompts" else None
     eval_prompts: list[PromptItem] = []
     if eval_spec:
         eval_ds = load_prompt_source(eval_spec, data, seed, key="data.eval")

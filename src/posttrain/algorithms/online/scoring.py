@@ -36,7 +36,9 @@ def build_rewards(reward: RewardConfig, tokenizer, device, *, max_new_tokens: in
         options.update(teacher_model=teacher.name_or_path, teacher_dtype=teacher.dtype,
                        teacher_batch_size=teacher.batch_size, teacher_temperature=temperature,
                        teacher_attn_implementation=attn_implementation, policy=policy)
-    functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer, device=device)
+    # none: an environment's per-turn rewards are the whole reward (the config checks allow it only then)
+    functions = resolve_reward_functions(names, weights, options=options, tokenizer=tokenizer,
+                                         device=device) if names else []
     gold = resolve_reward_functions(list(reward.gold), None, options=options, tokenizer=tokenizer,
                                     device=device) if reward.gold else []
     return functions, gold

@@ -273,7 +273,7 @@ class RLConfig:
                 f"train.save_every={self.train.save_every} would checkpoint in the middle of a rollout batch "
                 f"({per_iter} optimizer steps each), which a resume could not continue exactly.",
                 fix=f"set train.save_every to a multiple of {per_iter}.")
-        check_reward_config(self.reward)
+        check_reward_config(self.reward, env_rewards=bool(self.env.name))
         uses_teacher = TEACHER_REWARD in self.reward.functions + self.reward.gold
         if uses_teacher and not self.teacher.name_or_path:
             raise ConfigError(
