@@ -216,3 +216,33 @@ def test_an_environment_can_be_the_whole_reward(tmp_path):
     assert res.fit.history[0]["reward/env"] == pytest.approx(sum(r["reward"] for r in recs) / len(recs))
     with pytest.raises(ConfigError, match="reward.functions is empty"):
         _run(_cfg(tmp_path / "none", **{"reward.functions": [], "env.name": None}))
+
+
+def test_ppo_gae_runs_over_the_policy_tokens_with_turn_rewards_at_turn_ends(tmp_path):
+    """PPO with env.credit=turn: the logged per-token advantages and returns are GAE, by hand, over
+    the policy's tokens only (environment tokens skipped), with each turn's reward at its last token
+    and the final reply's score at the last one, from the logged critic values."""
+    out = tmp_path / "ppo"
+    _run(_cfg(out, **{"algorithm": "ppo", "env.credit": "turn", "train.max_steps": 1, "loss.kl_beta": 0.0,
+                      "loss.whiten_advantages": False, "loss.gamma": 0.9, "loss.lam": 0.8}))
+    checked = 0
+    for rec in _samples(out):
+        if rec["reward"] is None:
+            continue
+        n = rec["tokens"]
+        final = rec["reward"] - sum(r for r in rec["turn_rewards"] if r is not None)
+        rewards = [0.0] * n
+        for end, r in zip(rec["turn_ends"], rec["turn_rewards"]):
+            rewards[end - 1] += r or 0.0
+        rewards[n - 1] += final
+        values = rec["values"]
+        adv, ret = [0.0] * n, [0.0] * n
+        a = 0.0
+        for t in range(n - 1, -1, -1):
+            nxt = values[t + 1] if t + 1 < n else 0.0
+            a = rewards[t] + 0.9 * nxt - values[t] + 0.9 * 0.8 * a
+            adv[t], ret[t] = a, a + values[t]
+        assert rec["token_advantages"] == pytest.approx(adv, abs=1e-5)
+        assert rec["returns"] == pytest.approx(ret, abs=1e-5)
+        checked += len(rec["turn_ends"]) > 1
+    assert checked > 0  # multi-turn episodes were among them

@@ -224,6 +224,7 @@ def write_samples(runner, k: int, kept, groups) -> None:
                 record["token_rewards"] = s.token_rewards
             if hasattr(r, "messages"):  # a multi-turn episode: the whole conversation and how it ended
                 record.update(messages=r.messages, end=r.end, turns=r.n_turns, turn_rewards=r.turn_rewards,
+                              turn_ends=r.turn_ends,   # policy tokens up to each turn's end (token_advantages' index)
                               tool_calls=r.tool_calls, malformed_calls=r.malformed_calls, error=r.error)
             records.append(record)
     write_jsonl(runner.out_dir / "samples.jsonl", records, append=True)
