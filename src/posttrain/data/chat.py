@@ -377,3 +377,12 @@ def render_prompt(tokenizer, messages_or_str: str | Sequence[dict], *, chat: boo
     msgs = _validate_messages(messages, prompt=True, source=None, location=None)
     return _to_list(_apply(tokenizer, msgs, add_generation_prompt=True, tokenize=True, return_dict=False,
                            tools=None if tools is None else list(tools)))
+
+
+def render_text(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool,
+                tools: Sequence[dict] | None = None) -> str:
+    """The chat template's text of ``messages`` as given (no validation of roles or order), with
+    ``tools`` passed to the template; template failures become TokenizerError."""
+    check_tokenizer(tokenizer, need_chat_template=True)
+    kw = {} if tools is None else {"tools": list(tools)}
+    return _apply(tokenizer, list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **kw)

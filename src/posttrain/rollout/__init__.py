@@ -13,7 +13,7 @@ from .backend import (
     place_groups,
     requests,
 )
-from .sampler import Rollout
+from .sampler import Rollout, stop_token_ids
 
 __all__ = ["BACKENDS", "HFSampler", "Rollout", "RolloutBackend", "RolloutRequest", "SamplingParams",
-           "generate_shared", "make_backend", "my_share", "place_groups", "requests"]
+           "generate_shared", "make_backend", "my_share", "place_groups", "requests", "stop_token_ids"]

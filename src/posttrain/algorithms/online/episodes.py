@@ -37,12 +37,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ...data.chat import _apply, _to_list
+from ...data.chat import render_prompt, render_text
 from ...envs.base import AssistantTurn, Environment, check_messages, check_step
 from ...envs.tools import parse_tool_calls
-from ...errors import ConfigError
-from ...rollout import Rollout, RolloutBackend, RolloutRequest, SamplingParams
-from ...rollout.sampler import stop_token_ids
+from ...errors import ConfigError, DataError
+from ...rollout import Rollout, RolloutBackend, RolloutRequest, SamplingParams, stop_token_ids
 from .stream import derive_seed
 
 ENDS = ("done", "max_turns", "max_total_tokens", "turn_length", "invalid")
@@ -96,7 +95,6 @@ class EnvFraming:
 
     def __init__(self, tokenizer, tools: list[dict] | None):
         self.tokenizer, self.tools = tokenizer, tools
-        self.kw = {"tools": tools} if tools else {}
         base = self._render(_STAND_IN, False)
         self.base = base
         cut = base.rfind(_STAND_IN[1]["content"])
@@ -107,12 +105,11 @@ class EnvFraming:
         self.after_reply = base[cut + len(_STAND_IN[1]["content"]):]   # end-of-turn marker + separator
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
-        return _apply(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tokenize=False, **self.kw)
+        return render_text(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=self.tools)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The opening messages, chat-rendered with the tools and the generation prompt."""
-        return _to_list(_apply(self.tokenizer, messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                               **self.kw))
+        return render_prompt(self.tokenizer, messages, tools=self.tools)
 
     def turn_ids(self, messages: list[dict], last_token: int | None) -> list[int]:
         """The tokens that append ``messages`` (and the next generation prompt) after an assistant
@@ -128,7 +125,7 @@ class EnvFraming:
             ended = self.tokenizer.decode([last_token], skip_special_tokens=False)
             if ended and tail.startswith(ended):   # the policy sampled the end-of-turn marker itself
                 tail = tail[len(ended):]
-        return _to_list(self.tokenizer.encode(tail + full[len(self.base):], add_special_tokens=False))
+        return list(self.tokenizer.encode(tail + full[len(self.base):], add_special_tokens=False))
 
 
 @dataclass
@@ -162,7 +159,11 @@ def run_episodes(env: Environment, backend: RolloutBackend, tokenizer, records: 
             except Exception as exc:  # the environment's fault: this episode is invalid, the run goes on
                 out[i * n + j] = _invalid(i, record, tokenizer, f"reset raised {type(exc).__name__}: {exc}")
                 continue
-            prompt = framing.prompt_ids(opening)   # a template failure is the configuration's: it stops the run
+            try:
+                prompt = framing.prompt_ids(opening)   # a template failure (TokenizerError) stops the run
+            except DataError as exc:   # messages in an order a conversation cannot have: the environment's fault
+                out[i * n + j] = _invalid(i, record, tokenizer, f"reset returned {exc}")
+                continue
             ep = Episode(prompt_index=i, prompt_ids=prompt, completion_ids=[], log_probs=[], text="", finished=False,
                          messages=[dict(m) for m in opening], end="")
             live.append(_Live(e, ep, gids[i] * n + j, i * n + j))
