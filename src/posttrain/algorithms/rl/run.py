@@ -72,8 +72,11 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
     if not cfg.env.name:
         notes += unused_notes(cfg.env, "env.", ["options", "tool_parser", "stop", "max_turns", "max_total_tokens", "credit",
                                                 "gamma"], "env.name is not set (single-turn)")
-    elif cfg.env.credit != "turn":
-        notes += unused_notes(cfg.env, "env.", ["gamma"], "env.credit is not turn")
+    else:
+        if cfg.env.credit != "turn":
+            notes += unused_notes(cfg.env, "env.", ["gamma"], "env.credit is not turn")
+        notes += unused_notes(cfg.rollout, "rollout.", ["eval_max_new_tokens"], "held-out episodes are played with the "
+                              "training limits (rollout.max_new_tokens per turn, env.max_total_tokens)")
     return notes
 
 
