@@ -45,17 +45,7 @@ def check_tools(chk, value: Any, field: str = "tools") -> list[dict]:
         path = f"{field}[{i}]"
         if not isinstance(tool, Mapping):
             raise chk.fail(path, f"expected a tool schema (an object), found {chk.kind(tool)}.", _SCHEMA_FIX)
-        fn, fn_path = tool, path
-        if "function" in tool:
-            if tool.get("type", "function") != "function":
-                raise chk.fail(f"{path}.type", f"unsupported tool type {tool['type']!r}; only 'function'.",
-                               _SCHEMA_FIX)
-            fn, fn_path = tool["function"], f"{path}.function"
-            if not isinstance(fn, Mapping):
-                raise chk.fail(fn_path, f"expected the function's schema (an object), found {chk.kind(fn)}.",
-                               _SCHEMA_FIX)
-        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
-            raise chk.fail(f"{fn_path}.name", "the tool has no name (a non-empty string).", _SCHEMA_FIX)
+        fn, fn_path = _function_part(chk, tool, path, "tool", "the function's schema", _SCHEMA_FIX)
         params = fn.get("parameters")
         if params is not None and not (isinstance(params, Mapping)
                                        and isinstance(params.get("properties", {}), Mapping)):
@@ -63,6 +53,21 @@ def check_tools(chk, value: Any, field: str = "tools") -> list[dict]:
                            f"object, found {chk.kind(params)}.", _SCHEMA_FIX)
         out.append(dict(tool))
     return out
+
+
+def _function_part(chk, obj: Mapping, path: str, what: str, inner: str, fix: str) -> tuple[Mapping, str]:
+    """The function part of a tool schema or call (``{"type": "function", "function": {...}}`` or the
+    bare function object) and its field path; it must have a non-empty ``name``."""
+    fn, fn_path = obj, path
+    if "function" in obj:
+        if obj.get("type", "function") != "function":
+            raise chk.fail(f"{path}.type", f"unsupported {what} type {obj['type']!r}; only 'function'.", fix)
+        fn, fn_path = obj["function"], f"{path}.function"
+        if not isinstance(fn, Mapping):
+            raise chk.fail(fn_path, f"expected {inner} (an object), found {chk.kind(fn)}.", fix)
+    if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        raise chk.fail(f"{fn_path}.name", f"the {what} has no name (a non-empty string).", fix)
+    return fn, fn_path
 
 
 _CALL_FIX = ('write each call as {"type": "function", "function": {"name": "calculator", "arguments": '
@@ -78,16 +83,7 @@ def check_tool_calls(chk, value: Any, field: str) -> list[dict]:
         path = f"{field}[{i}]"
         if not isinstance(call, Mapping):
             raise chk.fail(path, f"expected a tool call (an object), found {chk.kind(call)}.", _CALL_FIX)
-        fn, fn_path = call, path
-        if "function" in call:
-            if call.get("type", "function") != "function":
-                raise chk.fail(f"{path}.type", f"unsupported tool call type {call['type']!r}; only 'function'.",
-                               _CALL_FIX)
-            fn, fn_path = call["function"], f"{path}.function"
-            if not isinstance(fn, Mapping):
-                raise chk.fail(fn_path, f"expected the called function (an object), found {chk.kind(fn)}.", _CALL_FIX)
-        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
-            raise chk.fail(f"{fn_path}.name", "the tool call has no name (a non-empty string).", _CALL_FIX)
+        fn, fn_path = _function_part(chk, call, path, "tool call", "the called function", _CALL_FIX)
         args = fn.get("arguments", {})
         if args is None:
             args = {}

@@ -116,17 +116,17 @@ def evaluate_model(model, tokenizer, prompts: Sequence[PromptItem], functions, s
         if ok is not None:
             c = pick(ok)
             if greedy:
-                out["accuracy"] = _mean(c)
+                out["accuracy"] = finite_mean(c)
             else:
                 full = torch.isfinite(c).all(-1)
                 counts = c[full].sum(-1)
                 for k in sorted({1, n}):
                     out[f"pass@{k}"] = float(pass_at_k(counts, n, k).mean()) if full.any() else math.nan
         for name, v in values.items():
-            out[f"reward/{name}"] = _mean(pick(v))
-        out["reward"] = _mean(pick(total))
-        out["response_tokens"] = _mean(pick(tokens))
-        out["finished"] = _mean(pick(finished))
+            out[f"reward/{name}"] = finite_mean(pick(v))
+        out["reward"] = finite_mean(pick(total))
+        out["response_tokens"] = finite_mean(pick(tokens))
+        out["finished"] = finite_mean(pick(finished))
         for name, v in values.items():
             bad = int((~torch.isfinite(pick(v))).sum())
             if bad:
@@ -142,7 +142,7 @@ def evaluate_model(model, tokenizer, prompts: Sequence[PromptItem], functions, s
     for s, (p, r) in enumerate(zip(per_sample, rolls)):
         rec = {"index": s // n, "sample": s % n, "prompt": p.prompt if p.prompt is not None else p.text,
                "completion": r.text,
-               "rewards": {name: _num(v[s]) for name, v in values.items()}, "reward": _num(total[s]),
+               "rewards": {name: finite_or_none(v[s]) for name, v in values.items()}, "reward": finite_or_none(total[s]),
                "gold": p.fields.get("answer"), "correct": None if ok is None or math.isnan(ok[s]) else bool(ok[s]),
                "finished": r.finished, "completion_tokens": len(r.completion_ids)}
         if group_by is not None:
@@ -153,14 +153,15 @@ def evaluate_model(model, tokenizer, prompts: Sequence[PromptItem], functions, s
                       gold=[f.name for f in gold], n=n, greedy=greedy)
 
 
-def _mean(t: torch.Tensor) -> float:
+def finite_mean(t: torch.Tensor) -> float:
     """The mean of the finite entries (NaN when there is none)."""
     t = t.reshape(-1).double()
     t = t[torch.isfinite(t)]
     return float(t.mean()) if t.numel() else math.nan
 
 
-def _num(v) -> float | None:
+def finite_or_none(v) -> float | None:
+    """``v`` as a float, or None when it is not finite."""
     v = float(v)
     return v if math.isfinite(v) else None
 

@@ -111,6 +111,7 @@ def evaluate_episodes(model, tokenizer, sampler: EpisodeSampler, prompts, functi
     rewards, how it ended). Each process evaluates all prompts."""
     from ...rollout import HFSampler, SamplingParams
     from ..online.episodes import episode_metrics
+    from ..online.evaluate import finite_mean, finite_or_none
     from ..online.scoring import score_rollouts
 
     if not prompts:
@@ -121,9 +122,9 @@ def evaluate_episodes(model, tokenizer, sampler: EpisodeSampler, prompts, functi
     res = score_rollouts(list(functions), list(prompts), eps, max_new_tokens=sampler.limits.max_turn_tokens)
     out = {"total": res.total, "valid": res.valid, "invalid_counts": dict(res.invalid_counts)}
     EpisodeSampler.add_scores(out, eps)
-    metrics = {f"eval_reward/{f.name}": _finite_mean(res.per_function[f.name]) for f in functions}
-    metrics["eval_reward/env"] = _finite_mean(out["env_reward"])
-    metrics["eval_reward"] = _finite_mean(out["total"])
+    metrics = {f"eval_reward/{f.name}": finite_mean(res.per_function[f.name]) for f in functions}
+    metrics["eval_reward/env"] = finite_mean(out["env_reward"])
+    metrics["eval_reward"] = finite_mean(out["total"])
     metrics.update(episode_metrics(eps, prefix="eval_episode/"))
     records = []
     for i, (p, e) in enumerate(zip(prompts, eps)):
@@ -131,13 +132,13 @@ def evaluate_episodes(model, tokenizer, sampler: EpisodeSampler, prompts, functi
         records.append({"index": i, "messages": e.messages, "end": e.end, "error": e.error, "turns": e.n_turns,
                         "tool_calls": e.tool_calls, "malformed_calls": e.malformed_calls,
                         "reward": total if math.isfinite(total) else None,
-                        "rewards": {f.name: _num(res.per_function[f.name][i]) for f in functions},
+                        "rewards": {f.name: finite_or_none(res.per_function[f.name][i]) for f in functions},
                         **({group_by: p.fields.get(group_by)} if group_by and group_by in p.fields else {})})
     if group_by:
         values = sorted({str(r[group_by]) for r in records if group_by in r})
         for v in values:
             rows = [i for i, r in enumerate(records) if str(r.get(group_by)) == v]
-            metrics[f"eval_reward_{group_by}{v}"] = _finite_mean(out["total"][rows])
+            metrics[f"eval_reward_{group_by}{v}"] = finite_mean(out["total"][rows])
     return metrics, records
 
 
@@ -155,13 +156,3 @@ def episode_evaluator(sampler: EpisodeSampler, tokenizer, eval_prompts, function
 
     return evaluate
 
-
-def _finite_mean(t: torch.Tensor) -> float:
-    t = t.reshape(-1).double()
-    t = t[torch.isfinite(t)]
-    return float(t.mean()) if t.numel() else math.nan
-
-
-def _num(v) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
