@@ -111,6 +111,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rl-steps", type=int, default=40)
     ap.add_argument("--eval-problems", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="evaluate an arm's existing <out>/<arm>/final instead of "
+                    "training it again")
     ap.add_argument("--only", nargs="*", default=None, help="run only these arms (sft-notool sft-tool rl-notool "
                     "rl-tool); the later ones reuse the earlier ones' models in --out")
     args = ap.parse_args(argv)
@@ -132,9 +134,11 @@ def main(argv=None) -> None:
     for arm in arms:
         t0 = time.time()
         tools = arm.endswith("-tool")
-        if arm.startswith("sft"):
+        history = None
+        if args.reuse and (out / arm / "final").exists():
+            model_dir = out / arm / "final"
+        elif arm.startswith("sft"):
             model_dir = sft(out, arm, tool_data if tools else notool_data, args.seed)
-            history = None
         else:
             start = out / arm.replace("rl", "sft") / "final"
             model_dir, history = rl(out, arm, start, args.rl_steps, tools, args.seed)
