@@ -56,3 +56,18 @@ def test_every_loader_refuses_other_kinds_and_unknown_names_naming_what_fits(loa
         load(" ", data)
     assert fitting in e.value.fix
     assert len(load(fitting, data).records) == 2
+
+
+@pytest.mark.parametrize("train, expected", [
+    ("builtin:world-problems", "builtin:world-problems-heldout"),
+    ("builtin:world-pieces", "builtin:world-pieces-heldout"),
+])
+def test_auto_evaluation_takes_the_builtin_prompt_sets_heldout_split(train, expected):
+    from posttrain.algorithms.online import load_prompt_sets
+
+    from .tiny import world_tokenizer
+
+    cfg = RLDataConfig(train=train, world_examples=6, world_eval_examples=5)
+    _, heldout, source = load_prompt_sets(cfg, world_tokenizer(), seed=0, log=lambda s: None)
+    want = builtin_records(expected, kinds=("prompts",), n=6, n_heldout=5, seed=0, key="data.eval", what="prompts")
+    assert [p.fields for p in heldout] == [{k: v for k, v in r.items() if k != "prompt"} for r in want.records]
