@@ -67,13 +67,12 @@ def evaluate(model_dir: Path, tools: bool, n: int) -> dict:
     from posttrain.algorithms.rl import RLConfig
     from posttrain.algorithms.rl.multiturn import EpisodeSampler, evaluate_episodes
     from posttrain.config import load_config
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.rewards import resolve_reward_functions
     from posttrain.rollout import SamplingParams
     from posttrain.world.sources import builtin_records
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
     ds = builtin_records("builtin:world-problems-heldout", kinds=("prompts",), n=n, n_heldout=n, seed=0,
                          key="eval", what="prompts")
