@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...data.chat import render_prompt, render_text
+from ...data.tokenize import EncodedExample
 from ...envs.base import AssistantTurn, Environment, check_messages, check_step
 from ...envs.tools import parse_tool_calls
 from ...errors import ConfigError, DataError
@@ -82,9 +83,7 @@ class Episode(Rollout):
     def invalid(self) -> bool:
         return self.end == "invalid"
 
-    def training_example(self):
-        from ...data.tokenize import EncodedExample
-
+    def training_example(self) -> EncodedExample:
         labels = [-100] * len(self.prompt_ids) + [t if m else -100 for t, m in zip(self.completion_ids,
                                                                                    self.policy_mask)]
         return EncodedExample(input_ids=self.prompt_ids + self.completion_ids, labels=labels)
@@ -220,7 +219,7 @@ def _advance(x: _Live, r: Rollout, turn_index: int, budget: int, limits: Episode
     last = r.completion_ids[-1] if r.completion_ids and r.completion_ids[-1] in stops else None
     try:
         ids = framing.turn_ids(result.messages, last)
-    except ConfigError:
+    except ConfigError:   # the template rewrites earlier turns: the configuration's fault, it stops the run
         raise
     except Exception as exc:  # e.g. the template rejects a role the environment used
         ep.end, ep.error = "invalid", f"rendering the environment's turn failed: {type(exc).__name__}: {exc}"
@@ -236,8 +235,6 @@ def _advance(x: _Live, r: Rollout, turn_index: int, budget: int, limits: Episode
 def _invalid(i: int, record: dict, tokenizer, error: str) -> Episode:
     """An episode whose environment failed at reset: one end-of-turn token after the record's prompt,
     never trained (invalid), so the batch keeps its shape."""
-    from ...data.chat import render_prompt
-
     try:
         prompt = render_prompt(tokenizer, record.get("prompt", ""))
     except Exception:
