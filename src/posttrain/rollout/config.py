@@ -1,0 +1,42 @@
+"""The rollout-backend settings every sampling command shares: ``<section>.backend`` (``hf``: the
+own sampler; ``vllm``: a colocated vLLM engine) and ``<section>.vllm.*``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import option
+
+BACKEND_HELP = ("Rollout backend: hf (the own sampler: the default, exact resume, fastest for the tiny world "
+                "on a CPU) or vllm (a colocated vLLM engine, weights synced before every rollout; needs the "
+                "vllm extra, see docs/vllm.md).")
+
+
+@dataclass
+class VLLMConfig:
+    """The colocated vLLM engine (``backend=vllm``); one engine per process, no tensor parallelism."""
+
+    max_model_len: int | None = option(None, "Longest prompt + completion the engine serves (null: the longest "
+                                             "the command can ask for, from its prompt and completion limits).",
+                                       min=16)
+    gpu_memory_utilization: float = option(0.3, "GPU only: the fraction of GPU memory vLLM may take for weights "
+                                                "and KV cache (the trainer needs the rest).", gt=0.0, max=1.0)
+    sleep: bool = option(True, "GPU only: put the engine to sleep (free its KV cache and weights copy) while the "
+                               "trainer runs, wake it for each rollout.")
+    enforce_eager: bool = option(True, "Run the engine without torch.compile / CUDA graphs (starts in seconds "
+                                       "instead of minutes; on a GPU, false is faster once started).")
+    prefix_caching: bool = option(True, "Reuse the KV cache of shared prompt prefixes (the G samples of a "
+                                        "prompt, the turns of an episode).")
+    check_tolerance: float | None = option(None, "Right after each weight sync, the engine's log-probs of the "
+                                                 "first sampled sequence must match the trainer's within this "
+                                                 "mean absolute difference per token, else the run stops (null: "
+                                                 "1e-3 in float32, 0.1 in bfloat16 / float16; 0: never stop).",
+                                           min=0.0)
+
+
+@dataclass
+class BackendConfig:
+    """Mixed into a command's sampling section: which backend samples and its vLLM settings."""
+
+    backend: str = option("hf", BACKEND_HELP, choices=("hf", "vllm"))
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
