@@ -46,6 +46,7 @@ from ..models.loading import (
 )
 from ..models.logprobs import selected_logits, shift_labels
 from ..ops import DIVERGENCES, token_divergence
+from ..rollout.config import BackendConfig
 from ..train.checkpoint import weights_digest
 from ..train.plan import share_layout, write_on_main
 from .sft import SFTDataConfig, SFTResult, run_sft
@@ -60,8 +61,9 @@ class TeacherConfig:
 
 
 @dataclass
-class DistillLossConfig:
-    """What the student learns from."""
+class DistillLossConfig(BackendConfig):
+    """What the student learns from (loss.backend: what samples seqkd's teacher answers and on_policy's
+    student samples)."""
 
     mode: str = option("token", "token: token-level KD on the data; seqkd: SFT on the teacher's answers; "
                                 "on_policy: token-level KD on the student's own samples (GKD).",
@@ -163,7 +165,7 @@ def run_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=None,
             return OnPolicyPlan(plan, model=student, tokenizer=tok, fraction=c.on_policy_fraction,
                                 max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature,
                                 seed=cfg.train.seed, packing=cfg.data.packing, row_length=cfg.data.max_length,
-                                pad_token_id=tok.pad_token_id)
+                                pad_token_id=tok.pad_token_id, sampling=c)
     return run_sft(cfg, model=model, tokenizer=tokenizer, log=log, algorithm=algo,
                    inputs={"teacher_weights_sha256": weights_digest(teacher)}, plan_hook=hook)
 
@@ -180,7 +182,9 @@ class OnPolicyPlan:
     samples_from_model = True  # the engine refuses to shard it (train.sharding)
 
     def __init__(self, base, *, model, tokenizer, fraction: float, max_new_tokens: int, temperature: float,
-                 seed: int, packing: bool, row_length: int, pad_token_id: int):
+                 seed: int, packing: bool, row_length: int, pad_token_id: int, sampling=None):
+        from ..rollout import backend_for
+
         self.base, self.model, self.tokenizer = base, model, tokenizer
         self.fraction, self.max_new_tokens, self.temperature = fraction, max_new_tokens, temperature
         self.seed, self.packing, self.row_length, self.pad_token_id = seed, packing, row_length, pad_token_id
@@ -192,6 +196,8 @@ class OnPolicyPlan:
                 f"loss.max_new_tokens={max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
                 f"data.max_length={row_length}, so a student sample would not fit its row.",
                 fix=f"lower loss.max_new_tokens to {row_length - longest} or raise data.max_length.")
+        # the student's sampler (loss.backend; vLLM is synced to the student before each on-policy step)
+        self.backend = backend_for(sampling, model, tokenizer, key="loss.backend", max_model_len=row_length)
 
     def num_steps(self) -> int:
         return self.base.num_steps()
@@ -207,7 +213,7 @@ class OnPolicyPlan:
 
     def batches(self, step: int) -> list[dict]:
         from ..data import best_fit_decreasing
-        from ..rollout import HFSampler, SamplingParams, requests
+        from ..rollout import SamplingParams, requests
         from .sft import collate_sft
 
         if not self.on_policy(step):
@@ -227,7 +233,8 @@ class OnPolicyPlan:
         todo = sorted({pe for ids in mine for j in ids for pe in rows[j if j >= 0 else ~j]})
         examples = self.base.examples
         prompts = [examples[i].input_ids[: _prompt_length(examples[i])] for _, i in todo]
-        rolls = HFSampler(self.model, self.tokenizer).generate(
+        self.backend.sync_weights(self.model)
+        rolls = self.backend.generate(
             requests(prompts, group_ids=[p for p, _ in todo]),
             SamplingParams(self.max_new_tokens, self.temperature, seed=_step_seed("on-policy-sample", self.seed, step)))
         new = {p: r.training_example() for (p, _), r in zip(todo, rolls)}
@@ -267,7 +274,7 @@ def _prompt_length(e) -> int:
 
 def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResult:
     from ..rewards import resolve_reward_functions
-    from ..rollout import HFSampler, SamplingParams, requests
+    from ..rollout import SamplingParams, backend_for, requests
     from ..train.rundir import check_output_dir
     from .online import RLDataConfig, encode_prompts, load_prompt_source, score_rollouts
     from .sft import SFTConfig
@@ -282,7 +289,9 @@ def _run_seqkd(cfg: DistillConfig, teacher, tokenizer, *, model, log) -> SFTResu
     functions = resolve_reward_functions(list(c.filter), None, options={}, tokenizer=tokenizer) if c.filter else []
     log(f"seqkd: the teacher answers {len(prompts)} prompts x {c.samples}"
         + (f" (filter: {', '.join(c.filter)})" if c.filter else ""))
-    rolls = HFSampler(teacher, tokenizer).generate(
+    backend = backend_for(c, teacher, tokenizer, key="loss.backend",
+                          max_model_len=max((len(p.ids) for p in prompts), default=1) + c.max_new_tokens)
+    rolls = backend.generate(
         requests([p.ids for p in prompts]),
         SamplingParams(c.max_new_tokens, c.sample_temperature, n=c.samples, seed=cfg.train.seed))
     keep = [r.finished for r in rolls]

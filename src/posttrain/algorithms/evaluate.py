@@ -48,7 +48,7 @@ from ..data.fields import FIELDS_HELP
 from ..errors import ConfigError, DataError, TokenizerError
 from ..models.loading import accelerator_for, check_tokenizer_fits, load_policy, tokenizer_for
 from ..rewards import check_reward_fields
-from ..rollout import SamplingParams
+from ..rollout import BackendConfig, SamplingParams, backend_for
 from ..train.plan import init_distributed, rank_world, write_on_main
 from ..train.rundir import check_output_dir
 from .online import (
@@ -87,8 +87,9 @@ class EvalDataConfig:
 
 
 @dataclass
-class EvalSamplingConfig:
-    """Decoding and metrics: greedy (temperature 0), or n samples per prompt for pass@k."""
+class EvalSamplingConfig(BackendConfig):
+    """Decoding and metrics: greedy (temperature 0), or n samples per prompt for pass@k (eval.backend: the
+    own sampler or a vLLM engine)."""
 
     n: int = option(1, "Completions per prompt: 1 at temperature 0 is greedy accuracy; n samples at temperature > 0 "
                        "give pass@1 and pass@n.", min=1, max=4096)
@@ -264,7 +265,10 @@ def run_eval(cfg: EvalConfig, log=print, *, model=None, tokenizer=None) -> EvalR
         log(f"note: {note}")
     result = evaluate_model(model, tokenizer, prompts, functions, sampling, gold=gold, correct=correct,
                             threshold=e.threshold, group_by=group_by, batch_size=e.batch_size,
-                            progress=e.progress and rank == 0, shared=True, key="eval.max_new_tokens")
+                            progress=e.progress and rank == 0, shared=True, key="eval.max_new_tokens",
+                            backend=None if e.backend == "hf" else backend_for(
+                                e, model, tokenizer, key="eval.backend",
+                                max_model_len=max((len(p.ids) for p in prompts), default=1) + e.max_new_tokens))
     result.source, result.dropped = source, dropped
     log("\n" + results_table(result))
     for s in result.samples[: e.show_samples * e.n: e.n]:

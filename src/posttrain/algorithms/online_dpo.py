@@ -42,7 +42,8 @@ from ..models.loading import check_same_vocabulary, load_causal_lm, read_paths
 from ..models.peft import apply_peft
 from ..ops import get_preference_loss
 from ..rewards import check_reward_fields
-from ..rollout import HFSampler, SamplingParams, generate_shared, requests
+from ..rollout import SamplingParams, backend_for, generate_shared, requests
+from ..rollout.config import check_backend
 from ..train.checkpoint import weights_digest
 from ..train.engine import FitResult, fit
 from ..train.plan import rank_world, share_layout, write_on_main
@@ -95,6 +96,7 @@ class OnlineDPOConfig:
         min_lr_ratio=1.0))
 
     def validate(self) -> None:
+        check_backend(self.rollout, self.train, "rollout")
         spec = get_preference_loss(self.loss.name)
         if spec.data != "paired":
             raise ConfigError(f"loss.name={self.loss.name} trains on {spec.data} data, but online DPO builds pairs "
@@ -185,7 +187,10 @@ class PairPlan:
                  state: LoopState, log, out_dir: Path):
         self.cfg = cfg
         self.model, self.reference, self.tokenizer = model, reference, tokenizer
-        self.backend = HFSampler(model, tokenizer, batch_size=cfg.rollout.batch_size)
+        self.backend = backend_for(cfg.rollout, model, tokenizer, key="rollout.backend",
+                                   batch_size=cfg.rollout.batch_size,
+                                   max_model_len=cfg.data.max_prompt_length + max(cfg.rollout.max_new_tokens,
+                                                                                   cfg.rollout.eval_max_new_tokens))
         self.prompts, self.functions, self.gold = prompts, functions, gold
         self.algo, self.state, self.log, self.out_dir = algo, state, log, out_dir
         self.k = cfg.online.steps_per_rollout
@@ -233,6 +238,7 @@ class PairPlan:
             n = refill_count(want, len(units), stats["prompts"], rounds)
             idx = self._next_prompts(n)
             stats["prompts"] += n
+            self.backend.sync_weights(self.model)   # the last optimizer step's weights (vLLM: copied in)
             rolls = generate_shared(
                 self.backend, requests([self.prompts[i].ids for i in idx]),
                 SamplingParams(ro.max_new_tokens, ro.temperature, ro.top_p, ro.top_k, n=G,
@@ -378,7 +384,8 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
         log(f"note: {note}")
 
     evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
-                                max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
+                                max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval,
+                                backend=None if plan.backend.name == "hf" else plan.backend)
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,

@@ -64,7 +64,7 @@ from ..rewards.process import (
     split_steps,
     step_logits,
 )
-from ..rollout import HFSampler, SamplingParams, requests
+from ..rollout import BackendConfig, SamplingParams, backend_for, requests
 from ..train.engine import FitResult, fit
 from ..train.plan import StepPlan, write_on_main
 from ..train.rundir import check_output_dir
@@ -92,8 +92,8 @@ class PRMDataConfig:
 
 
 @dataclass
-class PRMLabelConfig:
-    """Where the step labels come from."""
+class PRMLabelConfig(BackendConfig):
+    """Where the step labels come from (labels.backend: what samples the Monte-Carlo rollouts)."""
 
     source: str = option("given", "given: the records' labels; mc: Monte-Carlo rollouts of labels.policy from "
                                   "every step prefix.", choices=("given", "mc"))
@@ -222,7 +222,8 @@ def monte_carlo_labels(records: list[dict], steps: list[list[str]], *, policy, t
                               max_new_tokens=labels.max_new_tokens, **fields)
         return [bool(v) and float(t) >= labels.threshold for v, t in zip(res.valid, res.total)]
 
-    backend = HFSampler(policy, tokenizer, batch_size=labels.batch_size)
+    backend = backend_for(labels, policy, tokenizer, key="labels.backend", batch_size=labels.batch_size,
+                          max_model_len=max((len(p) for p in prefixes), default=1) + labels.max_new_tokens)
 
     def sample(prefs, k):
         rolls = backend.generate(requests(prefs), SamplingParams(labels.max_new_tokens, labels.temperature, n=k,

@@ -48,7 +48,7 @@ from ..models.loading import (
 )
 from ..models.peft import apply_peft, is_peft
 from ..rewards import check_reward_fields
-from ..rollout import HFSampler, SamplingParams, generate_shared, requests
+from ..rollout import BackendConfig, SamplingParams, backend_for, generate_shared, requests
 from ..train.engine import fit
 from ..train.plan import write_on_main
 from ..train.rundir import check_output_dir
@@ -69,8 +69,9 @@ from .sft import SFTAlgorithm, SFTPlan
 
 
 @dataclass
-class RFTSamplingConfig:
-    """Sampling of each round: K completions for each of the round's prompts."""
+class RFTSamplingConfig(BackendConfig):
+    """Sampling of each round: K completions for each of the round's prompts (sampling.backend: the own
+    sampler or a colocated vLLM engine, synced to the model before each round)."""
 
     rounds: int = option(3, "Rounds of sample -> select -> SFT.", min=1, max=1000)
     prompts_per_round: int = option(512, "Prompts sampled each round (the next ones of a seeded shuffle of "
@@ -280,10 +281,15 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
         log(f"note: {note}")
     metric = f"eval_reward/{functions[0].name}" if len(functions) == 1 else "eval_reward/total"
 
+    backend = backend_for(s, model, tokenizer, key="sampling.backend", batch_size=s.batch_size,
+                          max_model_len=cfg.data.max_prompt_length + max(s.max_new_tokens, s.eval_max_new_tokens))
+    eval_backend = None if backend.name == "hf" else backend
+
     def evaluate(m) -> dict:
         if not eval_prompts:
             return {}
-        ev = evaluate_prompts(m, tokenizer, eval_prompts, functions, max_new_tokens=s.eval_max_new_tokens)
+        ev = evaluate_prompts(m, tokenizer, eval_prompts, functions, max_new_tokens=s.eval_max_new_tokens,
+                              backend=eval_backend)
         if len(functions) > 1:
             ev["eval_reward/total"] = sum(f.weight * ev[f"eval_reward/{f.name}"] for f in functions)
         return ev
@@ -309,8 +315,9 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
         idx = round_prompts(len(prompts), seed=cfg.train.seed, start=(r - 1) * s.prompts_per_round,
                             count=s.prompts_per_round)
         K = s.samples_per_prompt
+        backend.sync_weights(model)   # the last round's SFT (vLLM: copied into the engine)
         rolls = generate_shared(
-            HFSampler(model, tokenizer, batch_size=s.batch_size), requests([prompts[i].ids for i in idx]),
+            backend, requests([prompts[i].ids for i in idx]),
             SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.top_k, n=K,
                            seed=random.Random(f"rft-sample-{cfg.train.seed}-{r}").getrandbits(62)))
         t_sample = time.time() - t0

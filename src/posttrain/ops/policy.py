@@ -386,6 +386,7 @@ def value_loss(
 
 
 TIS_LEVELS = ("token", "sequence")
+TIS_MODES = ("truncate", "mask")
 
 
 def truncated_importance_weights(
@@ -395,6 +396,7 @@ def truncated_importance_weights(
     *,
     cap: float = 2.0,
     level: str = "token",
+    mode: str = "truncate",
 ) -> tuple[torch.Tensor, Metrics]:
     """Truncated importance weights for the trainer-vs-rollout mismatch.   ``(B, T) -> (B, T)``.
 
@@ -409,6 +411,11 @@ def truncated_importance_weights(
     Ionides 2008; for LLM RL: Yao et al. 2025, "Your efficient RL framework secretly brings you
     off-policy RL training", which uses C = 2, the default here). The sequence level is the
     exact ratio of the response probabilities, with far larger spread; cap it accordingly.
+
+    ``mode="mask"`` (masked importance sampling) rejects instead of truncating: the weight is the
+    ratio where it is at most C and 0 where it exceeds C (a token, or with level="sequence" the
+    whole row), so a token the trainer finds far likelier than the engine did is left out of the
+    gradient rather than kept at weight C.
 
     ``old_log_probs`` / ``rollout_log_probs`` are log-probs of the same sampled tokens from
     the trainer and the rollout engine. Weights are detached, and 0 at masked positions.
@@ -428,6 +435,8 @@ def truncated_importance_weights(
         raise ValueError(
             f"unknown importance-sampling level {level!r}; valid levels: {list(TIS_LEVELS)}"
         )
+    if mode not in TIS_MODES:
+        raise ValueError(f"unknown importance-sampling mode {mode!r}; valid modes: {list(TIS_MODES)}")
     dtype = _float_dtype(old_log_probs, rollout_log_probs)
     keep = mask != 0
     zero = torch.zeros((), dtype=dtype, device=old_log_probs.device)
@@ -435,7 +444,10 @@ def truncated_importance_weights(
         keep, old_log_probs.detach().to(dtype) - rollout_log_probs.detach().to(dtype), zero
     )
     log_w = diff if level == "token" else diff.sum(-1, keepdim=True).expand_as(diff)
-    weights = torch.where(keep, log_w.clamp(max=math.log(cap)).exp(), zero)
+    if mode == "truncate":
+        weights = torch.where(keep, log_w.clamp(max=math.log(cap)).exp(), zero)
+    else:
+        weights = torch.where(keep & (log_w <= math.log(cap)), log_w.clamp(max=math.log(cap)).exp(), zero)
     metrics = {
         "logprob_abs_diff": diff.abs(),
         "is_ratio": torch.where(keep, log_w.clamp(max=_LOG_RATIO_CLAMP).exp(), zero),

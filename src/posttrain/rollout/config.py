@@ -16,8 +16,9 @@ BACKEND_HELP = ("Rollout backend: hf (the own sampler: the default, exact resume
 class VLLMConfig:
     """The colocated vLLM engine (``backend=vllm``); one engine per process, no tensor parallelism."""
 
-    max_model_len: int | None = option(None, "Longest prompt + completion the engine serves (null: the longest "
-                                             "the command can ask for, from its prompt and completion limits).",
+    max_model_len: int | None = option(None, "Longest prompt + completion the engine serves (null: what the "
+                                             "command's prompt and completion limits need, rounded up to a power "
+                                             "of two and at least 2048, at most the model's position limit).",
                                        min=16)
     gpu_memory_utilization: float = option(0.3, "GPU only: the fraction of GPU memory vLLM may take for weights "
                                                 "and KV cache (the trainer needs the rest).", gt=0.0, max=1.0)
@@ -40,3 +41,17 @@ class BackendConfig:
 
     backend: str = option("hf", BACKEND_HELP, choices=("hf", "vllm"))
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+def check_backend(section, train, name: str) -> None:
+    """Refuse what the vLLM backend does not serve, naming ``<name>.backend`` and the fix."""
+    if getattr(section, "backend", "hf") != "vllm":
+        return
+    sharding = getattr(train, "sharding", "none")
+    if sharding not in ("none", None):
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"{name}.backend=vllm syncs whole weights from each process's model, but train.sharding={sharding} "
+            "splits the model over the processes.",
+            fix=f"use train.sharding=none (data parallel: each process drives its own engine), or {name}.backend=hf.")

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.peft import base_model_of
-from .backend import HFSampler, SamplingParams, generate_shared, requests
+from .backend import HFSampler, RolloutBackend, SamplingParams, generate_shared, requests
 from .sampler import Rollout, check_position_limit
 
 
@@ -51,6 +51,7 @@ def generate_rollouts(
     desc: str = "generating",
     key: str = "max_new_tokens",
     shared: bool = False,
+    backend: RolloutBackend | None = None,
 ) -> list[Rollout]:
     """``sampling.n`` rollouts of each prompt, in prompt order (sample ``j`` of prompt ``i`` is
     element ``i * n + j``, its ``prompt_index`` is ``i``). Prompts run length-sorted, ``max(1,
@@ -58,14 +59,19 @@ def generate_rollouts(
     so neither the batching nor the number of processes changes what is drawn. ``shared``: each
     batch is split over the processes (:func:`~posttrain.rollout.backend.generate_shared`; every
     process must call this together) and every process gets the whole result. ``key`` names the
-    setting in the error for a generation past the model's position limit."""
+    setting in the error for a generation past the model's position limit. ``backend``: the
+    rollout backend to generate with, synced to ``model`` first (None: the own sampler)."""
     if not prompts:
         return []
     check_position_limit(base_model_of(model), prompts, sampling.max_new_tokens, key=key)
-    backend = HFSampler(model, tokenizer, batch_size=batch_size)
+    if backend is None:
+        backend = HFSampler(model, tokenizer, batch_size=batch_size)
+    else:
+        backend.sync_weights(model)
     n = sampling.n
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per_batch = max(1, batch_size // n)
+    # the own sampler decodes batch_size sequences at a time; an engine schedules its own batches
+    per_batch = max(1, batch_size // n) if backend.name == "hf" else len(prompts)
     results: list[Rollout | None] = [None] * (len(prompts) * n)
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt") as bar:
         for start in range(0, len(order), per_batch):

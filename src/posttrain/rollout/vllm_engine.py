@@ -212,11 +212,7 @@ class VLLMBackend(RolloutBackend):
     syncs: int = field(default=0, init=False)
 
     def __post_init__(self):
-        limit = self.vllm.max_model_len or self.max_model_len
-        positions = getattr(_hf(self.model).config, "max_position_embeddings", None)
-        if positions is not None and limit > positions:
-            limit = int(positions)
-        self.max_model_len = int(limit)
+        self.max_model_len = engine_length(self.max_model_len, self.vllm.max_model_len, _hf(self.model).config)
         self.llm = _engine(self.model, self.tokenizer, self.vllm, self.max_model_len, self.key)
         self.stops = stop_token_ids(self.tokenizer, _hf(self.model))
         self._check_pending = False
@@ -283,27 +279,33 @@ class VLLMBackend(RolloutBackend):
                                      log_probs=lps, text=self.tokenizer.decode(ids, skip_special_tokens=True),
                                      finished=c.finish_reason == "stop"))
         if self._check_pending:
-            self._check_pending = False
-            self.mismatch = self._check(rolls[0])
+            fits = [r for r in rolls if r.completion_ids and len(r.prompt_ids) + len(r.completion_ids) < self.max_model_len]
+            if fits:
+                self._check_pending = False
+                self.mismatch = self._check(fits[0])
         return rolls
+
+    def sequence_logprobs(self, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """The engine's log-probs (temperature 1) of each sequence's tokens from position ``starts[i]`` on."""
+        from vllm import SamplingParams as VSampling
+        from vllm.inputs import TokensPrompt
+
+        self._wake()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(q)) for q in seqs],
+                                 VSampling(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False),
+                                 use_tqdm=False)
+        return [[float(_chosen(o.prompt_logprobs[i], q[i])) for i in range(st, len(q))]
+                for o, q, st in zip(outs, seqs, starts, strict=True)]
 
     @torch.no_grad()
     def _check(self, roll: Rollout) -> float:
         """Mean |engine - trainer| log-prob per token of ``roll``'s sequence at temperature 1; a
         difference beyond the tolerance right after a sync is an error."""
-        from vllm import SamplingParams as VSampling
-        from vllm.inputs import TokensPrompt
-
         from ..models.peft import hf_model
 
         seq = list(roll.prompt_ids) + list(roll.completion_ids)
-        if len(roll.completion_ids) == 0 or len(seq) > self.max_model_len - 1:
-            return 0.0
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)],
-                                VSampling(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False),
-                                use_tqdm=False)[0]
         start = len(roll.prompt_ids)
-        engine = [float(_chosen(out.prompt_logprobs[i], seq[i])) for i in range(start, len(seq))]
+        engine = self.sequence_logprobs([seq], [start])[0]
         was = self.model.training
         self.model.eval()
         try:
@@ -328,6 +330,15 @@ class VLLMBackend(RolloutBackend):
 
     def close(self) -> None:
         """The engine stays cached for the next backend of the same shape; close_engines() frees it."""
+
+
+def engine_length(needed: int, configured: int | None, config) -> int:
+    """The engine's max_model_len: ``configured`` (``vllm.max_model_len``) if set, else the
+    command's ``needed`` length rounded up to a power of two and at least 2048 (so the commands
+    of a pipeline share one engine), in both cases at most the model's position limit."""
+    limit = configured or max(2048, 1 << max(0, int(needed) - 1).bit_length())
+    positions = getattr(config, "max_position_embeddings", None)
+    return int(min(limit, positions)) if positions else int(limit)
 
 
 def _hf(model):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ...config import ModelConfig, TrainConfig, option
 from ...errors import ConfigError
 from ...rewards.judge import DEFAULT_COMPARE_TEMPLATE, DEFAULT_SCORE_TEMPLATE
+from ...rollout.config import BackendConfig
 from ...train.sharding import refuse_sharding
 from ..online import RLDataConfig
 
@@ -17,8 +18,8 @@ POLICY = "policy"
 
 
 @dataclass
-class CAISamplingConfig:
-    """The policy's responses: one per prompt."""
+class CAISamplingConfig(BackendConfig):
+    """The policy's responses: one per prompt (sampling.backend: the own sampler or a vLLM engine)."""
 
     prompts: int = option(512, "Training prompts answered (the first of a seeded shuffle of data.train).", min=1)
     max_new_tokens: int = option(64, "Longest response.", min=1)

@@ -25,7 +25,7 @@ from ...rewards.judge import (
     Principle,
     chat_replies,
 )
-from ...rollout import HFSampler, Rollout, SamplingParams, requests
+from ...rollout import Rollout, SamplingParams, backend_for, requests
 from ...train.engine import fit
 from ...train.plan import write_on_main
 from ...train.rundir import check_output_dir
@@ -146,7 +146,9 @@ def run_cai(cfg: CAIConfig, *, model=None, tokenizer=None, log=print, reviser=No
     n = len(items)
     log(f"cai: {n} prompts, {rv.rounds} revision round(s) under {len(constitution)} principle(s) "
         f"({', '.join(names)}); reviser {rv.model}, judge {cfg.judge.model}")
-    rolls = HFSampler(model, tokenizer, batch_size=s.batch_size).generate(
+    backend = backend_for(s, model, tokenizer, key="sampling.backend", batch_size=s.batch_size,
+                          max_model_len=max((len(p.ids) for p in items), default=1) + s.max_new_tokens)
+    rolls = backend.generate(
         requests([p.ids for p in items]),
         SamplingParams(s.max_new_tokens, s.temperature, s.top_p,
                        seed=random.Random(f"cai-sample-{cfg.train.seed}").getrandbits(62)))

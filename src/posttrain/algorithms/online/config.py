@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import option
+from ...rollout.config import BackendConfig
 from ...data.fields import FIELDS_HELP
 from ...errors import ConfigError
 
@@ -33,8 +34,9 @@ class RLDataConfig:
 
 
 @dataclass
-class RolloutConfig:
-    """Sampling: G completions per prompt (HF decoding loop with a shared prompt cache on CPU)."""
+class RolloutConfig(BackendConfig):
+    """Sampling: G completions per prompt (rollout.backend: the own sampler, an HF decoding loop with a
+    shared prompt cache, or a colocated vLLM engine)."""
 
     group_size: int = option(8, "Completions per prompt (G). Group estimators (grpo, rloo) need >= 2.", min=1,
                              max=4096)

@@ -21,30 +21,32 @@ from .scoring import score_rollouts
 
 
 def evaluate_prompts(model, tokenizer, prompts: list[PromptItem], functions, *, max_new_tokens: int,
-                     batch_size: int = 64) -> dict[str, float]:
+                     batch_size: int = 64, backend=None) -> dict[str, float]:
     """The training loops' held-out evaluation: :func:`evaluate_model`'s greedy completions of
     ``prompts`` scored with ``functions``, as ``eval_reward/<name>`` (mean reward per function)
     and ``eval_response_length`` (mean completion tokens). Each process evaluates all prompts."""
     if not prompts:
         return {}
     res = evaluate_model(model, tokenizer, prompts, functions, SamplingParams(max_new_tokens, temperature=0.0),
-                         batch_size=batch_size, shared=False, key="rollout.eval_max_new_tokens")
+                         batch_size=batch_size, shared=False, key="rollout.eval_max_new_tokens", backend=backend)
     out = {f"eval_reward/{f.name}": res.metrics[f"reward/{f.name}"] for f in functions}
     out["eval_response_length"] = res.metrics["response_tokens"]
     return out
 
 
-def prompt_evaluator(tokenizer, eval_prompts: list[PromptItem], functions, *, max_new_tokens: int, extra_eval=None):
+def prompt_evaluator(tokenizer, eval_prompts: list[PromptItem], functions, *, max_new_tokens: int, extra_eval=None,
+                     backend=None):
     """The engine's ``evaluate(model)`` for the sampling methods: greedy held-out completions scored
     with ``functions`` (:func:`evaluate_prompts`), plus ``extra_eval(model)``; None when there is
-    nothing to evaluate. A policy trained beside a critic is evaluated alone."""
+    nothing to evaluate. A policy trained beside a critic is evaluated alone. ``backend``: the
+    run's rollout backend (synced to the evaluated weights first); None: the own sampler."""
     if not eval_prompts and extra_eval is None:
         return None
 
     def evaluate(m) -> dict:
         m = getattr(m, "policy", m)
-        metrics = evaluate_prompts(m, tokenizer, eval_prompts, functions,
-                                   max_new_tokens=max_new_tokens) if eval_prompts else {}
+        metrics = evaluate_prompts(m, tokenizer, eval_prompts, functions, max_new_tokens=max_new_tokens,
+                                   backend=backend) if eval_prompts else {}
         if extra_eval is not None:
             metrics.update(extra_eval(m))
         return metrics
@@ -83,7 +85,7 @@ class EvalResult:
 def evaluate_model(model, tokenizer, prompts: Sequence[PromptItem], functions, sampling: SamplingParams, *,
                    gold=(), correct: str | None = None, threshold: float = 1.0, group_by: str | None = None,
                    batch_size: int = 64, progress: bool = False, shared: bool = True,
-                   key: str = "eval.max_new_tokens") -> EvalResult:
+                   key: str = "eval.max_new_tokens", backend=None) -> EvalResult:
     """``sampling.n`` completions of every prompt (greedy at temperature 0), scored with
     ``functions`` (weighted: the total) and ``gold`` (scored beside), summarized overall and per
     value of the prompts' ``group_by`` field. ``correct`` names the function read as correctness
@@ -92,7 +94,7 @@ def evaluate_model(model, tokenizer, prompts: Sequence[PromptItem], functions, s
     prompts = list(prompts)
     n = sampling.n
     rolls = generate_rollouts(model, tokenizer, [p.ids for p in prompts], sampling, batch_size=batch_size,
-                              progress=progress, desc="evaluating", key=key, shared=shared)
+                              progress=progress, desc="evaluating", key=key, shared=shared, backend=backend)
     per_sample = [p for p in prompts for _ in range(n)]
     res = score_rollouts(list(functions), per_sample, rolls, max_new_tokens=sampling.max_new_tokens)
     values = dict(res.per_function)

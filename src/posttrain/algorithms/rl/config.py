@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ...config import ModelConfig, TrainConfig, option
 from ...errors import ConfigError
 from ...ops import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, get_advantage_estimator
+from ...rollout.config import check_backend
 
 from ..online.config import TEACHER_REWARD, EnvConfig, RewardConfig, RLDataConfig, RolloutConfig, check_reward_config
 
@@ -104,11 +105,16 @@ class RLLossConfig:
     dynamic_sampling_rounds: int = option(3, "Extra sampling rounds at most per iteration.", min=0)
     overlong_penalty: bool | None = option(None, "DAPO: add the soft overlong punishment to the reward.")
     tis_cap: float | None = option(None, "Truncated importance sampling between the rollout's and the "
-                                         "trainer's log-probs, capped at this value (null: off).", gt=0.0)
+                                         "trainer's log-probs, capped at this value (null: 2.0 with "
+                                         "rollout.backend=vllm, off with the own sampler; 0: off).", min=0.0)
     tis_level: str = option("token", "token or sequence.", choices=("token", "sequence"))
+    tis_mode: str = option("truncate", "truncate: weight min(ratio, cap); mask: weight the ratio where it is at "
+                                       "most the cap and 0 (left out) where it exceeds it.",
+                           choices=("truncate", "mask"))
 
-    def resolved(self, algorithm: str) -> RLLossConfig:
-        """A copy with every null filled from the preset (then from the general fallbacks)."""
+    def resolved(self, algorithm: str, backend: str = "hf") -> RLLossConfig:
+        """A copy with every null filled from the preset (then from the general fallbacks); tis_cap
+        from the rollout backend (2.0 with vllm, off with the own sampler; 0 means off)."""
         preset = PRESETS[algorithm]
         values = {}
         for f in dataclasses.fields(self):
@@ -118,11 +124,18 @@ class RLLossConfig:
             elif v is None and f.name in _LOSS_FALLBACK:
                 v = _LOSS_FALLBACK[f.name]
             values[f.name] = v
+        if values["tis_cap"] is None and backend == "vllm":
+            values["tis_cap"] = VLLM_TIS_CAP
+        if values["tis_cap"] == 0:
+            values["tis_cap"] = None
         return RLLossConfig(**values)
 
 
 
 CRITIC_INITS = ("policy", "reward_model")
+# truncated IS on by default with vLLM rollouts, at the cap of Yao et al. 2025 ("Your efficient RL
+# framework secretly brings you off-policy RL training")
+VLLM_TIS_CAP = 2.0
 
 
 @dataclass
@@ -214,7 +227,8 @@ class RLConfig:
         min_lr_ratio=1.0, weight_decay=0.0))
 
     def validate(self) -> None:
-        loss = self.loss.resolved(self.algorithm)
+        loss = self.loss.resolved(self.algorithm, self.rollout.backend)
+        check_backend(self.rollout, self.train, "rollout")
         est = get_advantage_estimator(loss.advantage)
         check_sequence_level_aggregation(loss)
         g = self.rollout.group_size

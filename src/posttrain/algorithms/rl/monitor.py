@@ -192,6 +192,10 @@ def rollout_metrics(runner, k, kept, groups, total, valid, kl_seq, adv_metrics, 
         ratios = [math.exp(a - b) for s in flat for a, b in zip(s.old_logps, s.rollout_logps)]
         m["mismatch/logprob_abs_diff"] = sum(diffs) / max(1, len(diffs))
         m["mismatch/max_ratio"] = max(ratios) if ratios else 1.0
+        if runner.loss.tis_cap is not None:   # what the importance weights did this iteration
+            w, tm = runner.tis(groups)
+            m["mismatch/tis_capped"] = float(tm["is_capped"].float().mean()) if tm["is_capped"].numel() else 0.0
+            m["mismatch/tis_weight_mean"] = float(w[w > 0].mean()) if (w > 0).any() else 0.0
     for key, val in adv_metrics.items():
         m[f"advantage/{key}"] = float(val.float().mean()) if torch.is_tensor(val) else float(val)
     for key, val in times.items():

@@ -103,12 +103,13 @@ class EpisodeSampler:
 
 @torch.no_grad()
 def evaluate_episodes(model, tokenizer, sampler: EpisodeSampler, prompts, functions, *, batch_size: int = 64,
-                      group_by: str | None = "level") -> tuple[dict[str, float], list[dict]]:
+                      group_by: str | None = "level", backend=None) -> tuple[dict[str, float], list[dict]]:
     """Greedy episodes of every held-out prompt, scored like training episodes: ``eval_reward/<fn>``
     per reward function, ``eval_reward/env`` (per-turn rewards), ``eval_reward`` (the total), the
     episode diagnostics as ``eval_episode/*``, and per value of the prompts' ``group_by`` field
     ``eval_reward_<value>``. Returns the metrics and one record per episode (the conversation, its
-    rewards, how it ended). Each process evaluates all prompts."""
+    rewards, how it ended). Each process evaluates all prompts. ``backend``: the rollout backend
+    (synced to ``model`` first; None: the own sampler)."""
     from ...rollout import HFSampler, SamplingParams
     from ..online.episodes import episode_metrics
     from ..online.evaluate import finite_mean, finite_or_none
@@ -116,7 +117,10 @@ def evaluate_episodes(model, tokenizer, sampler: EpisodeSampler, prompts, functi
 
     if not prompts:
         return {}, []
-    backend = HFSampler(model, tokenizer, batch_size=batch_size)
+    if backend is None:
+        backend = HFSampler(model, tokenizer, batch_size=batch_size)
+    else:
+        backend.sync_weights(model)
     eps = sampler.sample(backend, tokenizer, prompts, SamplingParams(sampler.limits.max_turn_tokens, temperature=0.0),
                          list(range(len(prompts))), model=model)
     res = score_rollouts(list(functions), list(prompts), eps, max_new_tokens=sampler.limits.max_turn_tokens)
@@ -142,14 +146,15 @@ def evaluate_episodes(model, tokenizer, sampler: EpisodeSampler, prompts, functi
     return metrics, records
 
 
-def episode_evaluator(sampler: EpisodeSampler, tokenizer, eval_prompts, functions, *, extra_eval=None):
+def episode_evaluator(sampler: EpisodeSampler, tokenizer, eval_prompts, functions, *, extra_eval=None, backend=None):
     """The engine's ``evaluate(model)`` of an RL run with an environment (None without held-out prompts)."""
     if not eval_prompts and extra_eval is None:
         return None
 
     def evaluate(m) -> dict:
         m = getattr(m, "policy", m)
-        metrics = evaluate_episodes(m, tokenizer, sampler, eval_prompts, functions)[0] if eval_prompts else {}
+        metrics = evaluate_episodes(m, tokenizer, sampler, eval_prompts, functions,
+                                    backend=backend)[0] if eval_prompts else {}
         if extra_eval is not None:
             metrics.update(extra_eval(m))
         return metrics

@@ -52,7 +52,7 @@ def _unused(cfg: RLConfig, loss: RLLossConfig) -> list[str]:
     if not loss.dynamic_sampling:
         notes += unused_notes(cfg.loss, "loss.", ["dynamic_sampling_rounds"], "dynamic sampling is off")
     if loss.tis_cap is None:
-        notes += unused_notes(cfg.loss, "loss.", ["tis_level"], "loss.tis_cap is not set")
+        notes += unused_notes(cfg.loss, "loss.", ["tis_level", "tis_mode"], "truncated importance sampling is off")
     if "subtract_group_mean" not in get_advantage_estimator(loss.advantage).hyperparameters:
         notes += unused_notes(cfg.loss, "loss.", ["subtract_group_mean"],
                               f"loss.advantage={loss.advantage} does not take it")
@@ -85,7 +85,7 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
     """Run online RL as configured (see the module docstring)."""
     cfg = validated(cfg, RLConfig)
     log = log or (lambda line: None)
-    loss = cfg.loss.resolved(cfg.algorithm)
+    loss = cfg.loss.resolved(cfg.algorithm, cfg.rollout.backend)
     critic_dir = cfg.critic.init if cfg.critic.init not in (None, "none", *CRITIC_INITS) else None
     check_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite_output_dir,
                      protect=read_paths(cfg.model, **{"reward.reward_model": cfg.reward.reward_model,
@@ -142,10 +142,12 @@ def run_rl(cfg: RLConfig, *, model=None, tokenizer=None, log=print, extra_eval=N
 
         log(f"environment {cfg.env.name}: at most {cfg.env.max_turns} turns and {cfg.env.max_total_tokens} tokens per "
             f"episode, tool calls read as {runner.episodes.parser}, credit per {cfg.env.credit}")
-        evaluate = episode_evaluator(runner.episodes, tokenizer, eval_prompts, functions + gold, extra_eval=extra_eval)
+        evaluate = episode_evaluator(runner.episodes, tokenizer, eval_prompts, functions + gold, extra_eval=extra_eval,
+                                     backend=runner.eval_backend)
     else:
         evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
-                                    max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval)
+                                    max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval,
+                                    backend=runner.eval_backend)
     run_config = dataclasses.asdict(cfg)
     run_config["resolved_loss"] = dataclasses.asdict(loss)
     inputs = {"reward_model_sha256": _file_digest(cfg.reward.reward_model)} if cfg.reward.reward_model else {}

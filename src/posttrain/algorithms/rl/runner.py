@@ -19,7 +19,7 @@ from ...ops import (
     masked_sum,
     truncated_importance_weights,
 )
-from ...rollout import HFSampler, Rollout, RolloutBackend, SamplingParams, my_share, place_groups, requests
+from ...rollout import Rollout, RolloutBackend, SamplingParams, backend_for, my_share, place_groups, requests
 from ...train.engine import to_device
 from ...train.plan import gather_objects, rank_world
 from .critic import critic_values
@@ -71,7 +71,6 @@ class RLRunner:
                  algorithm: OnlineRLAlgorithm, state: RLState, out_dir: Path, log, critic=None):
         self.cfg, self.loss = cfg, loss
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
-        self.backend: RolloutBackend = HFSampler(model, tokenizer, batch_size=cfg.rollout.batch_size)
         self.critic = critic
         self.prompts: list[PromptItem] = prompts
         self.rewards, self.gold = rewards, gold
@@ -90,6 +89,12 @@ class RLRunner:
             self.episodes = EpisodeSampler(cfg)
         self.row_length = cfg.data.max_prompt_length + (cfg.env.max_total_tokens if self.episodes is not None
                                                          else cfg.rollout.max_new_tokens)
+        # the rollout backend; with vLLM it also plays the held-out evaluation (the own sampler
+        # evaluates through its own batched path)
+        self.backend: RolloutBackend = backend_for(
+            cfg.rollout, model, tokenizer, key="rollout.backend", batch_size=cfg.rollout.batch_size,
+            max_model_len=max(self.row_length, cfg.data.max_prompt_length + cfg.rollout.eval_max_new_tokens))
+        self.eval_backend = None if self.backend.name == "hf" else self.backend
         self.needs_old = loss.epochs * loss.mini_batches > 1 or loss.tis_cap is not None or \
             (loss.kl_beta > 0 and loss.kl_placement == "reward")
         self.pad_id = tokenizer.pad_token_id
@@ -119,19 +124,20 @@ class RLRunner:
                                 row_length=self.row_length, with_old=self.needs_old, with_ref=self.reference is not None,
                                 with_values=self.critic is not None)
         if self.loss.tis_cap is not None:
-            batch["tis_weights"] = self._tis(groups)
+            batch["tis_weights"] = self.tis(groups)[0]
         return batch
 
-    def _tis(self, groups) -> torch.Tensor:
+    def tis(self, groups) -> tuple[torch.Tensor, dict]:
+        """The truncated / masked importance weights of ``groups``' tokens and their metrics."""
         flat = [s for g in groups for s in g]
         width = max(s.n_tokens for s in flat)
         mask = torch.zeros((len(flat), width))
         for i, s in enumerate(flat):
             mask[i, : s.n_tokens] = 1.0
-        w, _ = truncated_importance_weights(pad_rows([s.old_logps for s in flat], width),
+        w, metrics = truncated_importance_weights(pad_rows([s.old_logps for s in flat], width),
                                             pad_rows([s.rollout_logps for s in flat], width), mask,
-                                            cap=self.loss.tis_cap, level=self.loss.tis_level)
-        return w
+                                            cap=self.loss.tis_cap, level=self.loss.tis_level, mode=self.loss.tis_mode)
+        return w, {k: v[mask.bool()] for k, v in metrics.items()}
 
     # -- one rollout batch
     @torch.no_grad()
@@ -141,7 +147,11 @@ class RLRunner:
         are computed."""
         t0 = time.time()
         times = {"generate": 0.0, "score": 0.0, "logprobs": 0.0}
+        self.backend.sync_weights(self.model)              # the weights of the last optimizer step (vLLM: copied in)
         draw = self._draw(k, times)                        # sample and score (dynamic sampling: until enough)
+        sleep = getattr(self.backend, "sleep", None)
+        if sleep is not None:
+            sleep()                                        # GPU: free the engine's memory while the trainer runs
         kept = draw.groups
         baseline = self._baseline(kept, times)             # ReMax: the greedy completion's reward
         groups = self._samples(kept)
@@ -164,6 +174,8 @@ class RLRunner:
         self.state.pending = rollout_metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times,
                                              draw.dropped, draw.rounds, draw.parts)
         self.state.pending.update(process_metrics)
+        if getattr(self.backend, "mismatch", None) is not None:   # vLLM: the check after this iteration's sync
+            self.state.pending["mismatch/engine_check"] = self.backend.mismatch
         if self.episodes is not None:
             from ..online.episodes import episode_metrics, log_invalid
 
