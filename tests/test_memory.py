@@ -423,3 +423,23 @@ def test_predicted_dpo_and_grpo_peaks_are_within_15_percent_of_the_measured_ones
         method="grpo", seq_len=width - 64, micro_batch=rows, new_tokens=64)).items() if k != "kv_cache"})
     print("grpo", predicted / 2**20, measured / 2**20)
     assert abs(predicted - measured) / measured < 0.15, ("grpo", predicted / 2**20, measured / 2**20)
+
+
+def test_a_vllm_engine_takes_its_share_asleep_or_awake():
+    """With rollout.backend=vllm the engine holds gpu_memory_utilization x the device (weights copy
+    and KV cache) instead of the own sampler's KV cache. Asleep (the default) it frees that while
+    the trainer runs, so the peak is static + max(step, engine); awake it adds to the whole run."""
+    from posttrain.memory import STATIC, load_model_shape
+
+    shape = load_model_shape("builtin:tiny-world-base")
+    common = dict(method="grpo", seq_len=256, new_tokens=128, device_memory_gib=80.0, rollout_backend="vllm",
+                  vllm_memory_utilization=0.25)
+    asleep = estimate(shape, PlanInput(**common))
+    awake = estimate(shape, PlanInput(**common, vllm_sleep=False))
+    assert "kv_cache" not in asleep and asleep["vllm_engine"] == 0.25 * 80 * GIB
+    static = sum(v for k, v in asleep.items() if k in STATIC)
+    step = max(asleep["activations"] + asleep["logits"], asleep["gradients"])
+    assert peak_bytes(asleep) == pytest.approx(static + max(step, 20 * GIB))
+    assert peak_bytes(awake) == pytest.approx(static + 20 * GIB + step)
+    with pytest.raises(ConfigError, match="vllm-memory-utilization"):
+        estimate(shape, PlanInput(**{**common, "vllm_memory_utilization": 1.5}))

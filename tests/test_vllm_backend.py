@@ -298,6 +298,26 @@ def test_distill_and_prm_labels_and_cai_sample_through_vllm(tmp_path):
     assert (tmp_path / "cai" / "cai.json").is_file()
 
 
+def test_two_processes_each_drive_an_engine_and_sample_what_one_process_samples(tmp_path):
+    """Under torchrun each process starts its own engine (vLLM's external-launcher mode, tensor
+    parallel size 1) and samples its share of the groups; with per-request seeds the whole batch
+    equals the single-process one, token for token."""
+    from tests.test_distributed import _torchrun
+
+    common = ["rl", "algorithm=grpo", "rollout.backend=vllm", "reward.functions=[tests.test_rl:digit_reward]",
+              "data.eval=null", "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
+              "train.max_steps=2", "train.micro_batch_size=2", "train.progress=false", "train.save_every=0",
+              "rollout.samples_every=1", "data.world_examples=16"]
+    one = _cli([*common, f"train.output_dir={tmp_path / 'one'}"], tmp_path, "one")
+    _torchrun([*common, f"train.output_dir={tmp_path / 'two'}"], tmp_path)
+    a = [json.loads(ln) for ln in (one / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(ln) for ln in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in b] == [(r["prompt"], r["completion"]) for r in a]
+    la = [m["loss"] for m in _metrics(one) if "loss" in m]
+    lb = [m["loss"] for m in _metrics(tmp_path / "two") if "loss" in m]
+    assert lb == pytest.approx(la, rel=1e-5, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- errors (last: they start other engines)
 
 

@@ -240,7 +240,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                      activation_dtype="bfloat16" if args.mixed_precision == "bf16" else args.dtype, peft=args.peft,
                      lora_r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing,
                      chunked_logprobs=not args.no_chunked_logprobs, reward_model=args.reward_model, kl=not args.no_kl,
-                     rollout_batch=args.rollout_batch, group_size=args.group_size, new_tokens=args.new_tokens)
+                     rollout_batch=args.rollout_batch, group_size=args.group_size, new_tokens=args.new_tokens,
+                     rollout_backend=args.rollout_backend, vllm_memory_utilization=args.vllm_memory_utilization,
+                     vllm_sleep=not args.no_vllm_sleep)
     plan.check()   # every flag before the model is read
     print(report(load_model_shape(args.model), plan, args.model))
     return 0
@@ -459,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "max(1, rollout batch // group size) prompts x group size sequences at a time")
     p.add_argument("--new-tokens", type=parse_count, default=512, metavar="N",
                    help="online: longest completion (rollout.max_new_tokens; multi-turn: a whole episode after the prompt, env.max_total_tokens)")
+    p.add_argument("--rollout-backend", default="hf", choices=("hf", "vllm"),
+                   help="online: hf (the own sampler's KV cache) or vllm (a colocated engine: rollout.backend=vllm)")
+    p.add_argument("--vllm-memory-utilization", type=float, default=0.3, metavar="F",
+                   help="online, vllm: the share of the device the engine takes (rollout.vllm.gpu_memory_utilization)")
+    p.add_argument("--no-vllm-sleep", action="store_true",
+                   help="online, vllm: the engine stays awake while the trainer runs (rollout.vllm.sleep=false), so "
+                        "its share adds to the training step's memory")
     p.set_defaults(func=_cmd_plan)
 
     from .algorithms.cai import CAIConfig

@@ -247,11 +247,20 @@ class PlanInput:
     group_size: int = 8               # completions per prompt (online; rollout.group_size)
     new_tokens: int = 512             # longest completion (online; rollout.max_new_tokens)
     reference_dtype: str | None = None  # None: the weight dtype (what posttrain does; others: not in posttrain)
+    rollout_backend: str = "hf"       # online: hf (the own sampler's KV cache) or vllm (a colocated engine)
+    vllm_memory_utilization: float = 0.3  # rollout.vllm.gpu_memory_utilization
+    vllm_sleep: bool = True           # rollout.vllm.sleep: the engine frees its memory while the trainer runs
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"Unknown method {self.method!r} for the planner; it knows {', '.join(METHODS)}.",
                               fix="name one of those (--method).")
+        if self.rollout_backend not in ("hf", "vllm"):
+            raise ConfigError(f"Unknown rollout backend {self.rollout_backend!r}.", fix="use hf or vllm.")
+        u = self.vllm_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ConfigError(f"{setting('--vllm-memory-utilization')} is {u!r}; it is a share of the device's "
+                              "memory.", fix="pass a number in (0, 1], e.g. 0.3.")
         if self.sharding not in ("none", "zero2", "zero3", "fsdp"):
             raise ConfigError(f"Unknown sharding {self.sharding!r}.", fix="use none, zero2, zero3 or fsdp.")
         if self.peft not in ("none", "lora", "qlora"):
@@ -381,14 +390,19 @@ def estimate(shape: ModelShape, p: PlanInput) -> dict[str, float]:
         out["critic_activations"] = out["activations"]
     if online and p.reward_model:
         out["reward_model"] = frozen
-    if online:
+    if online and p.rollout_backend == "vllm":
+        # the engine takes its share of the device for its weights copy and KV cache; asleep it frees
+        # both while the trainer runs, awake it holds them for the whole run
+        share = p.vllm_memory_utilization * p.device_memory_gib * GIB
+        out["vllm_engine" if p.vllm_sleep else "vllm_engine_resident"] = share
+    elif online:
         out["kv_cache"] = 2 * shape.layers * kv * sequence_tokens(p) * rollout_rows(p) * wb
     return out
 
 
 #: components alive during the whole run; the rest are the training step's (forward activations
 #: and logits, or the gradients once the backward pass has freed them) and the rollouts' KV cache
-STATIC = ("weights", "optimizer", "reference", "critic", "reward_model")
+STATIC = ("weights", "optimizer", "reference", "critic", "reward_model", "vllm_engine_resident")
 
 
 def peak_bytes(parts: dict[str, float]) -> float:
@@ -398,7 +412,7 @@ def peak_bytes(parts: dict[str, float]) -> float:
     static = sum(v for k, v in parts.items() if k in STATIC)
     forward = sum(parts.get(k, 0.0) for k in ("activations", "logits", "critic_activations"))
     backward = parts.get("gradients", 0.0) + parts.get("critic_gradients", 0.0)
-    return static + max(forward, backward, parts.get("kv_cache", 0.0))
+    return static + max(forward, backward, parts.get("kv_cache", 0.0), parts.get("vllm_engine", 0.0))
 
 
 @dataclass
@@ -586,7 +600,13 @@ def describe(shape: ModelShape, p: PlanInput, name: str = "") -> str:
     unit = ("pair" if seqs == 2 * p.micro_batch else "sequence") + ("s" if p.micro_batch > 1 else "")
     lines.append(f"  micro-batch  {p.micro_batch} {unit} (--micro-batch) = {seqs} x {sequence_tokens(p):,} = "
                  f"{seqs * sequence_tokens(p):,} tokens per forward and backward")
-    if online:
+    if online and p.rollout_backend == "vllm":
+        lines.append(f"  rollouts     a colocated vLLM engine (--rollout-backend vllm) holding "
+                     f"{p.vllm_memory_utilization:g} of the device (--vllm-memory-utilization) for its weights and KV "
+                     "cache, " + ("asleep while the trainer runs (the default; --no-vllm-sleep keeps it awake)" if p.vllm_sleep else
+                                  "awake for the whole run (--no-vllm-sleep)")
+                     + (", plus a reward model" if p.reward_model else ""))
+    elif online:
         prompts = max(1, p.rollout_batch // p.group_size)
         lines.append(f"  rollouts     {rollout_rows(p)} sequences decoded together: {prompts} prompts x {p.group_size} "
                      f"completions (--rollout-batch {p.rollout_batch}, --group-size {p.group_size}); KV cache in "

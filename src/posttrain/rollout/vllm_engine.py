@@ -171,6 +171,11 @@ def _engine(model, tokenizer, cfg: VLLMConfig, max_model_len: int, key: str):
                   logprobs_mode="processed_logprobs", disable_log_stats=True, trust_remote_code=False)
     if device.type == "cuda":
         kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        # several training processes (torchrun / accelerate): each drives its own engine (tensor
+        # parallel size 1) inside the existing process group, vLLM's SPMD "external launcher" mode
+        kwargs["distributed_executor_backend"] = "external_launcher"
     try:
         with _kept_rng():
             llm = vllm.LLM(**kwargs)

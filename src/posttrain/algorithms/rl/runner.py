@@ -149,11 +149,11 @@ class RLRunner:
         times = {"generate": 0.0, "score": 0.0, "logprobs": 0.0}
         self.backend.sync_weights(self.model)              # the weights of the last optimizer step (vLLM: copied in)
         draw = self._draw(k, times)                        # sample and score (dynamic sampling: until enough)
+        kept = draw.groups
+        baseline = self._baseline(kept, times)             # ReMax: the greedy completion's reward
         sleep = getattr(self.backend, "sleep", None)
         if sleep is not None:
             sleep()                                        # GPU: free the engine's memory while the trainer runs
-        kept = draw.groups
-        baseline = self._baseline(kept, times)             # ReMax: the greedy completion's reward
         groups = self._samples(kept)
         total, valid = _cat(kept, "total"), _cat(kept, "valid")
         # what the token-level estimators put at the last token: the sequence reward less the per-token functions'
