@@ -22,6 +22,8 @@ class VLLMConfig:
                                        min=16)
     gpu_memory_utilization: float = option(0.3, "GPU only: the fraction of GPU memory vLLM may take for weights "
                                                 "and KV cache (the trainer needs the rest).", gt=0.0, max=1.0)
+    cpu_kv_cache_gib: float = option(1.0, "CPU only: the engine's KV cache in GiB (on a CPU vLLM otherwise "
+                                          "reserves gpu_memory_utilization of the machine's RAM).", gt=0.0)
     sleep: bool = option(True, "GPU only: put the engine to sleep (free its KV cache and weights copy) while the "
                                "trainer runs, wake it for each rollout.")
     enforce_eager: bool = option(True, "Run the engine without torch.compile / CUDA graphs (starts in seconds "

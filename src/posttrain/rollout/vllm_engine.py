@@ -158,7 +158,8 @@ def _engine(model, tokenizer, cfg: VLLMConfig, max_model_len: int, key: str):
     device = next(hf.parameters()).device
     config_json = hf.config.to_json_string(use_diff=False)
     shape = json.dumps([config_json, _dtype_name(dtype), max_model_len, cfg.enforce_eager, cfg.prefix_caching,
-                        cfg.gpu_memory_utilization, cfg.sleep and device.type == "cuda", len(tokenizer)])
+                        cfg.gpu_memory_utilization, cfg.cpu_kv_cache_gib, cfg.sleep and device.type == "cuda",
+                        len(tokenizer)])
     if shape in _ENGINES:
         return _ENGINES[shape][0]
     close_engines()
@@ -171,6 +172,8 @@ def _engine(model, tokenizer, cfg: VLLMConfig, max_model_len: int, key: str):
                   logprobs_mode="processed_logprobs", disable_log_stats=True, trust_remote_code=False)
     if device.type == "cuda":
         kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+    else:   # on a CPU vLLM would reserve gpu_memory_utilization of the RAM (0.92 by default) for its KV cache
+        kwargs.update(kv_cache_memory_bytes=int(cfg.cpu_kv_cache_gib * 2**30))
     if torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1:
         # several training processes (torchrun / accelerate): each drives its own engine (tensor
