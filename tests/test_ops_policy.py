@@ -331,6 +331,14 @@ def test_truncated_importance_weights_by_hand():
         truncated_importance_weights(old, rollout, mask, level="batch")
     with pytest.raises(ValueError, match="cap"):
         truncated_importance_weights(old, rollout, mask, cap=0.0)
+    # masked IS rejects instead of truncating: the token whose ratio (3) exceeds the cap gets weight 0,
+    # the others keep their ratio; at the sequence level row 0 (ratio 2.7145 > 2) is left out whole
+    w, _ = truncated_importance_weights(old, rollout, mask, cap=2.0, mode="mask")
+    torch.testing.assert_close(w, torch.tensor([[e(0.1), e(-0.2), 0.0], [e(0.1), e(-0.3), 0.0]]))
+    w, _ = truncated_importance_weights(old, rollout, mask, cap=2.0, level="sequence", mode="mask")
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 0.0], [e(-0.2), e(-0.2), 0.0]]))
+    with pytest.raises(ValueError, match="mode"):
+        truncated_importance_weights(old, rollout, mask, mode="clip")
 
 
 def test_truncated_weights_are_detached_and_one_when_equal():

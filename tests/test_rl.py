@@ -301,6 +301,49 @@ def test_truncated_importance_sampling_and_kl_in_reward_run(tmp_path):
     assert h["kl_beta"] == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_tis_in_the_loss_equals_tis_from_an_old_log_prob_pass(tmp_path, monkeypatch, mode):
+    """With one update per rollout batch pi_old is the policy being trained, so the loss takes the
+    TIS weights from its own detached log-probs instead of a separate old-log-prob pass. The two
+    give the same losses, gradients and weights. The rollout log-probs are shifted by +-0.4 on
+    alternate tokens (a stand-in for an engine's mismatch) so that the cap 1.2 acts on about half
+    the tokens."""
+    from safetensors.torch import load_file
+
+    from posttrain.algorithms.rl import RLRunner
+    from posttrain.rollout import HFSampler
+
+    generate = HFSampler.generate
+
+    def shifted(self, reqs, sampling):
+        rolls = generate(self, reqs, sampling)
+        for r in rolls:
+            r.log_probs = [lp + (0.4 if i % 2 else -0.4) for i, lp in enumerate(r.log_probs)]
+        return rolls
+
+    monkeypatch.setattr(HFSampler, "generate", shifted)
+    over = {"loss.tis_cap": 1.2, "loss.tis_mode": mode, "train.max_steps": 3, "loss.kl_beta": 0.0}
+    in_loss = _run(_cfg(tmp_path / "a", **over))
+    init = RLRunner.__init__
+
+    def with_old_pass(self, *a, **kw):
+        init(self, *a, **kw)
+        assert self.tis_in_loss and not self.needs_old
+        self.needs_old, self.tis_in_loss = True, False
+
+    monkeypatch.setattr(RLRunner, "__init__", with_old_pass)
+    passed = _run(_cfg(tmp_path / "b", **over))
+    for a, b in zip(in_loss.fit.history, passed.fit.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["tis_capped"] == pytest.approx(b["mismatch/tis_capped"], abs=1e-6)
+        assert 0.2 < a["tis_capped"] < 0.8
+    wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
 # (grad_norm, reward/mean) of the first 3 steps of every preset on a tiny random Llama with digit_reward
 # (regenerate: run each preset through _cfg/_run with train.max_steps=3). At ratio 1 GSPO's
 # gradient equals GRPO's (sequence-mean aggregation), so their first grad norms agree; dr_grpo's constant

@@ -9,7 +9,15 @@ import torch
 
 from ...data import EncodedExample
 from ...models.logprobs import selected_log_probs
-from ...ops import aggregate_loss, exact_kl, get_policy_loss, kl_estimate, masked_sum, value_loss
+from ...ops import (
+    aggregate_loss,
+    exact_kl,
+    get_policy_loss,
+    kl_estimate,
+    masked_sum,
+    truncated_importance_weights,
+    value_loss,
+)
 from .critic import critic_values
 from .config import CriticConfig, RLLossConfig, check_sequence_level_aggregation
 from ..sequences import collate_groups
@@ -104,10 +112,18 @@ class OnlineRLAlgorithm:
         entropy = _padded(out["entropy"].detach(), batch["lp_seq"], n_seq, width)
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         per_token, m = self.spec.fn(logp, old, batch["advantages"], mask, **self.hparams)
+        tis = {}
         if "tis_weights" in batch:
             per_token = per_token * batch["tis_weights"]
+        elif "rollout_logps" in batch:   # one update per rollout batch: pi_old is this forward's own log-probs
+            w, tis = truncated_importance_weights(logp.detach(), batch["rollout_logps"], mask, cap=self.cfg.tis_cap,
+                                                  level=self.cfg.tis_level, mode=self.cfg.tis_mode)
+            per_token = per_token * w
         n_tok = totals["tokens"].clamp(min=1)
         metrics = {k: masked_sum(v.detach().float(), mask) / n_tok for k, v in m.items()}
+        if tis:   # the rollout / trainer mismatch of the trained tokens (per-token means over the step)
+            metrics["tis_capped"] = masked_sum(tis["is_capped"], mask) / n_tok
+            metrics["tis_logprob_abs_diff"] = masked_sum(tis["logprob_abs_diff"], mask) / n_tok
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
             metrics["kl_k1"] = masked_sum(kl_estimate(logp.detach(), ref, "k1"), mask) / n_tok

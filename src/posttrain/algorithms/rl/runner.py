@@ -95,8 +95,11 @@ class RLRunner:
             cfg.rollout, model, tokenizer, key="rollout.backend", batch_size=cfg.rollout.batch_size,
             max_model_len=max(self.row_length, cfg.data.max_prompt_length + cfg.rollout.eval_max_new_tokens))
         self.eval_backend = None if self.backend.name == "hf" else self.backend
-        self.needs_old = loss.epochs * loss.mini_batches > 1 or loss.tis_cap is not None or \
-            (loss.kl_beta > 0 and loss.kl_placement == "reward")
+        # the old log-probs: a pass of their own where the policy moves before a sample is trained (several
+        # updates per rollout batch) or the KL goes into the reward. With one update, TIS reads pi_old as
+        # the trained forward's own (detached) log-probs in the loss: the same values, one pass fewer.
+        self.needs_old = loss.epochs * loss.mini_batches > 1 or (loss.kl_beta > 0 and loss.kl_placement == "reward")
+        self.tis_in_loss = loss.tis_cap is not None and not self.needs_old
         self.pad_id = tokenizer.pad_token_id
         self.process = None
         if cfg.reward.process_weight > 0:
@@ -123,7 +126,10 @@ class RLRunner:
         batch = collate_samples(groups, pad_token_id=self.pad_id, attn_implementation=self.attn,
                                 row_length=self.row_length, with_old=self.needs_old, with_ref=self.reference is not None,
                                 with_values=self.critic is not None)
-        if self.loss.tis_cap is not None:
+        if self.tis_in_loss:    # the loss weighs with its own detached log-probs as pi_old
+            flat = [s for g in groups for s in g]
+            batch["rollout_logps"] = pad_rows([s.rollout_logps for s in flat], batch["mask"].shape[1])
+        elif self.loss.tis_cap is not None:
             batch["tis_weights"] = self.tis(groups)[0]
         return batch
 
