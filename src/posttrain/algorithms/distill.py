@@ -237,6 +237,7 @@ class OnPolicyPlan:
         rolls = self.backend.generate(
             requests(prompts, group_ids=[p for p, _ in todo]),
             SamplingParams(self.max_new_tokens, self.temperature, seed=_step_seed("on-policy-sample", self.seed, step)))
+        self.backend.release()   # GPU vLLM: the engine sleeps during the step
         new = {p: r.training_example() for (p, _), r in zip(todo, rolls)}
         out = []
         for ids in mine:

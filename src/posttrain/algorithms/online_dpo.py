@@ -243,6 +243,7 @@ class PairPlan:
                 self.backend, requests([self.prompts[i].ids for i in idx]),
                 SamplingParams(ro.max_new_tokens, ro.temperature, ro.top_p, ro.top_k, n=G,
                                seed=derive_seed("online-dpo-sample", self.seed, k, rounds)))
+            self.backend.release()   # GPU vLLM: the engine sleeps while the trainer runs
             items = [self.prompts[i] for i in idx for _ in range(G)]
             res = score_rollouts(self.functions, items, rolls, max_new_tokens=ro.max_new_tokens)
             rewards_all.append(res.total[res.valid])

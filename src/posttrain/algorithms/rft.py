@@ -320,6 +320,7 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
             backend, requests([prompts[i].ids for i in idx]),
             SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.top_k, n=K,
                            seed=random.Random(f"rft-sample-{cfg.train.seed}-{r}").getrandbits(62)))
+        backend.release()   # GPU vLLM: the engine sleeps during the round's SFT
         t_sample = time.time() - t0
         res = score_rollouts(functions, [prompts[i] for i in idx for _ in range(K)], rolls,
                              max_new_tokens=s.max_new_tokens)

@@ -86,6 +86,10 @@ class RolloutBackend(ABC):
     def sync_weights(self, model) -> None:  # noqa: B027 (a backend that decodes the live model has nothing to do)
         """Sample from ``model``'s current weights from the next ``generate`` on."""
 
+    def release(self) -> None:  # noqa: B027
+        """Free generation memory while the trainer runs (a vLLM engine on a GPU sleeps); the next
+        ``sync_weights`` / ``generate`` takes it back."""
+
     def close(self) -> None:  # noqa: B027
         """Free what the backend holds (engines, caches)."""
 

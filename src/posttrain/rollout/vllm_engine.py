@@ -243,7 +243,7 @@ class VLLMBackend(RolloutBackend):
             self.llm.wake_up()
             self._asleep = False
 
-    def sleep(self) -> None:
+    def release(self) -> None:
         """GPU: free the engine's KV cache and weights copy while the trainer runs (vllm.sleep)."""
         if self.vllm.sleep and next(_hf(self.model).parameters()).device.type == "cuda" and not self._asleep:
             self.llm.sleep(level=1)

@@ -157,9 +157,7 @@ class RLRunner:
         draw = self._draw(k, times)                        # sample and score (dynamic sampling: until enough)
         kept = draw.groups
         baseline = self._baseline(kept, times)             # ReMax: the greedy completion's reward
-        sleep = getattr(self.backend, "sleep", None)
-        if sleep is not None:
-            sleep()                                        # GPU: free the engine's memory while the trainer runs
+        self.backend.release()                             # GPU vLLM: free the engine's memory while the trainer runs
         groups = self._samples(kept)
         total, valid = _cat(kept, "total"), _cat(kept, "valid")
         # what the token-level estimators put at the last token: the sequence reward less the per-token functions'
