@@ -266,9 +266,9 @@ def run_eval(cfg: EvalConfig, log=print, *, model=None, tokenizer=None) -> EvalR
     result = evaluate_model(model, tokenizer, prompts, functions, sampling, gold=gold, correct=correct,
                             threshold=e.threshold, group_by=group_by, batch_size=e.batch_size,
                             progress=e.progress and rank == 0, shared=True, key="eval.max_new_tokens",
-                            backend=None if e.backend == "hf" else backend_for(
-                                e, model, tokenizer, key="eval.backend",
-                                max_model_len=max((len(p.ids) for p in prompts), default=1) + e.max_new_tokens))
+                            backend=backend_for(e, model, tokenizer, key="eval.backend", batch_size=e.batch_size,
+                                                max_model_len=max((len(p.ids) for p in prompts), default=1)
+                                                + e.max_new_tokens))
     result.source, result.dropped = source, dropped
     log("\n" + results_table(result))
     for s in result.samples[: e.show_samples * e.n: e.n]:

@@ -386,7 +386,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, log=prin
 
     evaluate = prompt_evaluator(tokenizer, eval_prompts, functions + gold,
                                 max_new_tokens=cfg.rollout.eval_max_new_tokens, extra_eval=extra_eval,
-                                backend=None if plan.backend.name == "hf" else plan.backend)
+                                backend=plan.backend if plan.backend.serving_engine else None)
     monitor = DisplacementMonitor(cfg.loss.displacement_window, cfg.loss.displacement_threshold, log=log)
     result = fit(model, algo, plan, cfg.train, tokenizer=tokenizer, accelerator=accelerator,
                  evaluate=evaluate, run_config=dataclasses.asdict(cfg), inputs=inputs, log=log,

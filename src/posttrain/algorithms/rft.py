@@ -283,7 +283,7 @@ def run_rft(cfg: RFTConfig, *, model=None, tokenizer=None, log=print) -> RFTResu
 
     backend = backend_for(s, model, tokenizer, key="sampling.backend", batch_size=s.batch_size,
                           max_model_len=cfg.data.max_prompt_length + max(s.max_new_tokens, s.eval_max_new_tokens))
-    eval_backend = None if backend.name == "hf" else backend
+    eval_backend = backend if backend.serving_engine else None
 
     def evaluate(m) -> dict:
         if not eval_prompts:

@@ -78,6 +78,11 @@ class RolloutBackend(ABC):
     """What samples completions for the online methods (see the module docstring)."""
 
     name: str = "?"
+    #: a separate serving engine (vLLM) that schedules its own batches and holds its own copy of the
+    #: weights: callers hand it every request at once and reuse it (evaluation included)
+    serving_engine: bool = False
+    #: the last weight-sync check's mean |engine - trainer| log-prob per token (None: no check made)
+    mismatch: float | None = None
 
     @abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Rollout]:

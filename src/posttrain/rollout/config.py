@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import option
+from ..errors import ConfigError
 
 BACKEND_HELP = ("Rollout backend: hf (the own sampler: the default, exact resume, fastest for the tiny world "
                 "on a CPU) or vllm (a colocated vLLM engine, weights synced before every rollout; needs the "
@@ -51,8 +52,6 @@ def check_backend(section, train, name: str) -> None:
         return
     sharding = getattr(train, "sharding", "none")
     if sharding not in ("none", None):
-        from ..errors import ConfigError
-
         raise ConfigError(
             f"{name}.backend=vllm syncs whole weights from each process's model, but train.sharding={sharding} "
             "splits the model over the processes.",

@@ -71,7 +71,7 @@ def generate_rollouts(
     n = sampling.n
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     # the own sampler decodes batch_size sequences at a time; an engine schedules its own batches
-    per_batch = max(1, batch_size // n) if backend.name == "hf" else len(prompts)
+    per_batch = len(prompts) if backend.serving_engine else max(1, batch_size // n)
     results: list[Rollout | None] = [None] * (len(prompts) * n)
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt") as bar:
         for start in range(0, len(order), per_batch):

@@ -42,11 +42,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, TrainingError
+from ..models.peft import base_model_of, hf_model, is_peft
 from .backend import RolloutBackend, RolloutRequest, SamplingParams
 from .config import VLLMConfig
 from .sampler import Rollout, stop_token_ids
 
-#: engines by shape: (key, engine, its temp dir); at most one alive per process
+#: engines by shape -> (engine, the temp dir of its config); at most one alive per process
 _ENGINES: dict[str, tuple[object, tempfile.TemporaryDirectory]] = {}
 
 
@@ -83,7 +84,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def default_tolerance(dtype: torch.dtype) -> float:
     """The sync check's mean |log-prob difference| per token: 1e-3 in float32 (a synced engine measures
-    ~1e-5 here, a stale one after a single small step ~1e-2), 0.1 in half precision."""
+    ~1e-6 on our CPUs, one that missed a single AdamW step at lr 1e-3 ~0.25), 0.1 in half precision."""
     return 1e-3 if dtype == torch.float32 else 0.1
 
 
@@ -94,8 +95,6 @@ def hf_weights(model) -> list[tuple[str, torch.Tensor]]:
     """``model``'s weights under the checkpoint names a plain transformers model saves, detached.
     A ``PeftModel``'s LoRA layers give their merged weight ``W + delta`` (the adapter as trained;
     the trainer's model is not touched); modules_to_save give their trained copy."""
-    from ..models.peft import is_peft
-
     if not is_peft(model):
         return [(n, p.detach()) for n, p in model.state_dict().items()]
     base = model.get_base_model()
@@ -153,7 +152,7 @@ def _kept_rng():
 def _engine(model, tokenizer, cfg: VLLMConfig, max_model_len: int, key: str):
     """The cached engine for ``model``'s shape (started on first use; another shape replaces it)."""
     vllm = import_vllm(key)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = base_model_of(model)
     dtype = next(hf.parameters()).dtype
     device = next(hf.parameters()).device
     config_json = hf.config.to_json_string(use_diff=False)
@@ -214,15 +213,15 @@ class VLLMBackend(RolloutBackend):
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     max_model_len: int = 2048
     key: str = "rollout.backend"
-    batch_size: int = 0   # unused: the engine schedules its own batches
     name: str = field(default="vllm", init=False)
+    serving_engine: bool = field(default=True, init=False)
     mismatch: float | None = field(default=None, init=False)   # the last sync check's mean |diff|
     syncs: int = field(default=0, init=False)
 
     def __post_init__(self):
-        self.max_model_len = engine_length(self.max_model_len, self.vllm.max_model_len, _hf(self.model).config)
+        self.max_model_len = engine_length(self.max_model_len, self.vllm.max_model_len, base_model_of(self.model).config)
         self.llm = _engine(self.model, self.tokenizer, self.vllm, self.max_model_len, self.key)
-        self.stops = stop_token_ids(self.tokenizer, _hf(self.model))
+        self.stops = stop_token_ids(self.tokenizer, base_model_of(self.model))
         self._check_pending = False
         self._asleep = False
         self.sync_weights(self.model)
@@ -239,13 +238,13 @@ class VLLMBackend(RolloutBackend):
         self._check_pending = True
 
     def _wake(self) -> None:
-        if getattr(self, "_asleep", False):
+        if self._asleep:
             self.llm.wake_up()
             self._asleep = False
 
     def release(self) -> None:
         """GPU: free the engine's KV cache and weights copy while the trainer runs (vllm.sleep)."""
-        if self.vllm.sleep and next(_hf(self.model).parameters()).device.type == "cuda" and not self._asleep:
+        if self.vllm.sleep and next(base_model_of(self.model).parameters()).device.type == "cuda" and not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = True
 
@@ -309,8 +308,6 @@ class VLLMBackend(RolloutBackend):
     def _check(self, roll: Rollout) -> float:
         """Mean |engine - trainer| log-prob per token of ``roll``'s sequence at temperature 1; a
         difference beyond the tolerance right after a sync is an error."""
-        from ..models.peft import hf_model
-
         seq = list(roll.prompt_ids) + list(roll.completion_ids)
         start = len(roll.prompt_ids)
         engine = self.sequence_logprobs([seq], [start])[0]
@@ -325,7 +322,7 @@ class VLLMBackend(RolloutBackend):
         trainer = logits.log_softmax(-1).gather(1, torch.tensor(seq[start:], device=dev)[:, None]).squeeze(1)
         diff = float((torch.tensor(engine, device=dev) - trainer).abs().mean())
         tol = self.vllm.check_tolerance
-        tol = default_tolerance(next(_hf(self.model).parameters()).dtype) if tol is None else tol
+        tol = default_tolerance(next(base_model_of(self.model).parameters()).dtype) if tol is None else tol
         if tol > 0 and not diff <= tol:
             raise TrainingError(
                 f"the vLLM engine does not serve the trainer's weights: right after weight sync {self.syncs}, its "
@@ -347,10 +344,6 @@ def engine_length(needed: int, configured: int | None, config) -> int:
     limit = configured or max(2048, 1 << max(0, int(needed) - 1).bit_length())
     positions = getattr(config, "max_position_embeddings", None)
     return int(min(limit, positions)) if positions else int(limit)
-
-
-def _hf(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _chosen(logprobs: dict, token: int) -> float:

@@ -94,7 +94,7 @@ class RLRunner:
         self.backend: RolloutBackend = backend_for(
             cfg.rollout, model, tokenizer, key="rollout.backend", batch_size=cfg.rollout.batch_size,
             max_model_len=max(self.row_length, cfg.data.max_prompt_length + cfg.rollout.eval_max_new_tokens))
-        self.eval_backend = None if self.backend.name == "hf" else self.backend
+        self.eval_backend = self.backend if self.backend.serving_engine else None
         # the old log-probs: a pass of their own where the policy moves before a sample is trained (several
         # updates per rollout batch) or the KL goes into the reward. With one update, TIS reads pi_old as
         # the trained forward's own (detached) log-probs in the loss: the same values, one pass fewer.
@@ -141,8 +141,9 @@ class RLRunner:
         for i, s in enumerate(flat):
             mask[i, : s.n_tokens] = 1.0
         w, metrics = truncated_importance_weights(pad_rows([s.old_logps for s in flat], width),
-                                            pad_rows([s.rollout_logps for s in flat], width), mask,
-                                            cap=self.loss.tis_cap, level=self.loss.tis_level, mode=self.loss.tis_mode)
+                                                  pad_rows([s.rollout_logps for s in flat], width), mask,
+                                                  cap=self.loss.tis_cap, level=self.loss.tis_level,
+                                                  mode=self.loss.tis_mode)
         return w, {k: v[mask.bool()] for k, v in metrics.items()}
 
     # -- one rollout batch
@@ -178,7 +179,7 @@ class RLRunner:
         self.state.pending = rollout_metrics(self, k, kept, groups, total, valid, kl_seq, adv_metrics, times,
                                              draw.dropped, draw.rounds, draw.parts)
         self.state.pending.update(process_metrics)
-        if getattr(self.backend, "mismatch", None) is not None:   # vLLM: the check after this iteration's sync
+        if self.backend.mismatch is not None:   # vLLM: the check after this iteration's sync
             self.state.pending["mismatch/engine_check"] = self.backend.mismatch
         if self.episodes is not None:
             from ..online.episodes import episode_metrics, log_invalid
